@@ -1,0 +1,1 @@
+"""VideoMamba models (being written)."""

@@ -1,0 +1,1 @@
+"""Training machinery for VideoMamba: configs, data, stage tasks, engine, launch, tracking, evaluation."""

@@ -1,0 +1,430 @@
+"""Typed run configuration: the schema, YAML loading with includes, dotted overrides, validation.
+
+A run is described by one `Config`. YAML files are data for it:
+
+    defaults: [../model/videomamba_test.yaml]   # merged first, paths relative to this file
+    model: {name: videomamba_test, num_frames: 4}
+    optim: {lr: 1.0e-3}
+
+and the command line adds `key.sub=value` overrides (values parsed as YAML). `${VAR}` and
+`${VAR:-default}` in string values are read from the environment (for secrets and endpoints).
+Every unknown key or ill-typed value raises `ConfigError` naming the key, the value and what is
+allowed, before any worker starts.
+
+Task sections are typed per stage: `task.name` selects a dataclass registered with
+`register_task_config` (each stage module registers its own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message says which and what is allowed."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    name: str = "videomamba_test"
+    """Registered model name (`models.list_models()`)."""
+    num_frames: int | None = None
+    """Frames per clip the model is built for; None = the registry default."""
+    img_size: int | None = None
+    """Square input resolution in pixels; None = the registry default."""
+    tubelet_size: int | None = None
+    """Frames per temporal patch (1 in every released config)."""
+    drop_path_rate: float | None = None
+    """Stochastic-depth rate of the last block (linear schedule)."""
+    scan_backend: Literal["auto", "ref", "triton", "cuda"] = "auto"
+    """Selective-scan kernel: auto picks triton on GPU, else mamba-ssm's CUDA kernel, else the PyTorch reference."""
+    use_checkpoint: bool = False
+    """Recompute the mixers of the first `checkpoint_num` blocks in backward (saves activation memory)."""
+    checkpoint_num: int = 0
+    """How many leading blocks' mixers gradient checkpointing covers."""
+    pretrained: str | None = None
+    """Initial weights: a file (official VideoMamba layout or a stage export), or None for random init."""
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """The keyword overrides for `models.create_model`, leaving registry defaults where unset."""
+        keys = ("num_frames", "img_size", "tubelet_size", "drop_path_rate")
+        kwargs = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        kwargs["scan_backend"] = self.scan_backend
+        if self.use_checkpoint:
+            kwargs.update(use_checkpoint=True, checkpoint_num=self.checkpoint_num)
+        return kwargs
+
+
+@dataclass
+class MaskConfig:
+    type: Literal["none", "random", "tube", "tube_row", "random_row", "attention"] = "none"
+    """Which video tokens the student sees (`attention` needs a teacher that returns attention)."""
+    ratio: float = 0.8
+    """Fraction of patch tokens masked (hidden from the student)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ConfigError(f"data.mask.ratio: must be in [0, 1), got {self.ratio}")
+
+
+@dataclass
+class DataConfig:
+    train_shards: str | list[str] | None = None
+    """Training shard URLs: brace patterns (`s3://b/train-{000000..000099}.tar`), a list, or a directory."""
+    eval_shards: str | list[str] | None = None
+    """Held-out shard URLs for periodic evaluation (exact single pass)."""
+    num_frames: int = 8
+    """Frames sampled per clip."""
+    img_size: int = 224
+    """Output resolution (square)."""
+    sampling: Literal["rand", "middle", "stride"] = "rand"
+    """Frame sampling: random offset per segment (train), segment middles (eval), or a dense stride."""
+    frame_stride: int = 4
+    """Frame step of the `stride` sampling mode."""
+    batch_size: int = 8
+    """Clips per worker (per GPU) per micro-step."""
+    num_workers: int = 2
+    """Data-loader processes per training worker."""
+    shuffle_buffer: int = 500
+    """Samples held in the streaming shuffle buffer."""
+    samples_per_epoch: int | None = None
+    """Nominal epoch length for resampled training streams; None = the manifest's sample count."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel normalisation mean (ImageNet by default, as the released recipes)."""
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel normalisation std."""
+    scale: list[float] = field(default_factory=lambda: [0.66, 1.0])
+    """Random-resized-crop area range for training."""
+    flip: bool = True
+    """Random horizontal flip in training (turn off for direction-sensitive data such as SSv2)."""
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    """Data-side token masks (tube/random/row); attention masks are made in the task."""
+    max_bad_fraction: float = 0.01
+    """Fail the run when more than this fraction of samples cannot be decoded."""
+
+
+@dataclass
+class TaskConfig:
+    """Base of the per-stage task sections; `name` selects the registered subclass."""
+
+    name: str = ""
+    """Stage task: one of the registered task names."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate (after `base_batch_size` scaling, if set)."""
+    base_batch_size: int | None = None
+    """If set, the peak LR is `lr * global_batch / base_batch_size` (the paper's linear scaling)."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine schedule."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to the peak LR."""
+    max_steps: int = 100
+    """Total optimizer steps of the stage."""
+    weight_decay: float = 0.05
+    """AdamW decoupled weight decay (not applied to biases, norms, embeddings, A_log and D)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    layer_decay: float | None = None
+    """Layer-wise LR decay factor (e.g. 0.8 for fine-tuning); None = off."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    """ZeRO stage 0-3."""
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Training precision (bf16 on GPU; CPU runs use fp32 automatically)."""
+    grad_clip: float = 0.0
+    """Global gradient-norm clip; 0 = off."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    offload_optimizer: bool = False
+    """ZeRO offload of optimizer states to CPU memory."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage: {self.zero_stage!r} is not allowed; choose 0, 1, 2 or 3")
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"deepspeed.grad_accum_steps: must be >= 1, got {self.grad_accum_steps}")
+
+
+@dataclass
+class ScalingConfig:
+    use_ray: bool = True
+    """Run through Ray Train (False: one local process, for debugging and benchmarks)."""
+    num_workers: int = 1
+    """Training workers (one per GPU)."""
+    use_gpu: Literal["auto", True, False] = "auto"
+    """Give each worker a GPU; auto = when the cluster has GPUs."""
+    cpus_per_worker: int = 1
+    """CPUs reserved per worker (data decoding runs there)."""
+    max_failures: int = 2
+    """Worker-group restarts Ray attempts before the run fails."""
+
+
+@dataclass
+class CheckpointConfig:
+    path: str = "checkpoints"
+    """Where Ray stores run state: a local directory or s3://bucket/prefix."""
+    interval_steps: int = 100
+    """Save every N optimizer steps (and at the end)."""
+    keep: int = 2
+    """Checkpoints kept (older ones are deleted)."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    """MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    experiment: str = "videomamba"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """Run name; None = derived from the stage and time."""
+    parent_run_id: str | None = None
+    """Nest this run under a parent run (set by the recipe runner)."""
+    log_interval: int = 10
+    """Log metrics and print progress every N steps."""
+
+
+@dataclass
+class EvalConfig:
+    interval_steps: int = 0
+    """Evaluate on `data.eval_shards` every N steps; 0 = only at the end if eval shards are set."""
+    max_batches: int | None = None
+    """Cap on evaluation batches per evaluation (None = the whole eval set)."""
+
+
+@dataclass
+class Config:
+    stage: str = "stage"
+    """Short stage name used for run names and output folders."""
+    seed: int = 0
+    """Seed for model init, masks and data order (offset by rank)."""
+    output_dir: str = "outputs"
+    """Local directory for the resolved config, exports and reports."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """On a non-finite loss or gradient: stop with an error (keeping the last good checkpoint) or skip the step."""
+    max_skipped_steps: int = 10
+    """With nonfinite=skip: fail after this many skipped steps."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- task registry
+
+_TASK_CONFIGS: dict[str, type[TaskConfig]] = {}
+
+
+def register_task_config(name: str):
+    """Class decorator: make `task: {name: <name>, ...}` build this TaskConfig subclass."""
+
+    def wrap(cls: type[TaskConfig]) -> type[TaskConfig]:
+        _TASK_CONFIGS[name] = cls
+        return cls
+
+    return wrap
+
+
+def _task_config_class(name: str, key: str) -> type[TaskConfig]:
+    import pipeline.tasks  # noqa: F401  (registers every stage's task config)
+
+    if name not in _TASK_CONFIGS:
+        raise ConfigError(f"{key}: unknown task {name!r}; allowed: {sorted(_TASK_CONFIGS)}")
+    return _TASK_CONFIGS[name]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML file (with its `defaults`), apply `key.sub=value` overrides, validate."""
+    raw = load_yaml_tree(path) if path is not None else {}
+    apply_overrides(raw, overrides)
+    return from_dict(Config, _interpolate_env(raw), "")
+
+
+def load_yaml_tree(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file and deep-merge the files its `defaults:` list names underneath it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    merged: dict[str, Any] = {}
+    includes = data.pop("defaults", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    for include in includes:
+        merged = deep_merge(merged, load_yaml_tree(path.parent / include))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `update` into a copy of `base` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+    """Apply `a.b.c=value` strings in place; values are parsed as YAML (`lr=1e-3`, `x=[1,2]`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        dotted, text = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = raw
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is a value, not a section")
+            node = child
+        node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate_env(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate_env(v) for v in value]
+    if isinstance(value, str):
+
+        def lookup(match: re.Match) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"environment variable {name} is referenced in the config but not set")
+
+        return _ENV_PATTERN.sub(lookup, value)
+    return value
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def from_dict(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value type."""
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    if cls is TaskConfig and data:
+        cls = _task_config_class(data.get("name", ""), f"{where}.name")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            hint = difflib.get_close_matches(key, fields, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(
+                f"{_join(prefix, key)}: unknown key{suggestion}; allowed keys: {sorted(fields)}"
+            )
+    kwargs = {key: _coerce(value, hints[key], _join(prefix, key)) for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value if value is not None else {}, key)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} matches none of the allowed types: " + "; ".join(errors))
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config schema: unsupported type {hint!r} for {key}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML dumps, MLflow params and Ray workers)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (MLflow params, run comparison)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = _join(prefix, key)
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
