@@ -114,6 +114,26 @@ class DataConfig:
     """Data-side token masks (tube/random/row); attention masks are made in the task."""
     max_bad_fraction: float = 0.01
     """Fail the run when more than this fraction of samples cannot be decoded."""
+    bad_check_min_samples: int = 100
+    """Samples read before `max_bad_fraction` is enforced (a few early failures should not stop a run)."""
+    patch_size: int = 16
+    """Model patch size in pixels; data-side masks cover (img_size / patch_size)^2 patches per frame."""
+    eval_sampling: Literal["rand", "middle", "stride"] = "middle"
+    """Frame sampling for the eval split (the retrieval protocol uses segment middles)."""
+    trim_seconds: float | None = None
+    """Sample frames only from the first N seconds of each video (DiDeMo's protocol uses 30); None = all."""
+    caption_mode: Literal["auto", "random", "first", "join"] = "auto"
+    """Which caption of a multi-caption sample: auto = random for train, first for eval; join = paragraph."""
+    eval_remainder: Literal["pad", "drop"] = "pad"
+    """Eval batches are equal in size and count on every rank: pad (repeat samples, `valid`=False) or drop."""
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ConfigError(
+                f"data.img_size: {self.img_size} is not a multiple of data.patch_size={self.patch_size}"
+            )
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
 
 
 @dataclass
