@@ -1,0 +1,187 @@
+"""Triton depthwise conv1d + SiLU for both directions of the bimamba mixer in one pass over x.
+
+Legend: B batch, E channels, L sequence length, W conv width (4).
+
+The forward direction is causal: u_f[t] = silu(b_f + sum_k w_f[k] x[t - (W-1) + k]). The backward direction
+is the same causal conv applied to x reversed along L; expressed in the original positions it is
+anti-causal: u_b[t] = silu(b_b + sum_k w_b[k] x[t + (W-1) - k]). Both are computed from one read of x and
+no flipped copy is made. The backward pass recomputes the pre-activations instead of saving them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_BLOCK_E = 16
+_BLOCK_L = 128
+
+
+@triton.jit
+def _conv_bi_fwd_kernel(
+    x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, uf_ptr, ub_ptr,
+    E, L,
+    HAS_BIAS: tl.constexpr, W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_l, pid_e, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    e_ok = e < E
+    row = pid_b.to(tl.int64) * E * L + e[:, None] * L  # x, u_f, u_b are contiguous (B, E, L)
+    acc_f = tl.zeros((BLOCK_E, BLOCK_L), tl.float32)
+    acc_b = tl.zeros((BLOCK_E, BLOCK_L), tl.float32)
+    if HAS_BIAS:
+        acc_f += tl.load(bf_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[:, None]
+        acc_b += tl.load(bb_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[:, None]
+    for k in tl.static_range(W):
+        tf = t - (W - 1) + k
+        tb = t + (W - 1) - k
+        xf = tl.load(x_ptr + row + tf[None, :], mask=e_ok[:, None] & (tf >= 0)[None, :], other=0.0)
+        xb = tl.load(x_ptr + row + tb[None, :], mask=e_ok[:, None] & (tb < L)[None, :], other=0.0)
+        acc_f += tl.load(wf_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xf.to(tl.float32)
+        acc_b += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xb.to(tl.float32)
+    ok = e_ok[:, None] & (t < L)[None, :]
+    tl.store(uf_ptr + row + t[None, :], (acc_f * tl.sigmoid(acc_f)).to(uf_ptr.dtype.element_ty), mask=ok)
+    tl.store(ub_ptr + row + t[None, :], (acc_b * tl.sigmoid(acc_b)).to(ub_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _conv_bi_bwd_pre_kernel(
+    x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, duf_ptr, dub_ptr, dcf_ptr, dcb_ptr,
+    dwf_ptr, dbf_ptr, dwb_ptr, dbb_ptr,
+    E, L,
+    HAS_BIAS: tl.constexpr, W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Gradients at the conv outputs (through SiLU), and the weight/bias gradients (atomics over B, L)."""
+    pid_l, pid_e, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    e_ok = e < E
+    ok = e_ok[:, None] & (t < L)[None, :]
+    row = pid_b.to(tl.int64) * E * L + e[:, None] * L
+    acc_f = tl.zeros((BLOCK_E, BLOCK_L), tl.float32)
+    acc_b = tl.zeros((BLOCK_E, BLOCK_L), tl.float32)
+    if HAS_BIAS:
+        acc_f += tl.load(bf_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[:, None]
+        acc_b += tl.load(bb_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[:, None]
+    for k in tl.static_range(W):
+        tf = t - (W - 1) + k
+        tb = t + (W - 1) - k
+        xf = tl.load(x_ptr + row + tf[None, :], mask=e_ok[:, None] & (tf >= 0)[None, :], other=0.0)
+        xb = tl.load(x_ptr + row + tb[None, :], mask=e_ok[:, None] & (tb < L)[None, :], other=0.0)
+        acc_f += tl.load(wf_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xf.to(tl.float32)
+        acc_b += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xb.to(tl.float32)
+    sf = tl.sigmoid(acc_f)
+    sb = tl.sigmoid(acc_b)
+    duf = tl.load(duf_ptr + row + t[None, :], mask=ok, other=0.0).to(tl.float32)
+    dub = tl.load(dub_ptr + row + t[None, :], mask=ok, other=0.0).to(tl.float32)
+    dcf = tl.where(ok, duf * sf * (1.0 + acc_f * (1.0 - sf)), 0.0)
+    dcb = tl.where(ok, dub * sb * (1.0 + acc_b * (1.0 - sb)), 0.0)
+    tl.store(dcf_ptr + row + t[None, :], dcf, mask=ok)
+    tl.store(dcb_ptr + row + t[None, :], dcb, mask=ok)
+    if HAS_BIAS:
+        tl.atomic_add(dbf_ptr + e, tl.sum(dcf, axis=1), mask=e_ok)
+        tl.atomic_add(dbb_ptr + e, tl.sum(dcb, axis=1), mask=e_ok)
+    for k in tl.static_range(W):
+        tf = t - (W - 1) + k
+        tb = t + (W - 1) - k
+        xf = tl.load(x_ptr + row + tf[None, :], mask=e_ok[:, None] & (tf >= 0)[None, :], other=0.0)
+        xb = tl.load(x_ptr + row + tb[None, :], mask=e_ok[:, None] & (tb < L)[None, :], other=0.0)
+        tl.atomic_add(dwf_ptr + e * W + k, tl.sum(dcf * xf.to(tl.float32), axis=1), mask=e_ok)
+        tl.atomic_add(dwb_ptr + e * W + k, tl.sum(dcb * xb.to(tl.float32), axis=1), mask=e_ok)
+
+
+@triton.jit
+def _conv_bi_bwd_dx_kernel(
+    dcf_ptr, dcb_ptr, wf_ptr, wb_ptr, dx_ptr,
+    E, L,
+    W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """dx[t] = sum_k w_f[k] dc_f[t + (W-1) - k] + w_b[k] dc_b[t - (W-1) + k] (transposed convs)."""
+    pid_l, pid_e, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    e_ok = e < E
+    row = pid_b.to(tl.int64) * E * L + e[:, None] * L
+    acc = tl.zeros((BLOCK_E, BLOCK_L), tl.float32)
+    for k in tl.static_range(W):
+        tf = t + (W - 1) - k
+        tb = t - (W - 1) + k
+        dcf = tl.load(dcf_ptr + row + tf[None, :], mask=e_ok[:, None] & (tf < L)[None, :], other=0.0)
+        dcb = tl.load(dcb_ptr + row + tb[None, :], mask=e_ok[:, None] & (tb >= 0)[None, :], other=0.0)
+        acc += tl.load(wf_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * dcf
+        acc += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * dcb
+    ok = e_ok[:, None] & (t < L)[None, :]
+    tl.store(dx_ptr + row + t[None, :], acc.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def _grid(x_BEL: Tensor) -> tuple[int, int, int]:
+    Bsz, E, L = x_BEL.shape
+    return triton.cdiv(L, _BLOCK_L), triton.cdiv(E, _BLOCK_E), Bsz
+
+
+class _ConvBiSiluFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_BEL, wf_EW, bf_E, wb_EW, bb_E):
+        x_BEL = x_BEL.contiguous()
+        wf32, wb32 = wf_EW.float().contiguous(), wb_EW.float().contiguous()
+        has_bias = bf_E is not None
+        bf32 = bf_E.float().contiguous() if has_bias else wf32  # placeholder pointer, never read
+        bb32 = bb_E.float().contiguous() if has_bias else wb32
+        uf, ub = torch.empty_like(x_BEL), torch.empty_like(x_BEL)
+        E, L = x_BEL.shape[1:]
+        _conv_bi_fwd_kernel[_grid(x_BEL)](
+            x_BEL, wf32, bf32, wb32, bb32, uf, ub, E, L,
+            HAS_BIAS=has_bias, W=wf32.shape[1], BLOCK_E=_BLOCK_E, BLOCK_L=_BLOCK_L,
+        )
+        ctx.save_for_backward(x_BEL, wf32, bf32, wb32, bb32)
+        ctx.has_bias = has_bias
+        ctx.dtypes = (wf_EW.dtype, None if bf_E is None else bf_E.dtype, wb_EW.dtype,
+                      None if bb_E is None else bb_E.dtype)
+        return uf, ub
+
+    @staticmethod
+    def backward(ctx, duf, dub):
+        x_BEL, wf32, bf32, wb32, bb32 = ctx.saved_tensors
+        E, L = x_BEL.shape[1:]
+        W = wf32.shape[1]
+        duf = torch.zeros_like(x_BEL) if duf is None else duf.contiguous()
+        dub = torch.zeros_like(x_BEL) if dub is None else dub.contiguous()
+        dcf = torch.empty(x_BEL.shape, device=x_BEL.device, dtype=torch.float32)
+        dcb = torch.empty_like(dcf)
+        dwf, dwb = torch.zeros_like(wf32), torch.zeros_like(wb32)
+        dbf = torch.zeros(E, device=x_BEL.device, dtype=torch.float32)
+        dbb = torch.zeros_like(dbf)
+        grid = _grid(x_BEL)
+        _conv_bi_bwd_pre_kernel[grid](
+            x_BEL, wf32, bf32, wb32, bb32, duf, dub, dcf, dcb, dwf, dbf, dwb, dbb, E, L,
+            HAS_BIAS=ctx.has_bias, W=W, BLOCK_E=_BLOCK_E, BLOCK_L=_BLOCK_L,
+        )
+        dx = torch.empty_like(x_BEL)
+        _conv_bi_bwd_dx_kernel[grid](dcf, dcb, wf32, wb32, dx, E, L, W=W, BLOCK_E=_BLOCK_E, BLOCK_L=_BLOCK_L)
+        twf, tbf, twb, tbb = ctx.dtypes
+        return (dx, dwf.to(twf), dbf.to(tbf) if ctx.has_bias else None,
+                dwb.to(twb), dbb.to(tbb) if ctx.has_bias else None)
+
+
+def conv1d_silu_bidirectional(
+    x_BEL: Tensor, wf_EW: Tensor, bf_E: Tensor | None, wb_EW: Tensor, bb_E: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(silu(causal_conv(x; w_f, b_f)), flip(silu(causal_conv(flip(x); w_b, b_b)))), each (B, E, L).
+
+    Biases are both given or both None. Differentiable w.r.t. x, weights and biases.
+    """
+    if x_BEL.dim() != 3:
+        raise ValueError(f"x must be (B, E, L); got shape {tuple(x_BEL.shape)}")
+    E = x_BEL.shape[1]
+    for name, w in (("forward", wf_EW), ("backward", wb_EW)):
+        if w.dim() != 2 or w.shape[0] != E:
+            raise ValueError(f"{name} conv weight must be (E={E}, W); got shape {tuple(w.shape)}")
+    if wf_EW.shape != wb_EW.shape:
+        raise ValueError(f"both directions need the same conv width; got {tuple(wf_EW.shape)} "
+                         f"and {tuple(wb_EW.shape)}")
+    if (bf_E is None) != (bb_E is None):
+        raise ValueError("give a conv bias for both directions or for neither")
+    return _ConvBiSiluFn.apply(x_BEL, wf_EW, bf_E, wb_EW, bb_E)

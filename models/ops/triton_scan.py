@@ -1,0 +1,453 @@
+"""Triton selective scan (mamba-ssm semantics and layout) and the fused bidirectional bimamba-v2 core.
+
+Legend: B batch, E channels (d_inner), L sequence length, N state size, G groups of B/C, T steps per chunk.
+
+Scan: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,  y_t = C_t . h_t + D u_t,  out_t = y_t * silu(z_t).
+
+Kernel layout. One program owns BLOCK_E channels of one batch row and walks L in chunks of T steps.
+Inside a chunk the (BLOCK_E, N, T) recurrence is solved by `tl.associative_scan` on affine maps; the state
+is carried between chunks in registers, fp32 throughout. Out-of-range steps get delta = 0, i.e. decay 1
+and input 0, so any L works. A direction flag makes the program walk L backwards (t = L-1-s): the
+backward scan of the bidirectional mixer reads and writes the original tensors, with no flipped copies.
+
+Backward (chunked recompute, as mamba-ssm does). The forward saves only the state at each chunk start,
+(B, E, L/T, N) fp32. The backward walks the chunks in reverse: it recomputes the chunk's states from the
+saved start state, then solves the adjoint recurrence r_t = C_t g_t + exp(delta_{t+1} A) r_{t+1} with a
+reverse associative scan, the adjoint of the following chunk carried in registers. With
+a_t h_{t-1} = h_t - delta_t B_t u_t no shifted state is needed. Gradients for B and C are sums over
+channels, so programs add them into fp32 buffers atomically (as mamba-ssm's CUDA kernel does); dA, dD and
+d delta_bias are summed in registers over L, then added atomically over the batch.
+
+Bidirectional: the two directions run as two launches of the same kernel; the second adds its gated
+output (and its share of dz) to what the first wrote.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from models.ops.triton_conv import conv1d_silu_bidirectional
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Launch shape: channels per program (forward, backward), steps per chunk, warps per program."""
+
+    block_e_fwd: int
+    block_e_bwd: int
+    chunk: int
+    num_warps_fwd: int = 4
+    num_warps_bwd: int = 4
+
+
+def default_config(d_state: int) -> ScanConfig:
+    """Keep a (BLOCK_E, N, T) fp32 tile at ~4K elements: enough work per step, no register spills."""
+    n_pad = triton.next_power_of_2(d_state)
+    chunk = max(16, min(64, 1024 // n_pad))
+    return ScanConfig(block_e_fwd=4, block_e_bwd=4, chunk=chunk)
+
+
+@triton.jit
+def _affine_combine(a_first, b_first, a_second, b_second):
+    # Compose x -> a_first x + b_first, then x -> a_second x + b_second.
+    return a_first * a_second, a_second * b_first + b_second
+
+
+@triton.jit
+def _softplus(x):
+    # mamba-ssm's threshold: softplus(x) = x above 20, where exp would overflow nothing but adds nothing.
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+
+
+@triton.jit
+def _load_delta(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta as the recurrence uses it (bias, softplus) and the pre-softplus value; 0 outside `mask`."""
+    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += bias[:, None]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr,
+    E, L, N, group_E, n_chunks,
+    s_ub, s_ue, s_ul, s_db, s_de, s_dl,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
+    s_zb, s_ze, s_zl, s_ob, s_oe, s_ol,
+    REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_STATES: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    pid_e, pid_b = tl.program_id(0), tl.program_id(1)
+    b64 = pid_b.to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    col = tl.arange(0, T)
+    e_ok, n_ok = e < E, n < N
+    g = (pid_e * BLOCK_E) // group_E
+    # Padded states get A = 0 and B = 0: decay 1, input 0, they stay 0.
+    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=e_ok[:, None] & n_ok[None, :], other=0.0)
+    A2 = A * 1.4426950408889634  # exp(x) = exp2(x log2 e)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
+    else:
+        bias = tl.zeros((BLOCK_E,), tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
+    u_row = u_ptr + b64 * s_ub + e[:, None] * s_ue
+    d_row = delta_ptr + b64 * s_db + e[:, None] * s_de
+    B_row = B_ptr + b64 * s_Bb + g * s_Bg + n[:, None] * s_Bn
+    C_row = C_ptr + b64 * s_Cb + g * s_Cg + n[:, None] * s_Cn
+    o_row = out_ptr + b64 * s_ob + e[:, None] * s_oe
+    if HAS_Z:
+        z_row = z_ptr + b64 * s_zb + e[:, None] * s_ze
+    st_row = state_ptr + ((b64 * E + e[:, None]) * n_chunks) * BLOCK_N + n[None, :]
+
+    h = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+    for c in range(n_chunks):
+        s = c * T + col
+        s_ok = s < L
+        t = (L - 1 - s) if REVERSE else s
+        m = e_ok[:, None] & s_ok[None, :]
+        mn = n_ok[:, None] & s_ok[None, :]
+        if STORE_STATES:
+            tl.store(st_row + c * BLOCK_N, h, mask=e_ok[:, None])
+        u = tl.load(u_row + t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
+        dt, _ = _load_delta(d_row, t[None, :] * s_dl, m, bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_row + t[None, :] * s_Bl, mask=mn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_row + t[None, :] * s_Cl, mask=mn, other=0.0).to(tl.float32)
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        x = (dt * u)[:, None, :] * Bt[None, :, :]
+        a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
+        hs = x_cum + a_cum * h[:, :, None]
+        y = tl.sum(hs * Ct[None, :, :], axis=1)
+        h = tl.sum(tl.where(col[None, None, :] == T - 1, hs, 0.0), axis=2)
+        if HAS_D:
+            y += D[:, None] * u
+        if HAS_Z:
+            zt = tl.load(z_row + t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
+            y *= zt * tl.sigmoid(zt)
+        if ACCUMULATE:
+            y += tl.load(o_row + t[None, :] * s_ol, mask=m, other=0.0).to(tl.float32)
+        tl.store(o_row + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    E, L, N, group_E, n_chunks,
+    s_ub, s_ue, s_ul, s_db, s_de, s_dl,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
+    s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
+    REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    """Gradients of one direction. du/ddelta/dz are contiguous (B, E, L); dB/dC fp32 (B, G, N, L)."""
+    pid_e, pid_b = tl.program_id(0), tl.program_id(1)
+    b64 = pid_b.to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    col = tl.arange(0, T)
+    e_ok, n_ok = e < E, n < N
+    en_ok = e_ok[:, None] & n_ok[None, :]
+    g = (pid_e * BLOCK_E) // group_E
+    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=en_ok, other=0.0)
+    A2 = A * 1.4426950408889634
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
+    else:
+        bias = tl.zeros((BLOCK_E,), tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
+    u_row = u_ptr + b64 * s_ub + e[:, None] * s_ue
+    d_row = delta_ptr + b64 * s_db + e[:, None] * s_de
+    B_row = B_ptr + b64 * s_Bb + g * s_Bg + n[:, None] * s_Bn
+    C_row = C_ptr + b64 * s_Cb + g * s_Cg + n[:, None] * s_Cn
+    go_row = dout_ptr + b64 * s_gb + e[:, None] * s_ge
+    if HAS_Z:
+        z_row = z_ptr + b64 * s_zb + e[:, None] * s_ze
+    st_row = state_ptr + ((b64 * E + e[:, None]) * n_chunks) * BLOCK_N + n[None, :]
+    G = E // group_E
+    dBC_off = ((b64 * G + g) * N + n[:, None]) * L  # dB/dC are contiguous (B, G, N, L)
+    grad_row = (b64 * E + e[:, None]) * L  # du/ddelta/dz are contiguous (B, E, L)
+
+    r_next = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)  # adjoint at the first step of the following chunk
+    dA_acc = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+    dD_acc = tl.zeros((BLOCK_E,), tl.float32)
+    dbias_acc = tl.zeros((BLOCK_E,), tl.float32)
+    for ci in range(n_chunks):
+        c = n_chunks - 1 - ci
+        s = c * T + col
+        s_ok = s < L
+        t = (L - 1 - s) if REVERSE else s
+        m = e_ok[:, None] & s_ok[None, :]
+        mn = n_ok[:, None] & s_ok[None, :]
+        # Step s+1 (the next one in scan order) for the adjoint's decay; beyond L it is unused (adjoint 0).
+        s1_ok = (s + 1) < L
+        t1 = (L - 2 - s) if REVERSE else (s + 1)
+        h0 = tl.load(st_row + c * BLOCK_N, mask=e_ok[:, None], other=0.0)
+        u = tl.load(u_row + t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
+        dt, raw = _load_delta(d_row, t[None, :] * s_dl, m, bias, HAS_BIAS, SOFTPLUS)
+        dt1, _ = _load_delta(d_row, t1[None, :] * s_dl, e_ok[:, None] & s1_ok[None, :], bias, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_row + t[None, :] * s_Bl, mask=mn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_row + t[None, :] * s_Cl, mask=mn, other=0.0).to(tl.float32)
+        dout = tl.load(go_row + t[None, :] * s_gl, mask=m, other=0.0).to(tl.float32)
+
+        # Recompute the chunk's states.
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        x = (dt * u)[:, None, :] * Bt[None, :, :]
+        a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
+        hs = x_cum + a_cum * h0[:, :, None]
+
+        # Gate.
+        if HAS_Z:
+            zt = tl.load(z_row + t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(zt)
+            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            if HAS_D:
+                y += D[:, None] * u
+            dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
+            if ACCUMULATE:
+                dz += tl.load(dz_ptr + grad_row + t[None, :], mask=m, other=0.0).to(tl.float32)
+            tl.store(dz_ptr + grad_row + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
+            gy = dout * zt * sig
+        else:
+            gy = dout
+
+        # Adjoint: r_t = C_t g_t + a_{t+1} r_{t+1}, carried in from the following chunk.
+        a1 = tl.exp2(dt1[:, None, :] * A2[:, :, None])
+        p_cum, q_cum = tl.associative_scan((a1, Ct[None, :, :] * gy[:, None, :]), axis=2,
+                                           combine_fn=_affine_combine, reverse=True)
+        r = q_cum + p_cum * r_next[:, :, None]
+        r_next = tl.sum(tl.where(col[None, None, :] == 0, r, 0.0), axis=2)
+
+        ah_prev = hs - x  # a_t h_{t-1}
+        rB = tl.sum(r * Bt[None, :, :], axis=1)
+        du = dt * rB
+        if HAS_D:
+            du += D[:, None] * gy
+            dD_acc += tl.sum(gy * u, axis=1)
+        ddt = u * rB + tl.sum(r * A[:, :, None] * ah_prev, axis=1)
+        dA_acc += tl.sum(r * ah_prev * dt[:, None, :], axis=2)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(raw)
+        ddt = tl.where(m, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du_ptr + grad_row + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(ddelta_ptr + grad_row + t[None, :], ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
+        dB = tl.sum(r * (dt * u)[:, None, :], axis=0)
+        dC = tl.sum(hs * gy[:, None, :], axis=0)
+        tl.atomic_add(dB_ptr + dBC_off + t[None, :], dB, mask=mn)
+        tl.atomic_add(dC_ptr + dBC_off + t[None, :], dC, mask=mn)
+
+    tl.atomic_add(dA_ptr + e[:, None] * N + n[None, :], dA_acc, mask=en_ok)
+    if HAS_D:
+        tl.atomic_add(dD_ptr + e, dD_acc, mask=e_ok)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + e, dbias_acc, mask=e_ok)
+
+
+class _Direction(NamedTuple):
+    """One direction's scan inputs; B/C already (B, G, N, L)."""
+
+    u: Tensor
+    delta: Tensor
+    A: Tensor
+    B: Tensor
+    C: Tensor
+    D: Tensor | None
+    bias: Tensor | None
+
+
+def _block_e(block_e: int, group_E: int) -> int:
+    """Programs must not straddle a B/C group: the largest power of two <= block_e dividing group_E."""
+    while group_E % block_e:
+        block_e //= 2
+    return block_e
+
+
+def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None, softplus: bool,
+                  cfg: ScanConfig, store_states: bool) -> tuple[Tensor, list[Tensor]]:
+    u0 = dirs[0].u
+    Bsz, E, L = u0.shape
+    G, N = dirs[0].B.shape[1], dirs[0].A.shape[1]
+    block_n = max(2, triton.next_power_of_2(N))
+    n_chunks = triton.cdiv(L, cfg.chunk)
+    block_e = _block_e(cfg.block_e_fwd, E // G) if G > 1 else cfg.block_e_fwd
+    out = torch.empty(Bsz, E, L, device=u0.device, dtype=u0.dtype)
+    zz = z if z is not None else out
+    states = []
+    for i, (d, rev) in enumerate(zip(dirs, reverse, strict=True)):
+        st = torch.empty(Bsz, E, n_chunks, block_n, device=u0.device, dtype=torch.float32) if store_states \
+            else out
+        Dp = d.D if d.D is not None else d.A
+        bp = d.bias if d.bias is not None else d.A
+        _scan_fwd_kernel[(triton.cdiv(E, block_e), Bsz)](
+            d.u, d.delta, d.A, d.B, d.C, Dp, zz, bp, out, st,
+            E, L, N, E // G, n_chunks,
+            *d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *out.stride(),
+            REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
+            SOFTPLUS=softplus, ACCUMULATE=i > 0, STORE_STATES=store_states,
+            BLOCK_E=block_e, BLOCK_N=block_n, T=cfg.chunk, num_warps=cfg.num_warps_fwd,
+        )
+        states.append(st)
+    return out, states
+
+
+def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None, softplus: bool,
+                   cfg: ScanConfig, states: list[Tensor], dout: Tensor):
+    u0 = dirs[0].u
+    Bsz, E, L = u0.shape
+    G, N = dirs[0].B.shape[1], dirs[0].A.shape[1]
+    block_n = states[0].shape[-1]
+    n_chunks = states[0].shape[2]
+    block_e = _block_e(cfg.block_e_bwd, E // G) if G > 1 else cfg.block_e_bwd
+    dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
+    grads = []
+    for i, (d, rev, st) in enumerate(zip(dirs, reverse, states, strict=True)):
+        f32 = dict(device=u0.device, dtype=torch.float32)
+        du = torch.empty(Bsz, E, L, device=u0.device, dtype=d.u.dtype)
+        ddelta = torch.empty(Bsz, E, L, device=u0.device, dtype=d.delta.dtype)
+        dA = torch.zeros(E, N, **f32)
+        dB = torch.zeros(Bsz, G, N, L, **f32)
+        dC = torch.zeros(Bsz, G, N, L, **f32)
+        dD = torch.zeros(E, **f32) if d.D is not None else None
+        dbias = torch.zeros(E, **f32) if d.bias is not None else None
+        zz = z if z is not None else dout
+        _scan_bwd_kernel[(triton.cdiv(E, block_e), Bsz)](
+            d.u, d.delta, d.A, d.B, d.C, d.D if dD is not None else dA, zz,
+            d.bias if dbias is not None else dA, dout, st,
+            du, ddelta, dA, dB, dC, dD if dD is not None else dA, dz if dz is not None else du,
+            dbias if dbias is not None else dA,
+            E, L, N, E // G, n_chunks,
+            *d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *dout.stride(),
+            REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
+            SOFTPLUS=softplus, ACCUMULATE=i > 0,
+            BLOCK_E=block_e, BLOCK_N=block_n, T=cfg.chunk, num_warps=cfg.num_warps_bwd,
+        )
+        grads.append(_Direction(du, ddelta, dA, dB.to(d.B.dtype), dC.to(d.C.dtype),
+                                None if dD is None else dD.to(d.D.dtype),
+                                None if dbias is None else dbias.to(d.bias.dtype)))
+    return grads, dz
+
+
+class _ScanFn(torch.autograd.Function):
+    """Autograd over one or two scan directions sharing z and a summed, gated output."""
+
+    @staticmethod
+    def forward(ctx, reverse, softplus, cfg, z, *flat):
+        dirs = [_Direction(*flat[i:i + 7]) for i in range(0, len(flat), 7)]
+        out, states = _scan_forward(dirs, reverse, z, softplus, cfg, store_states=True)
+        ctx.reverse, ctx.softplus, ctx.cfg, ctx.n_dirs = reverse, softplus, cfg, len(dirs)
+        ctx.has_z = z is not None
+        ctx.present = [t is not None for t in flat]
+        ctx.save_for_backward(*(t for t in flat if t is not None), *states, *([z] if z is not None else []))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        saved = list(ctx.saved_tensors)
+        z = saved.pop() if ctx.has_z else None
+        states = saved[len(saved) - ctx.n_dirs:]
+        it = iter(saved[: len(saved) - ctx.n_dirs])
+        flat = [next(it) if p else None for p in ctx.present]
+        dirs = [_Direction(*flat[i:i + 7]) for i in range(0, len(flat), 7)]
+        grads, dz = _scan_backward(dirs, ctx.reverse, z, ctx.softplus, ctx.cfg, states, dout)
+        return (None, None, None, dz, *(t for gr in grads for t in gr))
+
+
+def _as_grouped(BC: Tensor, name: str, Bsz: int, E: int, L: int, N: int) -> Tensor:
+    if BC.dim() == 3:
+        BC = BC.unsqueeze(1)
+    if BC.dim() != 4 or BC.shape[0] != Bsz or BC.shape[2] != N or BC.shape[3] != L:
+        raise ValueError(f"{name} must be (B={Bsz}, N={N}, L={L}) or (B, G, N, L); got {tuple(BC.shape)}")
+    if E % BC.shape[1]:
+        raise ValueError(f"{name} has {BC.shape[1]} groups, which does not divide E={E}")
+    return BC
+
+
+def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, z: Tensor | None) -> None:
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (B, E, L); got {tuple(u.shape)} and {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != u.shape[1] or A.is_complex():
+        raise ValueError(f"A must be a real (E={u.shape[1]}, N) tensor; got {tuple(A.shape)}, {A.dtype}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}; got {tuple(z.shape)}")
+    _check_device(u)
+
+
+def _check_device(t: Tensor) -> None:
+    # TRITON_INTERPRET=1 runs the kernels on CPU tensors (slowly): the CPU tests use it.
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the Triton kernels need CUDA tensors; use the 'ref' backend on CPU")
+
+
+def _direction(u, delta, A, B, C, D, bias) -> _Direction:
+    Bsz, E, L = u.shape
+    N = A.shape[1]
+    for name, v in (("D", D), ("delta_bias", bias)):
+        if v is not None and v.shape != (E,):
+            raise ValueError(f"{name} must be (E={E},); got {tuple(v.shape)}")
+    return _Direction(u, delta, A.float().contiguous(), _as_grouped(B, "B", Bsz, E, L, N),
+                      _as_grouped(C, "C", Bsz, E, L, N), None if D is None else D.float().contiguous(),
+                      None if bias is None else bias.float().contiguous())
+
+
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    *,
+    config: ScanConfig | None = None,
+) -> Tensor:
+    """mamba-ssm's selective_scan_fn on Triton. u/delta/z (B, E, L); A (E, N); B/C (B, N, L) or (B, G, N, L);
+    D, delta_bias (E,). Returns (B, E, L) in u's dtype; differentiable w.r.t. every tensor argument."""
+    _check_inputs(u, delta, A, z)
+    d = _direction(u, delta, A, B, C, D, delta_bias)
+    cfg = config or default_config(A.shape[1])
+    out = _ScanFn.apply((False,), delta_softplus, cfg, z, *d)
+    return out
+
+
+def bimamba_inner_triton(x_BEL: Tensor, z_BEL: Tensor, fwd, bwd, *, config: ScanConfig | None = None) -> Tensor:
+    """The bimamba-v2 mixer core between in_proj and out_proj: out_f + flip(out_b), (B, E, L).
+
+    `fwd`/`bwd` are models.ops.DirectionWeights. Conv + SiLU of both directions is one kernel; the backward
+    direction is scanned in reverse in place (no flips); both scans add into one gated output.
+    """
+    if z_BEL.shape != x_BEL.shape:
+        raise ValueError(f"x and z must have the same (B, E, L) shape; got {tuple(x_BEL.shape)}, "
+                         f"{tuple(z_BEL.shape)}")
+    _check_device(x_BEL)
+    u_f, u_b = conv1d_silu_bidirectional(x_BEL, fwd.conv_weight_EW, fwd.conv_bias_E,
+                                         bwd.conv_weight_EW, bwd.conv_bias_E)
+    dirs = []
+    for u_BEL, w in ((u_f, fwd), (u_b, bwd)):
+        N, R = w.A_log_EN.shape[1], w.dt_proj_weight.shape[1]
+        # x_proj / dt_proj in u's dtype (mamba-ssm casts them to the autocast dtype in its fused path).
+        x_dbl_BLF = torch.matmul(u_BEL.transpose(1, 2), w.x_proj_weight.to(u_BEL.dtype).t())
+        dt_BLR, B_BLN, C_BLN = x_dbl_BLF.split([R, N, N], dim=-1)
+        delta_BEL = torch.matmul(w.dt_proj_weight.to(u_BEL.dtype), dt_BLR.transpose(1, 2))
+        dirs.append(_direction(u_BEL, delta_BEL, -torch.exp(w.A_log_EN.float()), B_BLN.transpose(1, 2),
+                               C_BLN.transpose(1, 2), w.D_E, w.dt_proj_bias))
+    cfg = config or default_config(dirs[0].A.shape[1])
+    return _ScanFn.apply((False, True), True, cfg, z_BEL, *dirs[0], *dirs[1])
