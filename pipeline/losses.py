@@ -1,0 +1,75 @@
+"""Losses of the video-text stage: symmetric InfoNCE over all ranks, video-text matching, feature alignment.
+
+Legend: B local batch, N global batch (B * world size), E joint embedding width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.distributed import all_gather_with_grad
+
+
+def positive_targets(index_N: Tensor, index_M: Tensor) -> Tensor:
+    """(N, M) soft targets: 1 where sample ids match, each row normalised (duplicated ids share the mass)."""
+    pos_NM = (index_N[:, None] == index_M[None, :]).float()
+    return pos_NM / pos_NM.sum(dim=1, keepdim=True)
+
+
+def contrastive_loss(video_BE: Tensor, text_BE: Tensor, index_B: Tensor, temp: Tensor) -> Tensor:
+    """Symmetric InfoNCE over the batch of every rank (UMT's VTC loss).
+
+    Features are L2-normalised here in fp32 and gathered with gradient, so every rank computes the loss of
+    the whole global batch; after the 1/world averaging of data-parallel gradients the parameter gradients
+    equal those of one process holding the whole batch. Samples with equal `index` are all positives.
+    """
+    video_NE = all_gather_with_grad(F.normalize(video_BE.float(), dim=-1))
+    text_NE = all_gather_with_grad(F.normalize(text_BE.float(), dim=-1))
+    index_N = all_gather_with_grad(index_B)
+    sim_v2t_NN = video_NE @ text_NE.t() / temp.float()
+    targets_NN = positive_targets(index_N, index_N)  # symmetric: the same targets serve both directions
+    loss_v2t = -(targets_NN * F.log_softmax(sim_v2t_NN, dim=1)).sum(dim=1).mean()
+    loss_t2v = -(targets_NN * F.log_softmax(sim_v2t_NN.t(), dim=1)).sum(dim=1).mean()
+    return (loss_v2t + loss_t2v) / 2
+
+
+def sample_hard_negatives(sim_v2t_BB: Tensor, index_B: Tensor, generator: torch.Generator | None = None
+                          ) -> tuple[Tensor, Tensor]:
+    """One hard negative per sample, drawn ∝ softmax(similarity) among non-positives (UMT's `vtm_hard_neg`).
+
+    Returns (text_for_video_B, video_for_text_B): the index of the negative text for each video and of the
+    negative video for each text, within the local batch.
+    """
+    with torch.no_grad():
+        positive_BB = index_B[:, None] == index_B[None, :]
+        if bool(positive_BB.all(dim=1).any()):
+            raise ValueError(
+                "video-text matching needs a negative for every sample, but a sample's `index` equals every "
+                "other index in the local batch; use a batch size >= 2 with distinct samples or set "
+                "task.vtm_weight to 0"
+            )
+        sim = sim_v2t_BB.float()
+        weights_v2t = (F.softmax(sim, dim=1) + 1e-4).masked_fill(positive_BB, 0)
+        weights_t2v = (F.softmax(sim.t(), dim=1) + 1e-4).masked_fill(positive_BB, 0)
+        text_for_video_B = torch.multinomial(weights_v2t, 1, generator=generator).squeeze(1)
+        video_for_text_B = torch.multinomial(weights_t2v, 1, generator=generator).squeeze(1)
+    return text_for_video_B, video_for_text_B
+
+
+def matching_loss(logits_positive_B2: Tensor, logits_negative_M2: Tensor) -> Tensor:
+    """Cross-entropy of the matching head: positives are class 1, negatives class 0, all pairs weighted equally."""
+    logits = torch.cat([logits_positive_B2, logits_negative_M2]).float()
+    labels = torch.cat([
+        torch.ones(len(logits_positive_B2), dtype=torch.long, device=logits.device),
+        torch.zeros(len(logits_negative_M2), dtype=torch.long, device=logits.device),
+    ])
+    return F.cross_entropy(logits, labels)
+
+
+def cosine_alignment_loss(student_BLD: Tensor, teacher_BLD: Tensor) -> Tensor:
+    """mean(2 - 2 cos) over batch and tokens, both sides L2-normalised in fp32 (= squared distance of unit vectors)."""
+    student = F.normalize(student_BLD.float(), dim=-1)
+    teacher = F.normalize(teacher_BLD.float(), dim=-1)
+    return (2 - 2 * (student * teacher).sum(dim=-1)).mean()
