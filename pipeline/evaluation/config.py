@@ -1,0 +1,137 @@
+"""Typed configuration of a zero-shot retrieval evaluation (`jobs/eval_retrieval.py --config configs/eval/...`).
+
+Loaded with the same machinery as training configs (YAML `defaults`, `key.sub=value` overrides,
+`${VAR:-default}` interpolation, `ConfigError` naming the key). `scaling` and `tracking` reuse the training
+sections so an evaluation runs through the same launch path and nests under the same MLflow parent run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import (
+    ConfigError,
+    ScalingConfig,
+    TrackingConfig,
+    _interpolate_env,
+    apply_overrides,
+    from_dict,
+    load_yaml_tree,
+)
+
+
+@dataclass
+class EvalModelConfig:
+    checkpoint: str | None = None
+    """The video-text model export to evaluate (`<stage output>/export/model.pt`); required to run."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Feature extraction precision on GPU (bf16 autocast); CPU always runs fp32."""
+
+
+@dataclass
+class EvalDataConfig:
+    name: str = "retrieval"
+    """Data set label used in report file names and MLflow metric names (msrvtt, didemo, anet, ...)."""
+    annotation: str | None = None
+    """UMT-layout JSON: a list of {"video": path relative to root, "caption": str | [str]}; required to run."""
+    root: str | None = None
+    """Folder (local path or fsspec URL such as s3://bucket/videos) the annotation's video paths are relative to."""
+    shards: str | list[str] | None = None
+    """Instead of `root`: WebDataset shards holding the videos (matched by key or `video_id`)."""
+    paragraph: bool = False
+    """Join each video's captions with spaces into one query (DiDeMo and ActivityNet protocol)."""
+    num_frames: int = 8
+    """Frames per video, each taken at the middle of one of `num_frames` equal segments."""
+    img_size: int = 224
+    """Frames are resized to img_size x img_size without cropping."""
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    """Resize filter (the protocol uses bicubic)."""
+    mean: list[float] | None = None
+    """Normalisation mean; None = the one in the export's meta, else ImageNet's."""
+    std: list[float] | None = None
+    """Normalisation std; None = the one in the export's meta, else ImageNet's."""
+    trim_seconds: float | None = None
+    """Sample only the first N seconds of each video (DiDeMo protocol: 30); None = the whole video."""
+    skip_missing: bool = False
+    """Evaluate without videos whose files are absent (counted in the report) instead of failing."""
+    batch_size: int = 16
+    """Videos per forward pass on each rank."""
+    num_workers: int = 2
+    """Decoding processes per rank (0 = decode in the main process)."""
+
+    def __post_init__(self) -> None:
+        if self.root is not None and self.shards is not None:
+            raise ConfigError("data.root and data.shards: set only one of them (a video folder or shard URLs)")
+        for key in ("num_frames", "img_size", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        if self.trim_seconds is not None and self.trim_seconds <= 0:
+            raise ConfigError(f"data.trim_seconds: must be > 0 or null, got {self.trim_seconds}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != 3:
+                raise ConfigError(f"data.{key}: expected 3 per-channel values (RGB), got {value}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ConfigError(f"data.std: every value must be > 0, got {self.std}")
+
+
+@dataclass
+class ScoringConfig:
+    rerank_top_k: int = 0
+    """Re-score each query's top-k candidates with the model's matching (VTM) head; 0 = off (cosine only)."""
+    rerank_batch_size: int = 32
+    """Video-text pairs per VTM forward pass."""
+    dual_softmax: bool = False
+    """Reweight each score by the softmax over the other modality (a transductive trick; off by default)."""
+    dual_softmax_temperature: float = 0.01
+    """Temperature of the dual-softmax prior."""
+
+    def __post_init__(self) -> None:
+        if self.rerank_top_k < 0:
+            raise ConfigError(f"scoring.rerank_top_k: must be >= 0 (0 = off), got {self.rerank_top_k}")
+        if self.rerank_batch_size < 1:
+            raise ConfigError(f"scoring.rerank_batch_size: must be >= 1, got {self.rerank_batch_size}")
+        if self.dual_softmax_temperature <= 0:
+            raise ConfigError(f"scoring.dual_softmax_temperature: must be > 0, got {self.dual_softmax_temperature}")
+
+
+@dataclass
+class CacheConfig:
+    dir: str | None = ".cache/retrieval_features"
+    """Where extracted features are kept between runs; None = no cache."""
+    hash_checkpoint: bool = False
+    """Key the cache by the checkpoint's content hash (slow for big files) instead of its size and mtime."""
+
+
+@dataclass
+class EvalRetrievalConfig:
+    output_dir: str = "outputs/eval"
+    """Folder for the JSON and markdown reports."""
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scaling: ScalingConfig = field(default_factory=lambda: ScalingConfig(use_ray=False))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def check_runnable(self) -> None:
+        """Raise ConfigError for settings that are optional in YAML but needed to evaluate."""
+        if self.model.checkpoint is None:
+            raise ConfigError("model.checkpoint: required; pass model.checkpoint=<stage output>/export/model.pt")
+        if not Path(self.model.checkpoint).is_file():
+            raise ConfigError(f"model.checkpoint: {self.model.checkpoint!r} is not a file")
+        if self.data.annotation is None:
+            raise ConfigError("data.annotation: required; pass data.annotation=<UMT-layout JSON>")
+        if self.data.root is None and self.data.shards is None:
+            raise ConfigError("data.root / data.shards: one is required (a video folder or shard URLs)")
+
+
+def load_eval_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> EvalRetrievalConfig:
+    """Load an eval YAML (with its `defaults`), apply `key.sub=value` overrides, validate."""
+    raw = load_yaml_tree(path) if path is not None else {}
+    apply_overrides(raw, overrides)
+    return from_dict(EvalRetrievalConfig, _interpolate_env(raw), "")
