@@ -1,0 +1,257 @@
+"""Stage 1: masked video pretraining against a frozen CLIP teacher (UMT-style; videomamba.md §4).
+
+The CLIP teacher sees every frame whole. The VideoMamba student sees only the visible tokens (CLS + about
+20% of the patches). At each aligned layer, a head (`clip_decoder.{k}`: Linear -> LayerNorm -> L2 norm)
+maps the student's tokens to the teacher's output width, and the loss is mean(2 - 2 cos) against the
+teacher's normalised tokens at the same positions (the CLS target is the frame-mean CLS).
+
+Masks: `data.mask.type: attention` (the default of the paper) samples visible tokens per frame in proportion
+to the teacher's CLS attention (pipeline/tasks/attention_mask.py); `random | tube | tube_row | random_row`
+come from the data loader as `batch["keep"]`; `none` shows the student everything.
+
+Which student feature is aligned at the last layer (`task.student_feature`, docs/stages.md):
+- `final_norm` (default): the true final output, norm_f(residual + last mixer output).
+- `residual_before_last_block`: the released code's quirk (videomamba.md §4.3): the raw residual stream
+  entering the last block. The last block and norm_f then get no gradient, so they are frozen.
+Earlier aligned layers j always use norm_f(output of block j), as released.
+
+Legend: B batch, T frames, P patches per frame, L = 1 + T*P tokens (V: visible ones), D student width,
+C teacher output width, K aligned layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models import Features
+from models.teachers import CLIPTeacher, build_clip_teacher, teacher_patch_size
+from pipeline.config import ConfigError, TaskConfig, register_task_config
+from pipeline.distributed import get_rank
+from pipeline.losses import cosine_alignment_loss
+from pipeline.tasks import Task, register_task
+from pipeline.tasks.attention_mask import attention_keep_mask
+from pipeline.tasks.self_distill import build_student
+
+DATA_MASKS = ("random", "tube", "tube_row", "random_row")
+
+
+@dataclass
+class CLIPTeacherConfig:
+    model_name: str = "ViT-B-16"
+    """open_clip model config of the teacher (`open_clip.list_models()`); ViT-B-16 as released."""
+    pretrained: str | None = "openai"
+    """An open_clip tag read from the local HF cache (set HF_HUB_OFFLINE=1 offline), a checkpoint file (full
+    CLIP or a vision-tower state dict such as UMT's vit_b16.pth), or null for random weights (tests only)."""
+    image_size: int | None = None
+    """Teacher input size; None = the student's token grid times the teacher's patch size (224 for ViT-B/16 at
+    224 px). Frames are resized (bicubic) when it differs from the clip's size; the pos embedding is
+    interpolated when it differs from the checkpoint's."""
+    quick_gelu: bool = True
+    """QuickGELU activation, which OpenAI's CLIP weights were trained with."""
+    apply_ln_post: bool = False
+    """Apply the tower's ln_post before `proj`; False reproduces the released targets."""
+    layers: list[int] | None = None
+    """Teacher blocks whose tokens are targets, one per aligned student layer; None = the last K blocks."""
+    vision_overrides: dict[str, Any] = field(default_factory=dict)
+    """Replace open_clip vision-config entries (e.g. {layers: 2, width: 64} for a tiny random test teacher)."""
+
+
+@register_task_config("masked_alignment")
+@dataclass
+class MaskedAlignmentConfig(TaskConfig):
+    teacher: CLIPTeacherConfig = field(default_factory=CLIPTeacherConfig)
+    """The frozen CLIP teacher."""
+    num_align_layers: int = 1
+    """Align the last K student blocks with the last K teacher blocks (1 in the paper: 'last 1' was best)."""
+    align_layers: list[int] | None = None
+    """Explicit student block indices to align (negative counts from the end); overrides num_align_layers."""
+    student_feature: Literal["final_norm", "residual_before_last_block"] = "final_norm"
+    """Last-layer student feature: the true output (default) or the released residual quirk (see module doc)."""
+    head_pos_embed: bool = True
+    """Add a fixed sinusoidal position table before the heads, as released (`clip_pos_embed`)."""
+
+    def __post_init__(self) -> None:
+        if self.num_align_layers < 1:
+            raise ConfigError(f"task.num_align_layers: must be >= 1, got {self.num_align_layers}")
+        count = len(self.align_layers) if self.align_layers is not None else self.num_align_layers
+        if self.teacher.layers is not None and len(self.teacher.layers) != count:
+            raise ConfigError(f"task.teacher.layers: {self.teacher.layers} must name one teacher block per aligned "
+                              f"student layer ({count})")
+
+
+class AlignHead(nn.Module):
+    """Linear(D -> C) -> LayerNorm(C) -> L2 normalisation (released `Linear_Decoder`, xavier init)."""
+
+    def __init__(self, width: int, out_dim: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(width, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x_BVD: Tensor) -> Tensor:
+        return F.normalize(self.norm(self.head(x_BVD)), dim=-1)
+
+
+def sinusoid_table(length: int, width: int) -> Tensor:
+    """(length, width) fixed 1-D position table: sin on even channels, cos on odd, period 10000^(2i/width)."""
+    position_L1 = torch.arange(length, dtype=torch.float64)[:, None]
+    channel = torch.arange(width)
+    angle_LD = position_L1 / torch.pow(10000.0, (2 * (channel // 2)).double() / width)
+    return torch.where(channel % 2 == 0, torch.sin(angle_LD), torch.cos(angle_LD)).float()
+
+
+def visible_tokens(x_BLC: Tensor, keep_BL: Tensor | None) -> Tensor:
+    """CLS + the kept patch tokens of every clip, in order: (..., B, 1 + V, C); all tokens if keep_BL is None.
+
+    x may carry leading dims (e.g. K layers); keep_BL is (B, L - 1) over the patches.
+    """
+    if keep_BL is None:
+        return x_BLC
+    *lead, B, L, C = x_BLC.shape
+    keep_with_cls = torch.cat([keep_BL.new_ones(B, 1), keep_BL], dim=1).to(x_BLC.device)
+    return x_BLC[..., keep_with_cls, :].reshape(*lead, B, -1, C)
+
+
+class MaskedAlignmentTask(Task):
+    """Student VideoMamba + per-layer alignment heads + frozen CLIP teacher; loss = mean over layers of 2 - 2 cos."""
+
+    def __init__(self, student: nn.Module, teacher: CLIPTeacher, align_layers: list[int],
+                 student_feature: str = "final_norm", head_pos_embed: bool = True, mask_type: str = "attention",
+                 mask_ratio: float = 0.8, seed: int = 0, export_meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        depth = student.depth
+        if any(not -depth <= i < depth for i in align_layers):
+            raise ValueError(f"task.align_layers: {align_layers} must be block indices of the {depth}-block student")
+        self.align_layers = sorted({i % depth for i in align_layers})
+        if len(self.align_layers) != len(teacher.return_layers):
+            raise ValueError(f"{len(self.align_layers)} student layers {self.align_layers} but "
+                             f"{len(teacher.return_layers)} teacher layers {teacher.return_layers}")
+        if student.tubelet_size != 1:
+            raise ValueError(f"model.tubelet_size: the frame-wise CLIP teacher needs 1, got {student.tubelet_size}")
+        if teacher.grid_size != tuple(student.grid[1:]):
+            raise ValueError(f"the teacher's patch grid {teacher.grid_size} differs from the student's token grid "
+                             f"{tuple(student.grid[1:])}; set task.teacher.image_size to grid x teacher patch size")
+        self.student = student
+        self.teacher = teacher
+        self.student_feature = student_feature
+        self.mask_type, self.mask_ratio, self.seed = mask_type, mask_ratio, seed
+        self.clip_decoder = nn.ModuleList(AlignHead(student.embed_dim, teacher.output_dim) for _ in self.align_layers)
+        length = 1 + student.num_frames * student.num_patches
+        # Not persistent: it is a fixed function of the shape, so checkpoints need not carry it.
+        self.register_buffer("head_pos_LD", sinusoid_table(length, student.embed_dim) if head_pos_embed else None,
+                             persistent=False)
+        if student_feature == "residual_before_last_block":
+            # Released quirk: nothing reads the last block's output, so it gets no gradient; freezing it keeps
+            # the optimizer (and its weight decay) off it, as PyTorch's AdamW skips grad-less parameters.
+            student.layers[-1].requires_grad_(False)
+            if self.align_layers == [depth - 1]:
+                student.norm_f.requires_grad_(False)
+        self._generator: torch.Generator | None = None
+        self._export_meta = dict(export_meta or {})
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        video_BCTHW = batch["video"]
+        teacher_out = self.teacher(video_BCTHW)
+        keep_BL = self._keep_mask(batch, teacher_out.cls_attn_BTP)
+        features = self.student.forward_features(video_BCTHW, keep_BL=keep_BL,
+                                                 return_residuals=self._residual_indices())
+        targets_KBVC = visible_tokens(teacher_out.targets_KBLC, keep_BL)
+        pos_BVD = None
+        if self.head_pos_LD is not None:
+            pos_BVD = visible_tokens(self.head_pos_LD.expand(len(video_BCTHW), -1, -1), keep_BL)
+        parts = {}
+        for k, (layer, head) in enumerate(zip(self.align_layers, self.clip_decoder, strict=True)):
+            x_BVD = self._student_tokens(features, layer)
+            if pos_BVD is not None:
+                x_BVD = x_BVD + pos_BVD
+            pred_BVC = head(x_BVD.to(head.head.weight.dtype))
+            parts[f"loss_align_L{layer}"] = cosine_alignment_loss(pred_BVC, targets_KBVC[k])
+        loss = torch.stack(list(parts.values())).mean()
+        return {"loss": loss, **{name: value.detach() for name, value in parts.items()}}
+
+    def trainable_module(self) -> nn.Module:
+        return self.student
+
+    def export_metadata(self) -> dict[str, Any]:
+        return dict(self._export_meta)
+
+    def _keep_mask(self, batch: dict[str, Any], cls_attn_BTP: Tensor) -> Tensor | None:
+        if self.mask_type == "none":
+            return None
+        if self.mask_type == "attention":
+            if self._generator is None or self._generator.device != cls_attn_BTP.device:
+                # Masks differ across ranks (seed + rank) but repeat across runs with the same seed.
+                self._generator = torch.Generator(device=cls_attn_BTP.device)
+                self._generator.manual_seed(self.seed + get_rank())
+            return attention_keep_mask(cls_attn_BTP, self.mask_ratio, generator=self._generator)
+        keep_BL = batch.get("keep")
+        if keep_BL is None:
+            raise ValueError(f"data.mask.type={self.mask_type!r} is a data-side mask, but the batch has no 'keep' "
+                             "entry; build the loader from the same data config (pipeline.data.build_loader)")
+        return keep_BL.to(cls_attn_BTP.device)
+
+    def _residual_indices(self) -> list[int]:
+        """Residuals needed: the output of block j is the residual entering block j + 1."""
+        last = self.student.depth - 1
+        wanted = {j + 1 for j in self.align_layers if j < last}
+        if last in self.align_layers and self.student_feature == "residual_before_last_block":
+            wanted.add(last)
+        return sorted(wanted)
+
+    def _student_tokens(self, features: Features, layer: int) -> Tensor:
+        last = self.student.depth - 1
+        if layer == last:
+            if self.student_feature == "final_norm":
+                return features.tokens_BLD
+            return features.residuals[last]
+        norm_f = self.student.norm_f
+        return norm_f.add_norm(features.residuals[layer + 1].to(norm_f.weight.dtype), None)[0]
+
+
+def build_teacher(teacher_cfg: CLIPTeacherConfig, student: nn.Module, num_layers: int) -> CLIPTeacher:
+    """The CLIP teacher whose patch grid matches `student`'s, returning `num_layers` blocks."""
+    image_size = teacher_cfg.image_size
+    if image_size is None:
+        grid = student.grid[1]
+        image_size = grid * teacher_patch_size(teacher_cfg.model_name, teacher_cfg.vision_overrides)
+    layers = teacher_cfg.layers if teacher_cfg.layers is not None else list(range(-num_layers, 0))
+    return build_clip_teacher(
+        model_name=teacher_cfg.model_name,
+        pretrained=teacher_cfg.pretrained,
+        image_size=image_size,
+        return_layers=layers,
+        apply_ln_post=teacher_cfg.apply_ln_post,
+        quick_gelu=teacher_cfg.quick_gelu,
+        vision_overrides=teacher_cfg.vision_overrides or None,
+    )
+
+
+@register_task("masked_alignment")
+def build(cfg) -> MaskedAlignmentTask:
+    task_cfg: MaskedAlignmentConfig = cfg.task
+    student = build_student(cfg)
+    if task_cfg.align_layers is None and task_cfg.num_align_layers > student.depth:
+        raise ConfigError(f"task.num_align_layers: {task_cfg.num_align_layers} exceeds the model's depth "
+                          f"{student.depth}")
+    if (cfg.data.num_frames, cfg.data.img_size) != (student.num_frames, student.img_size):
+        raise ConfigError(f"data.num_frames/img_size ({cfg.data.num_frames}, {cfg.data.img_size}) must match the "
+                          f"model's ({student.num_frames}, {student.img_size}); set model.num_frames/img_size")
+    align = (task_cfg.align_layers if task_cfg.align_layers is not None
+             else list(range(student.depth - task_cfg.num_align_layers, student.depth)))
+    teacher = build_teacher(task_cfg.teacher, student, len(align))
+    meta = {"model_name": cfg.model.name, "model_kwargs": {**cfg.model.build_kwargs(), "num_classes": 0}}
+    return MaskedAlignmentTask(
+        student, teacher, align,
+        student_feature=task_cfg.student_feature,
+        head_pos_embed=task_cfg.head_pos_embed,
+        mask_type=cfg.data.mask.type,
+        mask_ratio=cfg.data.mask.ratio,
+        seed=cfg.seed,
+        export_meta=meta,
+    )
