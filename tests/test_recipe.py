@@ -1,0 +1,166 @@
+"""Recipe parsing, validation, config resolution and the skip-completed-stage logic."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.recipe import (
+    STATE_FILE,
+    RecipeError,
+    default_tracking,
+    load_recipe,
+    resolve_step_config,
+    run_recipe,
+)
+
+TOY_STAGE = """\
+stage: toy
+task: {name: toy, in_dim: 8, hidden_dim: 16, out_dim: 2}
+data: {batch_size: 8}
+optim: {lr: 0.01, max_steps: 6}
+scaling: {use_ray: false}
+checkpoint: {interval_steps: 3}
+tracking: {log_interval: 2}
+"""
+
+
+def write_recipe(tmp_path: Path, body: str) -> Path:
+    (tmp_path / "stages").mkdir(exist_ok=True)
+    (tmp_path / "stages" / "toy.yaml").write_text(TOY_STAGE)
+    path = tmp_path / "recipes" / "r.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+TWO_STAGES = """\
+name: two
+out_dir: out
+settings:
+  optim: {lr: 0.02}
+  data.batch_size: 4
+stages:
+  - {name: first, config: ../stages/toy.yaml}
+  - name: second
+    config: ../stages/toy.yaml
+    from: first
+    overrides: {optim.lr: 0.005, seed: 3}
+"""
+
+
+def test_settings_overrides_and_from_become_config_keys(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, TWO_STAGES), ["out_dir=" + str(tmp_path / "o")])
+    uri, experiment = default_tracking(recipe)
+    assert experiment == "two" and uri == f"sqlite:///{tmp_path / 'o' / 'mlflow.db'}"
+    first, second = (resolve_step_config(recipe, s, uri, experiment, "PARENT") for s in recipe.stages)
+    assert first.optim.lr == 0.02 and second.optim.lr == 0.005  # the stage's own override wins over settings
+    assert first.data.batch_size == second.data.batch_size == 4
+    assert first.model.pretrained is None
+    assert second.model.pretrained == str(tmp_path / "o" / "first" / "export" / "model.pt")
+    assert second.output_dir == str(tmp_path / "o" / "second")
+    assert second.checkpoint.path == str(tmp_path / "o" / "checkpoints")
+    tracking = second.tracking
+    assert (tracking.parent_run_id, tracking.run_name, tracking.uri) == ("PARENT", "two.second", uri)
+    assert second.seed == 3 and second.stage == "second"
+
+
+def test_command_line_overrides_reach_settings_and_one_stage(tmp_path):
+    recipe = load_recipe(
+        write_recipe(tmp_path, TWO_STAGES),
+        ["settings.optim.max_steps=2", "stages.second.optim.max_steps=5", "stages.second.from=/w/init.pt"],
+    )
+    cfgs = [resolve_step_config(recipe, s, "sqlite:///x.db", "e") for s in recipe.stages]
+    assert [c.optim.max_steps for c in cfgs] == [2, 5]
+    assert cfgs[1].model.pretrained == "/w/init.pt"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("stages:\n  - {name: a, config: ../stages/toy.yaml, overides: {}}\n", r"unknown key\(s\) \['overides'\]"),
+        ("stages:\n  - {name: a, config: ../stages/toy.yaml, from: b}\n  - {name: b, config: ../stages/toy.yaml}\n",
+         "stage 'b', which runs later"),
+        ("stages:\n  - {name: a, config: ../stages/toy.yaml, from: nosuch}\n", "'nosuch', which is not a stage"),
+        ("stages:\n  - {name: a, config: ../stages/toy.yaml}\n  - {name: a, config: ../stages/toy.yaml}\n",
+         "'a' is used twice"),
+        ("stage:\n  - {name: a, config: ../stages/toy.yaml}\n", r"unknown recipe keys \['stage'\]"),
+        ("stages:\n  - {config: ../stages/toy.yaml}\n", "`name` is required"),
+    ],
+)
+def test_invalid_recipes_name_the_problem(tmp_path, body, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write_recipe(tmp_path, body))
+
+
+def test_bad_overrides_and_bad_stage_keys_are_named(tmp_path):
+    path = write_recipe(tmp_path, TWO_STAGES)
+    with pytest.raises(RecipeError, match="no stage named 'third'"):
+        load_recipe(path, ["stages.third.seed=1"])
+    with pytest.raises(RecipeError, match="unknown recipe key 'optim.lr'"):
+        load_recipe(path, ["optim.lr=1"])
+    recipe = load_recipe(path, ["stages.first.optim.lrr=1"])
+    with pytest.raises(RecipeError, match=r"stage 'first'.*optim.lrr: unknown key \(did you mean 'lr'\?\)"):
+        resolve_step_config(recipe, recipe.stages[0], "sqlite:///x.db", "e")
+    recipe = load_recipe(path, ["stages.first.output_dir=/elsewhere"])
+    with pytest.raises(RecipeError, match="output_dir is set by the recipe runner"):
+        resolve_step_config(recipe, recipe.stages[0], "sqlite:///x.db", "e")
+
+
+def test_data_root_must_be_given_when_used(tmp_path):
+    body = TWO_STAGES.replace("  data.batch_size: 4", "  data.train_shards: ${data_root}/train")
+    recipe = load_recipe(write_recipe(tmp_path, body))
+    with pytest.raises(RecipeError, match=r"uses \$\{data_root\} but the recipe has none; pass data_root="):
+        resolve_step_config(recipe, recipe.stages[0], "sqlite:///x.db", "e")
+    recipe = load_recipe(write_recipe(tmp_path, body), ["data_root=/d"])
+    assert resolve_step_config(recipe, recipe.stages[0], "sqlite:///x.db", "e").data.train_shards == "/d/train"
+
+
+def test_dry_run_prints_plan_and_trains_nothing(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path, TWO_STAGES), ["out_dir=" + str(tmp_path / "o")])
+    lines: list[str] = []
+    result = run_recipe(recipe, dry_run=True, log=lines.append)
+    text = "\n".join(lines)
+    assert "1. stage first" in text and "2. stage second" in text and "weights from first" in text
+    assert "task=toy" in text and "steps=6" in text
+    assert result.steps == {} and not (tmp_path / "o").exists()
+
+
+@pytest.mark.timeout(240)
+def test_rerun_skips_completed_stage_and_reuses_parent_run(tmp_path):
+    """Run a two-stage toy recipe, forget the second stage, rerun: only the second stage runs again."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "o"
+    recipe_path = write_recipe(tmp_path, TWO_STAGES)
+    first = run_recipe(load_recipe(recipe_path, [f"out_dir={out}"]), log=lambda line: None)
+    assert set(first.steps) == {"first", "second"} and first.skipped == []
+    state = json.loads((out / STATE_FILE).read_text())
+    client = MlflowClient(first.tracking_uri)
+    children = {r.info.run_name: r for r in client.search_runs(
+        [client.get_experiment_by_name("two").experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{first.parent_run_id}'")}
+    assert set(children) == {"two.first", "two.second"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    assert state["steps"]["first"]["run_id"] == children["two.first"].info.run_id
+
+    # Forget that the second stage finished (as if the driver died before recording it).
+    del state["steps"]["second"]
+    (out / STATE_FILE).write_text(json.dumps(state))
+    logs: list[str] = []
+    second = run_recipe(load_recipe(recipe_path, [f"out_dir={out}"]), log=logs.append)
+    assert second.parent_run_id == first.parent_run_id
+    assert second.skipped == ["first"]
+    assert any(line.startswith("[second] running") for line in logs)
+    assert not any(line.startswith("[first] running") for line in logs)
+    assert client.get_run(first.parent_run_id).info.status == "FINISHED"
+    parents = client.search_runs([client.get_experiment_by_name("two").experiment_id],
+                                 filter_string="tags.recipe = 'two'")
+    assert len(parents) == 1
+
+    # Changing a finished stage's config is refused instead of silently reusing the old export.
+    with pytest.raises(RecipeError, match=r"\[first\] was completed with a different configuration"):
+        run_recipe(load_recipe(recipe_path, [f"out_dir={out}", "stages.first.optim.lr=0.5"]), log=lambda line: None)
