@@ -159,13 +159,13 @@ def build_clip_teacher(
     image_size: the teacher's input size; a pretrained position embedding is interpolated (bicubic) to it.
     quick_gelu: OpenAI's CLIP weights were trained with QuickGELU; keep True for them.
     vision_overrides: replace entries of the open_clip vision config (e.g. `{"layers": 2, "width": 64}` for
-    a tiny test teacher); only with random weights, since a checkpoint fixes the architecture.
+    a tiny test teacher); not with a pretrained tag, whose weights fix the architecture.
     """
     import open_clip
 
-    if vision_overrides and pretrained is not None:
-        raise ValueError(f"teacher vision_overrides {vision_overrides} change the architecture, so they work only "
-                         f"with random weights (pretrained: null); got pretrained={pretrained!r}")
+    if vision_overrides and pretrained is not None and not os.path.isfile(pretrained):
+        raise ValueError(f"teacher vision_overrides {vision_overrides} change the architecture, so they cannot be "
+                         f"combined with the pretrained tag {pretrained!r}; use random weights or a matching file")
     config = _model_config(open_clip, model_name)
     vision_cfg = {**config["vision_cfg"], **(vision_overrides or {}), "image_size": image_size}
     visual_state = _read_visual_state_dict(pretrained) if pretrained is not None else None
