@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from pipeline.compare import format_table
-from pipeline.recipe import load_recipe, run_recipe, summary_tables
+from pipeline.recipe import RecipeResult, load_recipe, recorded_result, run_recipe, summary_tables
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,19 +23,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="recipe YAML (configs/recipes/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (see above)")
     parser.add_argument("--dry-run", action="store_true", help="validate every step's config, print the plan, stop")
+    parser.add_argument("--summary", action="store_true", help="print what an earlier run of this out_dir recorded")
     args = parser.parse_args(argv)
 
-    result = run_recipe(load_recipe(args.recipe, args.overrides), dry_run=args.dry_run)
-    if args.dry_run:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.summary:
+        print_summary(recorded_result(recipe))
         return 0
+    result = run_recipe(recipe, dry_run=args.dry_run)
+    if not args.dry_run:
+        print_summary(result)
+    return 0
+
+
+def print_summary(result: RecipeResult) -> None:
     step_header, step_rows, ret_header, ret_rows = summary_tables(result)
-    print(f"\nrecipe finished: parent run {result.parent_run_id}, experiment {result.experiment!r}")
+    print(f"\nrecipe parent run {result.parent_run_id}, experiment {result.experiment!r}")
     print(f"tracking store: {result.tracking_uri}")
     print(format_table(step_header, step_rows))
     if ret_rows:
-        print("\nzero-shot retrieval (%)")
+        print("\nzero-shot retrieval on the held-out split (%), chance level beside it")
         print(format_table(ret_header, ret_rows))
-    return 0
 
 
 if __name__ == "__main__":

@@ -445,7 +445,7 @@ def _run_stage(cfg: Config) -> dict[str, Any]:
     export = Path(cfg.output_dir) / EXPORT_FILE
     if not export.is_file():
         raise RuntimeError(f"stage {cfg.stage!r} finished without writing its export {export}")
-    return {"run_id": result.run_id, "export": str(export), "metrics": _scalars(result.metrics)}
+    return {"run_id": result.mlflow_run_id, "export": str(export), "metrics": _scalars(result.metrics)}
 
 
 def _run_eval(cfg: Any) -> dict[str, Any]:
@@ -550,6 +550,15 @@ def recipe_yaml(recipe: Recipe) -> str:
             "experiment": recipe.experiment, "settings": recipe.settings,
             "stages": [step(s) for s in recipe.stages], "evals": [step(s) for s in recipe.evals]}
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def recorded_result(recipe: Recipe) -> RecipeResult:
+    """What an earlier execution of `recipe` (same out_dir) recorded, without running anything."""
+    state = RecipeState.load(recipe.out_dir)
+    if state.parent_run_id is None:
+        raise RecipeError(f"{recipe.out_dir / STATE_FILE} does not exist: this recipe has not run with this out_dir")
+    uri, experiment = default_tracking(recipe)
+    return RecipeResult(state.parent_run_id, uri, experiment, dict(state.steps))
 
 
 def summary_tables(result: RecipeResult) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
