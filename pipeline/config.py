@@ -165,6 +165,16 @@ class OptimConfig:
     layer_decay: float | None = None
     """Layer-wise LR decay factor (e.g. 0.8 for fine-tuning); None = off."""
 
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ConfigError(f"optim.max_steps: must be >= 1, got {self.max_steps}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ConfigError(
+                f"optim.warmup_steps: must be in [0, optim.max_steps={self.max_steps}], got {self.warmup_steps}"
+            )
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f"optim.layer_decay: must be in (0, 1] or null, got {self.layer_decay}")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -198,6 +208,12 @@ class ScalingConfig:
     """CPUs reserved per worker (data decoding runs there)."""
     max_failures: int = 2
     """Worker-group restarts Ray attempts before the run fails."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one worker's device for MFU; None = looked up for known GPUs (bf16), none on CPU."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"scaling.num_workers: must be >= 1, got {self.num_workers}")
 
 
 @dataclass
@@ -208,20 +224,34 @@ class CheckpointConfig:
     """Save every N optimizer steps (and at the end)."""
     keep: int = 2
     """Checkpoints kept (older ones are deleted)."""
+    resume: bool = True
+    """Continue from the latest checkpoint of this run (same run name and path) when one exists."""
+
+    def __post_init__(self) -> None:
+        if self.interval_steps < 1 or self.keep < 1:
+            raise ConfigError(
+                f"checkpoint.interval_steps and checkpoint.keep: must be >= 1, got {self.interval_steps}, {self.keep}"
+            )
 
 
 @dataclass
 class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow (off for benchmarks that must not touch a tracking store)."""
     uri: str | None = None
-    """MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+    """MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."""
     experiment: str = "videomamba"
     """MLflow experiment name."""
     run_name: str | None = None
-    """Run name; None = derived from the stage and time."""
+    """Run name (also the checkpoint folder, so rerunning the same name resumes); None = the stage name."""
     parent_run_id: str | None = None
     """Nest this run under a parent run (set by the recipe runner)."""
     log_interval: int = 10
     """Log metrics and print progress every N steps."""
+
+    def __post_init__(self) -> None:
+        if self.log_interval < 1:
+            raise ConfigError(f"tracking.log_interval: must be >= 1, got {self.log_interval}")
 
 
 @dataclass
@@ -253,6 +283,11 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_name(self) -> str:
+        """The run's name in MLflow and its checkpoint folder under `checkpoint.path`."""
+        return self.tracking.run_name or self.stage
 
 
 # ----------------------------------------------------------------------------- task registry

@@ -6,6 +6,9 @@ same code runs in a single process, under torchrun, under DeepSpeed and inside R
 
 from __future__ import annotations
 
+import os
+import socket
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -25,6 +28,27 @@ def get_world_size() -> int:
 
 def is_main_process() -> bool:
     return get_rank() == 0
+
+
+def ensure_process_group(backend: str) -> None:
+    """Join the launcher's process group, or make a one-process group when started without one.
+
+    DeepSpeed needs a process group even for one process. torchrun and Ray Train set the rendezvous
+    variables (Ray even creates the group); a plain `python job.py` gets a free local port and world size 1.
+    """
+    if is_distributed():
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group(backend=backend)
+
+
+def local_rank() -> int:
+    """Device index of this process on its node (LOCAL_RANK from torchrun / Ray Train, else 0)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def barrier() -> None:
@@ -72,3 +96,31 @@ def all_reduce_mean(value: Tensor) -> Tensor:
     out = value.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / get_world_size()
+
+
+def all_gather_uneven(x_N: Tensor) -> Tensor:
+    """Concatenate `x_N` from every rank along dim 0 when ranks hold different row counts (not differentiable).
+
+    Rows are padded to the largest count for the collective and trimmed after; trailing dims and dtype
+    must agree across ranks. Used to assemble evaluation features that each rank computed for its slice.
+    """
+    if get_world_size() == 1:
+        return x_N
+    count = torch.tensor([x_N.shape[0]], device=x_N.device)
+    counts = [torch.zeros_like(count) for _ in range(get_world_size())]
+    dist.all_gather(counts, count)
+    counts = [int(c.item()) for c in counts]
+    padded = x_N.new_zeros((max(counts), *x_N.shape[1:]))
+    padded[: x_N.shape[0]] = x_N
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, counts, strict=True)])
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank `src`'s picklable `obj` on every rank (identity in a single process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,112 @@
+"""Where checkpoints live: Ray Train's storage (local path or s3://) or a plain local folder.
+
+The engine writes a checkpoint into a directory it is given (every rank writes its own ZeRO shard and its RNG /
+data state) and finds the latest one to resume from; these two stores decide where that directory lives.
+
+- `RayCheckpointStore`: every rank writes into a private temp dir and calls `ray.train.report`; Ray merges the
+  ranks' files into one checkpoint under `<storage_path>/<run name>/checkpoint_<step>` and keeps `checkpoint.keep`
+  of them. `ray.train.get_checkpoint()` returns the latest after a worker restart, and after a resubmission of the
+  same run (Ray Train V2 reloads its checkpoint manager's snapshot from the run's storage folder).
+- `LocalCheckpointStore`: the no-Ray path (one process or torchrun on one node): `<path>/<run name>/checkpoint_<step>`,
+  written into a temp folder and renamed when every rank is done, so a crash never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.distributed import barrier, is_main_process
+
+WriteFn = Callable[[Path], None]
+
+
+class CheckpointStore(Protocol):
+    def restore(self) -> Any:
+        """Context manager yielding the latest checkpoint directory (a Path) or None."""
+
+    def save(self, step: int, write: WriteFn, metrics: dict[str, Any]) -> None:
+        """Persist a checkpoint: `write(dir)` runs on every rank with a directory to fill."""
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Publish final metrics without a checkpoint (every rank calls it)."""
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+class RayCheckpointStore:
+    """Checkpoints through `ray.train.report`; only usable inside a Ray Train worker."""
+
+    @contextmanager
+    def restore(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as local_dir:  # downloads from s3://, a no-op for local storage
+            yield Path(local_dir)
+
+    def save(self, step: int, write: WriteFn, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="ckpt_") as tmp:
+            write(Path(tmp))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step))
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        ray.train.report(metrics)
+
+
+class LocalCheckpointStore:
+    """Checkpoints in `<root>/checkpoint_<step>` on a filesystem every rank can see."""
+
+    def __init__(self, root: str | Path, keep: int) -> None:
+        if "://" in str(root):
+            raise ValueError(
+                f"checkpoint.path: {root!r} is remote; the local (scaling.use_ray=false) path writes to a local "
+                "folder only. Use scaling.use_ray=true for s3:// storage, or give a local path."
+            )
+        self.root, self.keep = Path(root), keep
+        self.final_metrics: dict[str, Any] = {}
+
+    def checkpoints(self) -> list[Path]:
+        """Completed checkpoints, oldest first."""
+        return sorted(p for p in self.root.glob("checkpoint_*") if (p / "metrics.json").is_file())
+
+    @contextmanager
+    def restore(self) -> Iterator[Path | None]:
+        found = self.checkpoints()
+        yield found[-1] if found else None
+
+    def save(self, step: int, write: WriteFn, metrics: dict[str, Any]) -> None:
+        final = self.root / checkpoint_dir_name(step)
+        staging = self.root / f".staging_{checkpoint_dir_name(step)}"
+        if is_main_process():
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
+        write(staging)
+        barrier()  # every rank's shard is on disk before the checkpoint becomes visible
+        if is_main_process():
+            # metrics.json is written last: its presence marks a complete checkpoint.
+            (staging / "metrics.json").write_text(json.dumps(metrics, default=str))
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
+            for old in self.checkpoints()[: -self.keep]:
+                shutil.rmtree(old)
+        barrier()
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        self.final_metrics = metrics

@@ -1,0 +1,457 @@
+"""The training loop every worker runs: task + DeepSpeed engine + loader, checkpoints, metrics, export.
+
+`train(cfg)` is the plain local entry (one process, or torchrun); `pipeline.launch` runs the same `Trainer` inside
+Ray Train workers with a Ray checkpoint store. A step is `gradient_accumulation_steps` micro-batches; step numbers
+start at 1 and count optimizer updates. Precision: bf16/fp16 from config on GPU, fp32 on CPU (DeepSpeed's CPU
+accelerator with gloo).
+
+Non-finite policy (`cfg.nonfinite`): every micro-batch's loss is checked on all ranks before backward. "stop"
+raises `NonFiniteError` naming the step and the loss parts (the last good checkpoint stays the latest one);
+"skip" drops the micro-batch, counts it (`train/skipped_batches`) and fails after `max_skipped_steps`. A finite
+loss with a non-finite gradient norm is caught after DeepSpeed's step (ZeRO 1/2 skip such an update themselves)
+and handled by the same policy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import resource
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.checkpointing import CheckpointStore, LocalCheckpointStore
+from pipeline.config import Config
+from pipeline.distributed import all_reduce_mean, ensure_process_group, get_rank, get_world_size, local_rank
+from pipeline.optim import build_optimizer, peak_lr
+from pipeline.tasks import build_task
+
+# Dense bf16 peak TFLOP/s per GPU for MFU (NVIDIA datasheets, SXM parts, without sparsity).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+_CHECKPOINT_TAG = "state"
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm was NaN/inf under `nonfinite: stop`, or too many steps were skipped."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    """Optimizer steps completed."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Last logged training metrics and the final evaluation."""
+    mlflow_run_id: str | None = None
+    export_path: str | None = None
+    """`<output_dir>/export/model.pt` written by rank 0."""
+    resumed_from_step: int | None = None
+    """Step of the checkpoint this (last) attempt started from; None for a fresh start."""
+
+
+def device_for_worker() -> torch.device:
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def deepspeed_config(cfg: Config, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run (CPU runs are fp32 whatever `deepspeed.precision` says)."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": ds.grad_accum_steps,
+        "train_batch_size": cfg.data.batch_size * ds.grad_accum_steps * world_size,
+        "gradient_clipping": ds.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": on_gpu and ds.precision == "bf16"},
+        "fp16": {"enabled": on_gpu and ds.precision == "fp16"},
+        # A torch AdamW: DeepSpeed's own Adam JIT-compiles a C++/CUDA op (~40 s on CPU) for no gain here.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # our own progress line replaces DeepSpeed's
+    }
+
+
+def _skip_shm_comm_build() -> None:
+    # On CPU, DeepSpeed's comm backend JIT-compiles `deepspeed_shm_comm` (~25 s, g++) at init. That op only
+    # serves `inference_all_reduce`; training collectives go through gloo. Marking it incompatible skips the
+    # build (DeepSpeed caches this dict on first access, and documents that edits to it persist).
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated on GPU; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+def peak_tflops(cfg: Config, device: torch.device) -> float | None:
+    if cfg.scaling.peak_tflops is not None:
+        return cfg.scaling.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Trainer:
+    """One worker's view of a training run. Build, then `fit()`."""
+
+    def __init__(self, cfg: Config, store: CheckpointStore) -> None:
+        import deepspeed
+
+        self.cfg, self.store = cfg, store
+        self.device = device_for_worker()
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.set_device(self.device)
+        else:
+            _skip_shm_comm_build()
+        ensure_process_group("nccl" if on_gpu else "gloo")
+        self.rank, self.world = get_rank(), get_world_size()
+        self.is_main = self.rank == 0
+        torch.manual_seed(cfg.seed + self.rank)
+        np.random.seed(cfg.seed + self.rank)
+        random.seed(cfg.seed + self.rank)
+
+        self.task = build_task(cfg)
+        self.global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum_steps * self.world
+        optimizer, scheduler = build_optimizer(self.task, cfg.optim, peak_lr(cfg.optim, self.global_batch))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.task, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.world, on_gpu),
+        )  # fmt: skip
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
+        if not on_gpu:
+            self.dtype = torch.float32
+        self.peak_tflops = peak_tflops(cfg, self.device)
+
+        self.step = 0
+        self.skipped_batches = 0
+        self.resumed_from_step: int | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.eval_metrics: dict[str, float] = {}
+        self.evaluated_at: int | None = None
+        self.loader_state: dict[str, Any] | None = None
+        run_id = self.restore() if cfg.checkpoint.resume else None
+        self.train_loader = self.build_loader("train")
+        if self.loader_state is not None:
+            self.train_loader.load_state_dict(self.loader_state)
+        self.batches: Iterator[dict[str, Any]] = iter(self.train_loader)
+        self.tracker = self.start_tracking(run_id) if self.is_main and cfg.tracking.enabled else None
+        self._reset_window()
+
+    # ------------------------------------------------------------------ building
+
+    def build_loader(self, split: str):
+        """The task's own loader when it has one, else `pipeline.data.build_loader`."""
+        if hasattr(self.task, "build_loader"):
+            return self.task.build_loader(self.cfg, split, self.rank, self.world)
+        from pipeline.data import build_loader
+
+        return build_loader(self.cfg.data, split, self.rank, self.world)
+
+    def start_tracking(self, run_id: str | None):
+        from pipeline.tracking import RunTracker
+
+        tracker = RunTracker(self.cfg)
+        tracker.start(resume_run_id=run_id)
+        return tracker
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self.tracker.run_id if self.tracker else None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def restore(self) -> str | None:
+        """Load the latest checkpoint if the store has one; returns the MLflow run id it recorded."""
+        with self.store.restore() as directory:
+            if directory is None:
+                return None
+            _, client_state = self.engine.load_checkpoint(str(directory), tag=_CHECKPOINT_TAG)
+            rank_file = directory / f"rank{self.rank}_state.pt"
+            if not rank_file.is_file():
+                raise RuntimeError(
+                    f"checkpoint {directory} has no state for rank {self.rank}; resuming needs the same number "
+                    "of workers as the run that wrote it (ZeRO shards are per rank)"
+                )
+            rank_state = torch.load(rank_file, weights_only=False)
+        _set_rng_state(rank_state["rng"])
+        self.loader_state = rank_state["loader"]
+        self.step = self.resumed_from_step = client_state["step"]
+        self.skipped_batches = client_state["skipped_batches"]
+        if self.is_main:
+            print(f"[{self.cfg.run_name}] resumed from step {self.step} ({directory.name})", flush=True)
+        return client_state["mlflow_run_id"]
+
+    def write_checkpoint(self, directory: Path) -> None:
+        """Every rank: its ZeRO shard (DeepSpeed), RNG and data position; rank 0 also the client state."""
+        client_state = {"step": self.step, "skipped_batches": self.skipped_batches, "mlflow_run_id": self.mlflow_run_id}
+        self.engine.save_checkpoint(str(directory), tag=_CHECKPOINT_TAG, client_state=client_state)
+        loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
+        torch.save({"rng": _rng_state(), "loader": loader_state}, directory / f"rank{self.rank}_state.pt")
+
+    def maybe_checkpoint(self, force: bool = False) -> None:
+        if not force and self.step % self.cfg.checkpoint.interval_steps:
+            return
+        if self.tracker:
+            self.tracker.flush()  # metrics up to this checkpoint are durable with it
+        self.store.save(self.step, self.write_checkpoint, {"step": self.step, **self.last_metrics})
+
+    # ------------------------------------------------------------------ one step
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Tensors to the worker's device; floating tensors in the training dtype (integers and masks unchanged)."""
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, non_blocking=True)
+                if value.is_floating_point():
+                    value = value.to(self.dtype)
+            out[key] = value
+        return out
+
+    def next_batch(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            raise RuntimeError("the training loader ended; training streams must be endless (resampled)") from None
+        self.window["data_wait_s"] += time.perf_counter() - start
+        return self.to_device(batch)
+
+    def all_ranks_finite(self, value: torch.Tensor) -> bool:
+        """True when `value` is finite on every rank (one tiny all-reduce keeps ranks in agreement)."""
+        bad = torch.tensor(0.0 if torch.isfinite(value.detach()).all() else 1.0, device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bool(bad.item() == 0.0)
+
+    def forward_backward(self, batch: dict[str, Any]) -> dict[str, float] | None:
+        """Forward and backward of one micro-batch; None when it was dropped under `nonfinite: skip`."""
+        out = self.engine(batch)
+        loss = out["loss"]
+        if not self.all_ranks_finite(loss):
+            self.on_nonfinite(f"loss parts {{{', '.join(f'{k}: {float(v):.4g}' for k, v in out.items())}}}")
+            return None
+        self.engine.backward(loss)
+        self.engine.step()  # DeepSpeed only updates at the accumulation boundary
+        return {k: float(v.detach()) for k, v in out.items()}
+
+    def on_nonfinite(self, what: str) -> None:
+        step = self.step + 1
+        if self.cfg.nonfinite == "stop":
+            raise NonFiniteError(
+                f"step {step}: non-finite {what} (rank {self.rank}); stopping with nonfinite=stop. The latest "
+                "checkpoint is the last good state; lower the LR / enable grad clipping, or set nonfinite=skip."
+            )
+        self.skipped_batches += 1
+        if self.is_main:
+            print(f"[{self.cfg.run_name}] step {step}: skipped a non-finite batch ({what})", flush=True)
+        if self.skipped_batches > self.cfg.max_skipped_steps:
+            raise NonFiniteError(
+                f"step {step}: {self.skipped_batches} non-finite batches skipped, more than "
+                f"max_skipped_steps={self.cfg.max_skipped_steps}; last: {what}"
+            )
+
+    def train_step(self) -> None:
+        """One optimizer update: `grad_accum_steps` finite micro-batches (dropped ones are replaced)."""
+        start = time.perf_counter()
+        done = 0
+        while done < self.cfg.deepspeed.grad_accum_steps:
+            parts = self.forward_backward(self.next_batch())
+            if parts is None:
+                continue
+            done += 1
+            for key, value in parts.items():
+                self.window["sums"][key] += value
+            self.window["micro_batches"] += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            self.on_nonfinite(f"gradient norm {float(grad_norm)}")
+        self.step += 1
+        self.window["steps"] += 1
+        self.window["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        self.window["step_s"] += time.perf_counter() - start
+
+    # ------------------------------------------------------------------ metrics
+
+    def _reset_window(self) -> None:
+        self.window: dict[str, Any] = {"sums": defaultdict(float), "micro_batches": 0, "steps": 0,
+                                       "data_wait_s": 0.0, "step_s": 0.0, "grad_norm": float("nan")}  # fmt: skip
+
+    def window_metrics(self) -> dict[str, float]:
+        """Averages over the steps since the last log (loss parts averaged over ranks too)."""
+        w = self.window
+        keys = sorted(w["sums"])
+        means = torch.tensor([w["sums"][k] / max(1, w["micro_batches"]) for k in keys], dtype=torch.float64)
+        means = all_reduce_mean(means.to(self.device)).cpu().tolist() if keys else []
+        metrics = {f"train/{k}": v for k, v in zip(keys, means, strict=True)}
+        samples = w["steps"] * self.global_batch
+        clips_per_s = samples / w["step_s"] if w["step_s"] > 0 else 0.0
+        metrics.update({
+            "train/lr": max(group["lr"] for group in self.optimizer.param_groups),
+            "train/grad_norm": w["grad_norm"],
+            "train/clips_per_s": clips_per_s,
+            "train/data_wait_fraction": w["data_wait_s"] / w["step_s"] if w["step_s"] > 0 else 0.0,
+            "train/skipped_batches": float(self.skipped_batches),
+            "train/memory_gib": memory_gib(self.device),
+        })  # fmt: skip
+        flops = getattr(self.task, "flops_per_sample", None)
+        if callable(flops):
+            tflops = flops() * clips_per_s / self.world / 1e12
+            metrics["train/tflops_per_worker"] = tflops
+            if self.peak_tflops:
+                metrics["train/mfu"] = tflops / self.peak_tflops
+        return metrics
+
+    def log_metrics(self, force: bool = False) -> None:
+        """Every `log_interval` steps: reduce the window's metrics, log them from rank 0, print progress."""
+        if not self.window["steps"] or (not force and self.step % self.cfg.tracking.log_interval):
+            return
+        metrics = self.window_metrics()
+        step_s = self.window["step_s"] / self.window["steps"]
+        self._reset_window()
+        self.last_metrics = metrics
+        if not self.is_main:
+            return
+        if self.tracker:
+            self.tracker.log_metrics(metrics, self.step)
+            self.tracker.flush()
+        eta = _format_eta((self.cfg.optim.max_steps - self.step) * step_s)
+        print(
+            f"[{self.cfg.run_name}] step {self.step}/{self.cfg.optim.max_steps} loss {metrics['train/loss']:.4f} "
+            f"lr {metrics['train/lr']:.2e} clips/s {metrics['train/clips_per_s']:.1f} "
+            f"data-wait {metrics['train/data_wait_fraction']:.0%} eta {eta}",
+            flush=True,
+        )
+
+    # ------------------------------------------------------------------ evaluation and export
+
+    @property
+    def can_evaluate(self) -> bool:
+        has_eval_data = self.cfg.data.eval_shards is not None or hasattr(self.task, "build_loader")
+        return hasattr(self.task, "evaluate") and has_eval_data
+
+    def maybe_eval(self, force: bool = False) -> dict[str, float]:
+        interval = self.cfg.eval.interval_steps
+        if not self.can_evaluate or not (force or (interval and self.step % interval == 0)):
+            return {}
+        loader = self.build_loader("eval")
+        batches = (self.to_device(b) for b in itertools.islice(loader, self.cfg.eval.max_batches))
+        self.engine.eval()
+        with torch.no_grad():
+            local = self.engine.module.evaluate(batches)
+        self.engine.train()
+        keys = sorted(local)
+        values = all_reduce_mean(torch.tensor([float(local[k]) for k in keys], dtype=torch.float64, device=self.device))
+        metrics = {f"eval/{k}": v for k, v in zip(keys, values.cpu().tolist(), strict=True)}
+        if self.tracker:
+            self.tracker.log_metrics(metrics, self.step)
+            self.tracker.flush()
+        if self.is_main:
+            print(f"[{self.cfg.run_name}] eval at step {self.step}: {metrics}", flush=True)
+        self.eval_metrics, self.evaluated_at = metrics, self.step
+        return metrics
+
+    def export(self) -> str:
+        """Rank 0 writes `<output_dir>/export/model.pt` (ZeRO-3 parameters gathered first; weights as fp32)."""
+        module = self.engine.module.trainable_module()
+        if self.cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        else:
+            state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                     for k, v in module.state_dict().items()}  # fmt: skip
+        path = Path(self.cfg.output_dir) / "export" / "model.pt"
+        if self.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            meta = {"task": self.cfg.task.name, "stage": self.cfg.stage, "step": self.step}
+            meta.update(self.engine.module.export_metadata())
+            torch.save({"state_dict": state, "meta": meta}, path)
+            if self.tracker:
+                self.tracker.set_tag("export_path", str(path.resolve()))
+        return str(path.resolve())
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> TrainResult:
+        """Train to `optim.max_steps`, checkpointing, logging and evaluating on the way; then export."""
+        try:
+            start_step = self.step
+            while self.step < self.cfg.optim.max_steps:
+                self.train_step()
+                self.log_metrics()
+                self.maybe_eval()
+                self.maybe_checkpoint()
+            self.log_metrics(force=True)
+            if self.step != start_step and self.step % self.cfg.checkpoint.interval_steps:
+                self.maybe_checkpoint(force=True)
+            if self.evaluated_at != self.step:
+                self.maybe_eval(force=True)
+            export_path = self.export()
+        except BaseException:
+            if self.tracker:
+                self.tracker.end("FAILED")
+            raise
+        if self.tracker:
+            self.tracker.end("FINISHED")
+        result = TrainResult(
+            step=self.step,
+            metrics={**self.last_metrics, **self.eval_metrics},
+            mlflow_run_id=self.mlflow_run_id,
+            export_path=export_path,
+            resumed_from_step=self.resumed_from_step,
+        )
+        self.store.report(result_metrics(result))
+        return result
+
+
+def result_metrics(result: TrainResult) -> dict[str, Any]:
+    """A TrainResult as a flat metrics dict (what Ray carries back to the driver)."""
+    return {"step": result.step, "mlflow_run_id": result.mlflow_run_id, "export_path": result.export_path,
+            "resumed_from_step": result.resumed_from_step, **result.metrics}  # fmt: skip
+
+
+def train(cfg: Config) -> TrainResult:
+    """Local (no Ray) training in this process; under torchrun every rank calls it."""
+    store = LocalCheckpointStore(Path(cfg.checkpoint.path) / cfg.run_name, cfg.checkpoint.keep)
+    return Trainer(cfg, store).fit()

@@ -1,0 +1,87 @@
+"""The shared command line of training jobs: `--config FILE [key=value ...] [--dry-run]`.
+
+Every stage entry point calls `run_training_job`: it loads and validates the config (errors name the bad key
+before any worker starts), prints the resolved config and saves it to `<output_dir>/config.yaml`, prints the
+plan (model and parameter count, data, workers, storage, tracking) and, unless `--dry-run`, launches training.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, load_config, to_yaml
+from pipeline.engine import TrainResult
+
+
+def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run config YAML (configs/stages/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+    parser.add_argument("--dry-run", action="store_true", help="validate, print the config and the plan, exit")
+    return parser.parse_args(argv)
+
+
+def count_parameters(cfg: Config) -> tuple[str, int, int]:
+    """(model name, total parameters, trainable parameters) of the task, built on the meta device (no memory)."""
+    from pipeline.tasks import build_task
+
+    with torch.device("meta"):
+        task = build_task(cfg)
+    total = sum(p.numel() for p in task.parameters())
+    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    name = task.export_metadata().get("model_name", cfg.model.name)
+    return name, total, trainable
+
+
+def describe_plan(cfg: Config) -> str:
+    """What a launch would do, in a few lines."""
+    from pipeline.launch import latest_checkpoint, run_storage
+    from pipeline.tracking import tracking_uri
+
+    name, total, trainable = count_parameters(cfg)
+    s = cfg.scaling
+    workers = f"{s.num_workers} Ray worker(s)" if s.use_ray else "1 local process (no Ray)"
+    batch = cfg.data.batch_size * cfg.deepspeed.grad_accum_steps * (s.num_workers if s.use_ray else 1)
+    train_data = cfg.data.train_shards or f"task {cfg.task.name!r} provides its own stream"
+    latest = latest_checkpoint(cfg) if cfg.checkpoint.resume else None
+    lines = [
+        f"stage     {cfg.stage} (task {cfg.task.name}, run {cfg.run_name})",
+        f"model     {name}: {total:,} parameters ({trainable:,} trainable)",
+        f"data      train: {train_data}; eval: {cfg.data.eval_shards or '-'}",
+        f"workers   {workers}, gpu={s.use_gpu}, {s.cpus_per_worker} CPU each; ZeRO-{cfg.deepspeed.zero_stage} "
+        f"{cfg.deepspeed.precision}; global batch {batch}; {cfg.optim.max_steps} steps",
+        f"storage   checkpoints {run_storage(cfg)} every {cfg.checkpoint.interval_steps} steps "
+        f"(resume from: {latest or 'nothing yet'}); outputs {cfg.output_dir}",
+        f"tracking  {tracking_uri(cfg) if cfg.tracking.enabled else 'off'} experiment {cfg.tracking.experiment!r}"
+        + (f" parent {cfg.tracking.parent_run_id}" if cfg.tracking.parent_run_id else ""),
+    ]
+    return "\n".join(lines)
+
+
+def save_resolved_config(cfg: Config) -> Path:
+    path = Path(cfg.output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def run_training_job(description: str, argv: list[str] | None = None) -> TrainResult | None:
+    """Parse, validate, print and save the config, print the plan; then launch unless --dry-run."""
+    args = parse_job_args(description, argv)
+    cfg = load_config(args.config, args.overrides)
+    print("# resolved config\n" + to_yaml(cfg), flush=True)
+    print(f"# saved to {save_resolved_config(cfg)}\n# plan\n{describe_plan(cfg)}", flush=True)
+    if args.dry_run:
+        return None
+    from pipeline.launch import launch
+
+    result = launch(cfg)
+    print(
+        f"done: step {result.step}, export {result.export_path}, MLflow run {result.mlflow_run_id}\n"
+        f"final metrics: {result.metrics}",
+        flush=True,
+    )
+    return result

@@ -1,0 +1,147 @@
+"""Run a training stage: through Ray Train (`TorchTrainer`, one worker per GPU or CPU slot) or in this process.
+
+`launch(cfg)` resolves every path the workers need to absolute ones (Ray workers do not share the driver's
+working directory), then either calls `pipeline.engine.train` directly (`scaling.use_ray: false`; no Ray import)
+or starts a `TorchTrainer` whose workers each build the same `Trainer` with a Ray checkpoint store. Rerunning the
+same run name with the same `checkpoint.path` continues from the latest checkpoint there.
+
+Ray connection: inside `ray job submit` (RAY_ADDRESS set) or with a running `ray start` cluster the driver
+attaches to it; otherwise it starts a private local Ray. Ray 2.60 clusters use token auth by default: clients
+need `RAY_AUTH_MODE=token` (and the token) unless the cluster was started with `RAY_AUTH_MODE=disabled`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, from_dict, to_dict
+from pipeline.engine import NonFiniteError, TrainResult
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """A copy whose output dir, local checkpoint path and tracking URI are absolute (same for every worker)."""
+    from pipeline.tracking import tracking_uri
+
+    output_dir = str(Path(cfg.output_dir).resolve())
+    checkpoint_path = cfg.checkpoint.path if "://" in cfg.checkpoint.path else str(Path(cfg.checkpoint.path).resolve())
+    cfg = dataclasses.replace(
+        cfg, output_dir=output_dir, checkpoint=dataclasses.replace(cfg.checkpoint, path=checkpoint_path)
+    )
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg)))
+
+
+def run_storage(cfg: Config) -> str:
+    """`<checkpoint.path>/<run name>`: where this run's checkpoints live (local or s3://)."""
+    return f"{cfg.checkpoint.path.rstrip('/')}/{cfg.run_name}"
+
+
+def latest_checkpoint(cfg: Config) -> str | None:
+    """The newest complete checkpoint of this run in storage (every worker's state file present), or None."""
+    import fsspec
+
+    root_url = run_storage(cfg)
+    fs, root = fsspec.core.url_to_fs(root_url)
+    if not fs.exists(root):
+        return None
+    candidates = sorted((p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("checkpoint_")),
+                        reverse=True)  # fmt: skip
+    workers = cfg.scaling.num_workers if cfg.scaling.use_ray else 1
+    for path in candidates:
+        names = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+        if "latest" in names and all(f"rank{r}_state.pt" in names for r in range(workers)):
+            return fs.unstrip_protocol(path) if "://" in root_url else path
+    return None
+
+
+def connect_ray(cfg: Config) -> None:
+    """Attach to the cluster of `ray job submit` / `ray start`, else start a local Ray sized for this run."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS") or _local_cluster_running():
+        ray.init(address="auto")
+    else:
+        cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+        ray.init(num_cpus=max(cpus, os.cpu_count() or 1), include_dashboard=False)
+
+
+def _local_cluster_running() -> bool:
+    # `ray start` writes the GCS address here; a stale file (cluster gone) is removed by `ray stop`.
+    return Path("/tmp/ray/ray_current_cluster").is_file()
+
+
+def _use_gpu(setting: Any) -> bool:
+    if setting != "auto":
+        return bool(setting)
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _ray_worker(loop_config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker: rebuild the config, train, report the result (or a non-finite stop)."""
+    from pipeline.checkpointing import RayCheckpointStore
+    from pipeline.engine import Trainer
+
+    cfg = from_dict(Config, loop_config["config"], "")
+    store = RayCheckpointStore()
+    try:
+        Trainer(cfg, store).fit()
+    except NonFiniteError as err:
+        # Every rank raises at the same step (the check is all-reduced). Reporting instead of raising keeps Ray
+        # from restarting the workers: a deterministic NaN would only recur from the same checkpoint.
+        store.report({"error": str(err)})
+
+
+def launch(cfg: Config) -> TrainResult:
+    """Train the stage `cfg` describes, on Ray Train or locally; returns the export path, metrics and run id."""
+    cfg = resolve_paths(cfg)
+    if not cfg.scaling.use_ray:
+        from pipeline.engine import train
+
+        return train(cfg)
+    if not cfg.checkpoint.resume and latest_checkpoint(cfg):
+        raise ValueError(
+            f"checkpoint.resume is false but {run_storage(cfg)} already holds checkpoints of run {cfg.run_name!r}; "
+            "choose another tracking.run_name (or delete the folder) to start over"
+        )
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    connect_ray(cfg)
+    use_gpu = _use_gpu(cfg.scaling.use_gpu)
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    latest = latest_checkpoint(cfg) if cfg.checkpoint.resume else None
+    if latest:
+        print(f"[{cfg.run_name}] resuming from {latest}", flush=True)
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"config": to_dict(cfg)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.checkpoint.path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+        # Ray Train V2 also reloads its own checkpoint list from <storage>/<name>; naming the checkpoint found
+        # by scanning covers a run whose list was never written (a crash right after the first checkpoint).
+        resume_from_checkpoint=ray.train.Checkpoint(latest) if latest else None,
+    )
+    metrics = trainer.fit().metrics or {}
+    if "error" in metrics:
+        raise NonFiniteError(metrics["error"])
+    return TrainResult(
+        step=metrics["step"],
+        metrics={k: v for k, v in metrics.items() if k.startswith(("train/", "eval/"))},
+        mlflow_run_id=metrics["mlflow_run_id"],
+        export_path=metrics["export_path"],
+        resumed_from_step=metrics["resumed_from_step"],
+    )
