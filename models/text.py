@@ -28,11 +28,13 @@ _SHAPE_FIELDS = ("width", "layers", "heads", "mlp_ratio", "vocab_size")
 class TextEncoder(nn.Module):
     """open_clip text transformer + tokenizer; `forward(tokens_BL) -> (pooled_BD, tokens_BLD, valid_BL)`."""
 
-    def __init__(self, tower: nn.Module, tokenizer: Any, pad_id: int) -> None:
+    def __init__(self, tower: nn.Module, tokenizer: Any) -> None:
         super().__init__()
+        if tower.pool_type != "argmax":
+            raise ValueError(f"text tower pools with {tower.pool_type!r}; only CLIP's EOT ('argmax') pooling is "
+                             "supported")
         self.tower = tower
         self.tokenizer = tokenizer
-        self.pad_id = pad_id
 
     @property
     def width(self) -> int:
@@ -43,7 +45,7 @@ class TextEncoder(nn.Module):
         return self.tower.context_length
 
     def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> Tensor:
-        """(B, L) token ids, padded with `pad_id` and truncated to the context length (EOT kept last)."""
+        """(B, L) token ids, zero-padded and truncated to the context length (EOT kept last)."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"tokenize expects a list of strings, got {type(texts).__name__}")
         return self.tokenizer(list(texts), context_length=self.context_length).to(device)
@@ -51,7 +53,17 @@ class TextEncoder(nn.Module):
     def forward(self, tokens_BL: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Pooled text feature (the EOT token after ln_final), all token features, and the non-pad mask."""
         pooled_BD, tokens_BLD = self.tower(tokens_BL)
-        return pooled_BD, tokens_BLD, tokens_BL != self.pad_id
+        return pooled_BD, tokens_BLD, self.valid_mask(tokens_BL)
+
+    @staticmethod
+    def eot_index(tokens_BL: Tensor) -> Tensor:
+        """Position of each text's end-of-text token: CLIP's EOT id is the largest in the vocabulary."""
+        return tokens_BL.argmax(dim=-1)
+
+    def valid_mask(self, tokens_BL: Tensor) -> Tensor:
+        """True up to and including EOT (padding id 0 is also the id of '!', so it cannot tell pads apart)."""
+        positions_BL = torch.arange(tokens_BL.shape[1], device=tokens_BL.device).expand_as(tokens_BL)
+        return positions_BL <= self.eot_index(tokens_BL)[:, None]
 
 
 def text_config(name: str, **overrides: Any) -> dict[str, Any]:
@@ -108,7 +120,7 @@ def create_text_encoder(name: str = "ViT-B-16", pretrained: str | None = None, *
         tower.load_state_dict(state, strict=True)
         del clip
     tokenizer = open_clip.get_tokenizer(name)
-    return TextEncoder(tower, tokenizer, pad_id=cfg.get("pad_id", 0))
+    return TextEncoder(tower, tokenizer)
 
 
 def _uses_quick_gelu(name: str, pretrained: str | None) -> bool:

@@ -119,8 +119,7 @@ class VideoTextModel(nn.Module):
         """(B, 2) matching logits of aligned pairs (row i of the video side with row i of the text side)."""
         if self.vtm_head is None:
             raise RuntimeError("this model has no matching head; build it with vtm_layers > 0")
-        eot_B = tokens_BL.argmax(dim=-1)  # CLIP's EOT id is the largest in the vocabulary
-        return self.vtm_head(video_BVD, text_BLW, text_valid_BL, eot_B)
+        return self.vtm_head(video_BVD, text_BLW, text_valid_BL, TextEncoder.eot_index(tokens_BL))
 
     @torch.no_grad()
     def vtm_scores(self, video_BCTHW: Tensor, texts: list[str]) -> Tensor:

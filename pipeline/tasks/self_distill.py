@@ -1,0 +1,134 @@
+"""Stage 2: self-distillation: a trained smaller VideoMamba teaches a larger student (videomamba.md §5).
+
+The student's final tokens (all of them, after norm_f) go through `distill_head` (RMSNorm + Linear to the
+teacher's width; identity when the widths agree) and are pulled towards the frozen teacher's final tokens:
+mean over batch and tokens of 2 - 2 cos. The paper adds this, with weight 1, to the student's
+cross-entropy on ImageNet; our video shards carry no labels, so the loss here is the distillation term.
+
+With a data-side mask (`data.mask`) the student sees the visible tokens only, while the teacher sees the
+whole clip and its targets are taken at the student's positions (cheaper student, full-context targets).
+
+Legend: B batch, L tokens (CLS first), D student width, Dt teacher width.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models import create_model, load_pretrained
+from pipeline.config import ConfigError, TaskConfig, register_task_config
+from pipeline.losses import cosine_alignment_loss
+from pipeline.tasks import Task, register_task
+
+
+@register_task_config("self_distill")
+@dataclass
+class SelfDistillConfig(TaskConfig):
+    teacher_checkpoint: str | None = None
+    """Teacher weights: an earlier stage's export (`<output_dir>/export/model.pt`) or a released VideoMamba file."""
+    teacher_model: str | None = None
+    """Registered teacher size (e.g. videomamba_small); None = the `model_name` stored in the export's meta."""
+    teacher_model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """create_model overrides of the teacher (num_frames, img_size, ...); merged over the export's own."""
+    distill_weight: float = 1.0
+    """Weight of the feature-distillation loss (1.0 in the paper)."""
+
+    def __post_init__(self) -> None:
+        if not self.teacher_checkpoint:
+            raise ConfigError("task.teacher_checkpoint: required; set it to the smaller model's stage export "
+                              "(e.g. outputs/<stage>/export/model.pt) or a released VideoMamba checkpoint")
+        if self.distill_weight <= 0:
+            raise ConfigError(f"task.distill_weight: must be > 0, got {self.distill_weight}")
+
+
+class FrozenBackbone(nn.Module):
+    """A VideoMamba without gradients that stays in eval mode when its parent task trains."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, video_BCTHW: Tensor) -> Tensor:
+        """Final tokens after norm_f, (B, L, Dt); bf16 autocast on GPU (fp32 on CPU)."""
+        device_type = video_BCTHW.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            return self.model.forward_features(video_BCTHW).tokens_BLD
+
+
+def build_student(cfg) -> nn.Module:
+    """The stage's backbone: `cfg.model` without a classifier head, from `cfg.model.pretrained` if set."""
+    model = create_model(cfg.model.name, **cfg.model.build_kwargs(), num_classes=0)
+    if cfg.model.pretrained:
+        load_pretrained(model, cfg.model.pretrained)
+    return model
+
+
+def build_teacher(task_cfg: SelfDistillConfig) -> FrozenBackbone:
+    """Rebuild the teacher named in the config or in its export's meta, and load its weights."""
+    path = task_cfg.teacher_checkpoint
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"task.teacher_checkpoint: {path!r} does not exist; run the teacher's stage first "
+                                "or point it at a released VideoMamba checkpoint")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    meta = blob.get("meta", {}) if isinstance(blob, dict) else {}
+    name = task_cfg.teacher_model or meta.get("model_name")
+    if name is None:
+        raise ConfigError(f"task.teacher_model: {path} carries no model name (not a stage export); "
+                          "set task.teacher_model, e.g. videomamba_small")
+    kwargs = {**meta.get("model_kwargs", {}), **task_cfg.teacher_model_kwargs, "num_classes": 0}
+    teacher = create_model(name, **kwargs)
+    report = load_pretrained(teacher, blob)
+    if report.missing:
+        raise ValueError(f"task.teacher_checkpoint: {path} lacks tensors {report.missing[:8]} of {name}; "
+                         "check task.teacher_model")
+    return FrozenBackbone(teacher)
+
+
+class SelfDistillTask(Task):
+    """Student VideoMamba + distill_head, frozen teacher; loss = distill_weight * mean(2 - 2 cos)."""
+
+    def __init__(self, student: nn.Module, teacher: FrozenBackbone, distill_weight: float = 1.0,
+                 export_meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        width, teacher_width = student.embed_dim, teacher.model.embed_dim
+        # The paper's head is RMSNorm + Linear; with equal widths the features are compared directly.
+        self.distill_head = (nn.Sequential(nn.RMSNorm(width, eps=1e-5), nn.Linear(width, teacher_width))
+                             if width != teacher_width else nn.Identity())
+        self.distill_weight = distill_weight
+        self._export_meta = dict(export_meta or {})
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        video_BCTHW, keep_BL = batch["video"], batch.get("keep")
+        target_BLD = self.teacher(video_BCTHW)
+        if keep_BL is not None:
+            B, _, D = target_BLD.shape
+            visible = target_BLD[:, 1:][keep_BL.to(target_BLD.device)].view(B, -1, D)
+            target_BLD = torch.cat([target_BLD[:, :1], visible], dim=1)
+        student_BLD = self.distill_head(self.student.forward_features(video_BCTHW, keep_BL=keep_BL).tokens_BLD)
+        distill = cosine_alignment_loss(student_BLD, target_BLD)
+        return {"loss": self.distill_weight * distill, "distill": distill.detach()}
+
+    def trainable_module(self) -> nn.Module:
+        return self.student
+
+    def export_metadata(self) -> dict[str, Any]:
+        return dict(self._export_meta)
+
+
+@register_task("self_distill")
+def build(cfg) -> SelfDistillTask:
+    student = build_student(cfg)
+    teacher = build_teacher(cfg.task)
+    meta = {"model_name": cfg.model.name, "model_kwargs": {**cfg.model.build_kwargs(), "num_classes": 0}}
+    return SelfDistillTask(student, teacher, cfg.task.distill_weight, export_meta=meta)

@@ -1,0 +1,121 @@
+"""Video-text losses: InfoNCE against a hand-written reference, exact across 2 gloo ranks; hard negatives."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from pipeline.losses import (
+    contrastive_loss,
+    cosine_alignment_loss,
+    matching_loss,
+    positive_targets,
+    sample_hard_negatives,
+)
+
+WORLD = 2
+
+
+def reference_infonce(video, text, index, temp):
+    """Loop form of the symmetric loss with duplicate ids as shared positives."""
+    v, t = F.normalize(video, dim=-1), F.normalize(text, dim=-1)
+    n = len(index)
+    total = 0.0
+    for sim in (v @ t.t() / temp, t @ v.t() / temp):
+        for i in range(n):
+            positives = [j for j in range(n) if index[j] == index[i]]
+            log_z = torch.logsumexp(sim[i], dim=0)
+            total += -sum((sim[i, j] - log_z) / len(positives) for j in positives) / n
+    return total / 2
+
+
+def test_contrastive_loss_matches_reference_with_duplicates():
+    gen = torch.Generator().manual_seed(0)
+    video, text = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    index = torch.tensor([0, 1, 2, 2, 3, 4])  # samples 2 and 3 share an id: both are positives of each other
+    temp = torch.tensor(0.1)
+    expected = reference_infonce(video, text, index, temp)
+    torch.testing.assert_close(contrastive_loss(video, text, index, temp), expected, rtol=1e-5, atol=1e-6)
+    assert positive_targets(index, index)[2].tolist() == [0, 0, 0.5, 0.5, 0, 0]
+
+
+def _global_problem():
+    """A linear 'encoder' pair and a global batch of 8 (two ranks x 4), ids with one duplicate pair."""
+    gen = torch.Generator().manual_seed(1)
+    x_video, x_text = torch.randn(8, 5, generator=gen), torch.randn(8, 7, generator=gen)
+    w_video, w_text = torch.randn(5, 4, generator=gen), torch.randn(7, 4, generator=gen)
+    index = torch.tensor([0, 1, 2, 3, 4, 5, 1, 7])  # sample 1 (rank 0) and 6 (rank 1) share an id
+    return x_video, x_text, w_video, w_text, index
+
+
+def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        x_video, x_text, w_video, w_text, index = _global_problem()
+        w_video.requires_grad_(True)
+        w_text.requires_grad_(True)
+        rows = slice(4 * rank, 4 * rank + 4)
+        loss = contrastive_loss(x_video[rows] @ w_video, x_text[rows] @ w_text, index[rows], torch.tensor(0.05))
+        loss.backward()
+        # Data-parallel training averages parameter gradients over ranks (DDP / DeepSpeed do this).
+        grads = [w_video.grad.clone(), w_text.grad.clone()]
+        for g in grads:
+            dist.all_reduce(g)
+            g /= WORLD
+        torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
+    mp.spawn(_rank_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
+
+    x_video, x_text, w_video, w_text, index = _global_problem()
+    w_video.requires_grad_(True)
+    w_text.requires_grad_(True)
+    single = contrastive_loss(x_video @ w_video, x_text @ w_text, index, torch.tensor(0.05))
+    single.backward()
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["loss"], single.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(result["grads"][0], w_video.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result["grads"][1], w_text.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_hard_negatives_follow_similarity_and_avoid_positives():
+    index = torch.tensor([0, 1, 2, 2])
+    sim = torch.full((4, 4), -50.0)
+    sim[0, 3] = 50.0  # video 0's most similar non-positive text is 3
+    sim[2, 3] = 50.0  # a positive pair (equal ids): must never be drawn as a negative
+    sim[1, 0] = 50.0  # text 0's most similar video is 1
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        text_for_video, video_for_text = sample_hard_negatives(sim, index, generator=gen)
+        assert text_for_video[0] == 3 and video_for_text[0] == 1
+        assert (index[text_for_video] != index).all() and (index[video_for_text] != index).all()
+
+
+def test_hard_negatives_need_a_negative():
+    with pytest.raises(ValueError, match="negative for every sample"):
+        sample_hard_negatives(torch.zeros(3, 3), torch.tensor([4, 4, 4]))
+
+
+def test_matching_loss_is_balanced_cross_entropy():
+    positive, negative = torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, -1.0], [0.0, 0.0]])
+    expected = -(math.log(torch.softmax(positive[0], 0)[1]) + math.log(torch.softmax(negative[0], 0)[0])
+                 + math.log(0.5)) / 3
+    assert matching_loss(positive, negative).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_cosine_alignment_is_squared_distance_of_unit_vectors():
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 3, 6, generator=gen), torch.randn(2, 3, 6, generator=gen)
+    distance = (F.normalize(a, dim=-1) - F.normalize(b, dim=-1)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(cosine_alignment_loss(a, b), distance)
+    assert cosine_alignment_loss(a, 3 * a).item() == pytest.approx(0.0, abs=1e-6)
