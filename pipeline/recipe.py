@@ -573,7 +573,7 @@ def summary_tables(result: RecipeResult) -> tuple[list[str], list[list[str]], li
     ret_rows = []
     for name, rec in result.steps.items():
         metrics = {k.rsplit("/", 1)[-1]: v for k, v in rec["metrics"].items()}
-        for direction, pool_key in (("t2v", "num_videos"), ("v2t", "num_texts")):
+        for direction, pool_key in (("t2v", "videos"), ("v2t", "texts")):
             if f"{direction}_r1" not in metrics:
                 continue
             pool = metrics.get(pool_key)
