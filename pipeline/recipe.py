@@ -564,7 +564,8 @@ def recorded_result(recipe: Recipe) -> RecipeResult:
 def summary_tables(result: RecipeResult) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     """(header, rows) of the steps run, then (header, rows) of retrieval recalls beside chance level.
 
-    Chance R@k is k / number of candidates (videos for t2v, texts for v2t) when the evaluation reports them.
+    Chance R@k is k / number of videos in both directions (for v2t with c captions per video among T texts,
+    about c*k/T = k/videos), shown when the evaluation reports its video count.
     """
     step_rows = [[name, rec["kind"], str(rec.get("run_id") or "-")[:12], f"{rec.get('seconds', 0):.0f}",
                   _format_loss(rec["metrics"])] for name, rec in result.steps.items()]
@@ -573,10 +574,10 @@ def summary_tables(result: RecipeResult) -> tuple[list[str], list[list[str]], li
     ret_rows = []
     for name, rec in result.steps.items():
         metrics = {k.rsplit("/", 1)[-1]: v for k, v in rec["metrics"].items()}
-        for direction, pool_key in (("t2v", "videos"), ("v2t", "texts")):
+        pool = metrics.get("videos")
+        for direction in ("t2v", "v2t"):
             if f"{direction}_r1" not in metrics:
                 continue
-            pool = metrics.get(pool_key)
             chance = "/".join(f"{min(100.0, 100.0 * k / pool):.1f}" for k in (1, 5, 10)) if pool else "-"
             ret_rows.append([name, direction] + [f"{metrics.get(f'{direction}_r{k}', float('nan')):.1f}"
                                                  for k in (1, 5, 10)] + [chance])
