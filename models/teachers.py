@@ -168,8 +168,14 @@ def build_clip_teacher(
                          f"combined with the pretrained tag {pretrained!r}; use random weights or a matching file")
     config = _model_config(open_clip, model_name)
     vision_cfg = {**config["vision_cfg"], **(vision_overrides or {}), "image_size": image_size}
+    device = torch.get_default_device()
+    if device.type == "meta" and pretrained is not None:
+        # Dry runs build on the meta device to count parameters: the architecture only, no weights read
+        # (a tag is checked against open_clip's list, a path for existence).
+        _check_pretrained_name(open_clip, model_name, pretrained)
+        pretrained = None
     visual_state = _read_visual_state_dict(pretrained) if pretrained is not None else None
-    kwargs: dict[str, Any] = {"force_quick_gelu": quick_gelu, "vision_cfg": vision_cfg}
+    kwargs: dict[str, Any] = {"force_quick_gelu": quick_gelu, "vision_cfg": vision_cfg, "device": device}
     if pretrained is None or visual_state is not None:
         # Only the vision tower is kept: build a one-layer text tower instead of CLIP's full one.
         kwargs.update(text_cfg={"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1})
@@ -190,12 +196,9 @@ def _model_config(open_clip, model_name: str) -> dict[str, Any]:
 
 
 def _create_pretrained(open_clip, model_name: str, pretrained: str, kwargs: dict[str, Any]) -> nn.Module:
+    _check_pretrained_name(open_clip, model_name, pretrained)
     if os.path.isfile(pretrained):
         return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if pretrained not in tags:
-        raise ValueError(f"teacher pretrained={pretrained!r} is neither a file nor a pretrained tag of {model_name} "
-                         f"(tags: {tags})")
     hub = (open_clip.get_pretrained_cfg(model_name, pretrained).get("hf_hub") or "").rstrip("/")
     try:
         return open_clip.create_model(model_name, pretrained=pretrained, **kwargs)
@@ -207,6 +210,13 @@ def _create_pretrained(open_clip, model_name: str, pretrained: str, kwargs: dict
             f"~/.cache/huggingface), or set task.teacher.pretrained to a local checkpoint file "
             f"(or to null for a random teacher in tests)"
         ) from err
+
+
+def _check_pretrained_name(open_clip, model_name: str, pretrained: str) -> None:
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if not os.path.isfile(pretrained) and pretrained not in tags:
+        raise ValueError(f"teacher pretrained={pretrained!r} is neither a file nor a pretrained tag of {model_name} "
+                         f"(tags: {tags})")
 
 
 def _read_visual_state_dict(path: str) -> dict[str, Tensor] | None:
