@@ -92,7 +92,8 @@ class Recipe:
     stages: list[StepSpec]
     evals: list[StepSpec] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-    data_root: Path | None = None
+    data_root: str | None = None
+    """Local folder or URL (s3://...) of the data; substituted for ${data_root}."""
     experiment: str | None = None
     description: str = ""
     source: Path | None = None
@@ -131,7 +132,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         stages=stages,
         evals=evals,
         settings=_nested(raw.get("settings") or {}, f"{path}: settings"),
-        data_root=Path(raw["data_root"]) if raw.get("data_root") else None,
+        data_root=str(raw["data_root"]) if raw.get("data_root") else None,
         experiment=raw.get("experiment"),
         description=str(raw.get("description", "")),
         source=path,
@@ -139,8 +140,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for item in overrides:
         _apply_recipe_override(recipe, item)
     recipe.out_dir = recipe.out_dir.expanduser().resolve()
-    if recipe.data_root is not None and "://" not in str(recipe.data_root):
-        recipe.data_root = recipe.data_root.expanduser().resolve()
+    if recipe.data_root is not None and "://" not in recipe.data_root:
+        recipe.data_root = str(Path(recipe.data_root).expanduser().resolve())
     _check_references(recipe)
     return recipe
 
@@ -197,8 +198,10 @@ def _apply_recipe_override(recipe: Recipe, item: str) -> None:
     key, text = item.split("=", 1)
     value = yaml.safe_load(text) if text.strip() else None
     head, _, rest = key.partition(".")
-    if key in ("out_dir", "data_root"):
-        setattr(recipe, key, Path(str(value)) if value is not None else None)
+    if key == "out_dir":
+        recipe.out_dir = Path(str(value))
+    elif key == "data_root":
+        recipe.data_root = str(value) if value is not None else None
     elif key == "experiment":
         recipe.experiment = str(value)
     elif head == "settings" and rest:
