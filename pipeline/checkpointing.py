@@ -33,12 +33,38 @@ class CheckpointStore(Protocol):
     def save(self, step: int, write: WriteFn, metrics: dict[str, Any]) -> None:
         """Persist a checkpoint: `write(dir)` runs on every rank with a directory to fill."""
 
-    def report(self, metrics: dict[str, Any]) -> None:
-        """Publish final metrics without a checkpoint (every rank calls it)."""
-
 
 def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
+
+
+def run_storage(cfg) -> str:
+    """`<checkpoint.path>/<run name>`: this run's checkpoints and result record (local or s3://)."""
+    return f"{cfg.checkpoint.path.rstrip('/')}/{cfg.run_name}"
+
+
+def write_run_record(cfg, record: dict[str, Any]) -> None:
+    """Rank 0: the run's outcome (result metrics or a non-finite stop) as `<run storage>/result.json`.
+
+    Ray's `Result.metrics` only carries metrics attached to checkpoints, so the driver reads this instead.
+    """
+    import fsspec
+
+    with fsspec.open(f"{run_storage(cfg)}/result.json", "w", auto_mkdir=True) as f:
+        json.dump(record, f, default=str)
+
+
+def pop_run_record(cfg) -> dict[str, Any] | None:
+    """Read and delete the run's result record (None if the workers wrote none)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(f"{run_storage(cfg)}/result.json")
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        record = json.load(f)
+    fs.rm(path)
+    return record
 
 
 class RayCheckpointStore:
@@ -63,11 +89,6 @@ class RayCheckpointStore:
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step))
 
-    def report(self, metrics: dict[str, Any]) -> None:
-        import ray.train
-
-        ray.train.report(metrics)
-
 
 class LocalCheckpointStore:
     """Checkpoints in `<root>/checkpoint_<step>` on a filesystem every rank can see."""
@@ -79,7 +100,6 @@ class LocalCheckpointStore:
                 "folder only. Use scaling.use_ray=true for s3:// storage, or give a local path."
             )
         self.root, self.keep = Path(root), keep
-        self.final_metrics: dict[str, Any] = {}
 
     def checkpoints(self) -> list[Path]:
         """Completed checkpoints, oldest first."""
@@ -107,6 +127,3 @@ class LocalCheckpointStore:
             for old in self.checkpoints()[: -self.keep]:
                 shutil.rmtree(old)
         barrier()
-
-    def report(self, metrics: dict[str, Any]) -> None:
-        self.final_metrics = metrics

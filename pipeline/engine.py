@@ -14,6 +14,7 @@ and handled by the same policy.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpointing import CheckpointStore, LocalCheckpointStore
+from pipeline.checkpointing import CheckpointStore, LocalCheckpointStore, run_storage, write_run_record
 from pipeline.config import Config
 from pipeline.distributed import all_reduce_mean, ensure_process_group, get_rank, get_world_size, local_rank
 from pipeline.optim import build_optimizer, peak_lr
@@ -268,7 +269,8 @@ class Trainer:
         out = self.engine(batch)
         loss = out["loss"]
         if not self.all_ranks_finite(loss):
-            self.on_nonfinite(f"loss parts {{{', '.join(f'{k}: {float(v):.4g}' for k, v in out.items())}}}")
+            parts = ", ".join(f"{k}: {float(v.detach()):.4g}" for k, v in out.items())
+            self.on_nonfinite(f"loss parts {{{parts}}}")
             return None
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed only updates at the accumulation boundary
@@ -441,17 +443,12 @@ class Trainer:
             export_path=export_path,
             resumed_from_step=self.resumed_from_step,
         )
-        self.store.report(result_metrics(result))
+        if self.is_main:
+            write_run_record(self.cfg, dataclasses.asdict(result))
         return result
-
-
-def result_metrics(result: TrainResult) -> dict[str, Any]:
-    """A TrainResult as a flat metrics dict (what Ray carries back to the driver)."""
-    return {"step": result.step, "mlflow_run_id": result.mlflow_run_id, "export_path": result.export_path,
-            "resumed_from_step": result.resumed_from_step, **result.metrics}  # fmt: skip
 
 
 def train(cfg: Config) -> TrainResult:
     """Local (no Ray) training in this process; under torchrun every rank calls it."""
-    store = LocalCheckpointStore(Path(cfg.checkpoint.path) / cfg.run_name, cfg.checkpoint.keep)
+    store = LocalCheckpointStore(run_storage(cfg), cfg.checkpoint.keep)
     return Trainer(cfg, store).fit()

@@ -38,7 +38,8 @@ def count_parameters(cfg: Config) -> tuple[str, int, int]:
 
 def describe_plan(cfg: Config) -> str:
     """What a launch would do, in a few lines."""
-    from pipeline.launch import latest_checkpoint, run_storage
+    from pipeline.checkpointing import run_storage
+    from pipeline.launch import latest_checkpoint
     from pipeline.tracking import tracking_uri
 
     name, total, trainable = count_parameters(cfg)

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.checkpointing import pop_run_record, run_storage, write_run_record
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.engine import NonFiniteError, TrainResult
 
@@ -31,11 +32,6 @@ def resolve_paths(cfg: Config) -> Config:
         cfg, output_dir=output_dir, checkpoint=dataclasses.replace(cfg.checkpoint, path=checkpoint_path)
     )
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg)))
-
-
-def run_storage(cfg: Config) -> str:
-    """`<checkpoint.path>/<run name>`: where this run's checkpoints live (local or s3://)."""
-    return f"{cfg.checkpoint.path.rstrip('/')}/{cfg.run_name}"
 
 
 def latest_checkpoint(cfg: Config) -> str | None:
@@ -85,16 +81,17 @@ def _use_gpu(setting: Any) -> bool:
 def _ray_worker(loop_config: dict[str, Any]) -> None:
     """Body of every Ray Train worker: rebuild the config, train, report the result (or a non-finite stop)."""
     from pipeline.checkpointing import RayCheckpointStore
+    from pipeline.distributed import get_rank
     from pipeline.engine import Trainer
 
     cfg = from_dict(Config, loop_config["config"], "")
-    store = RayCheckpointStore()
     try:
-        Trainer(cfg, store).fit()
+        Trainer(cfg, RayCheckpointStore()).fit()
     except NonFiniteError as err:
-        # Every rank raises at the same step (the check is all-reduced). Reporting instead of raising keeps Ray
+        # Every rank raises at the same step (the check is all-reduced). Returning instead of raising keeps Ray
         # from restarting the workers: a deterministic NaN would only recur from the same checkpoint.
-        store.report({"error": str(err)})
+        if get_rank() == 0:
+            write_run_record(cfg, {"error": str(err)})
 
 
 def launch(cfg: Config) -> TrainResult:
@@ -135,13 +132,11 @@ def launch(cfg: Config) -> TrainResult:
         # by scanning covers a run whose list was never written (a crash right after the first checkpoint).
         resume_from_checkpoint=ray.train.Checkpoint(latest) if latest else None,
     )
-    metrics = trainer.fit().metrics or {}
-    if "error" in metrics:
-        raise NonFiniteError(metrics["error"])
-    return TrainResult(
-        step=metrics["step"],
-        metrics={k: v for k, v in metrics.items() if k.startswith(("train/", "eval/"))},
-        mlflow_run_id=metrics["mlflow_run_id"],
-        export_path=metrics["export_path"],
-        resumed_from_step=metrics["resumed_from_step"],
-    )
+    pop_run_record(cfg)  # a record from an earlier launch of this run must not be mistaken for this one's
+    trainer.fit()
+    record = pop_run_record(cfg)
+    if record is None:
+        raise RuntimeError(f"the workers finished without writing {run_storage(cfg)}/result.json")
+    if "error" in record:
+        raise NonFiniteError(record["error"])
+    return TrainResult(**record)
