@@ -124,3 +124,16 @@ def test_bad_inputs_say_what_to_do():
         build_clip_teacher("ViT-X-99", pretrained=None, image_size=224)
     with pytest.raises(ValueError, match="distinct block indices"):
         tiny_teacher(return_layers=(1, -1))
+
+
+def test_meta_device_builds_the_architecture_without_weights():
+    # Dry runs count parameters on the meta device: no weight file is read, but the name is still checked.
+    with torch.device("meta"):
+        teacher = build_clip_teacher("ViT-B-16", pretrained="openai", image_size=224)
+        with pytest.raises(ValueError, match="neither a file nor a pretrained tag"):
+            build_clip_teacher("ViT-B-16", pretrained="/no/such/file.pt", image_size=224)
+    width, blocks, patches = 768, 12, 14 * 14
+    per_block = (3 * width + 3) * width + (width + 1) * width + 4 * width + (2 * 4 * width + 4 + 1) * width
+    expected = 3 * 16 * 16 * width + width + (patches + 1) * width + 2 * width + blocks * per_block + 2 * width
+    assert sum(p.numel() for p in teacher.parameters()) == expected + width * 512 == 86_192_640
+    assert teacher.grid_size == (14, 14) and teacher.output_dim == 512
