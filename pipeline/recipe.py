@@ -278,8 +278,13 @@ def step_overrides(recipe: Recipe, step: StepSpec, tracking_uri: str, experiment
     })
     if step.kind == "stage":
         merged["stage"] = step.name
-    # JSON is valid YAML, so every value survives load_config's YAML parsing unchanged.
-    return [f"{key}={json.dumps(_substitute(recipe, value, f'{step.name}: {key}'))}" for key, value in merged.items()]
+    return [f"{key}={_yaml_text(_substitute(recipe, value, f'{step.name}: {key}'))}" for key, value in merged.items()]
+
+
+def _yaml_text(value: Any) -> str:
+    """One-line YAML that load_config's override parsing turns back into `value` (8e-05 stays a float)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    return text.removesuffix("...").strip()
 
 
 def _substitute(recipe: Recipe, value: Any, where: str) -> Any:
@@ -305,19 +310,22 @@ def resolve_step_config(recipe: Recipe, step: StepSpec, tracking_uri: str, exper
     if step.kind == "eval":
         from pipeline.evaluation.config import load_eval_config
 
-        init_key = step.init_key or EVAL_INIT_KEY
-        overrides = step_overrides(recipe, step, tracking_uri, experiment, parent_run_id, init_key)
+        overrides = step_overrides(recipe, step, tracking_uri, experiment, parent_run_id, init_key_of(step))
         return _load(load_eval_config, step, overrides)
-    init_key = step.init_key
-    if init_key is None and step.init_from is not None:
-        task = flatten(step.overrides).get("task.name") or load_yaml_tree(step.config).get("task", {}).get("name")
-        if task not in INIT_KEYS:
-            raise RecipeError(
-                f"stage {step.name!r}: no default weights key for task {task!r}; add `init_key:` to the stage"
-            )
-        init_key = INIT_KEYS[task]
-    overrides = step_overrides(recipe, step, tracking_uri, experiment, parent_run_id, init_key)
+    overrides = step_overrides(recipe, step, tracking_uri, experiment, parent_run_id, init_key_of(step))
     return _load(load_config, step, overrides)
+
+
+def init_key_of(step: StepSpec) -> str | None:
+    """The config key `from:` is written into: explicit `init_key`, else the task's (or evaluation's) default."""
+    if step.init_key is not None or step.init_from is None:
+        return step.init_key
+    if step.kind == "eval":
+        return EVAL_INIT_KEY
+    task = flatten(step.overrides).get("task.name") or load_yaml_tree(step.config).get("task", {}).get("name")
+    if task not in INIT_KEYS:
+        raise RecipeError(f"stage {step.name!r}: no default weights key for task {task!r}; add `init_key:` to it")
+    return INIT_KEYS[task]
 
 
 def _load(loader: Callable[..., Any], step: StepSpec, overrides: list[str]) -> Any:
@@ -373,7 +381,7 @@ def plan_lines(recipe: Recipe, configs: dict[str, Any]) -> list[str]:
              f"  out_dir  {recipe.out_dir}"]
     for i, step in enumerate(recipe.steps, 1):
         cfg = configs[step.name]
-        weights = f"from {step.init_from}" if step.init_from else "as configured"
+        weights = f"{init_key_of(step)} <- {step.init_from}" if step.init_from else "as configured"
         if step.kind == "stage":
             what = (f"task={cfg.task.name} model={cfg.model.name} steps={cfg.optim.max_steps} "
                     f"batch={cfg.data.batch_size}x{cfg.scaling.num_workers} workers ray={cfg.scaling.use_ray}")

@@ -41,7 +41,7 @@ TWO_STAGES = """\
 name: two
 out_dir: out
 settings:
-  optim: {lr: 0.02}
+  optim: {lr: 2.0e-2, min_lr: 8.0e-5}
   data.batch_size: 4
 stages:
   - {name: first, config: ../stages/toy.yaml}
@@ -59,6 +59,7 @@ def test_settings_overrides_and_from_become_config_keys(tmp_path):
     first, second = (resolve_step_config(recipe, s, uri, experiment, "PARENT") for s in recipe.stages)
     assert first.optim.lr == 0.02 and second.optim.lr == 0.005  # the stage's own override wins over settings
     assert first.data.batch_size == second.data.batch_size == 4
+    assert first.optim.min_lr == 8e-5  # a float written as 8e-05 would come back as a string
     assert first.model.pretrained is None
     assert second.model.pretrained == str(tmp_path / "o" / "first" / "export" / "model.pt")
     assert second.output_dir == str(tmp_path / "o" / "second")
@@ -124,7 +125,7 @@ def test_dry_run_prints_plan_and_trains_nothing(tmp_path):
     lines: list[str] = []
     result = run_recipe(recipe, dry_run=True, log=lines.append)
     text = "\n".join(lines)
-    assert "1. stage first" in text and "2. stage second" in text and "weights from first" in text
+    assert "1. stage first" in text and "2. stage second" in text and "model.pretrained <- first" in text
     assert "task=toy" in text and "steps=6" in text
     assert result.steps == {} and not (tmp_path / "o").exists()
 
