@@ -1,0 +1,74 @@
+"""The shard set's `manifest.json` and reading shards back sample by sample.
+
+The manifest lives beside the shards:
+
+    {"format": "videomamba-wds/1", "complete": true, "shard_size": 100,
+     "source": "videos.csv", "source_sha256": "…", "options": {...},
+     "num_shards": 2, "num_samples": 180, "total_duration_s": 1234.5,
+     "shards": [{"name": "train-000000.tar", "num_samples": 100, "duration_s": 700.1}, …],
+     "skipped": [{"video": "a.mp4", "reason": "cannot open video: …"}]}
+
+`complete` is false while the writer runs; the shards it lists are final and are not rewritten on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+from webdataset import tariterators
+
+from pipeline.data.urls import join_url, split_protocol
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "videomamba-wds/1"
+
+
+def read_manifest(directory: str) -> dict[str, Any] | None:
+    """The manifest in a shard directory/prefix, or None when there is none."""
+    url = join_url(directory, MANIFEST_NAME)
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
+    """Write the manifest atomically (local: temp file + rename; object stores: one PUT)."""
+    text = json.dumps(manifest, indent=1)
+    protocol, path = split_protocol(join_url(directory, MANIFEST_NAME))
+    if protocol == "file":
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".manifest.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    else:
+        with fsspec.open(join_url(directory, MANIFEST_NAME), "w") as f:
+            f.write(text)
+
+
+def iter_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Samples of one tar shard as webdataset dicts (`__key__`, `mp4`, `json`, ...), read through fsspec."""
+    with fsspec.open(url, "rb") as stream:
+        files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
+        yield from tariterators.group_by_keys(files)
+
+
+def shard_sample_counts(urls: list[str]) -> list[int]:
+    """Samples per shard, from the manifests beside the shards; shards without one are counted by reading."""
+    manifests: dict[str, dict[str, int]] = {}
+    counts = []
+    for url in urls:
+        directory, name = posixpath.split(url)
+        if directory not in manifests:
+            manifest = read_manifest(directory) or {"shards": []}
+            manifests[directory] = {s["name"]: s["num_samples"] for s in manifest["shards"]}
+        known = manifests[directory].get(name)
+        counts.append(known if known is not None else sum(1 for _ in iter_shard(url)))
+    return counts

@@ -1,0 +1,68 @@
+"""Clip transforms in plain torch: uint8 (T, H, W, 3) frames -> normalised float (3, T, S, S).
+
+Train: one random resized crop for the whole clip (area fraction from `scale`, aspect 3/4..4/3),
+optional horizontal flip, normalise. Eval: resize the full frame to S x S (bicubic, no crop: the
+zero-shot retrieval protocol, videomamba.md §7.1), normalise.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_ASPECT_RANGE = (3 / 4, 4 / 3)
+
+
+def _to_float_TCHW(frames_THW3: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(frames_THW3).permute(0, 3, 1, 2).float()
+
+
+def _normalise_CTHW(x_TCHW: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    mean_C = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
+    std_C = torch.tensor(std).view(1, 3, 1, 1) * 255.0
+    return ((x_TCHW - mean_C) / std_C).permute(1, 0, 2, 3).contiguous()
+
+
+def random_crop_box(height: int, width: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, ...]:
+    """(top, left, h, w) of a crop with area fraction in `scale` and aspect in 3/4..4/3 (torchvision's rule)."""
+    area = height * width
+    log_ratio = (math.log(_ASPECT_RANGE[0]), math.log(_ASPECT_RANGE[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    side = min(height, width)  # fall back to the central square
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def train_transform(
+    frames_THW3: np.ndarray,
+    size: int,
+    scale: tuple[float, float],
+    flip: bool,
+    mean: list[float],
+    std: list[float],
+    rng: random.Random,
+) -> torch.Tensor:
+    """Random resized crop (same box for every frame) + optional flip + normalise -> (3, T, size, size)."""
+    x_TCHW = _to_float_TCHW(frames_THW3)
+    top, left, h, w = random_crop_box(x_TCHW.shape[2], x_TCHW.shape[3], scale, rng)
+    x_TCHW = x_TCHW[:, :, top : top + h, left : left + w]
+    x_TCHW = F.interpolate(x_TCHW, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if flip and rng.random() < 0.5:
+        x_TCHW = x_TCHW.flip(-1)
+    return _normalise_CTHW(x_TCHW, mean, std)
+
+
+def eval_transform(frames_THW3: np.ndarray, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Bicubic resize of the whole frame to size x size (no crop) + normalise -> (3, T, size, size)."""
+    x_TCHW = _to_float_TCHW(frames_THW3)
+    x_TCHW = F.interpolate(x_TCHW, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return _normalise_CTHW(x_TCHW.clamp(0.0, 255.0), mean, std)
