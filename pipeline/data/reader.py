@@ -1,0 +1,321 @@
+"""Streaming loader: WebDataset shards (local, s3, gs, ... via fsspec) -> decoded, transformed batches.
+
+    loader = build_loader(cfg.data, "train")      # infinite; the engine counts steps
+    for batch in loader: ...                       # video (B,3,T,S,S) float, text list[str],
+                                                   # index (B,) long, key list[str], [keep (B,T*P) bool]
+    loader.stats                                   # samples read / skipped, shard errors
+
+train: every (rank, loader worker) resamples shards with replacement from the whole list with its own
+seed (seed, epoch, rank, worker), shuffles samples in a buffer, and yields full batches forever.
+
+eval: one exact pass. Shards are split by rank (urls[rank::world]) then by loader worker; every rank
+yields the SAME number of batches of the SAME size, computed from the manifests' sample counts, so
+collective ops never hang at the end of the pass. `data.eval_remainder` decides how: "pad" (default)
+sees every sample once and fills the gaps by repeating samples with `valid`=False; "drop" stops every
+rank after the number of full batches the smallest rank has. Eval batches carry `valid` bool (B,).
+
+Corrupt samples are skipped, counted and logged; the loader raises DataQualityError once more than
+`data.max_bad_fraction` of at least `data.bad_check_min_samples` samples were bad.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import distributed
+from pipeline.config import DataConfig
+from pipeline.data.decode import decode_clip
+from pipeline.data.keys import sample_id
+from pipeline.data.manifest import shard_sample_counts
+from pipeline.data.masks import DATA_MASK_TYPES, make_keep_mask
+from pipeline.data.transforms import eval_transform, train_transform
+from pipeline.data.urls import expand_shard_urls, register_fsspec_openers
+
+log = logging.getLogger(__name__)
+
+# A worker that fails to open this many shards in a row without one good sample stops the run
+# (e.g. wrong credentials): otherwise a resampled stream would retry forever.
+_MAX_CONSECUTIVE_SHARD_ERRORS = 8
+_STATS_KEY = "_stats"
+
+
+class DataQualityError(RuntimeError):
+    """Too many samples could not be decoded (see `data.max_bad_fraction`)."""
+
+
+@dataclass
+class LoaderStats:
+    """Counters summed over the loader's worker processes."""
+
+    samples_ok: int = 0
+    samples_bad: int = 0
+    shard_errors: int = 0
+    recent_errors: list[str] = field(default_factory=list)
+
+    @property
+    def bad_fraction(self) -> float:
+        total = self.samples_ok + self.samples_bad
+        return self.samples_bad / total if total else 0.0
+
+
+def choose_caption(caption: str | list[str], mode: str, rng: random.Random) -> str:
+    """One text per sample: `random` / `first` caption of a list, or `join` them into a paragraph."""
+    if isinstance(caption, str):
+        return caption
+    if mode == "random":
+        return rng.choice(caption)
+    if mode == "first":
+        return caption[0]
+    if mode == "join":
+        return " ".join(caption)
+    raise ValueError(f"unknown caption mode {mode!r}; choose random, first or join")
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch = {
+        "video": torch.stack([s["video"] for s in samples]),
+        "text": [s["text"] for s in samples],
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        "key": [s["key"] for s in samples],
+    }
+    if "keep" in samples[0]:
+        batch["keep"] = torch.stack([s["keep"] for s in samples])
+    return batch
+
+
+class ClipStream(IterableDataset):
+    """The per-worker WebDataset pipeline: shards -> samples -> [shuffle] -> decode/transform -> batches."""
+
+    def __init__(self, cfg: DataConfig, split: str, urls: list[str], rank: int, world_size: int, epoch: int, seed: int):
+        super().__init__()
+        self.cfg, self.split, self.urls = cfg, split, urls
+        self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
+        self.train = split == "train"
+        self.caption_mode = cfg.caption_mode if cfg.caption_mode != "auto" else ("random" if self.train else "first")
+        self.sampling = cfg.sampling if self.train else cfg.eval_sampling
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        register_fsspec_openers()  # also inside loader worker processes
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        state = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker])
+        rng = random.Random(int(state.generate_state(1)[0]))
+        np_rng = np.random.default_rng(state)
+        stats = {"worker": worker, "ok": 0, "bad": 0, "shard_errors": 0, "consecutive": 0, "errors": []}
+
+        if self.train:
+            shards = ({"url": rng.choice(self.urls)} for _ in iter(int, 1))  # endless resampling
+        else:
+            shards = iter({"url": u} for u in self.urls[self.rank :: self.world_size][worker::num_workers])
+
+        def on_shard_error(err: Exception) -> bool:
+            stats["shard_errors"] += 1
+            stats["consecutive"] += 1
+            log.warning("cannot read shard data: %r", err)
+            if stats["consecutive"] >= _MAX_CONSECUTIVE_SHARD_ERRORS:
+                raise RuntimeError(f"{stats['consecutive']} shard read errors in a row; last: {err!r}") from err
+            return True
+
+        samples = wds.tarfile_to_samples(handler=on_shard_error)(shards)
+        if self.train and self.cfg.shuffle_buffer > 1:
+            samples = wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng)(
+                iter(samples)
+            )
+        clips = (c for c in (self._process(s, rng, np_rng, stats) for s in samples) if c is not None)
+        for batch in wds.batched(self.cfg.batch_size, collation_fn=_collate, partial=not self.train)(clips):
+            batch[_STATS_KEY] = {k: (list(v) if isinstance(v, list) else v) for k, v in stats.items()}
+            stats["errors"].clear()
+            yield batch
+
+    def _process(
+        self, sample: dict[str, Any], rng: random.Random, np_rng: np.random.Generator, stats: dict
+    ) -> dict | None:
+        cfg, key = self.cfg, sample.get("__key__", "?")
+        try:
+            meta = json.loads(sample["json"])
+            frames = decode_clip(sample["mp4"], cfg.num_frames, self.sampling, rng, cfg.frame_stride, cfg.trim_seconds)
+            text = choose_caption(meta["caption"], self.caption_mode, rng)
+        except (KeyError, ValueError, TypeError) as err:  # VideoDecodeError and JSON errors are ValueErrors
+            stats["bad"] += 1
+            stats["errors"].append(f"{key} ({sample.get('__url__')}): {err!r}")
+            log.warning("skipping sample %s from %s: %r", key, sample.get("__url__"), err)
+            return None
+        stats["ok"] += 1
+        stats["consecutive"] = 0
+        if self.train:
+            video = train_transform(frames, cfg.img_size, tuple(cfg.scale), cfg.flip, cfg.mean, cfg.std, rng)
+        else:
+            video = eval_transform(frames, cfg.img_size, cfg.mean, cfg.std)
+        out = {"video": video, "text": text, "index": sample_id(key), "key": key}
+        if cfg.mask.type in DATA_MASK_TYPES:
+            grid = cfg.img_size // cfg.patch_size
+            keep = make_keep_mask(cfg.mask.type, cfg.mask.ratio, cfg.num_frames, grid, grid, np_rng)
+            out["keep"] = torch.from_numpy(keep)
+        return out
+
+
+def _set_worker_threads(_: int) -> None:
+    torch.set_num_threads(1)  # one core per loader worker: processes, not threads, give the parallelism
+
+
+class VideoLoader:
+    """Iterates the torch DataLoader, gathers worker counters, enforces the bad-sample limit and,
+    for eval, re-batches so every rank yields `num_batches` batches of exactly `batch_size`."""
+
+    def __init__(self, stream: ClipStream, num_batches: int | None):
+        self.stream, self.cfg = stream, stream.cfg
+        self.num_batches = num_batches
+        self.stats = LoaderStats()
+        self._per_worker: dict[int, dict] = {}
+        self.dataloader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.cfg.num_workers,
+            worker_init_fn=_set_worker_threads if self.cfg.num_workers else None,
+            prefetch_factor=2 if self.cfg.num_workers else None,
+        )
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("the training stream is endless; count steps instead")
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.stats, self._per_worker = LoaderStats(), {}
+        batches = (self._account(b) for b in self.dataloader)
+        if self.num_batches is None:
+            yield from batches
+            return
+        yield from self._equal_batches(batches)
+        self._check_quality(final=True)
+
+    def _account(self, batch: dict[str, Any]) -> dict[str, Any]:
+        worker_stats = batch.pop(_STATS_KEY)
+        self._per_worker[worker_stats["worker"]] = worker_stats
+        workers = self._per_worker.values()
+        self.stats.samples_ok = sum(w["ok"] for w in workers)
+        self.stats.samples_bad = sum(w["bad"] for w in workers)
+        self.stats.shard_errors = sum(w["shard_errors"] for w in workers)
+        self.stats.recent_errors = (self.stats.recent_errors + worker_stats["errors"])[-10:]
+        self._check_quality(final=False)
+        return batch
+
+    def _check_quality(self, final: bool) -> None:
+        s = self.stats
+        total = s.samples_ok + s.samples_bad
+        if total and (final or total >= self.cfg.bad_check_min_samples) and s.bad_fraction > self.cfg.max_bad_fraction:
+            raise DataQualityError(
+                f"{s.samples_bad} of {total} samples ({s.bad_fraction:.1%}) could not be decoded, above "
+                f"data.max_bad_fraction={self.cfg.max_bad_fraction}; recent errors: {s.recent_errors}. "
+                "Check the shards with `python jobs/inspect_shards.py URL --decode`."
+            )
+
+    def _equal_batches(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        size, emitted, pending, last = self.cfg.batch_size, 0, [], None
+        for batch in batches:
+            pending.append(batch)
+            while sum(len(b["key"]) for b in pending) >= size and emitted < self.num_batches:
+                last, pending = _take_rows(pending, size)
+                last["valid"] = torch.ones(size, dtype=torch.bool)
+                emitted += 1
+                yield last
+            if emitted == self.num_batches:
+                return
+        rows = sum(len(b["key"]) for b in pending)
+        while emitted < self.num_batches:
+            if rows:
+                real, pending = _take_rows(pending, rows)
+                filler = _repeat_rows(real, size - rows)
+                last = _concat([real, filler])
+                last["valid"] = torch.arange(size) < rows
+                rows = 0
+            elif last is not None:
+                last = {**_repeat_rows(last, size), "valid": torch.zeros(size, dtype=torch.bool)}
+            else:
+                raise DataQualityError(
+                    f"rank {self.stream.rank} decoded no eval samples but must yield {self.num_batches} batches"
+                )
+            emitted += 1
+            yield last
+
+
+def _concat(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for name, first in batches[0].items():
+        parts = [b[name] for b in batches]
+        out[name] = torch.cat(parts) if isinstance(first, torch.Tensor) else [x for p in parts for x in p]
+    return out
+
+
+def _slice(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    return {name: value[start:stop] for name, value in batch.items()}
+
+
+def _take_rows(pending: list[dict[str, Any]], n: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """First n rows of the queued batches, and the queue without them."""
+    merged = _concat(pending)
+    rest = len(merged["key"]) - n
+    return _slice(merged, 0, n), ([_slice(merged, n, n + rest)] if rest else [])
+
+
+def _repeat_rows(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """n rows cycling through the batch's rows (padding for eval)."""
+    rows = [i % len(batch["key"]) for i in range(n)]
+    return {
+        k: (v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows]) for k, v in batch.items() if k != "valid"
+    }
+
+
+def eval_batch_count(counts_per_rank: list[int], batch_size: int, remainder: str) -> int:
+    """Batches every rank yields in an exact pass: max over ranks of ceil (pad) or min of floor (drop)."""
+    if remainder == "pad":
+        return max(math.ceil(n / batch_size) for n in counts_per_rank)
+    if remainder == "drop":
+        return min(n // batch_size for n in counts_per_rank)
+    raise ValueError(f"data.eval_remainder: {remainder!r} is not allowed; choose pad or drop")
+
+
+def build_loader(
+    data_cfg: DataConfig,
+    split: str = "train",
+    rank: int | None = None,
+    world_size: int | None = None,
+    epoch: int = 0,
+    seed: int = 0,
+) -> VideoLoader:
+    """The batch iterable for `split` ("train": endless resampled stream; "eval": one exact pass)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    spec = data_cfg.train_shards if split == "train" else data_cfg.eval_shards
+    if not spec:
+        raise ValueError(f"data.{split}_shards is not set; point it at the {split} shards (a directory or URL)")
+    rank = distributed.get_rank() if rank is None else rank
+    world_size = distributed.get_world_size() if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    register_fsspec_openers()
+    urls = expand_shard_urls(spec)
+    num_batches = None
+    if split == "eval":
+        readers = world_size * max(1, data_cfg.num_workers)
+        if len(urls) < readers:
+            raise ValueError(
+                f"data.eval_shards has {len(urls)} shards but {world_size} ranks x {max(1, data_cfg.num_workers)} "
+                f"loader workers need at least {readers} (one per reader in an exact pass); write smaller shards "
+                "(jobs/make_shards.py --shard-size) or lower data.num_workers"
+            )
+        counts = shard_sample_counts(urls)
+        per_rank = [sum(counts[r::world_size]) for r in range(world_size)]
+        num_batches = eval_batch_count(per_rank, data_cfg.batch_size, data_cfg.eval_remainder)
+    return VideoLoader(ClipStream(data_cfg, split, urls, rank, world_size, epoch, seed), num_batches)
