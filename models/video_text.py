@@ -39,7 +39,7 @@ class MatchingHead(nn.Module):
         super().__init__()
         num_heads = max(1, text_width // 64)
         self.video_in = nn.Linear(video_width, text_width)
-        self.layers = nn.ModuleList(
+        self.blocks = nn.ModuleList(
             nn.TransformerDecoderLayer(text_width, num_heads, dim_feedforward=4 * text_width, dropout=0.0,
                                        activation="gelu", batch_first=True, norm_first=True)
             for _ in range(num_layers))
@@ -49,8 +49,8 @@ class MatchingHead(nn.Module):
     def forward(self, video_BVD: Tensor, text_BLW: Tensor, text_valid_BL: Tensor, eot_B: Tensor) -> Tensor:
         memory_BVW = self.video_in(video_BVD)
         x_BLW = text_BLW
-        for layer in self.layers:
-            x_BLW = layer(x_BLW, memory_BVW, tgt_key_padding_mask=~text_valid_BL)
+        for block in self.blocks:
+            x_BLW = block(x_BLW, memory_BVW, tgt_key_padding_mask=~text_valid_BL)
         pooled_BW = self.norm(x_BLW[torch.arange(len(x_BLW), device=x_BLW.device), eot_B])
         return self.classifier(pooled_BW)
 
@@ -75,12 +75,16 @@ class VideoTextModel(nn.Module):
 
     # ------------------------------------------------------------------ video side
 
+    def as_clip(self, video_BCTHW: Tensor) -> Tensor:
+        """An image batch (T = 1) as static clips of the backbone's frame count (a view, no copy)."""
+        if video_BCTHW.dim() == 5 and video_BCTHW.shape[2] == 1 and self.vision_encoder.num_frames > 1:
+            return video_BCTHW.expand(-1, -1, self.vision_encoder.num_frames, -1, -1)
+        return video_BCTHW
+
     def video_tokens(self, video_BCTHW: Tensor, keep_BL: Tensor | None = None,
                      return_residuals: tuple[int, ...] = ()) -> tuple[Tensor, dict[int, Tensor]]:
         """Backbone tokens after norm_f (B, V, D), CLS first, plus any requested residual streams."""
-        if video_BCTHW.dim() == 5 and video_BCTHW.shape[2] == 1 and self.vision_encoder.num_frames > 1:
-            video_BCTHW = video_BCTHW.expand(-1, -1, self.vision_encoder.num_frames, -1, -1)  # image -> clip
-        features = self.vision_encoder.forward_features(video_BCTHW, keep_BL=keep_BL,
+        features = self.vision_encoder.forward_features(self.as_clip(video_BCTHW), keep_BL=keep_BL,
                                                         return_residuals=return_residuals)
         return features.tokens_BLD, features.residuals
 
@@ -144,6 +148,21 @@ class VideoTextModel(nn.Module):
                                        vtm_layers=meta["vtm_layers"])
         model.load_state_dict(export["state_dict"], strict=True)
         return model.to(map_location)
+
+
+def load_video_text_export(model: VideoTextModel, path: str | os.PathLike) -> None:
+    """Load every weight of a video-text export into `model` (same architecture), e.g. to continue training."""
+    export = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(export, dict) or "state_dict" not in export:
+        raise ValueError(f"{path}: not a stage export (a dict with 'state_dict' and 'meta')")
+    meta = export.get("meta", {})
+    # model_kwargs may differ harmlessly (drop path, scan backend); a shape difference fails in load_state_dict.
+    keys = ("model_name", "text_encoder", "embed_dim", "vtm_layers")
+    differing = {k: (meta.get(k), model.config[k]) for k in keys if k in meta and meta[k] != model.config[k]}
+    if differing:
+        raise ValueError(f"{path}: the export was trained with other settings {{key: (export, config)}} = "
+                         f"{differing}; make the config match it")
+    model.load_state_dict(export["state_dict"], strict=True)
 
 
 def build_video_text_model(model_name: str, model_kwargs: dict[str, Any], text_encoder: dict[str, Any],

@@ -64,10 +64,15 @@ class FrozenBackbone(nn.Module):
             return self.model.forward_features(video_BCTHW).tokens_BLD
 
 
+def shapes_only() -> bool:
+    """True while building on the meta device (a job's dry run counts parameters): no weight files are read."""
+    return torch.empty(()).device.type == "meta"
+
+
 def build_student(cfg) -> nn.Module:
     """The stage's backbone: `cfg.model` without a classifier head, from `cfg.model.pretrained` if set."""
     model = create_model(cfg.model.name, **cfg.model.build_kwargs(), num_classes=0)
-    if cfg.model.pretrained:
+    if cfg.model.pretrained and not shapes_only():
         load_pretrained(model, cfg.model.pretrained)
     return model
 
@@ -75,6 +80,8 @@ def build_student(cfg) -> nn.Module:
 def build_teacher(task_cfg: SelfDistillConfig) -> FrozenBackbone:
     """Rebuild the teacher named in the config or in its export's meta, and load its weights."""
     path = task_cfg.teacher_checkpoint
+    if shapes_only() and task_cfg.teacher_model:  # a dry run before the teacher's stage has run
+        return FrozenBackbone(create_model(task_cfg.teacher_model, **task_cfg.teacher_model_kwargs, num_classes=0))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"task.teacher_checkpoint: {path!r} does not exist; run the teacher's stage first "
                                 "or point it at a released VideoMamba checkpoint")

@@ -5,17 +5,21 @@ Losses (each weighted in the config, each returned for logging):
   values counted as positives;
 - `vtm` (optional): video-text matching with one in-batch hard negative per video and per text, scored by
   the model's small cross-attention `vtm_head` (local batch, as UMT);
+- `uta` (optional): unmasked-token alignment of the visible video tokens (final output, through an
+  `AlignHead`) to a frozen CLIP teacher's tokens, exactly stage 1's loss and head (pipeline/tasks/masked_alignment);
 plus `temp` (the clamped temperature) and `vtc_acc` (local in-batch video->text top-1) as diagnostics.
 
-Masking: with `data.mask` set, the loader's `keep` mask drops video tokens before the backbone (UMT trains
-its first video-text stage with 80% of the tokens masked, then tunes unmasked; §6.3) and pooling runs over
-the visible tokens. Image-text pairs are one-frame videos (T = 1), encoded as static clips by the model.
+Masking (`data.mask`): `attention` samples visible tokens from the CLIP teacher's CLS attention (the teacher
+is built for it even when `uta_weight` is 0); data-side types arrive as the loader's `keep`. UMT trains its
+first video-text phase with 80% of the tokens masked, then tunes unmasked for an epoch (§6.3). Pooling runs
+over the visible tokens. Image-text pairs are one-frame videos (T = 1), encoded as static clips.
 
 Legend: B batch, V video tokens (1 + kept), D video width, L text tokens, W text width, E joint width.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +27,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.video_text import VideoTextModel, build_video_text_model
+from models.teachers import CLIPTeacher
+from models.video_text import VideoTextModel, build_video_text_model, load_video_text_export
 from pipeline.config import ConfigError, TaskConfig, register_task_config
-from pipeline.losses import contrastive_loss, matching_loss, sample_hard_negatives
+from pipeline.distributed import get_rank
+from pipeline.losses import contrastive_loss, cosine_alignment_loss, matching_loss, sample_hard_negatives
 from pipeline.tasks import Task, register_task
+from pipeline.tasks.attention_mask import attention_keep_mask
+from pipeline.tasks.masked_alignment import (
+    AlignHead,
+    CLIPTeacherConfig,
+    build_teacher,
+    sinusoid_table,
+    visible_tokens,
+)
+from pipeline.tasks.self_distill import shapes_only
 
 
 @dataclass
@@ -65,6 +80,13 @@ class VideoTextConfig(TaskConfig):
     """Weight of the matching loss; 0 = no matching head."""
     vtm_layers: int = 2
     """Cross-attention layers of the matching head."""
+    uta_weight: float = 0.0
+    """Weight of unmasked-token alignment to the CLIP teacher (UMT: 1.0 in the masked phase, 0 unmasked)."""
+    teacher: CLIPTeacherConfig = field(default_factory=CLIPTeacherConfig)
+    """The frozen CLIP teacher, built when uta_weight > 0 or data.mask.type is `attention`."""
+    init_checkpoint: str | None = None
+    """A video-text export to start the whole model from (the unmasked tuning phase starts from the masked
+    phase's export); it must match this config's model and text tower. `model.pretrained` loads a backbone only."""
 
     def __post_init__(self) -> None:
         if self.vtc_weight <= 0:
@@ -72,26 +94,48 @@ class VideoTextConfig(TaskConfig):
                               f"got {self.vtc_weight}")
         if self.vtm_weight < 0:
             raise ConfigError(f"task.vtm_weight: must be >= 0, got {self.vtm_weight}")
+        if self.uta_weight < 0:
+            raise ConfigError(f"task.uta_weight: must be >= 0, got {self.uta_weight}")
         if self.vtm_weight > 0 and self.vtm_layers < 1:
             raise ConfigError(f"task.vtm_layers: must be >= 1 when task.vtm_weight > 0, got {self.vtm_layers}")
 
 
 class VideoTextTask(Task):
-    """Trains a `VideoTextModel`; `forward(batch)` -> {"loss", "vtc", ["vtm"], "temp", "vtc_acc"}."""
+    """Trains a `VideoTextModel`; `forward(batch)` -> {"loss", "vtc", ["vtm"], ["uta"], "temp", "vtc_acc"}."""
 
-    def __init__(self, model: VideoTextModel, vtc_weight: float = 1.0, vtm_weight: float = 0.0) -> None:
+    def __init__(self, model: VideoTextModel, vtc_weight: float = 1.0, vtm_weight: float = 0.0,
+                 uta_weight: float = 0.0, teacher: CLIPTeacher | None = None, mask_type: str = "none",
+                 mask_ratio: float = 0.8, seed: int = 0, export_meta: dict[str, Any] | None = None) -> None:
         super().__init__()
         if vtm_weight > 0 and model.vtm_head is None:
             raise ValueError("vtm_weight > 0 needs a model with a matching head (vtm_layers > 0)")
+        if (uta_weight > 0 or mask_type == "attention") and teacher is None:
+            raise ValueError("uta_weight > 0 and attention masks need the CLIP teacher")
         self.model = model
-        self.vtc_weight, self.vtm_weight = vtc_weight, vtm_weight
+        self.vtc_weight, self.vtm_weight, self.uta_weight = vtc_weight, vtm_weight, uta_weight
+        self.teacher = teacher
+        self.mask_type, self.mask_ratio, self.seed = mask_type, mask_ratio, seed
+        self._generator: torch.Generator | None = None
+        self.uta_head = AlignHead(model.vision_encoder.embed_dim, teacher.output_dim) if uta_weight > 0 else None
+        if uta_weight > 0:
+            backbone = model.vision_encoder
+            if teacher.grid_size != tuple(backbone.grid[1:]):
+                raise ValueError(f"the teacher's patch grid {teacher.grid_size} differs from the backbone's token "
+                                 f"grid {tuple(backbone.grid[1:])}; set task.teacher.image_size accordingly")
+            length = 1 + backbone.num_frames * backbone.num_patches
+            # Stage 1's fixed position table before the head (not persistent: a function of the shape).
+            self.register_buffer("uta_pos_LD", sinusoid_table(length, backbone.embed_dim), persistent=False)
+        self._export_meta = dict(export_meta or {})
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         model = self.model
         model.clamp_temperature_()
+        video_BCTHW = model.as_clip(batch["video"])
         index_B = batch["index"].to(model.temp.device)
+        teacher_out = self.teacher(video_BCTHW) if self.teacher is not None else None
+        keep_BL = self._keep_mask(batch, teacher_out)
         tokens_BL = model.tokenize(batch["text"])
-        video_BVD, _ = model.video_tokens(batch["video"], keep_BL=batch.get("keep"))
+        video_BVD, _ = model.video_tokens(video_BCTHW, keep_BL=keep_BL)
         video_BE = model.pool_video(video_BVD)
         text_BE, text_BLW, valid_BL = model.text_tokens(tokens_BL)
 
@@ -101,12 +145,29 @@ class VideoTextTask(Task):
         if self.vtm_weight > 0:
             parts["vtm"] = self._matching_loss(video_BVD, text_BLW, valid_BL, tokens_BL, sim_v2t_BB / model.temp,
                                                index_B)
-        weights = {"vtc": self.vtc_weight, "vtm": self.vtm_weight}
+        if self.uta_weight > 0:
+            pos_BVD = visible_tokens(self.uta_pos_LD.expand(len(video_BVD), -1, -1), keep_BL)
+            pred_BVC = self.uta_head((video_BVD + pos_BVD).to(self.uta_head.head.weight.dtype))
+            parts["uta"] = cosine_alignment_loss(pred_BVC, visible_tokens(teacher_out.targets_KBLC[0], keep_BL))
+        weights = {"vtc": self.vtc_weight, "vtm": self.vtm_weight, "uta": self.uta_weight}
         loss = sum(weights[name] * value for name, value in parts.items())
         out = {"loss": loss, **{name: value.detach() for name, value in parts.items()}}
         out["temp"] = model.temp.detach().clone()
         out["vtc_acc"] = (index_B[sim_v2t_BB.argmax(dim=1)] == index_B).float().mean()
         return out
+
+    def _keep_mask(self, batch: dict[str, Any], teacher_out) -> Tensor | None:
+        if self.mask_type == "attention":
+            attn_BTP = teacher_out.cls_attn_BTP
+            if self._generator is None or self._generator.device != attn_BTP.device:
+                self._generator = torch.Generator(device=attn_BTP.device)
+                self._generator.manual_seed(self.seed + get_rank())  # masks differ across ranks, repeat across runs
+            return attention_keep_mask(attn_BTP, self.mask_ratio, generator=self._generator)
+        keep_BL = batch.get("keep")
+        if self.mask_type != "none" and keep_BL is None:
+            raise ValueError(f"data.mask.type={self.mask_type!r} is a data-side mask, but the batch has no 'keep'; "
+                             "build the loader from the same data config (pipeline.data.build_loader)")
+        return keep_BL.to(self.model.temp.device) if keep_BL is not None else None
 
     def _matching_loss(self, video_BVD: Tensor, text_BLW: Tensor, valid_BL: Tensor, tokens_BL: Tensor,
                        sim_v2t_BB: Tensor, index_B: Tensor) -> Tensor:
@@ -120,18 +181,46 @@ class VideoTextTask(Task):
         B = len(tokens_BL)
         return matching_loss(logits_3B2[:B], logits_3B2[B:])
 
+    @torch.no_grad()
+    def evaluate(self, batches) -> dict[str, float]:
+        """Retrieval R@1 both ways among this rank's eval clips (padding samples, `valid` False, left out)."""
+        video, text, index = [], [], []
+        for batch in batches:
+            valid_B = batch.get("valid", torch.ones(len(batch["text"]), dtype=torch.bool)).cpu()
+            video.append(self.model.encode_video(batch["video"]).cpu()[valid_B])
+            text.append(self.model.encode_text(batch["text"]).cpu()[valid_B])
+            index.append(batch["index"].cpu()[valid_B])
+        if not index:
+            return {}
+        video_NE, text_NE, index_N = torch.cat(video), torch.cat(text), torch.cat(index)
+        sim_NN = video_NE @ text_NE.t()
+        return {"v2t_r1": (index_N[sim_NN.argmax(dim=1)] == index_N).float().mean().item(),
+                "t2v_r1": (index_N[sim_NN.argmax(dim=0)] == index_N).float().mean().item()}
+
     def trainable_module(self) -> nn.Module:
         return self.model
 
     def export_metadata(self) -> dict[str, Any]:
-        return dict(self.model.config)
+        return {**self.model.config, **self._export_meta}
 
 
 @register_task("video_text")
 def build(cfg) -> VideoTextTask:
     task_cfg: VideoTextConfig = cfg.task
+    load = not shapes_only()
     model = build_video_text_model(
-        cfg.model.name, cfg.model.build_kwargs(), task_cfg.text.spec(), text_pretrained=task_cfg.text.pretrained,
-        embed_dim=task_cfg.embed_dim, vtm_layers=task_cfg.vtm_layers if task_cfg.vtm_weight > 0 else 0,
-        temp_init=task_cfg.temp_init, vision_pretrained=cfg.model.pretrained)
-    return VideoTextTask(model, task_cfg.vtc_weight, task_cfg.vtm_weight)
+        cfg.model.name, cfg.model.build_kwargs(), task_cfg.text.spec(),
+        text_pretrained=task_cfg.text.pretrained if load else None, embed_dim=task_cfg.embed_dim,
+        vtm_layers=task_cfg.vtm_layers if task_cfg.vtm_weight > 0 else 0, temp_init=task_cfg.temp_init,
+        vision_pretrained=cfg.model.pretrained if load else None)
+    if task_cfg.init_checkpoint and load:
+        load_video_text_export(model, task_cfg.init_checkpoint)
+    teacher = None
+    if task_cfg.uta_weight > 0 or cfg.data.mask.type == "attention":
+        teacher_cfg = task_cfg.teacher if load else dataclasses.replace(task_cfg.teacher, pretrained=None)
+        teacher = build_teacher(teacher_cfg, model.vision_encoder, num_layers=1)
+    # The evaluator normalises clips as training did.
+    meta = {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}
+    return VideoTextTask(model, task_cfg.vtc_weight, task_cfg.vtm_weight, task_cfg.uta_weight, teacher,
+                         mask_type=cfg.data.mask.type, mask_ratio=cfg.data.mask.ratio, seed=cfg.seed,
+                         export_meta=meta)

@@ -1,0 +1,19 @@
+"""Stage 3: video-text contrastive pretraining (VTC + optional VTM / UTA; docs/stages.md, "Stage 3").
+
+    python jobs/pretrain_vtc.py --config configs/stages/pretrain_vtc_test.yaml
+    python jobs/pretrain_vtc.py --config configs/stages/pretrain_vtc_m_5m.yaml --dry-run
+    ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/pretrain_vtc.py \
+        --config configs/stages/pretrain_vtc_m_5m.yaml model.pretrained=/ckpt/videomamba_m16_k400_mask_pt_f8_res224.pth
+
+The export (`<output_dir>/export/model.pt`) is what jobs/eval_retrieval.py evaluates.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.jobs_common import run_training_job
+
+if __name__ == "__main__":
+    run_training_job(__doc__, sys.argv[1:])
+    sys.exit(0)
