@@ -39,7 +39,8 @@ fi
 step "local Ray cluster ($CPUS CPUs)"
 # Ray's socket paths must stay short (AF_UNIX limit): use $OUT/ray when its path is short enough.
 RAY_TMP="$OUT/ray"
-if (( ${#RAY_TMP} > 40 )); then RAY_TMP="$(mktemp -d /tmp/vmdemo-ray.XXXXXX)"; fi
+RAY_TMP_IS_OURS=0
+if (( ${#RAY_TMP} > 40 )); then RAY_TMP="$(mktemp -d /tmp/vmdemo-ray.XXXXXX)"; RAY_TMP_IS_OURS=1; fi
 # Free ports for every fixed-port service, so the demo can run beside another local Ray cluster.
 read -r GCS_PORT DASH_PORT CLIENT_PORT AGENT_PORT METRICS_PORT RTENV_PORT < <(python - <<'EOF'
 import socket
@@ -63,6 +64,7 @@ stop_ray() {
     kill -TERM "$RAY_PID" 2>/dev/null || true
     wait "$RAY_PID" 2>/dev/null || true
   fi
+  if (( RAY_TMP_IS_OURS )); then rm -rf "$RAY_TMP"; fi
 }
 trap stop_ray EXIT
 trap 'exit 130' INT TERM
