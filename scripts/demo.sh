@@ -77,7 +77,7 @@ for _ in $(seq 120); do
   kill -0 "$RAY_PID" 2>/dev/null || { cat "$OUT/ray_head.log"; echo "ray start failed" >&2; exit 1; }
   sleep 1
 done
-echo "Ray dashboard and job API: $RAY_ADDRESS (head log: $OUT/ray_head.log)"
+echo "Ray dashboard and job API: $RAY_ADDRESS (head log: $OUT/ray_head.log, Ray temp dir: $RAY_TMP)"
 
 step "submitting $RECIPE as a Ray Job"
 # The job runs in an uploaded copy of the repo: exclude what is big or generated; paths are absolute.
