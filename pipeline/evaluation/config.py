@@ -42,12 +42,10 @@ class EvalDataConfig:
     """Instead of `root`: WebDataset shards holding the videos (matched by key or `video_id`)."""
     paragraph: bool = False
     """Join each video's captions with spaces into one query (DiDeMo and ActivityNet protocol)."""
-    num_frames: int = 8
-    """Frames per video, each taken at the middle of one of `num_frames` equal segments."""
-    img_size: int = 224
-    """Frames are resized to img_size x img_size without cropping."""
-    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    """Resize filter (the protocol uses bicubic)."""
+    num_frames: int | None = None
+    """Frames per video, each at the middle of one of `num_frames` equal segments; None = the model's."""
+    img_size: int | None = None
+    """Frames are resized (bicubic, antialiased) to img_size x img_size without cropping; None = the model's."""
     mean: list[float] | None = None
     """Normalisation mean; None = the one in the export's meta, else ImageNet's."""
     std: list[float] | None = None
@@ -65,7 +63,7 @@ class EvalDataConfig:
         if self.root is not None and self.shards is not None:
             raise ConfigError("data.root and data.shards: set only one of them (a video folder or shard URLs)")
         for key in ("num_frames", "img_size", "batch_size"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")

@@ -51,3 +51,20 @@ def apply_rerank(sim_TV: Tensor, candidates_TV: Tensor, vtm_TV: Tensor) -> Tenso
     # Shift the non-candidates so their maximum sits 1 below the lowest candidate score.
     rest_TV = sim_TV - sim_TV.max() + floor - 1.0
     return torch.where(candidates_TV, vtm_TV, rest_TV)
+
+
+@torch.no_grad()
+def vtm_rows(model, index_B: Tensor, clip_BCTHW: Tensor, texts: list[str], pairs_VT: Tensor, pair_batch: int) -> Tensor:
+    """VTM scores of each clip with its candidate texts: (B, num_texts), zero where not a candidate.
+
+    `pairs_VT[j]` marks the texts to score against video `index_B[b] == j`. Uses the model's
+    `vtm_scores(video_BCTHW, texts)` contract, so the clip is repeated once per text of a chunk.
+    """
+    out_BT = torch.zeros(len(index_B), len(texts), device=clip_BCTHW.device)
+    for b, j in enumerate(index_B.tolist()):
+        text_ids = pairs_VT[j].nonzero().flatten().tolist()
+        for start in range(0, len(text_ids), pair_batch):
+            chunk = text_ids[start : start + pair_batch]
+            video_BCTHW = clip_BCTHW[b : b + 1].expand(len(chunk), *clip_BCTHW.shape[1:])
+            out_BT[b, chunk] = model.vtm_scores(video_BCTHW, [texts[i] for i in chunk]).float()
+    return out_BT

@@ -1,0 +1,80 @@
+"""Retrieval results on disk and in MLflow: a JSON file and a markdown table per data set, an MLflow child run.
+
+A result is a plain dict: `{"dataset", "checkpoint", "metrics": {t2v_r1, ...}, "protocol": {...},
+"counts": {"videos", "texts", "skipped_videos"}, "skipped_videos": [...], "cache": {...}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import flatten
+
+_COLUMNS = (("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("MdR", "medr"), ("MnR", "meanr"))
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """A small markdown page: the metrics table for both directions, then the protocol it was measured with."""
+    metrics, protocol, counts = result["metrics"], result["protocol"], result["counts"]
+    lines = [
+        f"## Zero-shot retrieval: {result['dataset']}",
+        "",
+        f"Checkpoint: `{result['checkpoint']}`  ",
+        f"Videos: {counts['videos']}, queries: {counts['texts']}, skipped (missing) videos: {counts['skipped_videos']}",
+        "",
+        "| direction | " + " | ".join(name for name, _ in _COLUMNS) + " |",
+        "|---|" + "---:|" * len(_COLUMNS),
+    ]
+    for direction, label in (("t2v", "text → video"), ("v2t", "video → text")):
+        cells = [f"{metrics[f'{direction}_{key}']:.1f}" for _, key in _COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Protocol:", ""]
+    lines += [f"- {key}: `{value}`" for key, value in flatten(protocol).items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict[str, Any], output_dir: str | Path) -> tuple[Path, Path]:
+    """Write `<output_dir>/retrieval_<dataset>.json` and `.md`; returns both paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    stem = output_dir / f"retrieval_{result['dataset']}"
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    md_path.write_text(markdown_table(result))
+    return json_path, md_path
+
+
+def log_to_mlflow(result: dict[str, Any], cfg, files: list[Path]) -> str:
+    """One MLflow run per data set (nested under `cfg.tracking.parent_run_id` when set): metrics, protocol
+    as params, the report files as artifacts. `cfg` is an EvalRetrievalConfig. Returns the run id."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import git_sha, tracking_uri
+
+    tracking_cfg = cfg.tracking
+    client = MlflowClient(tracking_uri(cfg))  # tracking.uri, $MLFLOW_TRACKING_URI, or <output_dir>/mlflow.db
+    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(tracking_cfg.experiment)
+    tags = {"stage": "eval_retrieval", "dataset": result["dataset"], "checkpoint": result["checkpoint"]}
+    if tracking_cfg.parent_run_id:
+        tags["mlflow.parentRunId"] = tracking_cfg.parent_run_id
+    if sha := git_sha(Path(__file__).parent):
+        tags["git_sha"] = sha
+    run_name = tracking_cfg.run_name or f"eval-{result['dataset']}"
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    params = {**flatten(result["protocol"]), **{f"counts.{k}": v for k, v in result["counts"].items()}}
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), int(time.time() * 1000), 0) for key, value in result["metrics"].items()],
+        params=[Param(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
+                for key, value in params.items()],
+    )
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
+
