@@ -39,4 +39,3 @@ def make_keep_mask(
     else:
         raise ValueError(f"mask type {mask_type!r} is not a data-side mask; choose one of {DATA_MASK_TYPES}")
     return ~masked.reshape(-1)
-

@@ -186,6 +186,14 @@ class VideoLoader:
             prefetch_factor=2 if self.cfg.num_workers else None,
         )
 
+    def state_dict(self) -> dict[str, int]:
+        """Resume state: the stream epoch. A resumed training stream continues with the next epoch's
+        seed (fresh shard and sample order) rather than replaying the batches already seen."""
+        return {"epoch": self.stream.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.stream.epoch = state["epoch"] + 1
+
     def __len__(self) -> int:
         if self.num_batches is None:
             raise TypeError("the training stream is endless; count steps instead")

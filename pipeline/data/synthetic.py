@@ -6,7 +6,8 @@ whole pipeline works. Clips are rendered with numpy, encoded to H.264 with PyAV 
 the real shard writer (`shards.make_shards`):
 
     <out>/videos/{train,eval}/<name>.mp4     the clips
-    <out>/{train,eval}.jsonl                 writer input lists (video, caption)
+    <out>/videos/{train,eval}/list.jsonl     writer input lists ({"video": "<name>.mp4", "caption": [...]}),
+                                             so shard keys = make_key("<name>.mp4") = the annotation's video
     <out>/shards/{train,eval}/               WebDataset shards + manifest.json
     <out>/eval_annotations.json              UMT layout [{"video": "<name>.mp4", "caption": str}],
                                              video paths relative to <out>/videos/eval
@@ -125,35 +126,49 @@ def make_synthetic(
     if num_train == 0 or num_train == num_videos:
         raise ValueError(f"{num_videos} videos at split_ratio={split_ratio} leave one split empty")
     remote = split_protocol(output)[0] != "file"
-    staging = tempfile.mkdtemp(prefix="synthetic-") if remote else output
-    lists = {"train": [], "eval": []}
-    for i in range(num_videos):
-        split = "train" if i < num_train else "eval"
-        spec = random_spec(np.random.default_rng([seed, i]))
-        name = f"clip{i:06d}.mp4"
-        os.makedirs(os.path.join(staging, "videos", split), exist_ok=True)
-        with open(os.path.join(staging, "videos", split, name), "wb") as f:
-            f.write(encode_h264(render_clip(spec, num_frames, size), fps))
-        lists[split].append({"video": f"videos/{split}/{name}", "caption": captions(spec)})
-    for split, rows in lists.items():
-        with open(os.path.join(staging, f"{split}.jsonl"), "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    annotations = [{"video": os.path.basename(r["video"]), "caption": r["caption"][0]} for r in lists["eval"]]
-    with open(os.path.join(staging, "eval_annotations.json"), "w") as f:
-        json.dump(annotations, f, indent=0)
-    if remote:
-        fsspec.filesystem(split_protocol(output)[0]).put(staging + "/", split_protocol(output)[1], recursive=True)
-    for split in lists:
-        make_shards(
-            os.path.join(staging, f"{split}.jsonl"),
-            join_url(output, "shards", split),
-            shard_size=shard_size,
-            workers=workers,
-            progress=False,
-        )
+    # Remote outputs: render into a local staging folder, upload it, then shard from it.
+    with tempfile.TemporaryDirectory(prefix="synthetic-") as tmp:
+        staging = tmp if remote else output
+        lists = _render_split_lists(staging, num_videos, num_train, seed, num_frames, size, fps)
+        if remote:
+            protocol, path = split_protocol(output)
+            fsspec.filesystem(protocol).put(staging + "/", path, recursive=True)
+        # Small eval shards: an exact eval pass needs one shard per (rank, loader worker), so give it >= 8.
+        sizes = {"train": shard_size, "eval": min(shard_size, max(1, len(lists["eval"]) // 8))}
+        for split in lists:
+            make_shards(
+                os.path.join(staging, "videos", split, "list.jsonl"),
+                join_url(output, "shards", split),
+                shard_size=sizes[split],
+                workers=workers,
+                progress=False,
+            )
     return {
         "train_shards": join_url(output, "shards", "train"),
         "eval_shards": join_url(output, "shards", "eval"),
         "eval_annotations": join_url(output, "eval_annotations.json"),
         "eval_video_root": join_url(output, "videos", "eval"),
     }
+
+
+def _render_split_lists(
+    root: str, num_videos: int, num_train: int, seed: int, num_frames: int, size: int, fps: float
+) -> dict[str, list[dict]]:
+    """Write the clips, per-split writer lists and the eval annotations under `root`."""
+    lists: dict[str, list[dict]] = {"train": [], "eval": []}
+    for split in lists:
+        os.makedirs(os.path.join(root, "videos", split), exist_ok=True)
+    for i in range(num_videos):
+        split = "train" if i < num_train else "eval"
+        spec = random_spec(np.random.default_rng([seed, i]))
+        name = f"clip{i:06d}.mp4"
+        with open(os.path.join(root, "videos", split, name), "wb") as f:
+            f.write(encode_h264(render_clip(spec, num_frames, size), fps))
+        lists[split].append({"video": name, "caption": captions(spec)})
+    for split, rows in lists.items():
+        with open(os.path.join(root, "videos", split, "list.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    annotations = [{"video": r["video"], "caption": r["caption"][0]} for r in lists["eval"]]
+    with open(os.path.join(root, "eval_annotations.json"), "w") as f:
+        json.dump(annotations, f, indent=0)
+    return lists

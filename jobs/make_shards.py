@@ -1,0 +1,45 @@
+"""Write a video list into WebDataset shards (`<name>-000000.tar` + manifest.json); rerun to resume.
+
+    python jobs/make_shards.py --input videos.csv --output s3://bucket/webvid/train --shard-size 500 --workers 8
+    python jobs/make_shards.py --input list.jsonl --output data/train --transcode --short-side 256 --fps 8
+
+The list is CSV (header `video,caption[,video_id]`; a caption cell may hold a JSON list) or JSONL
+(`{"video": ..., "caption": str | [str]}`); relative video paths resolve against the list's folder.
+S3 endpoints and credentials come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.data.shards import TranscodeOptions, make_shards
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="CSV or JSONL list of video,caption rows")
+    parser.add_argument("--output", required=True, help="shard directory: local path, s3://bucket/prefix, gs://...")
+    parser.add_argument("--shard-size", type=int, default=100, help="input rows per shard (default 100)")
+    parser.add_argument("--name", default=None, help="shard file prefix (default: the output folder's name)")
+    parser.add_argument("--transcode", action="store_true", help="re-encode every video as H.264 mp4")
+    parser.add_argument("--short-side", type=int, default=None, help="with --transcode: resize the short side")
+    parser.add_argument("--fps", type=float, default=None, help="with --transcode: resample to this frame rate")
+    parser.add_argument("--workers", type=int, default=1, help="parallel writer processes")
+    args = parser.parse_args(argv)
+    if (args.short_side or args.fps) and not args.transcode:
+        parser.error("--short-side and --fps need --transcode")
+    transcode = TranscodeOptions(args.short_side, args.fps) if args.transcode else None
+    manifest = make_shards(args.input, args.output, args.shard_size, transcode, args.workers, args.name)
+    print(
+        f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards "
+        f"({manifest['total_duration_s'] / 3600:.2f} h of video) at {args.output}; "
+        f"{len(manifest['skipped'])} inputs skipped (listed in manifest.json)"
+    )
+    for item in manifest["skipped"][:10]:
+        print(f"  skipped {item['video']}: {item['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
