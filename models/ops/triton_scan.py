@@ -350,7 +350,9 @@ class _ScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, reverse, softplus, cfg, z, *flat):
         dirs = [_Direction(*flat[i:i + 7]) for i in range(0, len(flat), 7)]
-        out, states = _scan_forward(dirs, reverse, z, softplus, cfg, store_states=True)
+        # Chunk states are only needed by a backward: skip writing them in inference.
+        needs_grad = any(t is not None and t.requires_grad for t in (z, *flat))
+        out, states = _scan_forward(dirs, reverse, z, softplus, cfg, store_states=needs_grad)
         ctx.reverse, ctx.softplus, ctx.cfg, ctx.n_dirs = reverse, softplus, cfg, len(dirs)
         ctx.has_z = z is not None
         ctx.present = [t is not None for t in flat]
@@ -367,6 +369,14 @@ class _ScanFn(torch.autograd.Function):
         dirs = [_Direction(*flat[i:i + 7]) for i in range(0, len(flat), 7)]
         grads, dz = _scan_backward(dirs, ctx.reverse, z, ctx.softplus, ctx.cfg, states, dout)
         return (None, None, None, dz, *(t for gr in grads for t in gr))
+
+
+def _apply(reverse: tuple[bool, ...], softplus: bool, cfg: ScanConfig, z: Tensor | None,
+           dirs: list[_Direction]) -> Tensor:
+    flat = [t for d in dirs for t in d]
+    if torch.is_grad_enabled():
+        return _ScanFn.apply(reverse, softplus, cfg, z, *flat)
+    return _scan_forward(dirs, list(reverse), z, softplus, cfg, store_states=False)[0]
 
 
 def _as_grouped(BC: Tensor, name: str, Bsz: int, E: int, L: int, N: int) -> Tensor:
@@ -386,7 +396,6 @@ def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, z: Tensor | None) -> None
         raise ValueError(f"A must be a real (E={u.shape[1]}, N) tensor; got {tuple(A.shape)}, {A.dtype}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"z must have u's shape {tuple(u.shape)}; got {tuple(z.shape)}")
-    _check_device(u)
 
 
 def _check_device(t: Tensor) -> None:
@@ -423,9 +432,9 @@ def selective_scan_triton(
     D, delta_bias (E,). Returns (B, E, L) in u's dtype; differentiable w.r.t. every tensor argument."""
     _check_inputs(u, delta, A, z)
     d = _direction(u, delta, A, B, C, D, delta_bias)
+    _check_device(u)
     cfg = config or default_config(A.shape[1])
-    out = _ScanFn.apply((False,), delta_softplus, cfg, z, *d)
-    return out
+    return _apply((False,), delta_softplus, cfg, z, [d])
 
 
 def bimamba_inner_triton(x_BEL: Tensor, z_BEL: Tensor, fwd, bwd, *, config: ScanConfig | None = None) -> Tensor:
@@ -450,4 +459,4 @@ def bimamba_inner_triton(x_BEL: Tensor, z_BEL: Tensor, fwd, bwd, *, config: Scan
         dirs.append(_direction(u_BEL, delta_BEL, -torch.exp(w.A_log_EN.float()), B_BLN.transpose(1, 2),
                                C_BLN.transpose(1, 2), w.D_E, w.dt_proj_bias))
     cfg = config or default_config(dirs[0].A.shape[1])
-    return _ScanFn.apply((False, True), True, cfg, z_BEL, *dirs[0], *dirs[1])
+    return _apply((False, True), True, cfg, z_BEL, dirs)

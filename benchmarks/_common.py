@@ -1,0 +1,85 @@
+"""Shared pieces of the GPU benchmarks: the gpu-baseline shapes, realistic inputs, timing, mamba-ssm loading.
+
+Run the benchmarks from the repository root with PYTHONPATH=. (scripts/gpu_bench.sh does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (name, batch, d_inner E, L, dt_rank R): VideoMamba-S/M/Ti at 224², 8 or 64 frames (1 + T*196 tokens).
+SHAPES = [
+    ("S 8f b16", 16, 768, 1569, 24),
+    ("M 8f b16", 16, 1152, 1569, 36),
+    ("Ti 64f b4", 4, 384, 12545, 12),
+    ("S 64f b4", 4, 768, 12545, 24),
+]
+D_STATE = 16
+
+
+def log_uniform_dt(E: int, device: str) -> torch.Tensor:
+    """mamba's dt init: dt ~ log-uniform [1e-3, 1e-1]; returns the delta_bias whose softplus is dt."""
+    dt = torch.exp(torch.rand(E, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds over ~200 ms of repeats after warm-up (CUDA events, triton.testing.do_bench)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=50, rep=200, return_mode="median"))
+
+
+def load_mamba_selective_scan() -> Callable | None:
+    """mamba-ssm's own `selective_scan_fn` from a source tree whose CUDA extension was built in place.
+
+    MAMBA_SRC names the tree. mamba_ssm/__init__.py imports Mamba2/Mamba3 and their tilelang/quack
+    dependencies, absent on the GPU image, so the package is registered without running it; the
+    scan's module itself only needs torch, einops, triton and the extension.
+    """
+    src = os.environ.get("MAMBA_SRC")
+    if not src:
+        return None
+    sys.path.insert(0, src)
+    pkg = types.ModuleType("mamba_ssm")
+    pkg.__path__ = [str(Path(src) / "mamba_ssm")]
+    sys.modules["mamba_ssm"] = pkg
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def write_results(stem: str, rows: list[dict], columns: list[str], title: str) -> None:
+    """benchmarks/results/<stem>.json (all numbers, the device) and <stem>.md (a table)."""
+    device = torch.cuda.get_device_name()
+    meta = {"device": device, "torch": torch.__version__, "triton": __import__("triton").__version__}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [f"# {title}", "", f"{device}; torch {meta['torch']}, triton {meta['triton']}.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)

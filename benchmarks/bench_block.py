@@ -1,0 +1,120 @@
+"""Bidirectional mixer core (bimamba v2, in_proj output -> out_proj input) on the gpu-baseline shapes.
+
+ours:     models.ops.triton_scan.bimamba_inner_triton: one conv+SiLU kernel for both directions, both
+          scans on the original tensors (no flips), one gated output.
+baseline: mamba-ssm's CUDA `selective_scan_fn` per direction with the unfused glue VideoMamba runs when
+          causal-conv1d is absent: PyTorch conv1d + SiLU, flips of x/z/out, x_proj/dt_proj matmuls, a sum.
+bf16 activations under autocast, fp32 parameters, d_state 16. mamba-ssm is loaded as in bench_scan.py.
+
+    PYTHONPATH=.:benchmarks python benchmarks/bench_block.py [--shapes "S 8f b16" ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from _common import D_STATE, SHAPES, bench_ms, load_mamba_selective_scan, log_uniform_dt, rel_err, write_results
+
+from models.ops import DirectionWeights
+from models.ops.ref import causal_conv1d_ref
+from models.ops.triton_scan import bimamba_inner_triton
+
+
+def make_weights(E: int, R: int, N: int = D_STATE) -> DirectionWeights:
+    dev = "cuda"
+    return DirectionWeights(
+        conv_weight_EW=torch.randn(E, 4, device=dev) / 2,
+        conv_bias_E=torch.randn(E, device=dev) / 10,
+        x_proj_weight=torch.randn(R + 2 * N, E, device=dev) / math.sqrt(E),
+        dt_proj_weight=torch.randn(E, R, device=dev) / math.sqrt(R),
+        dt_proj_bias=log_uniform_dt(E, dev),
+        A_log_EN=torch.log(torch.arange(1, N + 1, device=dev, dtype=torch.float32)).repeat(E, 1),
+        D_E=torch.ones(E, device=dev),
+    )
+
+
+def baseline_block(scan):
+    """The seam's reference composition, with mamba-ssm's CUDA scan in place of the reference scan."""
+
+    def direction(x, z, w: DirectionWeights):
+        u = causal_conv1d_ref(x, w.conv_weight_EW, w.conv_bias_E, "silu")
+        N, R = w.A_log_EN.shape[1], w.dt_proj_weight.shape[1]
+        dt, B, C = F.linear(u.transpose(1, 2), w.x_proj_weight).split([R, N, N], dim=-1)
+        delta = F.linear(dt, w.dt_proj_weight).transpose(1, 2)
+        return scan(u, delta, -torch.exp(w.A_log_EN.float()), B.transpose(1, 2), C.transpose(1, 2),
+                    w.D_E.float(), z, w.dt_proj_bias.float(), True)
+
+    def block(x, z, fwd, bwd):
+        return direction(x, z, fwd) + direction(x.flip(-1), z.flip(-1), bwd).flip(-1)
+
+    return block
+
+
+def time_block(fn, x, z, fwd, bwd) -> tuple[float, float]:
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        t_fwd = bench_ms(lambda: fn(x, z, fwd, bwd))
+    leaves = [x.detach().requires_grad_(), z.detach().requires_grad_(),
+              *(t.detach().requires_grad_() for t in (*fwd, *bwd))]
+    f, b = DirectionWeights(*leaves[2:9]), DirectionWeights(*leaves[9:])
+    dout = torch.randn_like(x)
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            out = fn(leaves[0], leaves[1], f, b)
+        return torch.autograd.grad(out, leaves, dout)
+
+    return t_fwd, bench_ms(step)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="*", help="subset of shape names")
+    args = parser.parse_args()
+    mamba = load_mamba_selective_scan()
+    print(f"mamba-ssm selective_scan_fn: {'loaded' if mamba else 'not available (set MAMBA_SRC)'}")
+    rows = []
+    for name, Bsz, E, L, R in [s for s in SHAPES if not args.shapes or s[0] in args.shapes]:
+        x = torch.randn(Bsz, E, L, device="cuda", dtype=torch.bfloat16)
+        z = torch.randn(Bsz, E, L, device="cuda", dtype=torch.bfloat16)
+        fwd, bwd = make_weights(E, R), make_weights(E, R)
+        row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}"}
+        row["ours fwd ms"], row["ours fwd+bwd ms"] = time_block(bimamba_inner_triton, x, z, fwd, bwd)
+        row["ours peak GiB (fwd+bwd)"] = _peak_gib(bimamba_inner_triton, x, z, fwd, bwd)
+        if mamba is not None:
+            base = baseline_block(mamba)
+            row["base fwd ms"], row["base fwd+bwd ms"] = time_block(base, x, z, fwd, bwd)
+            row["base peak GiB (fwd+bwd)"] = _peak_gib(base, x, z, fwd, bwd)
+            row["speedup fwd"] = row["base fwd ms"] / row["ours fwd ms"]
+            row["speedup fwd+bwd"] = row["base fwd+bwd ms"] / row["ours fwd+bwd ms"]
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+                row["out rel diff vs base"] = rel_err(bimamba_inner_triton(x, z, fwd, bwd), base(x, z, fwd, bwd))
+        rows.append(row)
+        print(row, flush=True)
+        del x, z
+        torch.cuda.empty_cache()
+    columns = ["shape", "B,E,L", "ours fwd ms", "base fwd ms", "speedup fwd", "ours fwd+bwd ms",
+               "base fwd+bwd ms", "speedup fwd+bwd", "ours peak GiB (fwd+bwd)", "base peak GiB (fwd+bwd)",
+               "out rel diff vs base"]
+    write_results("block", rows, columns,
+                  "Bidirectional mixer core: fused Triton (ours) vs mamba-ssm scan + unfused PyTorch glue")
+
+
+def _peak_gib(fn, x, z, fwd, bwd) -> float:
+    """Peak CUDA memory of one fwd+bwd above what the inputs already hold."""
+    leaves = [x.detach().requires_grad_(), z.detach().requires_grad_(),
+              *(t.detach().requires_grad_() for t in (*fwd, *bwd))]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", torch.bfloat16):
+        out = fn(leaves[0], leaves[1], DirectionWeights(*leaves[2:9]), DirectionWeights(*leaves[9:]))
+    torch.autograd.grad(out, leaves, torch.ones_like(out))
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+if __name__ == "__main__":
+    main()

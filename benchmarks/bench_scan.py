@@ -1,0 +1,119 @@
+"""Selective scan on the gpu-baseline shapes: our Triton kernel vs mamba-ssm's CUDA `selective_scan_fn`.
+
+bf16 u/delta/B/C/z, fp32 A/D/delta_bias, d_state 16, delta_softplus, with z (as VideoMamba calls it).
+Reports fwd and fwd+bwd milliseconds (median), effective GB/s over the minimum bytes, and the relative
+difference between the two kernels' outputs and input gradients. mamba-ssm is used when MAMBA_SRC names
+a source tree with its extension built in place (scripts/gpu_bench.sh); otherwise only ours is timed.
+
+    PYTHONPATH=.:benchmarks python benchmarks/bench_scan.py [--sweep] [--shapes "S 8f b16" ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+from _common import D_STATE, SHAPES, bench_ms, load_mamba_selective_scan, log_uniform_dt, rel_err, write_results
+
+from models.ops.triton_scan import ScanConfig, default_config, selective_scan_triton
+
+
+def make_inputs(Bsz: int, E: int, L: int, N: int = D_STATE) -> dict[str, torch.Tensor]:
+    dev, bf16 = "cuda", torch.bfloat16
+    A_log = torch.log(torch.arange(1, N + 1, device=dev, dtype=torch.float32)).repeat(E, 1)
+    return dict(
+        u=torch.randn(Bsz, E, L, device=dev, dtype=bf16),
+        delta=(0.5 * torch.randn(Bsz, E, L, device=dev)).to(bf16),
+        A=-torch.exp(A_log),
+        B=torch.randn(Bsz, N, L, device=dev, dtype=bf16),
+        C=torch.randn(Bsz, N, L, device=dev, dtype=bf16),
+        D=torch.ones(E, device=dev),
+        z=torch.randn(Bsz, E, L, device=dev, dtype=bf16),
+        delta_bias=log_uniform_dt(E, dev),
+    )
+
+
+def min_bytes(Bsz: int, E: int, L: int, N: int = D_STATE) -> tuple[int, int]:
+    """Each input read once, each output written once, 2 B/elt: fwd (u, delta, z, out; B, C) and
+    fwd+bwd (fwd, then u, delta, z, dout, du, ddelta, dz; B, C, dB, dC)."""
+    bel, bnl = Bsz * E * L * 2, Bsz * N * L * 2
+    return 4 * bel + 2 * bnl, 11 * bel + 6 * bnl
+
+
+def time_scan(fn: Callable, x: dict[str, torch.Tensor]) -> tuple[float, float]:
+    args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    with torch.no_grad():
+        fwd = bench_ms(lambda: fn(*args, True))
+    leaves = [t.detach().requires_grad_() for t in args]
+    dout = torch.randn_like(x["u"])
+    fwd_bwd = bench_ms(lambda: torch.autograd.grad(fn(*leaves, True), leaves, dout))
+    return fwd, fwd_bwd
+
+
+def compare(ours: Callable, theirs: Callable, x: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Relative difference of outputs and of every input gradient between the two kernels."""
+    args = [x[k].detach().requires_grad_() for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    dout = torch.randn_like(x["u"])
+    results = []
+    for fn in (ours, theirs):
+        out = fn(*args, True)
+        results.append((out, torch.autograd.grad(out, args, dout)))
+    (o1, g1), (o2, g2) = results
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    diff = {"out": rel_err(o1, o2)}
+    diff.update({f"d{n}": rel_err(a, b) for n, a, b in zip(names, g1, g2, strict=True)})
+    return diff
+
+
+def sweep(shapes: list[tuple]) -> None:
+    """Time a few launch shapes of our kernel (prints only): picks default_config()."""
+    configs = [ScanConfig(be, bb, ch, wf, wb) for be, bb, ch, wf, wb in (
+        (2, 2, 64, 2, 2), (4, 4, 64, 4, 4), (8, 8, 64, 4, 4), (8, 8, 64, 8, 8), (4, 4, 32, 2, 2), (2, 4, 64, 2, 4))]
+    for name, Bsz, E, L, _ in shapes[::2]:  # S 8f b16 and Ti 64f b4: many short rows vs few long ones
+        x = make_inputs(Bsz, E, L)
+        for cfg in configs:
+            fn = lambda *a, cfg=cfg: selective_scan_triton(*a, config=cfg)
+            fwd, fb = time_scan(fn, x)
+            print(f"sweep {name:10s} {cfg}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="only time several launch configs of ours")
+    parser.add_argument("--shapes", nargs="*", help="subset of shape names")
+    args = parser.parse_args()
+    shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes]
+    if args.sweep:
+        sweep(shapes)
+        return
+    mamba = load_mamba_selective_scan()
+    print(f"mamba-ssm selective_scan_fn: {'loaded' if mamba else 'not available (set MAMBA_SRC)'}")
+    rows = []
+    for name, Bsz, E, L, _ in shapes:
+        x = make_inputs(Bsz, E, L)
+        b_fwd, b_fb = min_bytes(Bsz, E, L)
+        row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(default_config(D_STATE))}
+        row["ours fwd ms"], row["ours fwd+bwd ms"] = time_scan(selective_scan_triton, x)
+        row["ours fwd GB/s"] = b_fwd / row["ours fwd ms"] / 1e6
+        row["ours fwd+bwd GB/s"] = b_fb / row["ours fwd+bwd ms"] / 1e6
+        if mamba is not None:
+            row["mamba fwd ms"], row["mamba fwd+bwd ms"] = time_scan(mamba, x)
+            row["mamba fwd GB/s"] = b_fwd / row["mamba fwd ms"] / 1e6
+            row["speedup fwd"] = row["mamba fwd ms"] / row["ours fwd ms"]
+            row["speedup fwd+bwd"] = row["mamba fwd+bwd ms"] / row["ours fwd+bwd ms"]
+            diff = compare(selective_scan_triton, mamba, x)
+            row["max rel diff vs mamba"] = max(diff.values())
+            row["rel diff vs mamba"] = diff
+        rows.append(row)
+        print(row, flush=True)
+        del x
+        torch.cuda.empty_cache()
+    columns = ["shape", "B,E,L", "ours fwd ms", "mamba fwd ms", "speedup fwd", "ours fwd+bwd ms",
+               "mamba fwd+bwd ms", "speedup fwd+bwd", "ours fwd GB/s", "mamba fwd GB/s", "ours fwd+bwd GB/s",
+               "max rel diff vs mamba"]
+    write_results("scan", rows, columns, "Selective scan: Triton (ours) vs mamba-ssm CUDA, bf16, N=16, with z")
+
+
+if __name__ == "__main__":
+    main()

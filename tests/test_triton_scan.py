@@ -1,0 +1,206 @@
+"""Triton selective scan and fused bidirectional mixer core vs the float64 PyTorch reference (models/ops/ref.py).
+
+The kernel tests run on a CUDA device (marker `gpu`). On a CPU machine one test re-runs a small subset of
+them (marker `interp`) in a subprocess under Triton's interpreter (TRITON_INTERPRET=1, which must be set
+before triton is imported), so the kernels' logic is checked by CI too. Errors are ‖out − ref‖ / ‖ref‖
+against the reference evaluated in float64 on the same (already rounded) inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.ops import DirectionWeights, bimamba_inner
+from models.ops.ref import selective_scan_ref
+from models.ops.triton_scan import bimamba_inner_triton, default_config, selective_scan_triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernel_device = pytest.mark.skipif(
+    not (torch.cuda.is_available() or INTERPRET), reason="needs a CUDA device (or TRITON_INTERPRET=1)"
+)
+# Output rounding dominates: one bf16/fp16 rounding of outputs and gradients, fp32 accumulation inside.
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(a).all(), "non-finite values in kernel output"
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _scan_inputs(Bsz, E, L, N, dtype, groups=0, gen=None):
+    """Fresh random inputs at realistic scales (mamba init: A = -(1..N), dt in [1e-3, 1e-1])."""
+    kw = dict(device=DEVICE, generator=gen)
+    u = torch.randn(Bsz, E, L, **kw).to(dtype)
+    delta = (0.5 * torch.randn(Bsz, E, L, **kw)).to(dtype)
+    A = -torch.arange(1, N + 1, device=DEVICE, dtype=torch.float32).repeat(E, 1) * (
+        0.5 + torch.rand(E, N, **kw))
+    shape_BC = (Bsz, groups, N, L) if groups else (Bsz, N, L)
+    B = torch.randn(shape_BC, **kw).to(dtype)
+    C = torch.randn(shape_BC, **kw).to(dtype)
+    D = torch.randn(E, **kw)
+    z = torch.randn(Bsz, E, L, **kw).to(dtype)
+    dt = torch.exp(torch.rand(E, **kw) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    delta_bias = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+    return u, delta, A, B, C, D, z, delta_bias
+
+
+def _check_scan(Bsz, E, L, N, dtype, use_D=True, use_z=True, use_bias=True, softplus=True, groups=0):
+    gen = torch.Generator(DEVICE).manual_seed(1000 * L + N)
+    u, delta, A, B, C, D, z, bias = _scan_inputs(Bsz, E, L, N, dtype, groups, gen)
+    D, z, bias = (D if use_D else None), (z if use_z else None), (bias if use_bias else None)
+    args = [u, delta, A, B, C, D, z, bias]
+    leaves = [t.requires_grad_() if t is not None else None for t in args]
+    out = selective_scan_triton(*leaves, delta_softplus=softplus)
+    assert out.dtype == dtype and out.shape == u.shape
+    dout = torch.randn(out.shape, device=DEVICE, generator=gen).to(dtype)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, present, dout)
+
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in args]
+    ref = selective_scan_ref(*leaves64, delta_softplus=softplus)
+    grads64 = torch.autograd.grad(ref, [t for t in leaves64 if t is not None], dout.double())
+    tol = TOL[dtype]
+    assert _rel(out, ref) < tol
+    names = [n for n, t in zip("u delta A B C D z delta_bias".split(), args, strict=True) if t is not None]
+    for name, g, g64, t in zip(names, grads, grads64, present, strict=True):
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        assert _rel(g, g64) < tol, f"grad {name}: rel err {_rel(g, g64):.2e} > {tol}"
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("N", [16, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scan_dtypes_and_state_sizes(dtype, N):
+    _check_scan(2, 12, 301, N, dtype)
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("L", [1, 63, 64, 65, 1000])
+def test_scan_sequence_lengths(L):
+    _check_scan(2, 8, L, 16, torch.float32)
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("use_D,use_z,use_bias,softplus", [
+    pytest.param(True, True, True, True, marks=pytest.mark.interp),
+    (False, False, False, False),
+    (True, False, True, True),
+    (False, True, False, True),
+])
+def test_scan_optional_inputs(use_D, use_z, use_bias, softplus):
+    _check_scan(2, 6, 37, 16, torch.float32, use_D, use_z, use_bias, softplus)
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("groups,N", [pytest.param(2, 4, marks=pytest.mark.interp), (4, 16)])
+def test_scan_grouped_and_padded_state(groups, N):
+    """Grouped B/C (B, G, N, L), and N = 4 (< the tile's minimum) exercises state padding."""
+    _check_scan(2, 16, 45, N, torch.float32, groups=groups)
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+def test_scan_inference_matches_training_forward():
+    u, delta, A, B, C, D, z, bias = _scan_inputs(2, 8, 130, 16, torch.bfloat16)
+    with torch.no_grad():
+        y_inf = selective_scan_triton(u, delta, A, B, C, D, z, bias, True)
+    y_train = selective_scan_triton(u.requires_grad_(), delta, A, B, C, D, z, bias, True)
+    torch.testing.assert_close(y_inf, y_train.detach(), rtol=0, atol=0)
+
+
+def _direction_weights(E, N, R, W, gen):
+    kw = dict(device=DEVICE, generator=gen)
+    dt = torch.exp(torch.rand(E, **kw) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    return DirectionWeights(
+        conv_weight_EW=torch.randn(E, W, **kw) * 0.5,
+        conv_bias_E=torch.randn(E, **kw) * 0.1,
+        x_proj_weight=torch.randn(R + 2 * N, E, **kw) / math.sqrt(E),
+        dt_proj_weight=torch.randn(E, R, **kw) / math.sqrt(R),
+        dt_proj_bias=dt + torch.log(-torch.expm1(-dt)),
+        A_log_EN=torch.log(torch.arange(1, N + 1, device=DEVICE, dtype=torch.float32)).repeat(E, 1),
+        D_E=torch.ones(E, device=DEVICE) + 0.1 * torch.randn(E, **kw),
+    )
+
+
+def _check_bimamba(Bsz, E, L, N, R, dtype, tol):
+    gen = torch.Generator(DEVICE).manual_seed(L)
+    fwd, bwd = _direction_weights(E, N, R, 4, gen), _direction_weights(E, N, R, 4, gen)
+    x = torch.randn(Bsz, E, L, device=DEVICE, generator=gen).to(dtype)
+    z = torch.randn(Bsz, E, L, device=DEVICE, generator=gen).to(dtype)
+    leaves = [x, z, *fwd, *bwd]
+    for t in leaves:
+        t.requires_grad_()
+    out = bimamba_inner_triton(x, z, fwd, bwd)
+    dout = torch.randn(out.shape, device=DEVICE, generator=gen).to(dtype)
+    grads = torch.autograd.grad(out, leaves, dout)
+
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = bimamba_inner(l64[0], l64[1], DirectionWeights(*l64[2:9]), DirectionWeights(*l64[9:]), backend="ref")
+    grads64 = torch.autograd.grad(ref, l64, dout.double())
+    assert out.dtype == dtype
+    assert _rel(out, ref) < tol
+    names = ["x", "z"] + [f"{d}.{f}" for d in ("fwd", "bwd") for f in DirectionWeights._fields]
+    for name, g, g64 in zip(names, grads, grads64, strict=True):
+        assert _rel(g, g64) < tol, f"grad {name}: rel err {_rel(g, g64):.2e} > {tol}"
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("dtype,L,tol", [
+    pytest.param(torch.float32, 37, 1e-4, marks=pytest.mark.interp),
+    (torch.float32, 1569, 1e-4),
+    (torch.bfloat16, 1569, 3e-2),
+])
+def test_bimamba_inner_matches_reference(dtype, L, tol):
+    # fp32 tolerance covers tf32-free cuBLAS vs fp64 through x_proj/dt_proj and the 2-direction sum.
+    _check_bimamba(2, 16, L, 16, 3, dtype, tol)
+
+
+def test_kernels_under_triton_interpreter():
+    """CPU CI: the `interp` subset above, run by Triton's interpreter in a fresh interpreter process."""
+    if INTERPRET or torch.cuda.is_available():
+        pytest.skip("the kernel tests themselves run in this session")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "interp", __file__],
+        env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "3 passed" in result.stdout, result.stdout[-2000:]
+
+
+def test_bad_inputs_raise_clear_errors():
+    u = torch.randn(1, 4, 8)
+    A = -torch.ones(4, 2)
+    B = torch.randn(1, 2, 8)
+    with pytest.raises(ValueError, match="u and delta"):
+        selective_scan_triton(u, u[:, :, :4], A, B, B)
+    with pytest.raises(ValueError, match="A must be"):
+        selective_scan_triton(u, u, A[:3], B, B)
+    with pytest.raises(ValueError, match="B must be"):
+        selective_scan_triton(u, u, A, B[:, :, :4], B)
+    with pytest.raises(ValueError, match="groups"):
+        selective_scan_triton(u, u, A, torch.randn(1, 3, 2, 8), B)
+    if not INTERPRET:
+        with pytest.raises(ValueError, match="CUDA"):
+            selective_scan_triton(u, u, A, B, B)
+
+
+def test_default_config_keeps_tiles_small():
+    for n in (1, 4, 16, 32, 64, 128):
+        cfg = default_config(n)
+        tile = cfg.block_e_fwd * max(2, 1 << (n - 1).bit_length()) * cfg.chunk
+        assert 16 <= cfg.chunk <= 64 and cfg.chunk & (cfg.chunk - 1) == 0
+        assert tile <= 8192, (n, cfg)
