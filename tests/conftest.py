@@ -1,0 +1,41 @@
+"""Shared test fixtures: a real local S3 server (moto) and tiny real video shards."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def moto_s3(monkeypatch):
+    """A moto S3 server on 127.0.0.1 (random port) with dummy credentials; yields the endpoint URL.
+
+    s3fs/boto3 find it through AWS_ENDPOINT_URL, exactly as they would find a real endpoint.
+    """
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        s3fs.S3FileSystem.clear_instance_cache()  # instances cache the endpoint they were built with
+        yield endpoint
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory):
+    """A tiny synthetic set written through the real writer: 12 clips (8 train in 4 shards, 4 eval in 4 shards),
+    8 frames of 32x32 px. Returns make_synthetic's dict of paths."""
+    from pipeline.data.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("tiny_synthetic")
+    return make_synthetic(str(root), num_videos=12, split_ratio=8 / 12, seed=3, num_frames=8, size=32, shard_size=2)

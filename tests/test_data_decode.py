@@ -1,0 +1,129 @@
+"""PyAV decoding: the sampled frame indices come out (frames whose grey level encodes their index), short
+clips repeat frames, trimming, transcoding, and the clip transforms."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.data.decode import VideoDecodeError, decode_clip, probe_video, sample_frame_indices
+from pipeline.data.encode import encode_h264, transcode_h264
+from pipeline.data.transforms import eval_transform, random_crop_box, train_transform
+
+LEVEL = 8  # grey level step per frame index: survives H.264 quantisation of flat frames
+
+
+def indexed_video(num_frames: int, fps: float = 10.0, height: int = 32, width: int = 48) -> bytes:
+    frames = np.zeros((num_frames, height, width, 3), dtype=np.uint8)
+    for i in range(num_frames):
+        frames[i] = (i * LEVEL) % 256
+    return encode_h264(frames, fps)
+
+
+def decoded_indices(clip_THW3: np.ndarray, period: int = 32) -> list[int]:
+    return [int(round(float(frame.mean()) / LEVEL)) % period for frame in clip_THW3]
+
+
+def test_probe_reports_the_encoded_stream():
+    info = probe_video(indexed_video(30, fps=10.0))
+    assert (info.num_frames, info.fps, info.width, info.height) == (30, 10.0, 48, 32)
+    assert info.duration_s == pytest.approx(3.0)
+
+
+def test_sample_frame_indices_rules():
+    assert sample_frame_indices(80, 8, "middle") == [5, 15, 25, 35, 45, 55, 65, 75]
+    rand = sample_frame_indices(80, 8, "rand", random.Random(0))
+    assert all(10 * i <= j < 10 * (i + 1) for i, j in enumerate(rand))  # one per equal segment
+    assert sample_frame_indices(80, 4, "stride", None, frame_stride=4) == [33, 37, 41, 45]  # centred: (80 - 13) // 2
+    start = sample_frame_indices(80, 4, "stride", random.Random(1), frame_stride=4)
+    assert np.diff(start).tolist() == [4, 4, 4] and 0 <= start[0] <= 80 - 13
+    with pytest.raises(ValueError, match="needs a random generator"):
+        sample_frame_indices(80, 8, "rand")
+    with pytest.raises(ValueError, match="unknown sampling mode"):
+        sample_frame_indices(80, 8, "uniform")
+
+
+@pytest.mark.parametrize("mode", ["middle", "rand", "stride"])
+def test_decoded_frames_are_the_sampled_indices(mode):
+    video = indexed_video(30)
+    expected = sample_frame_indices(30, 8, mode, random.Random(7), frame_stride=3)
+    clip = decode_clip(video, 8, mode, random.Random(7), frame_stride=3)
+    assert clip.shape == (8, 32, 48, 3) and clip.dtype == np.uint8
+    assert decoded_indices(clip) == expected
+
+
+def test_seeking_in_a_long_video_with_keyframes():
+    # 200 frames with a keyframe every 25 (encoded by hand so seeks really happen): grey level = index % 32.
+    import io
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        stream.options = {"g": "25", "keyint_min": "25"}
+        for i in range(200):
+            frame = np.full((32, 48, 3), (i % 32) * LEVEL, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    expected = sample_frame_indices(200, 8, "rand", random.Random(3))
+    clip = decode_clip(buffer.getvalue(), 8, "rand", random.Random(3))
+    assert decoded_indices(clip) == [i % 32 for i in expected]
+
+
+def test_short_clip_repeats_frames():
+    clip = decode_clip(indexed_video(3), 8, "middle")
+    assert decoded_indices(clip) == [0, 0, 0, 1, 1, 2, 2, 2]  # floor((i + 0.5) * 3 / 8)
+    stride = decode_clip(indexed_video(3), 4, "stride", frame_stride=2)
+    assert decoded_indices(stride) == [0, 2, 2, 2]
+
+
+def test_trim_seconds_limits_sampling_to_the_start():
+    clip = decode_clip(indexed_video(30, fps=10.0), 4, "middle", trim_seconds=1.0)  # first 10 frames
+    assert decoded_indices(clip) == [1, 3, 6, 8]
+
+
+def test_corrupt_bytes_raise_a_decode_error():
+    with pytest.raises(VideoDecodeError):
+        decode_clip(b"\x00\x01not a video" * 100, 8, "middle")
+    truncated = indexed_video(30)[:300]
+    with pytest.raises(VideoDecodeError):
+        decode_clip(truncated, 8, "middle")
+
+
+def test_transcode_changes_size_and_rate_keeping_content():
+    out = transcode_h264(indexed_video(30, fps=10.0, height=32, width=48), short_side=16, fps=5.0)
+    info = probe_video(out)
+    assert (info.width, info.height, info.num_frames, info.fps) == (24, 16, 15, 5.0)
+    # Output frame k shows input frame 2k (the latest at time k/5 s).
+    assert decoded_indices(decode_clip(out, 15, "middle")) == list(range(0, 30, 2))
+
+
+def test_eval_transform_is_a_plain_bicubic_resize_and_normalise():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(2, 20, 30, 3), dtype=np.uint8)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    out = eval_transform(frames, 16, mean, std)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    ref = F.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False, antialias=True).clamp(0, 255)
+    ref = (ref / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert out.shape == (3, 2, 16, 16)
+    torch.testing.assert_close(out, ref.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-4)
+
+
+def test_train_transform_crops_one_box_for_all_frames():
+    frames = np.zeros((3, 40, 60, 3), dtype=np.uint8)
+    frames[:, :, 30:] = 255  # right half white
+    out = train_transform(frames, 16, (0.3, 0.6), False, [0.0] * 3, [1.0] * 3, random.Random(5))
+    assert out.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(out[:, 0], out[:, 2])  # same crop on every frame
+    top, left, h, w = random_crop_box(40, 60, (0.3, 0.6), random.Random(5))
+    assert 0.3 * 2400 * 0.9 <= h * w <= 0.6 * 2400 * 1.1 and 0 <= top <= 40 - h and 0 <= left <= 60 - w
+    flipped = train_transform(frames, 16, (1.0, 1.0), True, [0.0] * 3, [1.0] * 3, random.Random(2))
+    unflipped = train_transform(frames, 16, (1.0, 1.0), False, [0.0] * 3, [1.0] * 3, random.Random(2))
+    assert torch.equal(flipped, unflipped) or torch.allclose(flipped, unflipped.flip(-1))
