@@ -456,7 +456,8 @@ def _run_stage(cfg: Config) -> dict[str, Any]:
     export = Path(cfg.output_dir) / EXPORT_FILE
     if not export.is_file():
         raise RuntimeError(f"stage {cfg.stage!r} finished without writing its export {export}")
-    return {"run_id": result.mlflow_run_id, "export": str(export), "metrics": _scalars(result.metrics)}
+    return {"run_id": result.mlflow_run_id, "export": str(export), "metrics": _scalars(result.metrics),
+            "resumed_from_step": result.resumed_from_step}
 
 
 def _run_eval(cfg: Any) -> dict[str, Any]:

@@ -165,3 +165,37 @@ def test_rerun_skips_completed_stage_and_reuses_parent_run(tmp_path):
     # Changing a finished stage's config is refused instead of silently reusing the old export.
     with pytest.raises(RecipeError, match=r"\[first\] was completed with a different configuration"):
         run_recipe(load_recipe(recipe_path, [f"out_dir={out}", "stages.first.optim.lr=0.5"]), log=lambda line: None)
+
+
+@pytest.mark.timeout(240)
+def test_interrupted_stage_resumes_in_the_same_child_run(tmp_path):
+    """Kill the recipe's process inside stage 2, rerun the same command: stage 1 is skipped, stage 2 continues
+    from its last checkpoint in the same MLflow run, and no step is logged twice."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "o"
+    recipe_path = write_recipe(tmp_path, TWO_STAGES)
+    overrides = [f"out_dir={out}", "stages.second.task.exit_at_batch=4", "stages.second.task.exit_rank=0",
+                 f"stages.second.task.exit_marker={tmp_path / 'exited'}"]
+    repo = Path(__file__).resolve().parents[1]
+    crashed = subprocess.run([sys.executable, "jobs/run_recipe.py", str(recipe_path), *overrides], cwd=repo,
+                             capture_output=True, text=True, timeout=200)
+    assert crashed.returncode == 17, crashed.stdout[-2000:] + crashed.stderr[-2000:]  # the toy task's os._exit
+    state = json.loads((out / STATE_FILE).read_text())
+    assert list(state["steps"]) == ["first"]  # stage 2 never finished
+
+    logs: list[str] = []
+    result = run_recipe(load_recipe(recipe_path, overrides), log=logs.append)
+    assert result.skipped == ["first"] and result.parent_run_id == state["parent_run_id"]
+    client = MlflowClient(result.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("two").experiment_id],
+                              filter_string="attributes.run_name = 'two.second'")
+    assert len(runs) == 1, "the resumed stage must continue its MLflow run, not open a second one"
+    assert runs[0].info.run_id == result.steps["second"]["run_id"] and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert sorted(steps) == sorted(set(steps)) and max(steps) == 6, steps
+    assert result.steps["second"]["resumed_from_step"] == 3  # the checkpoint before the crash (interval 3)
+    assert any(line.startswith("[second] running") for line in logs)
