@@ -129,6 +129,11 @@ def rms_norm(
     return rms_norm_ref(x, weight, eps, residual, prenorm, residual_in_fp32)
 
 
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """A, D and the dt bias stay fp32 under autocast (as mamba-ssm keeps them); fp64 stays fp64 for gradcheck."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _mixer_direction(x_BEL: Tensor, z_BEL: Tensor, w: DirectionWeights, backend: str) -> Tensor:
     """One direction of the mixer: conv -> SiLU -> x_proj -> dt_proj -> selective scan, gated by silu(z)."""
     u_BEL = causal_conv1d(x_BEL, w.conv_weight_EW, w.conv_bias_E, "silu", backend)
@@ -137,8 +142,9 @@ def _mixer_direction(x_BEL: Tensor, z_BEL: Tensor, w: DirectionWeights, backend:
     dt_BLR, B_BLN, C_BLN = x_dbl_BLF.split([R, N, N], dim=-1)
     delta_BEL = F.linear(dt_BLR, w.dt_proj_weight).transpose(1, 2)  # bias goes into the scan (delta_bias)
     return selective_scan(
-        u_BEL, delta_BEL, -torch.exp(w.A_log_EN.float()), B_BLN.transpose(1, 2), C_BLN.transpose(1, 2),
-        D=w.D_E.float(), z=z_BEL, delta_bias=w.dt_proj_bias.float(), delta_softplus=True, backend=backend,
+        u_BEL, delta_BEL, -torch.exp(_at_least_fp32(w.A_log_EN)), B_BLN.transpose(1, 2), C_BLN.transpose(1, 2),
+        D=_at_least_fp32(w.D_E), z=z_BEL, delta_bias=_at_least_fp32(w.dt_proj_bias), delta_softplus=True,
+        backend=backend,
     )
 
 
