@@ -199,3 +199,54 @@ def test_every_combination_of_mask_and_feature_runs():
     for mask, feature in itertools.product(["attention", "none"], ["final_norm", "residual_before_last_block"]):
         out = tiny_task(f"data.mask.type={mask}", f"task.student_feature={feature}")({"video": clip(7, batch=1)})
         assert torch.isfinite(out["loss"])
+
+
+# ----------------------------------------------------------------------------- job and engine
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.timeout(120)
+def test_job_dry_run_prints_the_plan(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "jobs/pretrain_mask.py", "--config", "configs/stages/pretrain_mask_m.yaml", "--dry-run",
+         f"output_dir={tmp_path}", "task.student_feature=residual_before_last_block"],
+        cwd=REPO, capture_output=True, text=True, timeout=110, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # Trainable: M backbone without head (73,645,056) + one head 576 -> 512 with LayerNorm (296,448), less the
+    # frozen last block (2,283,840 per layer, videomamba.md §1.1) and norm_f (576); ViT-B/16's visual is frozen.
+    assert 73_645_056 + 296_448 - 2_283_840 - 576 == 71_657_088
+    assert "videomamba_middle: 160,134,144 parameters (71,657,088 trainable)" in proc.stdout
+    assert "global batch 2048; 93750 steps" in proc.stdout
+    assert (tmp_path / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_engine_local_run_exports_a_loadable_backbone(tmp_path):
+    from models import create_model, load_pretrained
+    from pipeline.data.synthetic import make_synthetic
+    from pipeline.engine import train
+
+    shards = make_synthetic(str(tmp_path / "data"), num_videos=5, num_frames=8, size=32, shard_size=2)
+    cfg = load_config(os.path.join(REPO, "configs/stages/pretrain_mask_test.yaml"), [
+        "scaling.use_ray=false", f"output_dir={tmp_path}/out", f"checkpoint.path={tmp_path}/ckpt",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"data.train_shards={shards['train_shards']}",
+        "optim.max_steps=3", "optim.warmup_steps=1", "tracking.log_interval=3", "checkpoint.interval_steps=3",
+        "data.batch_size=2",
+    ])  # fmt: skip
+    result = train(cfg)
+    assert result.step == 3
+    assert 0.0 < result.metrics["train/loss_align_L1"] < 4.0
+    exported = torch.load(result.export_path)
+    meta = exported["meta"]
+    assert meta["model_name"] == "videomamba_test" and meta["model_kwargs"]["num_classes"] == 0
+    student = create_model(meta["model_name"], **meta["model_kwargs"])
+    assert sorted(exported["state_dict"]) == sorted(student.state_dict())  # backbone only, official keys
+    report = load_pretrained(student, result.export_path)
+    assert report.missing == [] and report.unexpected == []
