@@ -68,13 +68,22 @@ def pop_run_record(cfg) -> dict[str, Any] | None:
 
 
 class RayCheckpointStore:
-    """Checkpoints through `ray.train.report`; only usable inside a Ray Train worker."""
+    """Checkpoints through `ray.train.report`; only usable inside a Ray Train worker.
+
+    `fallback` is a checkpoint the driver found by scanning storage; it is used only when Ray itself has none
+    for this run (Ray Train V2 dropped `resume_from_checkpoint` in favour of this pattern).
+    """
+
+    def __init__(self, fallback: str | None = None) -> None:
+        self.fallback = fallback
 
     @contextmanager
     def restore(self) -> Iterator[Path | None]:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.fallback is not None:
+            checkpoint = ray.train.Checkpoint(self.fallback)
         if checkpoint is None:
             yield None
             return
@@ -88,6 +97,9 @@ class RayCheckpointStore:
             write(Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step))
+        # Block until the controller has registered it: otherwise a worker lost soon after this point can make
+        # Ray restart the group from an older checkpoint (it may not have processed this report yet).
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 class LocalCheckpointStore:

@@ -86,7 +86,7 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = from_dict(Config, loop_config["config"], "")
     try:
-        Trainer(cfg, RayCheckpointStore()).fit()
+        Trainer(cfg, RayCheckpointStore(fallback=loop_config["resume_from"])).fit()
     except NonFiniteError as err:
         # Every rank raises at the same step (the check is all-reduced). Returning instead of raising keeps Ray
         # from restarting the workers: a deterministic NaN would only recur from the same checkpoint.
@@ -117,7 +117,9 @@ def launch(cfg: Config) -> TrainResult:
         print(f"[{cfg.run_name}] resuming from {latest}", flush=True)
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": to_dict(cfg)},
+        # Ray Train V2 reloads its checkpoint list from <storage>/<name> by itself; the checkpoint found by
+        # scanning is the workers' fallback when that list is missing (e.g. lost with a crashed driver).
+        train_loop_config={"config": to_dict(cfg), "resume_from": latest},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
@@ -128,9 +130,6 @@ def launch(cfg: Config) -> TrainResult:
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
-        # Ray Train V2 also reloads its own checkpoint list from <storage>/<name>; naming the checkpoint found
-        # by scanning covers a run whose list was never written (a crash right after the first checkpoint).
-        resume_from_checkpoint=ray.train.Checkpoint(latest) if latest else None,
     )
     pop_run_record(cfg)  # a record from an earlier launch of this run must not be mistaken for this one's
     trainer.fit()
