@@ -77,16 +77,26 @@ def _cfg(ws, tmp_path, *extra: str):
     ])
 
 
-def _reference_features(ws, paragraph: bool):
-    """Features by hand: the model's own encoders on each clip and caption, one at a time."""
-    model = load_video_text_model(str(ws["checkpoint"]), torch.device("cpu"))
-    spec = ClipSpec(4, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)
+SPEC = ClipSpec(4, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)
+CAPTIONS = [t for n in COLOURS for t in (f"a {n} scene", f"the {n} video")]
+PARAGRAPHS = [f"a {n} scene the {n} video" for n in COLOURS]
+
+
+@pytest.fixture(scope="module")
+def reference(workspace):
+    """Features and VTM scores by hand: the model's own encoders on every clip and text, in single batches."""
+    model = load_video_text_model(str(workspace["checkpoint"]), torch.device("cpu"))
+    clips_VCTHW = torch.stack([SPEC.load(str(workspace["root"] / "videos" / v)) for v in VIDEOS])
+    V, P = len(VIDEOS), len(PARAGRAPHS)
     with torch.no_grad():
-        video_VE = torch.cat([model.encode_video(spec.load(str(ws["root"] / "videos" / v))[None]) for v in VIDEOS])
-        texts = [f"a {n} scene the {n} video" for n in COLOURS] if paragraph else \
-            [t for n in COLOURS for t in (f"a {n} scene", f"the {n} video")]
-        text_TE = torch.cat([model.encode_text([t]) for t in texts])
-    return model, video_VE, text_TE, texts
+        pairs_video = clips_VCTHW.repeat(P, 1, 1, 1, 1)  # row p * V + v = clip v
+        pairs_text = [t for t in PARAGRAPHS for _ in range(V)]
+        return {
+            "model": model,
+            "video_VE": model.encode_video(clips_VCTHW),
+            "caption_TE": model.encode_text(CAPTIONS),
+            "vtm_paragraph_TV": model.vtm_scores(pairs_video, pairs_text).view(P, V),
+        }
 
 
 class CountingLoader:
@@ -113,7 +123,7 @@ class CountingLoader:
 
 
 @pytest.mark.timeout(120)
-def test_end_to_end_metrics_cache_and_mlflow(workspace, tmp_path):
+def test_end_to_end_metrics_cache_and_mlflow(workspace, reference, tmp_path):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -126,10 +136,9 @@ def test_end_to_end_metrics_cache_and_mlflow(workspace, tmp_path):
     first = evaluate_retrieval(cfg, loader)
     assert loader.loads == 1 and loader.video_calls == 3  # 5 videos in batches of 2
 
-    _, video_VE, text_TE, _ = _reference_features(workspace, paragraph=False)
     txt2vid = [j for j in range(len(VIDEOS)) for _ in range(2)]
     vid2txt = [[2 * j, 2 * j + 1] for j in range(len(VIDEOS))]
-    expected = retrieval_metrics(text_TE @ video_VE.T, txt2vid, vid2txt)
+    expected = retrieval_metrics(reference["caption_TE"] @ reference["video_VE"].T, txt2vid, vid2txt)
     assert {k: first[k] for k in expected} == pytest.approx(expected, abs=1e-9)
     assert (first["videos"], first["texts"], first["skipped_videos"]) == (5, 10, 0)
 
@@ -155,22 +164,18 @@ def test_end_to_end_metrics_cache_and_mlflow(workspace, tmp_path):
 
     # Changing the protocol (here: paragraph mode) changes the key: the model runs again.
     para = CountingLoader()
-    result = evaluate_retrieval(_cfg(workspace, tmp_path, "data.paragraph=true"), para)
-    assert para.video_calls == 3 and result["texts"] == 5
+    result = evaluate_retrieval(_cfg(workspace, tmp_path, "data.paragraph=true", "data.batch_size=8"), para)
+    assert para.video_calls == 1 and result["texts"] == 5
 
 
 @pytest.mark.timeout(120)
-def test_vtm_rerank_of_all_pairs_equals_full_vtm_ranking(workspace, tmp_path):
-    model, _, _, texts = _reference_features(workspace, paragraph=True)
-    spec = ClipSpec(4, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)
-    with torch.no_grad():
-        clips = [spec.load(str(workspace["root"] / "videos" / v))[None] for v in VIDEOS]
-        vtm_TV = torch.tensor([[model.vtm_scores(clip, [t]).item() for clip in clips] for t in texts])
+def test_vtm_rerank_of_all_pairs_equals_full_vtm_ranking(workspace, reference, tmp_path):
+    vtm_TV = reference["vtm_paragraph_TV"]
     identity = [[j] for j in range(len(VIDEOS))]
     expected = retrieval_metrics(vtm_TV, list(range(len(VIDEOS))), identity)
     # top-k >= number of candidates: every pair is re-scored, so the ranking is the VTM head's alone.
     result = evaluate_retrieval(_cfg(workspace, tmp_path, "data.paragraph=true", "scoring.rerank_top_k=8",
-                                     "scoring.rerank_batch_size=3"))
+                                     "scoring.rerank_batch_size=5", "data.batch_size=8"))
     assert {k: result[k] for k in expected} == pytest.approx(expected, abs=1e-6)
     report = json.loads(Path(result["report"]).read_text())
     assert report["protocol"]["scoring"]["rerank_top_k"] == 8 and report["cache"]["vtm_hit"] is False
@@ -214,17 +219,17 @@ def _extract_on_rank(rank: int, world_size: int, port: int, ws: dict, out: str) 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         model = load_video_text_model(str(ws["checkpoint"]), torch.device("cpu"))
-        spec = ClipSpec(4, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None)
         source = FolderVideos(str(ws["root"] / "videos"))
-        video_VE = encode_videos(model, VIDEOS, source, spec, torch.device("cpu"), batch_size=2, num_workers=0)
-        text_TE = encode_texts(model, [f"caption {i}" for i in range(7)], torch.device("cpu"), batch_size=2)
+        # 5 videos / 10 texts over 2 ranks: uneven slices (2 + 3) and several batches per rank.
+        video_VE = encode_videos(model, VIDEOS, source, SPEC, torch.device("cpu"), batch_size=2, num_workers=0)
+        text_TE = encode_texts(model, CAPTIONS, torch.device("cpu"), batch_size=3)
         torch.save({"video_VE": video_VE, "text_TE": text_TE}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.timeout(120)
-def test_two_rank_extraction_equals_one_rank(workspace, tmp_path):
+def test_two_rank_extraction_equals_one_rank(workspace, reference, tmp_path):
     import socket
 
     with socket.socket() as sock:
@@ -232,14 +237,10 @@ def test_two_rank_extraction_equals_one_rank(workspace, tmp_path):
         port = sock.getsockname()[1]
     out = str(tmp_path / "feats")
     mp.spawn(_extract_on_rank, args=(2, port, dict(workspace), out), nprocs=2, join=True)
-    single = _reference_features(workspace, paragraph=False)
     rank0, rank1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     torch.testing.assert_close(rank0["video_VE"], rank1["video_VE"])  # every rank holds the gathered result
-    torch.testing.assert_close(rank0["video_VE"], single[1], atol=1e-5, rtol=1e-5)
-    model = single[0]
-    with torch.no_grad():
-        expected_text = model.encode_text([f"caption {i}" for i in range(7)])
-    torch.testing.assert_close(rank0["text_TE"], expected_text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rank0["video_VE"], reference["video_VE"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rank0["text_TE"], reference["caption_TE"], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["msrvtt", "didemo", "anet", "synthetic"])
@@ -275,3 +276,23 @@ def test_job_dry_run(workspace, tmp_path):
     missing = subprocess.run(cmd[:-2] + [f"data.root={tmp_path}", "--dry-run"], cwd=REPO, capture_output=True,
                              text=True, timeout=60)
     assert missing.returncode != 0 and "5 of 5 videos" in missing.stderr and "clips/red.mp4" in missing.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_train_workers_give_the_local_numbers(workspace, reference, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    txt2vid = [j for j in range(len(VIDEOS)) for _ in range(2)]
+    vid2txt = [[2 * j, 2 * j + 1] for j in range(len(VIDEOS))]
+    expected = retrieval_metrics(reference["caption_TE"] @ reference["video_VE"].T, txt2vid, vid2txt)
+    try:
+        result = evaluate_retrieval(_cfg(workspace, tmp_path, "scaling.use_ray=true", "scaling.num_workers=2",
+                                         "scaling.use_gpu=false", "cache.dir=null"))
+    finally:
+        ray.shutdown()
+    assert {k: result[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+    report = json.loads(Path(result["report"]).read_text())
+    assert report["cache"] == {"features_hit": False, "vtm_hit": None, "world_size": 2}

@@ -8,7 +8,9 @@ rank 0 scores, writes the reports and logs the MLflow run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from pipeline.config import from_dict, to_dict
 from pipeline.distributed import broadcast_object, get_world_size, is_main_process
 from pipeline.evaluation.annotations import RetrievalAnnotations, drop_missing, load_annotations
 from pipeline.evaluation.cache import FeatureCache, cache_key, checkpoint_identity
@@ -203,14 +206,76 @@ def _tensor_digest(x: torch.Tensor) -> str:
 
 
 def evaluate_retrieval(cfg: EvalRetrievalConfig, model_loader: ModelLoader = load_video_text_model) -> dict[str, Any]:
-    """Evaluate and return `{t2v_r1, ..., v2t_meanr, videos, texts, skipped_videos, run_id, report}`."""
+    """Evaluate and return `{t2v_r1, ..., v2t_meanr, videos, texts, skipped_videos, run_id, report}`.
+
+    Without Ray this process evaluates (as one rank of a torchrun group, if one is initialised; other
+    ranks get {}). With `scaling.use_ray` the default model loader runs on Ray Train workers.
+    """
     cfg.check_runnable()
     if cfg.scaling.use_ray:
-        from pipeline.launch import run_on_workers
-
-        return run_on_workers(cfg, evaluate_on_rank)
+        return _evaluate_with_ray(_absolute_paths(cfg))
     result = evaluate_on_rank(cfg, model_loader)
     return result if result is not None else {}
+
+
+def _absolute_paths(cfg: EvalRetrievalConfig) -> EvalRetrievalConfig:
+    """Ray workers do not share the driver's working directory: make every local path absolute."""
+    from pipeline.tracking import tracking_uri
+
+    def local(path: str | None) -> str | None:
+        return path if path is None or "://" in path else str(Path(path).resolve())
+
+    shards = cfg.data.shards
+    shards = [local(s) for s in shards] if isinstance(shards, list) else local(shards)
+    data = dataclasses.replace(cfg.data, annotation=local(cfg.data.annotation), root=local(cfg.data.root),
+                               shards=shards)
+    return dataclasses.replace(
+        cfg, output_dir=local(cfg.output_dir), data=data,
+        model=dataclasses.replace(cfg.model, checkpoint=local(cfg.model.checkpoint)),
+        cache=dataclasses.replace(cfg.cache, dir=local(cfg.cache.dir)),
+        tracking=dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg) if cfg.tracking.enabled else None),
+    )
+
+
+def _record_path(cfg: EvalRetrievalConfig) -> Path:
+    return Path(cfg.output_dir) / f"retrieval_{cfg.data.name}.result.json"
+
+
+def _ray_worker(loop_config: dict[str, Any]) -> None:
+    """Body of every Ray Train worker; rank 0 leaves the flat result where the driver reads it."""
+    cfg = from_dict(EvalRetrievalConfig, loop_config["config"], "")
+    result = evaluate_on_rank(cfg)
+    if result is not None:
+        _record_path(cfg).write_text(json.dumps(result))
+
+
+def _evaluate_with_ray(cfg: EvalRetrievalConfig) -> dict[str, Any]:
+    """Run `evaluate_on_rank` on `scaling.num_workers` Ray Train workers (the output dir must be shared)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.launch import _use_gpu, connect_ray
+
+    connect_ray(cfg)
+    use_gpu = _use_gpu(cfg.scaling.use_gpu)
+    record = _record_path(cfg)
+    record.unlink(missing_ok=True)  # a record of an earlier run must not be mistaken for this one's
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"config": to_dict(cfg)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(name=f"eval-{cfg.data.name}", storage_path=str(Path(cfg.output_dir) / "ray")),
+    )
+    trainer.fit()
+    if not record.is_file():
+        raise RuntimeError(f"the Ray workers finished without writing {record}")
+    result = json.loads(record.read_text())
+    record.unlink()
+    return result
 
 
 def describe_plan(cfg: EvalRetrievalConfig) -> list[str]:
