@@ -29,7 +29,12 @@ def history(tmp_path, run_id: str, key: str) -> list[tuple[int, float]]:
 @pytest.mark.timeout(240)
 def test_loss_decreases_metrics_logged_and_resume_is_exact(tmp_path):
     constant_lr = ["optim.warmup_steps=0", "optim.min_lr=0.03"]  # so a run can be extended without a new schedule
-    straight = train(toy_cfg(tmp_path, "tracking.run_name=straight", "optim.max_steps=40", *constant_lr))
+    straight = train(toy_cfg(tmp_path, "tracking.run_name=straight", "optim.max_steps=40", "scaling.peak_tflops=0.5",
+                             *constant_lr))  # fmt: skip
+    # model FLOPs: 6 per multiply-add (fwd + bwd) x (16*32 + 32*4) MACs per sample
+    m = straight.metrics
+    assert m["train/tflops_per_worker"] == pytest.approx(6 * (16 * 32 + 32 * 4) * m["train/clips_per_s"] / 1e12)
+    assert m["train/mfu"] == pytest.approx(m["train/tflops_per_worker"] / 0.5)
 
     losses = history(tmp_path, straight.mlflow_run_id, "train/loss")
     assert [s for s, _ in losses] == [10, 20, 30, 40]
