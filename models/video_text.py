@@ -69,7 +69,8 @@ class VideoTextModel(nn.Module):
         self.vision_proj = nn.Linear(width, embed_dim)
         self.text_encoder = text_encoder
         self.text_proj = nn.Linear(text_encoder.width, embed_dim)
-        self.temp = nn.Parameter(torch.tensor(float(temp_init)))
+        # Shape (1,), not a 0-d scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse.
+        self.temp = nn.Parameter(torch.full((1,), float(temp_init)))
         self.vtm_head = MatchingHead(width, text_encoder.width, vtm_layers) if vtm_layers > 0 else None
         self.config = dict(config or {})  # what `build_video_text_model` needs to rebuild this model
 

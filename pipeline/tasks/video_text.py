@@ -152,7 +152,7 @@ class VideoTextTask(Task):
         weights = {"vtc": self.vtc_weight, "vtm": self.vtm_weight, "uta": self.uta_weight}
         loss = sum(weights[name] * value for name, value in parts.items())
         out = {"loss": loss, **{name: value.detach() for name, value in parts.items()}}
-        out["temp"] = model.temp.detach().clone()
+        out["temp"] = model.temp.detach().clone().squeeze()
         out["vtc_acc"] = (index_B[sim_v2t_BB.argmax(dim=1)] == index_B).float().mean()
         return out
 
