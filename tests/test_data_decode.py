@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pipeline.data.decode import VideoDecodeError, decode_clip, probe_video, sample_frame_indices
 from pipeline.data.encode import encode_h264, transcode_h264
@@ -105,15 +104,18 @@ def test_transcode_changes_size_and_rate_keeping_content():
 
 
 def test_eval_transform_is_a_plain_bicubic_resize_and_normalise():
+    from PIL import Image
+
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, size=(2, 20, 30, 3), dtype=np.uint8)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     out = eval_transform(frames, 16, mean, std)
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-    ref = F.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False, antialias=True).clamp(0, 255)
-    ref = (ref / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    assert out.shape == (3, 2, 16, 16)
-    torch.testing.assert_close(out, ref.permute(1, 0, 2, 3), rtol=1e-5, atol=1e-4)
+    # Reference: PIL's antialiased bicubic resize of each whole frame (no crop), then normalise.
+    ref = np.stack([np.asarray(Image.fromarray(f).resize((16, 16), Image.BICUBIC)) for f in frames])
+    ref = (torch.from_numpy(ref).float() / 255 - torch.tensor(mean)) / torch.tensor(std)
+    assert out.shape == (3, 2, 16, 16) and out.dtype == torch.float32
+    one_level = 1 / 255 / min(std)
+    torch.testing.assert_close(out, ref.permute(3, 0, 1, 2), rtol=0, atol=one_level * 1.01)
 
 
 def test_train_transform_crops_one_box_for_all_frames():

@@ -17,14 +17,16 @@ import torch.nn.functional as F
 _ASPECT_RANGE = (3 / 4, 4 / 3)
 
 
-def _to_float_TCHW(frames_THW3: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(frames_THW3).permute(0, 3, 1, 2).float()
+def _to_uint8_TCHW(frames_THW3: np.ndarray) -> torch.Tensor:
+    # A channels-last uint8 view: torch's antialiased uint8 resize on it is ~10x faster than on floats
+    # and matches PIL's bilinear/bicubic to within one grey level.
+    return torch.from_numpy(np.ascontiguousarray(frames_THW3)).permute(0, 3, 1, 2)
 
 
 def _normalise_CTHW(x_TCHW: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    mean_C = torch.tensor(mean).view(1, 3, 1, 1) * 255.0
-    std_C = torch.tensor(std).view(1, 3, 1, 1) * 255.0
-    return ((x_TCHW - mean_C) / std_C).permute(1, 0, 2, 3).contiguous()
+    mean_C = torch.tensor(mean).view(3, 1, 1, 1) * 255.0
+    inv_std_C = 1.0 / (torch.tensor(std).view(3, 1, 1, 1) * 255.0)
+    return x_TCHW.permute(1, 0, 2, 3).contiguous().float().sub_(mean_C).mul_(inv_std_C)
 
 
 def random_crop_box(height: int, width: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, ...]:
@@ -52,7 +54,7 @@ def train_transform(
     rng: random.Random,
 ) -> torch.Tensor:
     """Random resized crop (same box for every frame) + optional flip + normalise -> (3, T, size, size)."""
-    x_TCHW = _to_float_TCHW(frames_THW3)
+    x_TCHW = _to_uint8_TCHW(frames_THW3)
     top, left, h, w = random_crop_box(x_TCHW.shape[2], x_TCHW.shape[3], scale, rng)
     x_TCHW = x_TCHW[:, :, top : top + h, left : left + w]
     x_TCHW = F.interpolate(x_TCHW, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -63,6 +65,5 @@ def train_transform(
 
 def eval_transform(frames_THW3: np.ndarray, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
     """Bicubic resize of the whole frame to size x size (no crop) + normalise -> (3, T, size, size)."""
-    x_TCHW = _to_float_TCHW(frames_THW3)
-    x_TCHW = F.interpolate(x_TCHW, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return _normalise_CTHW(x_TCHW.clamp(0.0, 255.0), mean, std)
+    x_TCHW = F.interpolate(_to_uint8_TCHW(frames_THW3), size=(size, size), mode="bicubic", antialias=True)
+    return _normalise_CTHW(x_TCHW, mean, std)
