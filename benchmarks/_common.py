@@ -27,6 +27,14 @@ SHAPES = [
 D_STATE = 16
 
 
+def config_from_env():
+    """SCAN_CONFIG="be_fwd,be_bwd,chunk,warps_fwd,warps_bwd" (written by bench_scan.py --sweep), or None."""
+    from models.ops.triton_scan import ScanConfig
+
+    spec = os.environ.get("SCAN_CONFIG")
+    return ScanConfig(*(int(v) for v in spec.split(","))) if spec else None
+
+
 def log_uniform_dt(E: int, device: str) -> torch.Tensor:
     """mamba's dt init: dt ~ log-uniform [1e-3, 1e-1]; returns the delta_bias whose softplus is dt."""
     dt = torch.exp(torch.rand(E, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))

@@ -16,7 +16,16 @@ import math
 
 import torch
 import torch.nn.functional as F
-from _common import D_STATE, SHAPES, bench_ms, load_mamba_selective_scan, log_uniform_dt, rel_err, write_results
+from _common import (
+    D_STATE,
+    SHAPES,
+    bench_ms,
+    config_from_env,
+    load_mamba_selective_scan,
+    log_uniform_dt,
+    rel_err,
+    write_results,
+)
 
 from models.ops import DirectionWeights
 from models.ops.ref import causal_conv1d_ref
@@ -75,14 +84,16 @@ def main() -> None:
     args = parser.parse_args()
     mamba = load_mamba_selective_scan()
     print(f"mamba-ssm selective_scan_fn: {'loaded' if mamba else 'not available (set MAMBA_SRC)'}")
+    cfg = config_from_env()
+    ours = lambda x, z, f, b: bimamba_inner_triton(x, z, f, b, config=cfg)
     rows = []
     for name, Bsz, E, L, R in [s for s in SHAPES if not args.shapes or s[0] in args.shapes]:
         x = torch.randn(Bsz, E, L, device="cuda", dtype=torch.bfloat16)
         z = torch.randn(Bsz, E, L, device="cuda", dtype=torch.bfloat16)
         fwd, bwd = make_weights(E, R), make_weights(E, R)
-        row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}"}
-        row["ours fwd ms"], row["ours fwd+bwd ms"] = time_block(bimamba_inner_triton, x, z, fwd, bwd)
-        row["ours peak GiB (fwd+bwd)"] = _peak_gib(bimamba_inner_triton, x, z, fwd, bwd)
+        row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg or "default")}
+        row["ours fwd ms"], row["ours fwd+bwd ms"] = time_block(ours, x, z, fwd, bwd)
+        row["ours peak GiB (fwd+bwd)"] = _peak_gib(ours, x, z, fwd, bwd)
         if mamba is not None:
             base = baseline_block(mamba)
             row["base fwd ms"], row["base fwd+bwd ms"] = time_block(base, x, z, fwd, bwd)
@@ -90,7 +101,7 @@ def main() -> None:
             row["speedup fwd"] = row["base fwd ms"] / row["ours fwd ms"]
             row["speedup fwd+bwd"] = row["base fwd+bwd ms"] / row["ours fwd+bwd ms"]
             with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-                row["out rel diff vs base"] = rel_err(bimamba_inner_triton(x, z, fwd, bwd), base(x, z, fwd, bwd))
+                row["out rel diff vs base"] = rel_err(ours(x, z, fwd, bwd), base(x, z, fwd, bwd))
         rows.append(row)
         print(row, flush=True)
         del x, z

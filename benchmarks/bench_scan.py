@@ -5,7 +5,8 @@ Reports fwd and fwd+bwd milliseconds (median), effective GB/s over the minimum b
 difference between the two kernels' outputs and input gradients. mamba-ssm is used when MAMBA_SRC names
 a source tree with its extension built in place (scripts/gpu_bench.sh); otherwise only ours is timed.
 
-    PYTHONPATH=.:benchmarks python benchmarks/bench_scan.py [--sweep] [--shapes "S 8f b16" ...]
+    [SCAN_CONFIG=be_f,be_b,T,w_f,w_b] PYTHONPATH=.:benchmarks python benchmarks/bench_scan.py \
+        [--sweep] [--shapes "S 8f b16" ...]
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from _common import D_STATE, SHAPES, bench_ms, load_mamba_selective_scan, log_uniform_dt, rel_err, write_results
+from _common import (
+    D_STATE,
+    SHAPES,
+    bench_ms,
+    config_from_env,
+    load_mamba_selective_scan,
+    log_uniform_dt,
+    rel_err,
+    write_results,
+)
 
 from models.ops.triton_scan import ScanConfig, default_config, selective_scan_triton
 
@@ -41,10 +51,12 @@ def min_bytes(Bsz: int, E: int, L: int, N: int = D_STATE) -> tuple[int, int]:
     return 4 * bel + 2 * bnl, 11 * bel + 6 * bnl
 
 
-def time_scan(fn: Callable, x: dict[str, torch.Tensor]) -> tuple[float, float]:
+def time_scan(fn: Callable, x: dict[str, torch.Tensor], with_bwd: bool = True) -> tuple[float, float]:
     args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     with torch.no_grad():
         fwd = bench_ms(lambda: fn(*args, True))
+    if not with_bwd:
+        return fwd, float("nan")
     leaves = [t.detach().requires_grad_() for t in args]
     dout = torch.randn_like(x["u"])
     fwd_bwd = bench_ms(lambda: torch.autograd.grad(fn(*leaves, True), leaves, dout))
@@ -66,35 +78,58 @@ def compare(ours: Callable, theirs: Callable, x: dict[str, torch.Tensor]) -> dic
     return diff
 
 
-def sweep(shapes: list[tuple]) -> None:
-    """Time a few launch shapes of our kernel (prints only): picks default_config()."""
-    configs = [ScanConfig(be, bb, ch, wf, wb) for be, bb, ch, wf, wb in (
-        (2, 2, 64, 2, 2), (4, 4, 64, 4, 4), (8, 8, 64, 4, 4), (8, 8, 64, 8, 8), (4, 4, 32, 2, 2), (2, 4, 64, 2, 4))]
-    for name, Bsz, E, L, _ in shapes[::2]:  # S 8f b16 and Ti 64f b4: many short rows vs few long ones
-        x = make_inputs(Bsz, E, L)
-        for cfg in configs:
-            fn = lambda *a, cfg=cfg: selective_scan_triton(*a, config=cfg)
-            fwd, fb = time_scan(fn, x)
-            print(f"sweep {name:10s} {cfg}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+def sweep(shapes: list[tuple], best_out: str | None) -> None:
+    """Time launch shapes of ours (summed over the given shapes); print them and the best config.
+
+    Per chunk size T: the best forward (channels per program, warps) by forward time, then with it the
+    best backward by fwd+bwd time. The winner is written to `best_out` as SCAN_CONFIG for the benchmarks.
+    """
+    inputs = [make_inputs(Bsz, E, L) for _, Bsz, E, L, _ in shapes]
+
+    def total(cfg: ScanConfig, part: int) -> float:
+        fn = lambda *a: selective_scan_triton(*a, config=cfg)
+        t = sum(time_scan(fn, x, with_bwd=part == 1)[part] for x in inputs)
+        print(f"sweep {'fwd' if part == 0 else 'fwd+bwd'} {cfg}: {t:.3f} ms", flush=True)
+        return t
+
+    best: tuple[float, ScanConfig] | None = None
+    for T in (16, 32, 64):
+        fits = lambda be, T=T: 1024 <= be * D_STATE * T <= 8192
+        fwd = min((total(ScanConfig(be, be, T, w, w), 0), be, w)
+                  for be in (2, 4, 8, 16) for w in (2, 4) if fits(be))
+        for be in (4, 8, 16):
+            for w in (2, 4):
+                if fits(be):
+                    cfg = ScanConfig(fwd[1], be, T, fwd[2], w)
+                    t = total(cfg, 1)
+                    best = min(best, (t, cfg), key=lambda b: b[0]) if best else (t, cfg)
+    print(f"best config: {best[1]} ({best[0]:.3f} ms)")
+    if best_out:
+        c = best[1]
+        with open(best_out, "w") as f:
+            f.write(f"{c.block_e_fwd},{c.block_e_bwd},{c.chunk},{c.num_warps_fwd},{c.num_warps_bwd}\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="only time several launch configs of ours")
+    parser.add_argument("--best-out", help="with --sweep: file to write the best config to (SCAN_CONFIG)")
     parser.add_argument("--shapes", nargs="*", help="subset of shape names")
     args = parser.parse_args()
     shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes]
     if args.sweep:
-        sweep(shapes)
+        sweep(shapes[::2], args.best_out)  # S 8f b16 and Ti 64f b4: many short rows vs few long ones
         return
+    cfg = config_from_env() or default_config(D_STATE)
+    ours = lambda *a: selective_scan_triton(*a, config=cfg)
     mamba = load_mamba_selective_scan()
     print(f"mamba-ssm selective_scan_fn: {'loaded' if mamba else 'not available (set MAMBA_SRC)'}")
     rows = []
     for name, Bsz, E, L, _ in shapes:
         x = make_inputs(Bsz, E, L)
         b_fwd, b_fb = min_bytes(Bsz, E, L)
-        row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(default_config(D_STATE))}
-        row["ours fwd ms"], row["ours fwd+bwd ms"] = time_scan(selective_scan_triton, x)
+        row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg)}
+        row["ours fwd ms"], row["ours fwd+bwd ms"] = time_scan(ours, x)
         row["ours fwd GB/s"] = b_fwd / row["ours fwd ms"] / 1e6
         row["ours fwd+bwd GB/s"] = b_fb / row["ours fwd+bwd ms"] / 1e6
         if mamba is not None:
@@ -102,7 +137,7 @@ def main() -> None:
             row["mamba fwd GB/s"] = b_fwd / row["mamba fwd ms"] / 1e6
             row["speedup fwd"] = row["mamba fwd ms"] / row["ours fwd ms"]
             row["speedup fwd+bwd"] = row["mamba fwd+bwd ms"] / row["ours fwd+bwd ms"]
-            diff = compare(selective_scan_triton, mamba, x)
+            diff = compare(ours, mamba, x)
             row["max rel diff vs mamba"] = max(diff.values())
             row["rel diff vs mamba"] = diff
         rows.append(row)

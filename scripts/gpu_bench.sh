@@ -6,6 +6,7 @@
 # Results land in benchmarks/results/ and are copied to $OUT with the logs.
 # Usage, from the repository root on a machine with an H100/H200, nvcc and torch:
 #   MAMBA_SDIST=path/mamba_ssm-2.3.2.post1.tar.gz [SWEEP=1] OUT=/tmp/out bash scripts/gpu_bench.sh
+# SWEEP=1 first times several launch configs and benchmarks with the best one (SCAN_CONFIG).
 # Get the sdist (no CUDA needed) with:
 #   MAMBA_SKIP_CUDA_BUILD=TRUE pip download --no-deps --no-binary :all: --no-build-isolation \
 #       mamba-ssm==2.3.2.post1 -d <dir>
@@ -46,7 +47,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 "$PY" -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_scan.py 2>&1 | tail -25 | tee -a "$OUT/tests.log"
 
 if [ -n "${SWEEP:-}" ]; then
-    "$PY" benchmarks/bench_scan.py --sweep 2>&1 | tee -a "$LOG"
+    # Bounded, so that the comparison below still runs inside a 10-minute lease.
+    timeout "${SWEEP_S:-400}" "$PY" benchmarks/bench_scan.py --sweep --best-out /tmp/best_config 2>&1 \
+        | tee -a "$LOG"
+    SCAN_CONFIG=$(cat /tmp/best_config 2>/dev/null)
+    export SCAN_CONFIG
 fi
 
 if [ -n "${MAMBA_SDIST:-}" ]; then
