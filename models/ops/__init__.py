@@ -138,9 +138,10 @@ def _mixer_direction(x_BEL: Tensor, z_BEL: Tensor, w: DirectionWeights, backend:
     """One direction of the mixer: conv -> SiLU -> x_proj -> dt_proj -> selective scan, gated by silu(z)."""
     u_BEL = causal_conv1d(x_BEL, w.conv_weight_EW, w.conv_bias_E, "silu", backend)
     N, R = w.A_log_EN.shape[1], w.dt_proj_weight.shape[1]
-    x_dbl_BLF = F.linear(u_BEL.transpose(1, 2), w.x_proj_weight)
+    # Projections run in the activations' dtype (bf16 under autocast, like mamba-ssm's fused path).
+    x_dbl_BLF = F.linear(u_BEL.transpose(1, 2), w.x_proj_weight.to(u_BEL.dtype))
     dt_BLR, B_BLN, C_BLN = x_dbl_BLF.split([R, N, N], dim=-1)
-    delta_BEL = F.linear(dt_BLR, w.dt_proj_weight).transpose(1, 2)  # bias goes into the scan (delta_bias)
+    delta_BEL = F.linear(dt_BLR, w.dt_proj_weight.to(u_BEL.dtype)).transpose(1, 2)  # bias: inside the scan
     return selective_scan(
         u_BEL, delta_BEL, -torch.exp(_at_least_fp32(w.A_log_EN)), B_BLN.transpose(1, 2), C_BLN.transpose(1, 2),
         D=_at_least_fp32(w.D_E), z=z_BEL, delta_bias=_at_least_fp32(w.dt_proj_bias), delta_softplus=True,
