@@ -205,14 +205,14 @@ class Trainer:
         with self.store.restore() as directory:
             if directory is None:
                 return None
-            _, client_state = self.engine.load_checkpoint(str(directory), tag=_CHECKPOINT_TAG)
-            rank_file = directory / f"rank{self.rank}_state.pt"
-            if not rank_file.is_file():
+            saved_ranks = len(list(directory.glob("rank*_state.pt")))
+            if saved_ranks != self.world:
                 raise RuntimeError(
-                    f"checkpoint {directory} has no state for rank {self.rank}; resuming needs the same number "
-                    "of workers as the run that wrote it (ZeRO shards are per rank)"
+                    f"checkpoint {directory} was written by {saved_ranks} worker(s) but this run has {self.world}; "
+                    "resuming needs the same number of workers (ZeRO shards are per rank)"
                 )
-            rank_state = torch.load(rank_file, weights_only=False)
+            _, client_state = self.engine.load_checkpoint(str(directory), tag=_CHECKPOINT_TAG)
+            rank_state = torch.load(directory / f"rank{self.rank}_state.pt", weights_only=False)
         _set_rng_state(rank_state["rng"])
         self.loader_state = rank_state["loader"]
         self.step = self.resumed_from_step = client_state["step"]

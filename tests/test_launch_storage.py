@@ -1,0 +1,33 @@
+"""Run storage on a real (moto) S3 server: finding the newest complete checkpoint, and the result record."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.checkpointing import pop_run_record, write_run_record
+from pipeline.config import load_config
+from pipeline.launch import latest_checkpoint
+
+
+@pytest.mark.timeout(60)
+def test_latest_complete_checkpoint_and_result_record_on_s3(moto_s3):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("ckpts")
+    cfg = load_config(None, ["task.name=toy", "stage=toy", "checkpoint.path=s3://ckpts/runs", "scaling.num_workers=2"])
+    assert latest_checkpoint(cfg) is None
+
+    def put_checkpoint(step: int, ranks: list[int]) -> None:
+        root = f"ckpts/runs/toy/checkpoint_{step:08d}"
+        fs.pipe({f"{root}/latest": b"state", **{f"{root}/rank{r}_state.pt": b"x" for r in ranks}})
+
+    put_checkpoint(10, [0, 1])
+    put_checkpoint(20, [0, 1])
+    put_checkpoint(30, [0])  # rank 1's shard never arrived: incomplete, must not be resumed from
+    assert latest_checkpoint(cfg) == "s3://ckpts/runs/toy/checkpoint_00000020"
+
+    assert pop_run_record(cfg) is None
+    write_run_record(cfg, {"step": 30, "mlflow_run_id": "abc"})
+    assert pop_run_record(cfg) == {"step": 30, "mlflow_run_id": "abc"}
+    assert pop_run_record(cfg) is None  # read once: a later launch cannot mistake it for its own
