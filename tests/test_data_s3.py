@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -57,3 +58,18 @@ def test_s3_round_trip_and_resume(moto_s3, tiny_synthetic):
 
 def _local_samples(tiny_synthetic):
     return [s for url in expand_shard_urls(tiny_synthetic["train_shards"]) for s in iter_shard(url)]
+
+
+@pytest.mark.timeout(120)
+def test_synthetic_set_written_to_s3(moto_s3):
+    from pipeline.data.synthetic import make_synthetic
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("demo")
+    paths = make_synthetic("s3://demo/data", num_videos=10, split_ratio=0.8, num_frames=4, size=32)
+    assert paths["eval_shards"] == "s3://demo/data/shards/eval"
+    annotations = json.loads(fs.cat(paths["eval_annotations"]))
+    assert len(annotations) == 2
+    assert all(fs.exists(f"demo/data/videos/eval/{a['video']}") for a in annotations)
+    assert read_manifest(paths["train_shards"])["num_samples"] == 8
+    assert read_manifest(paths["eval_shards"])["num_samples"] == 2
