@@ -104,3 +104,20 @@ def test_teacher_errors_name_the_setting(tmp_path):
         distill_task(tmp_path / "raw.pt")
     with pytest.raises(ValueError, match="shape"):  # the wrong size named
         distill_task(tmp_path / "raw.pt", "task.teacher_model=videomamba_test_wide")
+
+
+def test_optional_clip_alignment_adds_stage_one_loss(tmp_path):
+    write_teacher_export(tmp_path / "teacher.pt")
+    task = distill_task(tmp_path / "teacher.pt", "task.clip_weight=0.5", "task.clip_teacher.pretrained=null",
+                        "task.clip_teacher.vision_overrides={layers: 1, width: 64, head_width: 32}",
+                        "data.mask.type=tube", "data.mask.ratio=0.5")
+    task.train()
+    keep = torch.tensor([[True, False, True, False] * 4] * 2)  # a tube mask: the same 2 patches in each frame
+    out = task({"video": clip(), "keep": keep})
+    assert set(out) == {"loss", "distill", "clip"}
+    torch.testing.assert_close(out["loss"].detach(), out["distill"] + 0.5 * out["clip"])
+    out["loss"].backward()
+    assert task.clip_alignment.head.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in task.clip_teacher.parameters())
+    with pytest.raises(ConfigError, match="data.mask.type"):
+        distill_task(tmp_path / "teacher.pt", "data.mask.type=attention")

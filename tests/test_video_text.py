@@ -93,13 +93,13 @@ def test_uta_with_attention_masks_aligns_visible_tokens_only():
     assert seen["tokens"] == 1 + 4 * 2  # CLS + half of the 4 patches of each of the 4 frames
     assert {"vtc", "vtm", "uta"} <= set(out) and torch.isfinite(out["loss"])
     out["loss"].backward()
-    assert task.uta_head.head.weight.grad.abs().sum() > 0
+    assert task.uta.head.head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in task.teacher.parameters())
 
 
 def test_attention_mask_config_requires_no_uta_but_builds_the_teacher():
     task = tiny_task("task.teacher.pretrained=null", TINY_TEACHER, "data.mask.type=attention")
-    assert task.teacher is not None and task.uta_head is None
+    assert task.teacher is not None and task.uta is None
     with pytest.raises(ConfigError, match="task.vtm_layers"):
         load_config(CONFIG, ["task.vtm_layers=0"])
 

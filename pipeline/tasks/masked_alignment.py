@@ -35,7 +35,7 @@ from pipeline.distributed import get_rank
 from pipeline.losses import cosine_alignment_loss
 from pipeline.tasks import Task, register_task
 from pipeline.tasks.attention_mask import attention_keep_mask
-from pipeline.tasks.self_distill import build_student
+from pipeline.tasks.backbone import build_student
 
 DATA_MASKS = ("random", "tube", "tube_row", "random_row")
 

@@ -3,7 +3,8 @@
 The student's final tokens (all of them, after norm_f) go through `distill_head` (RMSNorm + Linear to the
 teacher's width; identity when the widths agree) and are pulled towards the frozen teacher's final tokens:
 mean over batch and tokens of 2 - 2 cos. The paper adds this, with weight 1, to the student's
-cross-entropy on ImageNet; our video shards carry no labels, so the loss here is the distillation term.
+cross-entropy on ImageNet; our video shards carry no labels, so the loss here is the distillation term,
+optionally plus stage 1's alignment to a frozen CLIP teacher (`clip_weight`, logged as `clip`).
 
 With a data-side mask (`data.mask`) the student sees the visible tokens only, while the teacher sees the
 whole clip and its targets are taken at the student's positions (cheaper student, full-context targets).
@@ -14,16 +15,19 @@ Legend: B batch, L tokens (CLS first), D student width, Dt teacher width.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from models import create_model, load_pretrained
+from models.teachers import CLIPTeacher
 from pipeline.config import ConfigError, TaskConfig, register_task_config
 from pipeline.losses import cosine_alignment_loss
-from pipeline.tasks import Task, register_task
+from pipeline.tasks import Task, masked_alignment, register_task
+from pipeline.tasks.backbone import build_student, shapes_only
+from pipeline.tasks.clip_alignment import ClipTokenAlignment
 
 
 @register_task_config("self_distill")
@@ -37,6 +41,11 @@ class SelfDistillConfig(TaskConfig):
     """create_model overrides of the teacher (num_frames, img_size, ...); merged over the export's own."""
     distill_weight: float = 1.0
     """Weight of the feature-distillation loss (1.0 in the paper)."""
+    clip_weight: float = 0.0
+    """Weight of an extra alignment of the student's final visible tokens to a frozen CLIP teacher (stage 1's
+    head and loss; pipeline/tasks/clip_alignment.py); 0 = off, no CLIP teacher is built."""
+    clip_teacher: masked_alignment.CLIPTeacherConfig = field(default_factory=masked_alignment.CLIPTeacherConfig)
+    """The CLIP teacher for `clip_weight` (stage 1's teacher settings)."""
 
     def __post_init__(self) -> None:
         if not self.teacher_checkpoint:
@@ -44,6 +53,8 @@ class SelfDistillConfig(TaskConfig):
                               "(e.g. outputs/<stage>/export/model.pt) or a released VideoMamba checkpoint")
         if self.distill_weight <= 0:
             raise ConfigError(f"task.distill_weight: must be > 0, got {self.distill_weight}")
+        if self.clip_weight < 0:
+            raise ConfigError(f"task.clip_weight: must be >= 0, got {self.clip_weight}")
 
 
 class FrozenBackbone(nn.Module):
@@ -62,19 +73,6 @@ class FrozenBackbone(nn.Module):
         device_type = video_BCTHW.device.type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
             return self.model.forward_features(video_BCTHW).tokens_BLD
-
-
-def shapes_only() -> bool:
-    """True while building on the meta device (a job's dry run counts parameters): no weight files are read."""
-    return torch.empty(()).device.type == "meta"
-
-
-def build_student(cfg) -> nn.Module:
-    """The stage's backbone: `cfg.model` without a classifier head, from `cfg.model.pretrained` if set."""
-    model = create_model(cfg.model.name, **cfg.model.build_kwargs(), num_classes=0)
-    if cfg.model.pretrained and not shapes_only():
-        load_pretrained(model, cfg.model.pretrained)
-    return model
 
 
 def build_teacher(task_cfg: SelfDistillConfig) -> FrozenBackbone:
@@ -101,13 +99,19 @@ def build_teacher(task_cfg: SelfDistillConfig) -> FrozenBackbone:
 
 
 class SelfDistillTask(Task):
-    """Student VideoMamba + distill_head, frozen teacher; loss = distill_weight * mean(2 - 2 cos)."""
+    """Student VideoMamba + distill_head, frozen teacher; loss = distill_weight * mean(2 - 2 cos) [+ clip]."""
 
     def __init__(self, student: nn.Module, teacher: FrozenBackbone, distill_weight: float = 1.0,
+                 clip_teacher: CLIPTeacher | None = None, clip_weight: float = 0.0,
                  export_meta: dict[str, Any] | None = None) -> None:
         super().__init__()
+        if (clip_weight > 0) != (clip_teacher is not None):
+            raise ValueError("a CLIP teacher goes with clip_weight > 0, and only then")
         self.student = student
         self.teacher = teacher
+        self.clip_teacher = clip_teacher
+        self.clip_weight = clip_weight
+        self.clip_alignment = ClipTokenAlignment(student, clip_teacher) if clip_teacher is not None else None
         width, teacher_width = student.embed_dim, teacher.model.embed_dim
         # The paper's head is RMSNorm + Linear; with equal widths the features are compared directly.
         self.distill_head = (nn.Sequential(nn.RMSNorm(width, eps=1e-5), nn.Linear(width, teacher_width))
@@ -122,9 +126,14 @@ class SelfDistillTask(Task):
             B, _, D = target_BLD.shape
             visible = target_BLD[:, 1:][keep_BL.to(target_BLD.device)].view(B, -1, D)
             target_BLD = torch.cat([target_BLD[:, :1], visible], dim=1)
-        student_BLD = self.distill_head(self.student.forward_features(video_BCTHW, keep_BL=keep_BL).tokens_BLD)
-        distill = cosine_alignment_loss(student_BLD, target_BLD)
-        return {"loss": self.distill_weight * distill, "distill": distill.detach()}
+        tokens_BLD = self.student.forward_features(video_BCTHW, keep_BL=keep_BL).tokens_BLD
+        distill = cosine_alignment_loss(self.distill_head(tokens_BLD), target_BLD)
+        out = {"loss": self.distill_weight * distill, "distill": distill.detach()}
+        if self.clip_alignment is not None:
+            clip_targets_BLC = self.clip_teacher(video_BCTHW).targets_KBLC[0]
+            clip = self.clip_alignment(tokens_BLD, clip_targets_BLC, keep_BL)
+            out.update(loss=out["loss"] + self.clip_weight * clip, clip=clip.detach())
+        return out
 
     def trainable_module(self) -> nn.Module:
         return self.student
@@ -135,7 +144,16 @@ class SelfDistillTask(Task):
 
 @register_task("self_distill")
 def build(cfg) -> SelfDistillTask:
+    task_cfg: SelfDistillConfig = cfg.task
+    if cfg.data.mask.type == "attention":
+        raise ConfigError("data.mask.type: attention masks are made by the masked-alignment and video-text tasks; "
+                          "self-distillation takes data-side masks (random, tube, tube_row, random_row) or none")
     student = build_student(cfg)
-    teacher = build_teacher(cfg.task)
+    teacher = build_teacher(task_cfg)
+    clip_teacher = None
+    if task_cfg.clip_weight > 0:
+        clip_cfg = task_cfg.clip_teacher if not shapes_only() else replace(task_cfg.clip_teacher, pretrained=None)
+        clip_teacher = masked_alignment.build_teacher(clip_cfg, student, num_layers=1)
     meta = {"model_name": cfg.model.name, "model_kwargs": {**cfg.model.build_kwargs(), "num_classes": 0}}
-    return SelfDistillTask(student, teacher, cfg.task.distill_weight, export_meta=meta)
+    return SelfDistillTask(student, teacher, task_cfg.distill_weight, clip_teacher, task_cfg.clip_weight,
+                           export_meta=meta)

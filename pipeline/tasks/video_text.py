@@ -5,8 +5,8 @@ Losses (each weighted in the config, each returned for logging):
   values counted as positives;
 - `vtm` (optional): video-text matching with one in-batch hard negative per video and per text, scored by
   the model's small cross-attention `vtm_head` (local batch, as UMT);
-- `uta` (optional): unmasked-token alignment of the visible video tokens (final output, through an
-  `AlignHead`) to a frozen CLIP teacher's tokens, exactly stage 1's loss and head (pipeline/tasks/masked_alignment);
+- `uta` (optional): unmasked-token alignment of the visible video tokens (final output) to a frozen CLIP
+  teacher's tokens, stage 1's head and loss (pipeline/tasks/clip_alignment.py);
 plus `temp` (the clamped temperature) and `vtc_acc` (local in-batch video->text top-1) as diagnostics.
 
 Masking (`data.mask`): `attention` samples visible tokens from the CLIP teacher's CLS attention (the teacher
@@ -31,17 +31,12 @@ from models.teachers import CLIPTeacher
 from models.video_text import VideoTextModel, build_video_text_model, load_video_text_export
 from pipeline.config import ConfigError, TaskConfig, register_task_config
 from pipeline.distributed import get_rank
-from pipeline.losses import contrastive_loss, cosine_alignment_loss, matching_loss, sample_hard_negatives
+from pipeline.losses import contrastive_loss, matching_loss, sample_hard_negatives
 from pipeline.tasks import Task, register_task
 from pipeline.tasks.attention_mask import attention_keep_mask
-from pipeline.tasks.masked_alignment import (
-    AlignHead,
-    CLIPTeacherConfig,
-    build_teacher,
-    sinusoid_table,
-    visible_tokens,
-)
-from pipeline.tasks.self_distill import shapes_only
+from pipeline.tasks.backbone import shapes_only
+from pipeline.tasks.clip_alignment import ClipTokenAlignment
+from pipeline.tasks.masked_alignment import CLIPTeacherConfig, build_teacher
 
 
 @dataclass
@@ -116,15 +111,7 @@ class VideoTextTask(Task):
         self.teacher = teacher
         self.mask_type, self.mask_ratio, self.seed = mask_type, mask_ratio, seed
         self._generator: torch.Generator | None = None
-        self.uta_head = AlignHead(model.vision_encoder.embed_dim, teacher.output_dim) if uta_weight > 0 else None
-        if uta_weight > 0:
-            backbone = model.vision_encoder
-            if teacher.grid_size != tuple(backbone.grid[1:]):
-                raise ValueError(f"the teacher's patch grid {teacher.grid_size} differs from the backbone's token "
-                                 f"grid {tuple(backbone.grid[1:])}; set task.teacher.image_size accordingly")
-            length = 1 + backbone.num_frames * backbone.num_patches
-            # Stage 1's fixed position table before the head (not persistent: a function of the shape).
-            self.register_buffer("uta_pos_LD", sinusoid_table(length, backbone.embed_dim), persistent=False)
+        self.uta = ClipTokenAlignment(model.vision_encoder, teacher) if uta_weight > 0 else None
         self._export_meta = dict(export_meta or {})
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -145,10 +132,8 @@ class VideoTextTask(Task):
         if self.vtm_weight > 0:
             parts["vtm"] = self._matching_loss(video_BVD, text_BLW, valid_BL, tokens_BL, sim_v2t_BB / model.temp,
                                                index_B)
-        if self.uta_weight > 0:
-            pos_BVD = visible_tokens(self.uta_pos_LD.expand(len(video_BVD), -1, -1), keep_BL)
-            pred_BVC = self.uta_head((video_BVD + pos_BVD).to(self.uta_head.head.weight.dtype))
-            parts["uta"] = cosine_alignment_loss(pred_BVC, visible_tokens(teacher_out.targets_KBLC[0], keep_BL))
+        if self.uta is not None:
+            parts["uta"] = self.uta(video_BVD, teacher_out.targets_KBLC[0], keep_BL)
         weights = {"vtc": self.vtc_weight, "vtm": self.vtm_weight, "uta": self.uta_weight}
         loss = sum(weights[name] * value for name, value in parts.items())
         out = {"loss": loss, **{name: value.detach() for name, value in parts.items()}}
