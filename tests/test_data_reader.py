@@ -142,3 +142,14 @@ def test_too_many_corrupt_samples_stop_the_run(shard_with_a_corrupt_sample):
     train_cfg = data_cfg(train_shards=shard_with_a_corrupt_sample, max_bad_fraction=0.1, bad_check_min_samples=8)
     with pytest.raises(DataQualityError, match="data.max_bad_fraction=0.1"):
         first_batches(build_loader(train_cfg, "train", 0, 1), 50)
+
+
+@pytest.mark.timeout(60)
+def test_an_all_corrupt_stream_fails_instead_of_hanging(tmp_path):
+    meta = json.dumps({"caption": "x", "video_id": "v", "duration": 1.0}).encode()
+    with wds.TarWriter(str(tmp_path / "bad-000000.tar")) as tar:
+        for i in range(3):
+            tar.write({"__key__": f"bad{i}", "mp4": b"not a video", "json": meta})
+    cfg = data_cfg(train_shards=str(tmp_path), num_workers=1, bad_check_min_samples=5)
+    with pytest.raises(DataQualityError, match=r"5 of 5 samples \(100.0%\)"):
+        next(iter(build_loader(cfg, "train", 0, 1)))

@@ -132,11 +132,26 @@ class ClipStream(IterableDataset):
             samples = wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng)(
                 iter(samples)
             )
-        clips = (c for c in (self._process(s, rng, np_rng, stats) for s in samples) if c is not None)
-        for batch in wds.batched(self.cfg.batch_size, collation_fn=_collate, partial=not self.train)(clips):
+
+        def with_stats(batch: dict[str, Any]) -> dict[str, Any]:
             batch[_STATS_KEY] = {k: (list(v) if isinstance(v, list) else v) for k, v in stats.items()}
             stats["errors"].clear()
-            yield batch
+            return batch
+
+        rows: list[dict[str, Any]] = []
+        for sample in samples:
+            clip = self._process(sample, rng, np_rng, stats)
+            if clip is None:
+                # A stats-only message: the main process sees failures even from a worker that never
+                # fills a batch (otherwise an all-corrupt stream would hang silently).
+                yield with_stats({})
+                continue
+            rows.append(clip)
+            if len(rows) == self.cfg.batch_size:
+                yield with_stats(_collate(rows))
+                rows = []
+        if rows:  # only a finite (eval) stream ends; its last batch may be partial
+            yield with_stats(_collate(rows))
 
     def _process(
         self, sample: dict[str, Any], rng: random.Random, np_rng: np.random.Generator, stats: dict
@@ -201,7 +216,7 @@ class VideoLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.stats, self._per_worker = LoaderStats(), {}
-        batches = (self._account(b) for b in self.dataloader)
+        batches = (batch for batch in map(self._account, self.dataloader) if batch)
         if self.num_batches is None:
             yield from batches
             return
