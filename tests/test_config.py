@@ -35,6 +35,13 @@ def test_wrong_type_names_key_and_value():
         load_config(None, ["scaling.use_ray=1"])
 
 
+def test_exponent_without_dot_is_a_number():
+    # YAML 1.1 parses `1e-3` as a string; float fields accept it, anything else non-numeric is still an error.
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected a number, got 'fast'"):
+        load_config(None, ["optim.lr=fast"])
+
+
 def test_wrong_literal_lists_allowed_values():
     with pytest.raises(ConfigError, match=r"nonfinite: 'ignore' is not allowed; choose one of \['stop', 'skip'\]"):
         load_config(None, ["nonfinite=ignore"])
