@@ -39,7 +39,6 @@ def count_parameters(cfg: Config) -> tuple[str, int, int]:
 def describe_plan(cfg: Config) -> str:
     """What a launch would do, in a few lines."""
     from pipeline.checkpointing import run_storage
-    from pipeline.launch import latest_checkpoint
     from pipeline.tracking import tracking_uri
 
     name, total, trainable = count_parameters(cfg)
@@ -47,7 +46,7 @@ def describe_plan(cfg: Config) -> str:
     workers = f"{s.num_workers} Ray worker(s)" if s.use_ray else "1 local process (no Ray)"
     batch = cfg.data.batch_size * cfg.deepspeed.grad_accum_steps * (s.num_workers if s.use_ray else 1)
     train_data = cfg.data.train_shards or f"task {cfg.task.name!r} provides its own stream"
-    latest = latest_checkpoint(cfg) if cfg.checkpoint.resume else None
+    resume = resume_line(cfg) if cfg.checkpoint.resume else "off (checkpoint.resume=false)"
     lines = [
         f"stage     {cfg.stage} (task {cfg.task.name}, run {cfg.run_name})",
         f"model     {name}: {total:,} parameters ({trainable:,} trainable)",
@@ -55,11 +54,21 @@ def describe_plan(cfg: Config) -> str:
         f"workers   {workers}, gpu={s.use_gpu}, {s.cpus_per_worker} CPU each; ZeRO-{cfg.deepspeed.zero_stage} "
         f"{cfg.deepspeed.precision}; global batch {batch}; {cfg.optim.max_steps} steps",
         f"storage   checkpoints {run_storage(cfg)} every {cfg.checkpoint.interval_steps} steps "
-        f"(resume from: {latest or 'nothing yet'}); outputs {cfg.output_dir}",
+        f"(resume from: {resume}); outputs {cfg.output_dir}",
         f"tracking  {tracking_uri(cfg) if cfg.tracking.enabled else 'off'} experiment {cfg.tracking.experiment!r}"
         + (f" parent {cfg.tracking.parent_run_id}" if cfg.tracking.parent_run_id else ""),
     ]
     return "\n".join(lines)
+
+
+def resume_line(cfg: Config) -> str:
+    """Which checkpoint a launch would resume from, or why storage could not be checked from here."""
+    from pipeline.launch import latest_checkpoint
+
+    try:
+        return latest_checkpoint(cfg) or "nothing yet"
+    except Exception as err:  # a dry run on a laptop may lack the cluster's credentials: say so, plan on
+        return f"unknown, storage not readable from here ({type(err).__name__}: {err})"
 
 
 def save_resolved_config(cfg: Config) -> Path:
