@@ -110,6 +110,12 @@ def peak_tflops(cfg: Config, device: torch.device) -> float | None:
     return next((tf for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -146,20 +152,17 @@ class Trainer:
         ensure_process_group("nccl" if on_gpu else "gloo")
         self.rank, self.world = get_rank(), get_world_size()
         self.is_main = self.rank == 0
-        torch.manual_seed(cfg.seed + self.rank)
-        np.random.seed(cfg.seed + self.rank)
-        random.seed(cfg.seed + self.rank)
-
+        _seed_everything(cfg.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts rank 0's)
         self.task = build_task(cfg)
+        _seed_everything(cfg.seed + self.rank)  # from here on: per-rank masks, dropout and augmentation
         self.global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum_steps * self.world
         optimizer, scheduler = build_optimizer(self.task, cfg.optim, peak_lr(cfg.optim, self.global_batch))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.task, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.world, on_gpu),
         )  # fmt: skip
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
-        if not on_gpu:
-            self.dtype = torch.float32
+        gpu_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
+        self.dtype = gpu_dtype if on_gpu else torch.float32
         self.peak_tflops = peak_tflops(cfg, self.device)
 
         self.step = 0
@@ -185,7 +188,7 @@ class Trainer:
             return self.task.build_loader(self.cfg, split, self.rank, self.world)
         from pipeline.data import build_loader
 
-        return build_loader(self.cfg.data, split, self.rank, self.world)
+        return build_loader(self.cfg.data, split, self.rank, self.world, seed=self.cfg.seed)
 
     def start_tracking(self, run_id: str | None):
         from pipeline.tracking import RunTracker
@@ -335,6 +338,10 @@ class Trainer:
             "train/skipped_batches": float(self.skipped_batches),
             "train/memory_gib": memory_gib(self.device),
         })  # fmt: skip
+        stats = getattr(self.train_loader, "stats", None)  # pipeline.data's decode counters (this rank)
+        if stats is not None:
+            metrics["data/bad_fraction"] = stats.bad_fraction
+            metrics["data/samples_bad"] = float(stats.samples_bad)
         flops = getattr(self.task, "flops_per_sample", None)
         if callable(flops):
             tflops = flops() * clips_per_s / self.world / 1e12
