@@ -31,9 +31,10 @@ TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor, name: str = "out") -> float:
-    """‖a − ref‖ / ‖ref‖, with a floor on ‖ref‖ for gradients that are exactly 0 (dA at L = 1)."""
+    """‖a − ref‖ / ‖ref‖, with a floor of 1e-6 rms on ‖ref‖ for gradients that are exactly 0 (dA at L = 1,
+    where the kernel's a·h_prev = h − x leaves ~1e-9 of rounding)."""
     assert torch.isfinite(a).all(), f"non-finite values in kernel result {name}"
-    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-8 * ref.numel() ** 0.5)).item()
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-6 * ref.numel() ** 0.5)).item()
 
 
 def _scan_inputs(Bsz, E, L, N, dtype, groups=0, gen=None):
@@ -208,4 +209,4 @@ def test_default_config_keeps_tiles_small():
         cfg = default_config(n)
         tile = cfg.block_e_fwd * max(2, 1 << (n - 1).bit_length()) * cfg.chunk
         assert 16 <= cfg.chunk <= 64 and cfg.chunk & (cfg.chunk - 1) == 0
-        assert tile <= 8192, (n, cfg)
+        assert tile <= 4096, (n, cfg)
