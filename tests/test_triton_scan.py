@@ -31,10 +31,10 @@ TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor, name: str = "out") -> float:
-    """‖a − ref‖ / ‖ref‖, with a floor of 1e-6 rms on ‖ref‖ for gradients that are exactly 0 (dA at L = 1,
-    where the kernel's a·h_prev = h − x leaves ~1e-9 of rounding)."""
+    """‖a − ref‖ / ‖ref‖, with a floor of 1e-4 rms on ‖ref‖ for gradients that are exactly 0 (dA at L = 1,
+    where the kernel's a·h_prev = h − x leaves ~1e-10 rms of rounding on an H200)."""
     assert torch.isfinite(a).all(), f"non-finite values in kernel result {name}"
-    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-6 * ref.numel() ** 0.5)).item()
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-4 * ref.numel() ** 0.5)).item()
 
 
 def _scan_inputs(Bsz, E, L, N, dtype, groups=0, gen=None):
