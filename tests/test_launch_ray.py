@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import load_config
+from pipeline.engine import NonFiniteError
 from pipeline.jobs_common import describe_plan
 from pipeline.launch import launch
 
@@ -24,6 +25,7 @@ def metric_steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
 @pytest.mark.timeout(540)
 def test_worker_loss_restart_and_resubmit_resume(tmp_path, monkeypatch):
     import ray
+    from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -56,5 +58,13 @@ def test_worker_loss_restart_and_resubmit_resume(tmp_path, monkeypatch):
         assert {"rank0_state.pt", "rank1_state.pt", "latest"} <= set(ranks)
         shards = sorted(p.name for p in (tmp_path / "ckpt" / "toy" / "checkpoint_00000040" / "state").iterdir())
         assert sum("optim_states" in s for s in shards) == 2  # one ZeRO shard per rank, merged by Ray
+
+        # nonfinite=stop under Ray: the driver gets NonFiniteError and Ray does not retry (same MLflow run, once)
+        nan_run = [*overrides[:-3], "optim.max_steps=10", "task.nan_at_batches=[3]", "tracking.run_name=nan"]
+        with pytest.raises(NonFiniteError, match=r"step 4: non-finite loss parts"):
+            launch(load_config(None, nan_run))
+        experiment = MlflowClient(uri).get_experiment_by_name("videomamba").experiment_id
+        (nan,) = MlflowClient(uri).search_runs([experiment], filter_string="attributes.run_name = 'nan'")
+        assert nan.info.status == "FAILED"
     finally:
         ray.shutdown()
