@@ -131,6 +131,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def dense_grad_norm(module: torch.nn.Module) -> float:
+    """L2 norm of all `p.grad` of `module` (meaningful when gradients are not ZeRO-partitioned)."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -172,6 +178,7 @@ class Trainer:
         self.eval_metrics: dict[str, float] = {}
         self.evaluated_at: int | None = None
         self.loader_state: dict[str, Any] | None = None
+        self.dense_grad_norm: float | None = None
         run_id = self.restore() if cfg.checkpoint.resume else None
         self.train_loader = self.build_loader("train")
         if self.loader_state is not None:
@@ -276,6 +283,14 @@ class Trainer:
             self.on_nonfinite(f"loss parts {{{parts}}}")
             return None
         self.engine.backward(loss)
+        if self.cfg.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # Without ZeRO, DeepSpeed neither reports a gradient norm nor skips a non-finite update. The
+            # gradients are all-reduced in p.grad at this point, so check them here, before the update.
+            self.dense_grad_norm = dense_grad_norm(self.engine.module)
+            if not math.isfinite(self.dense_grad_norm):
+                self.engine.zero_grad()
+                self.on_nonfinite(f"gradient norm {self.dense_grad_norm} (loss {float(loss.detach()):.4g})")
+                return None
         self.engine.step()  # DeepSpeed only updates at the accumulation boundary
         return {k: float(v.detach()) for k, v in out.items()}
 
@@ -307,8 +322,11 @@ class Trainer:
             for key, value in parts.items():
                 self.window["sums"][key] += value
             self.window["micro_batches"] += 1
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        grad_norm = self.engine.get_global_grad_norm()  # ZeRO 1-3; None without ZeRO (checked pre-step above)
+        if grad_norm is None:
+            grad_norm = self.dense_grad_norm
+        elif not math.isfinite(float(grad_norm)):
+            # ZeRO skipped this update itself (its overflow check); apply the policy on top.
             self.on_nonfinite(f"gradient norm {float(grad_norm)}")
         self.step += 1
         self.window["steps"] += 1

@@ -81,3 +81,16 @@ def test_nonfinite_skip_counts_and_fails_past_the_limit(tmp_path):
     with pytest.raises(NonFiniteError, match=r"step 5: 2 non-finite batches skipped, more than max_skipped_steps=1"):
         train(toy_cfg(tmp_path, "nonfinite=skip", "task.nan_at_batches=[3,5]", "optim.max_steps=10",
                       "max_skipped_steps=1", "tracking.run_name=skip_fail"))  # fmt: skip
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_nonfinite_gradient_never_reaches_the_weights(tmp_path, zero_stage):
+    # finite loss, NaN gradient: ZeRO-0 is checked by the engine before the update, ZeRO 1-3 skip it themselves
+    common = [f"deepspeed.zero_stage={zero_stage}", "task.nan_grad_at_batches=[3]", "optim.max_steps=6"]
+    with pytest.raises(NonFiniteError, match=r"step 4: non-finite gradient norm (nan|inf)"):
+        train(toy_cfg(tmp_path, *common, "tracking.run_name=grad_stop"))
+    skipped = train(toy_cfg(tmp_path, *common, "nonfinite=skip", "tracking.run_name=grad_skip"))
+    assert skipped.step == 6 and skipped.metrics["train/skipped_batches"] == 1.0
+    weights = torch.load(skipped.export_path)["state_dict"]
+    assert all(torch.isfinite(w).all() for w in weights.values())

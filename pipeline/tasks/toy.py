@@ -40,6 +40,8 @@ class ToyTaskConfig(TaskConfig):
     """Batches in the (fixed) eval split."""
     nan_at_batches: list[int] = field(default_factory=list)
     """Training batch positions (0-based, per rank) whose loss is NaN: exercises the non-finite policy."""
+    nan_grad_at_batches: list[int] = field(default_factory=list)
+    """Training batch positions whose loss is finite but whose gradient is NaN (the gradient-norm check)."""
     exit_at_batch: int | None = None
     """Kill the process (os._exit) when rank `exit_rank` reaches this batch position, once per `exit_marker`."""
     exit_rank: int = 1
@@ -94,6 +96,10 @@ class ToyTask(Task):
         mse = (pred.float() - batch["y"].float()).pow(2).mean()
         if self.training and position in self.cfg.nan_at_batches:
             mse = mse * float("nan")
+        if self.training and position in self.cfg.nan_grad_at_batches:
+            # forward adds exactly 0; backward sends 0 * d/dx sqrt(negative) = NaN into the first layer's bias
+            negative = self.model[0].bias[:1] - 1e3
+            mse = mse + torch.where(torch.zeros(1, dtype=torch.bool), negative.sqrt(), 0.0).sum()
         mae = (pred.detach().float() - batch["y"].float()).abs().mean()
         return {"loss": mse, "mse": mse.detach(), "mae": mae}
 
