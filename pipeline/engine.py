@@ -8,8 +8,8 @@ accelerator with gloo).
 Non-finite policy (`cfg.nonfinite`): every micro-batch's loss is checked on all ranks before backward. "stop"
 raises `NonFiniteError` naming the step and the loss parts (the last good checkpoint stays the latest one);
 "skip" drops the micro-batch, counts it (`train/skipped_batches`) and fails after `max_skipped_steps`. A finite
-loss with a non-finite gradient norm is caught after DeepSpeed's step (ZeRO 1/2 skip such an update themselves)
-and handled by the same policy.
+loss with a non-finite gradient: without ZeRO the engine checks the gradients before the update; ZeRO 1-3 skip
+such an update themselves (DeepSpeed's overflow check). Either way the same policy applies.
 """
 
 from __future__ import annotations
