@@ -20,6 +20,14 @@ _BLOCK_L = 128
 
 
 @triton.jit
+def _load_shifted(ptr, row, e_ok, tt, L):
+    """x[row, tt] as fp32, 0 where tt is outside [0, L). Both bounds matter: lanes past L in the last block
+    would otherwise read the next row, or past the tensor's end (garbage that 0 * NaN turns into NaN)."""
+    ok = e_ok[:, None] & ((tt >= 0) & (tt < L))[None, :]
+    return tl.load(ptr + row + tt[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _conv_bi_fwd_kernel(
     x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, uf_ptr, ub_ptr,
     E, L,
@@ -38,10 +46,10 @@ def _conv_bi_fwd_kernel(
     for k in tl.static_range(W):
         tf = t - (W - 1) + k
         tb = t + (W - 1) - k
-        xf = tl.load(x_ptr + row + tf[None, :], mask=e_ok[:, None] & (tf >= 0)[None, :], other=0.0)
-        xb = tl.load(x_ptr + row + tb[None, :], mask=e_ok[:, None] & (tb < L)[None, :], other=0.0)
-        acc_f += tl.load(wf_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xf.to(tl.float32)
-        acc_b += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xb.to(tl.float32)
+        xf = _load_shifted(x_ptr, row, e_ok, tf, L)
+        xb = _load_shifted(x_ptr, row, e_ok, tb, L)
+        acc_f += tl.load(wf_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xf
+        acc_b += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xb
     ok = e_ok[:, None] & (t < L)[None, :]
     tl.store(uf_ptr + row + t[None, :], (acc_f * tl.sigmoid(acc_f)).to(uf_ptr.dtype.element_ty), mask=ok)
     tl.store(ub_ptr + row + t[None, :], (acc_b * tl.sigmoid(acc_b)).to(ub_ptr.dtype.element_ty), mask=ok)
@@ -69,10 +77,10 @@ def _conv_bi_bwd_pre_kernel(
     for k in tl.static_range(W):
         tf = t - (W - 1) + k
         tb = t + (W - 1) - k
-        xf = tl.load(x_ptr + row + tf[None, :], mask=e_ok[:, None] & (tf >= 0)[None, :], other=0.0)
-        xb = tl.load(x_ptr + row + tb[None, :], mask=e_ok[:, None] & (tb < L)[None, :], other=0.0)
-        acc_f += tl.load(wf_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xf.to(tl.float32)
-        acc_b += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xb.to(tl.float32)
+        xf = _load_shifted(x_ptr, row, e_ok, tf, L)
+        xb = _load_shifted(x_ptr, row, e_ok, tb, L)
+        acc_f += tl.load(wf_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xf
+        acc_b += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xb
     sf = tl.sigmoid(acc_f)
     sb = tl.sigmoid(acc_b)
     duf = tl.load(duf_ptr + row + t[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -87,10 +95,10 @@ def _conv_bi_bwd_pre_kernel(
     for k in tl.static_range(W):
         tf = t - (W - 1) + k
         tb = t + (W - 1) - k
-        xf = tl.load(x_ptr + row + tf[None, :], mask=e_ok[:, None] & (tf >= 0)[None, :], other=0.0)
-        xb = tl.load(x_ptr + row + tb[None, :], mask=e_ok[:, None] & (tb < L)[None, :], other=0.0)
-        tl.atomic_add(dwf_ptr + e * W + k, tl.sum(dcf * xf.to(tl.float32), axis=1), mask=e_ok)
-        tl.atomic_add(dwb_ptr + e * W + k, tl.sum(dcb * xb.to(tl.float32), axis=1), mask=e_ok)
+        xf = _load_shifted(x_ptr, row, e_ok, tf, L)
+        xb = _load_shifted(x_ptr, row, e_ok, tb, L)
+        tl.atomic_add(dwf_ptr + e * W + k, tl.sum(dcf * xf, axis=1), mask=e_ok)
+        tl.atomic_add(dwb_ptr + e * W + k, tl.sum(dcb * xb, axis=1), mask=e_ok)
 
 
 @triton.jit
@@ -109,8 +117,8 @@ def _conv_bi_bwd_dx_kernel(
     for k in tl.static_range(W):
         tf = t + (W - 1) - k
         tb = t - (W - 1) + k
-        dcf = tl.load(dcf_ptr + row + tf[None, :], mask=e_ok[:, None] & (tf < L)[None, :], other=0.0)
-        dcb = tl.load(dcb_ptr + row + tb[None, :], mask=e_ok[:, None] & (tb >= 0)[None, :], other=0.0)
+        dcf = _load_shifted(dcf_ptr, row, e_ok, tf, L)
+        dcb = _load_shifted(dcb_ptr, row, e_ok, tb, L)
         acc += tl.load(wf_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * dcf
         acc += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * dcb
     ok = e_ok[:, None] & (t < L)[None, :]
