@@ -59,6 +59,7 @@ def pop_run_record(cfg) -> dict[str, Any] | None:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(f"{run_storage(cfg)}/result.json")
+    fs.invalidate_cache()  # s3fs caches listings; the workers wrote this file behind its back
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as f:

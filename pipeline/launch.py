@@ -40,6 +40,7 @@ def latest_checkpoint(cfg: Config) -> str | None:
 
     root_url = run_storage(cfg)
     fs, root = fsspec.core.url_to_fs(root_url)
+    fs.invalidate_cache()  # s3fs caches listings; Ray's workers add checkpoints behind its back
     if not fs.exists(root):
         return None
     candidates = sorted((p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("checkpoint_")),

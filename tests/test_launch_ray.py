@@ -1,5 +1,6 @@
-"""Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers: a killed worker is restarted from the last checkpoint, and a
-second launch of the same run resumes it, continuing the same MLflow run without duplicated steps."""
+"""Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers with checkpoints on S3 (moto): a killed worker is restarted from
+the last checkpoint, and a second launch of the same run resumes it, continuing the same MLflow run without
+duplicated steps; a non-finite stop reaches the driver without a Ray retry."""
 
 from __future__ import annotations
 
@@ -23,9 +24,13 @@ def metric_steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(540)
-def test_worker_loss_restart_and_resubmit_resume(tmp_path, monkeypatch):
+def test_worker_loss_restart_and_resubmit_resume(tmp_path, monkeypatch, moto_s3):
     import ray
+    import s3fs
     from mlflow.tracking import MlflowClient
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("ckpts-ray")  # checkpoints go to S3 (moto); Ray's workers inherit the endpoint and credentials env
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -34,7 +39,7 @@ def test_worker_loss_restart_and_resubmit_resume(tmp_path, monkeypatch):
     overrides = [
         "task.name=toy", "stage=toy", "scaling.use_ray=true", "scaling.num_workers=2", "scaling.use_gpu=false",
         "scaling.max_failures=1", "deepspeed.zero_stage=2", f"output_dir={tmp_path}/out",
-        f"checkpoint.path={tmp_path}/ckpt", f"tracking.uri={uri}", "data.batch_size=8", "optim.lr=0.03",
+        "checkpoint.path=s3://ckpts-ray/runs", f"tracking.uri={uri}", "data.batch_size=8", "optim.lr=0.03",
         "checkpoint.interval_steps=10", "tracking.log_interval=5",
         # rank 1 dies hard at its 16th batch (step 16), after checkpoint 10 and after steps 11-15 were logged
         "task.exit_at_batch=15", "task.exit_rank=1", f"task.exit_marker={marker}",
@@ -54,10 +59,12 @@ def test_worker_loss_restart_and_resubmit_resume(tmp_path, monkeypatch):
         assert metric_steps(uri, second.mlflow_run_id, "train/loss") == [5, 10, 15, 20, 25, 30, 35, 40]
         losses = [m.value for m in sorted(history(uri, second.mlflow_run_id, "train/loss"), key=lambda m: m.step)]
         assert losses[-1] < 0.2 * losses[0], losses  # it learned across the restart and the resubmission
-        ranks = sorted(p.name for p in (tmp_path / "ckpt" / "toy" / "checkpoint_00000040").iterdir())
-        assert {"rank0_state.pt", "rank1_state.pt", "latest"} <= set(ranks)
-        shards = sorted(p.name for p in (tmp_path / "ckpt" / "toy" / "checkpoint_00000040" / "state").iterdir())
-        assert sum("optim_states" in s for s in shards) == 2  # one ZeRO shard per rank, merged by Ray
+        files = {p.rsplit("/", 1)[-1] for p in fs.ls("ckpts-ray/runs/toy/checkpoint_00000040")}
+        assert {"rank0_state.pt", "rank1_state.pt", "latest"} <= files
+        shards = [p for p in fs.ls("ckpts-ray/runs/toy/checkpoint_00000040/state") if "optim_states" in p]
+        assert len(shards) == 2  # one ZeRO shard per rank, merged by Ray into one checkpoint
+        kept = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("ckpts-ray/runs/toy") if "checkpoint_0" in p)
+        assert kept == ["checkpoint_00000030", "checkpoint_00000040"]  # checkpoint.keep=2
 
         # nonfinite=stop under Ray: the driver gets NonFiniteError and Ray does not retry (same MLflow run, once)
         nan_run = [*overrides[:-3], "optim.max_steps=10", "task.nan_at_batches=[3]", "tracking.run_name=nan"]

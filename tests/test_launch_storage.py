@@ -11,21 +11,26 @@ from pipeline.launch import latest_checkpoint
 
 @pytest.mark.timeout(60)
 def test_latest_complete_checkpoint_and_result_record_on_s3(moto_s3):
+    import boto3
     import s3fs
 
     fs = s3fs.S3FileSystem()
-    fs.mkdir("ckpts")
-    cfg = load_config(None, ["task.name=toy", "stage=toy", "checkpoint.path=s3://ckpts/runs", "scaling.num_workers=2"])
+    fs.mkdir("ckpts-scan")
+    overrides = ["task.name=toy", "stage=toy", "checkpoint.path=s3://ckpts-scan/runs", "scaling.num_workers=2"]
+    cfg = load_config(None, overrides)
     assert latest_checkpoint(cfg) is None
 
     def put_checkpoint(step: int, ranks: list[int]) -> None:
-        root = f"ckpts/runs/toy/checkpoint_{step:08d}"
+        root = f"ckpts-scan/runs/toy/checkpoint_{step:08d}"
         fs.pipe({f"{root}/latest": b"state", **{f"{root}/rank{r}_state.pt": b"x" for r in ranks}})
 
     put_checkpoint(10, [0, 1])
     put_checkpoint(20, [0, 1])
-    put_checkpoint(30, [0])  # rank 1's shard never arrived: incomplete, must not be resumed from
-    assert latest_checkpoint(cfg) == "s3://ckpts/runs/toy/checkpoint_00000020"
+    put_checkpoint(30, [0])  # rank 1's shard has not arrived: incomplete, must not be resumed from
+    assert latest_checkpoint(cfg) == "s3://ckpts-scan/runs/toy/checkpoint_00000020"
+    # rank 1's file arrives from another process (as Ray's workers write): s3fs's listing cache must not hide it
+    boto3.client("s3").put_object(Bucket="ckpts-scan", Key="runs/toy/checkpoint_00000030/rank1_state.pt", Body=b"x")
+    assert latest_checkpoint(cfg) == "s3://ckpts-scan/runs/toy/checkpoint_00000030"
 
     assert pop_run_record(cfg) is None
     write_run_record(cfg, {"step": 30, "mlflow_run_id": "abc"})
