@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), metavar="PATTERN",
                         help="metric names or shell patterns to show (default: loss, R@1/5/10, clips/s)")
     parser.add_argument("--max-runs", type=int, default=20)
+    parser.add_argument("--max-params", type=int, default=30, help="show at most this many differing params")
     parser.add_argument("--plot", metavar="FILE.png", help="also write loss curves and retrieval bars to a PNG")
     args = parser.parse_args(argv)
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         print(f"no runs found in {args.tracking_uri} for experiment {args.experiment!r}", file=sys.stderr)
         return 1
-    print(format_table(*comparison_rows(runs, args.metrics)))
+    print(format_table(*comparison_rows(runs, args.metrics, args.max_params)))
     if args.plot:
         print(f"plot written to {plot_runs(runs, args.tracking_uri, args.plot)}")
     return 0

@@ -104,7 +104,7 @@ PARENT=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['parent_
 EXPERIMENT=$(python -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1])).get('name'))" "$RECIPE")
 
 step "comparison of the recipe's runs (parent $PARENT)"
-python jobs/compare_runs.py --experiment "$EXPERIMENT" --parent "$PARENT" --plot "$OUT/compare.png"
+python jobs/compare_runs.py --experiment "$EXPERIMENT" --parent "$PARENT" --max-params 10 --plot "$OUT/compare.png"
 
 cat <<EOF
 

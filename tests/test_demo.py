@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Fewer steps than the shipped demo; the retrieval bar below is set for this size.
 SMALL = ("stages.mask.optim.max_steps=4 stages.distill.optim.max_steps=4 "
-         "stages.vtc.optim.max_steps=60 stages.vtc.checkpoint.interval_steps=30")
+         "stages.vtc.optim.max_steps=200 stages.vtc.checkpoint.interval_steps=100")
 
 
 @pytest.mark.slow
