@@ -57,12 +57,13 @@ def _conv_bi_fwd_kernel(
 
 @triton.jit
 def _conv_bi_bwd_pre_kernel(
-    x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, duf_ptr, dub_ptr, dcf_ptr, dcb_ptr,
-    dwf_ptr, dbf_ptr, dwb_ptr, dbb_ptr,
+    x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, duf_ptr, dub_ptr, dcf_ptr, dcb_ptr, part_ptr,
     E, L,
     HAS_BIAS: tl.constexpr, W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    """Gradients at the conv outputs (through SiLU), and the weight/bias gradients (atomics over B, L)."""
+    """Gradients at the conv outputs (through SiLU), and this program's share of the weight and bias
+    gradients: part[program, d, k, e] for direction d, tap k < W, bias at k = W (summed by the caller).
+    Partial sums, not atomics: every program of a channel block would add into the same few addresses."""
     pid_l, pid_e, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -89,16 +90,17 @@ def _conv_bi_bwd_pre_kernel(
     dcb = tl.where(ok, dub * sb * (1.0 + acc_b * (1.0 - sb)), 0.0)
     tl.store(dcf_ptr + row + t[None, :], dcf, mask=ok)
     tl.store(dcb_ptr + row + t[None, :], dcb, mask=ok)
-    if HAS_BIAS:
-        tl.atomic_add(dbf_ptr + e, tl.sum(dcf, axis=1), mask=e_ok)
-        tl.atomic_add(dbb_ptr + e, tl.sum(dcb, axis=1), mask=e_ok)
+    part_f = part_ptr + (pid_b.to(tl.int64) * tl.num_programs(0) + pid_l) * 2 * (W + 1) * E + e
+    part_b = part_f + (W + 1) * E
+    tl.store(part_f + W * E, tl.sum(dcf, axis=1), mask=e_ok)
+    tl.store(part_b + W * E, tl.sum(dcb, axis=1), mask=e_ok)
     for k in tl.static_range(W):
         tf = t - (W - 1) + k
         tb = t + (W - 1) - k
         xf = _load_shifted(x_ptr, row, e_ok, tf, L)
         xb = _load_shifted(x_ptr, row, e_ok, tb, L)
-        tl.atomic_add(dwf_ptr + e * W + k, tl.sum(dcf * xf, axis=1), mask=e_ok)
-        tl.atomic_add(dwb_ptr + e * W + k, tl.sum(dcb * xb, axis=1), mask=e_ok)
+        tl.store(part_f + k * E, tl.sum(dcf * xf, axis=1), mask=e_ok)
+        tl.store(part_b + k * E, tl.sum(dcb * xb, axis=1), mask=e_ok)
 
 
 @triton.jit
@@ -159,14 +161,15 @@ class _ConvBiSiluFn(torch.autograd.Function):
         dub = torch.zeros_like(x_BEL) if dub is None else dub.contiguous()
         dcf = torch.empty(x_BEL.shape, device=x_BEL.device, dtype=torch.float32)
         dcb = torch.empty_like(dcf)
-        dwf, dwb = torch.zeros_like(wf32), torch.zeros_like(wb32)
-        dbf = torch.zeros(E, device=x_BEL.device, dtype=torch.float32)
-        dbb = torch.zeros_like(dbf)
         grid = _grid(x_BEL)
+        part = torch.empty(grid[2], grid[0], 2, W + 1, E, device=x_BEL.device, dtype=torch.float32)
         _conv_bi_bwd_pre_kernel[grid](
-            x_BEL, wf32, bf32, wb32, bb32, duf, dub, dcf, dcb, dwf, dbf, dwb, dbb, E, L,
+            x_BEL, wf32, bf32, wb32, bb32, duf, dub, dcf, dcb, part, E, L,
             HAS_BIAS=ctx.has_bias, W=W, BLOCK_E=_BLOCK_E, BLOCK_L=_BLOCK_L,
         )
+        sums = part.sum(dim=(0, 1))  # (2, W + 1, E)
+        dwf, dwb = sums[0, :W].t().contiguous(), sums[1, :W].t().contiguous()
+        dbf, dbb = sums[0, W], sums[1, W]
         dx = torch.empty_like(x_BEL)
         _conv_bi_bwd_dx_kernel[grid](dcf, dcb, wf32, wb32, dx, E, L, W=W, BLOCK_E=_BLOCK_E, BLOCK_L=_BLOCK_L)
         twf, tbf, twb, tbb = ctx.dtypes
