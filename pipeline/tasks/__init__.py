@@ -46,16 +46,6 @@ def build_task(cfg) -> Task:
     return _TASK_BUILDERS[cfg.task.name](cfg)
 
 
-def _register_stage_modules() -> None:
-    # Imported for their registration side effects; a stage whose module is absent simply is not offered.
-    import importlib
-
-    for module in ("masked_alignment", "self_distill", "video_text", "toy"):
-        try:
-            importlib.import_module(f"pipeline.tasks.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"pipeline.tasks.{module}":
-                raise
-
-
-_register_stage_modules()
+# Every stage module registers its config and builder on import. These imports come last because the stage
+# modules import `Task` and `register_task` from this (by then initialised) package.
+from pipeline.tasks import masked_alignment, self_distill, toy, video_text  # noqa: E402, F401
