@@ -28,7 +28,7 @@ D_STATE = 16
 
 
 def config_from_env():
-    """SCAN_CONFIG="be_fwd,be_bwd,chunk,warps_fwd,warps_bwd,dbc_slots" (bench_scan.py --sweep writes it), or None."""
+    """SCAN_CONFIG="be_fwd,be_bwd,chunk,warps_fwd,warps_bwd" (written by bench_scan.py --sweep), or None."""
     from models.ops.triton_scan import ScanConfig
 
     spec = os.environ.get("SCAN_CONFIG")

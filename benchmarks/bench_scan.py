@@ -5,7 +5,7 @@ Reports fwd and fwd+bwd milliseconds (median), effective GB/s over the minimum b
 difference between the two kernels' outputs and input gradients. mamba-ssm is used when MAMBA_SRC names
 a source tree with its extension built in place (scripts/gpu_bench.sh); otherwise only ours is timed.
 
-    [SCAN_CONFIG=be_f,be_b,T,w_f,w_b,slots] PYTHONPATH=.:benchmarks python benchmarks/bench_scan.py \
+    [SCAN_CONFIG=be_f,be_b,T,w_f,w_b] PYTHONPATH=.:benchmarks python benchmarks/bench_scan.py \
         [--sweep] [--shapes "S 8f b16" ...]
 """
 
@@ -82,8 +82,8 @@ def sweep(shapes: list[tuple], best_out: str | None) -> None:
     """Time launch shapes of ours (summed over the given shapes); print them and the best config.
 
     Per chunk size T: the best forward (channels per program, warps) by forward time; then with it, the
-    backward candidates that won earlier sweeps (channels, warps) crossed with the number of dB/dC slot
-    copies, by fwd+bwd time. The winner is written to `best_out` as SCAN_CONFIG for the benchmarks.
+    backward candidates that won earlier sweeps (channels, warps), by fwd+bwd time. The winner is written
+    to `best_out` as SCAN_CONFIG for the benchmarks.
     """
     inputs = [make_inputs(Bsz, E, L) for _, Bsz, E, L, _ in shapes]
 
@@ -97,15 +97,14 @@ def sweep(shapes: list[tuple], best_out: str | None) -> None:
     for T in (16, 32):
         _, be_f, w_f = min((total(ScanConfig(be, be, T, w, w), 0), be, w) for be in (1, 2, 4) for w in (1, 2, 4))
         for be, w in ((4, 4), (8, 2), (2, 4)):
-            for slots in (1, 4, 16):
-                cfg = ScanConfig(be_f, be, T, w_f, w, slots)
-                t = total(cfg, 1)
-                best = min(best, (t, cfg), key=lambda b: b[0]) if best else (t, cfg)
+            cfg = ScanConfig(be_f, be, T, w_f, w)
+            t = total(cfg, 1)
+            best = min(best, (t, cfg), key=lambda b: b[0]) if best else (t, cfg)
     print(f"best config: {best[1]} ({best[0]:.3f} ms)")
     if best_out:
         c = best[1]
         with open(best_out, "w") as f:
-            f.write(f"{c.block_e_fwd},{c.block_e_bwd},{c.chunk},{c.num_warps_fwd},{c.num_warps_bwd},{c.dbc_slots}\n")
+            f.write(f"{c.block_e_fwd},{c.block_e_bwd},{c.chunk},{c.num_warps_fwd},{c.num_warps_bwd}\n")
 
 
 def main() -> None:

@@ -38,24 +38,24 @@ from models.ops.triton_conv import conv1d_silu_bidirectional
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """Launch shape: channels per program (forward, backward), steps per chunk, warps per program, and the
-    number of copies of the dB/dC buffers the backward's atomics are spread over (summed afterwards)."""
+    """Launch shape: channels per program (forward, backward), steps per chunk, warps per program."""
 
     block_e_fwd: int
     block_e_bwd: int
     chunk: int
     num_warps_fwd: int = 4
     num_warps_bwd: int = 4
-    dbc_slots: int = 1
 
 
 def default_config(d_state: int) -> ScanConfig:
     """Launch shape measured best on an H200 for d_state 16 (benchmarks/bench_scan.py --sweep, summed over
-    S 8f b16 and Ti 64f b4): 4 channels x 16 steps a program. Not tuned for other state sizes: fewer
+    S 8f b16 and Ti 64f b4; benchmarks/results/sweep.txt). Forward: 1 channel and 1 warp a program, since
+    the forward is short of parallel work (Ti 64f b4 has only B E = 1536 rows); backward: 4 channels and 4
+    warps, the backward being throughput-bound. 16 steps a chunk. Not tuned for other state sizes: fewer
     channels a program beyond N = 64 keep the (BLOCK_E, N, T) fp32 tile at <= 4K elements. The saved chunk
     states cost 4 N / 16 bytes per (channel, step): 4 B at N = 16, twice a bf16 activation."""
     block_e = 4 if triton.next_power_of_2(d_state) <= 64 else 2
-    return ScanConfig(block_e_fwd=block_e, block_e_bwd=block_e, chunk=16, num_warps_fwd=2, num_warps_bwd=4, dbc_slots=4)
+    return ScanConfig(block_e_fwd=1, block_e_bwd=block_e, chunk=16, num_warps_fwd=1, num_warps_bwd=4)
 
 
 @triton.jit
@@ -157,9 +157,9 @@ def _scan_bwd_kernel(
     s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
     REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, SLOTS: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
 ):
-    """Gradients of one direction. du/ddelta/dz are contiguous (B, E, L); dB/dC fp32 (SLOTS, B, G, N, L)."""
+    """Gradients of one direction. du/ddelta/dz are contiguous (B, E, L); dB/dC fp32 (B, G, N, L)."""
     pid_e, pid_b = tl.program_id(0), tl.program_id(1)
     b64 = pid_b.to(tl.int64)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -185,10 +185,7 @@ def _scan_bwd_kernel(
         z_row = z_ptr + b64 * s_zb + e[:, None] * s_ze
     st_row = state_ptr + ((b64 * E + e[:, None]) * n_chunks) * BLOCK_N + n[None, :]
     G = E // group_E
-    # dB/dC are contiguous (SLOTS, B, G, N, L). Neighbouring channel blocks add into different copies: an
-    # address then takes E / (BLOCK_E SLOTS) atomic adds instead of E / BLOCK_E, which serialise in L2.
-    slot = (pid_e % SLOTS).to(tl.int64)
-    dBC_off = (((slot * tl.num_programs(1) + b64) * G + g) * N + n[:, None]) * L
+    dBC_off = ((b64 * G + g) * N + n[:, None]) * L  # dB/dC are contiguous (B, G, N, L)
     grad_row = (b64 * E + e[:, None]) * L  # du/ddelta/dz are contiguous (B, E, L)
 
     r_next = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)  # adjoint at the first step of the following chunk
@@ -329,8 +326,8 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
         du = torch.empty(Bsz, E, L, device=u0.device, dtype=d.u.dtype)
         ddelta = torch.empty(Bsz, E, L, device=u0.device, dtype=d.delta.dtype)
         dA = torch.zeros(E, N, **f32)
-        dB = torch.zeros(cfg.dbc_slots, Bsz, G, N, L, **f32)
-        dC = torch.zeros(cfg.dbc_slots, Bsz, G, N, L, **f32)
+        dB = torch.zeros(Bsz, G, N, L, **f32)
+        dC = torch.zeros(Bsz, G, N, L, **f32)
         dD = torch.zeros(E, **f32) if d.D is not None else None
         dbias = torch.zeros(E, **f32) if d.bias is not None else None
         zz = z if z is not None else dout
@@ -343,9 +340,9 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
             *d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *dout.stride(),
             REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
             SOFTPLUS=softplus, ACCUMULATE=i > 0,
-            BLOCK_E=block_e, BLOCK_N=block_n, T=cfg.chunk, SLOTS=cfg.dbc_slots, num_warps=cfg.num_warps_bwd,
+            BLOCK_E=block_e, BLOCK_N=block_n, T=cfg.chunk, num_warps=cfg.num_warps_bwd,
         )
-        grads.append(_Direction(du, ddelta, dA, dB.sum(0).to(d.B.dtype), dC.sum(0).to(d.C.dtype),
+        grads.append(_Direction(du, ddelta, dA, dB.to(d.B.dtype), dC.to(d.C.dtype),
                                 None if dD is None else dD.to(d.D.dtype),
                                 None if dbias is None else dbias.to(d.bias.dtype)))
     return grads, dz
