@@ -50,7 +50,7 @@ class ModelConfig:
     drop_path_rate: float | None = None
     """Stochastic-depth rate of the last block (linear schedule)."""
     scan_backend: Literal["auto", "ref", "triton", "cuda"] = "auto"
-    """Selective-scan kernel: auto picks triton on GPU, else mamba-ssm's CUDA kernel, else the PyTorch reference."""
+    """Selective-scan kernel: auto = mamba-ssm's CUDA kernel on GPU when installed, else triton, else the reference."""
     use_checkpoint: bool = False
     """Recompute the mixers of the first `checkpoint_num` blocks in backward (saves activation memory)."""
     checkpoint_num: int = 0
