@@ -28,7 +28,8 @@ D_STATE = 16
 
 
 def config_from_env():
-    """SCAN_CONFIG="be_fwd,be_bwd,chunk,warps_fwd,warps_bwd" (written by bench_scan.py --sweep), or None."""
+    """SCAN_CONFIG="be_fwd,be_bwd,chunk,warps_fwd,warps_bwd[,bwd_time_major]" (bench_scan.py --sweep writes
+    it), or None: each shape then gets default_config for its rows."""
     from models.ops.triton_scan import ScanConfig
 
     spec = os.environ.get("SCAN_CONFIG")

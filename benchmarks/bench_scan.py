@@ -5,7 +5,7 @@ Reports fwd and fwd+bwd milliseconds (median), effective GB/s over the minimum b
 difference between the two kernels' outputs and input gradients. mamba-ssm is used when MAMBA_SRC names
 a source tree with its extension built in place (scripts/gpu_bench.sh); otherwise only ours is timed.
 
-    [SCAN_CONFIG=be_f,be_b,T,w_f,w_b] PYTHONPATH=.:benchmarks python benchmarks/bench_scan.py \
+    [SCAN_CONFIG=be_f,be_b,T,w_f,w_b[,time_major]] PYTHONPATH=.:benchmarks python benchmarks/bench_scan.py \
         [--sweep] [--shapes "S 8f b16" ...]
 """
 
@@ -78,53 +78,47 @@ def compare(ours: Callable, theirs: Callable, x: dict[str, torch.Tensor]) -> dic
     return diff
 
 
-def sweep(shapes: list[tuple], best_out: str | None) -> None:
-    """Time launch shapes of ours (summed over the given shapes); print them and the best config.
+# Sweep candidates (block_e_fwd, block_e_bwd, chunk, warps_fwd, warps_bwd, bwd_time_major): the round-2
+# winner (time-last backward), then time-major backwards around the measured best (16 channels x 4 steps).
+SWEEP_CONFIGS = [(1, 4, 16, 1, 4, False), (1, 16, 4, 1, 1, True), (2, 16, 4, 1, 1, True), (1, 8, 4, 1, 1, True),
+                 (1, 16, 4, 1, 2, True), (1, 32, 4, 1, 2, True), (1, 16, 8, 1, 2, True), (1, 32, 4, 1, 4, True),
+                 (1, 4, 4, 1, 1, True)]
 
-    Per chunk size T: the best forward (channels per program, warps) by forward time; then with it, the
-    backward candidates that won earlier sweeps (channels, warps), by fwd+bwd time. The winner is written
-    to `best_out` as SCAN_CONFIG for the benchmarks.
-    """
-    inputs = [make_inputs(Bsz, E, L) for _, Bsz, E, L, _ in shapes]
 
-    def total(cfg: ScanConfig, part: int) -> float:
-        fn = lambda *a: selective_scan_triton(*a, config=cfg)
-        t = sum(time_scan(fn, x, with_bwd=part == 1)[part] for x in inputs)
-        print(f"sweep {'fwd' if part == 0 else 'fwd+bwd'} {cfg}: {t:.3f} ms", flush=True)
-        return t
-
-    best: tuple[float, ScanConfig] | None = None
-    for T in (16, 32):
-        _, be_f, w_f = min((total(ScanConfig(be, be, T, w, w), 0), be, w) for be in (1, 2, 4) for w in (1, 2, 4))
-        for be, w in ((4, 4), (8, 2), (2, 4)):
-            cfg = ScanConfig(be_f, be, T, w_f, w)
-            t = total(cfg, 1)
-            best = min(best, (t, cfg), key=lambda b: b[0]) if best else (t, cfg)
-    print(f"best config: {best[1]} ({best[0]:.3f} ms)")
-    if best_out:
-        c = best[1]
-        with open(best_out, "w") as f:
-            f.write(f"{c.block_e_fwd},{c.block_e_bwd},{c.chunk},{c.num_warps_fwd},{c.num_warps_bwd}\n")
+def sweep(shapes: list[tuple]) -> None:
+    """Time launch shapes of ours per shape (fwd, fwd+bwd); print them and each shape's best by fwd+bwd."""
+    for name, Bsz, E, L, _ in shapes:
+        x = make_inputs(Bsz, E, L)
+        results = []
+        for spec in SWEEP_CONFIGS:
+            cfg = ScanConfig(*spec)
+            fwd, fwd_bwd = time_scan(lambda *a, cfg=cfg: selective_scan_triton(*a, config=cfg), x)
+            print(f"sweep {name}: {cfg}: fwd {fwd:.3f} ms, fwd+bwd {fwd_bwd:.3f} ms", flush=True)
+            results.append((fwd_bwd, cfg))
+        best = min(results, key=lambda r: r[0])
+        print(f"best {name}: {best[1]} ({best[0]:.3f} ms)", flush=True)
+        del x
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="only time several launch configs of ours")
-    parser.add_argument("--best-out", help="with --sweep: file to write the best config to (SCAN_CONFIG)")
     parser.add_argument("--shapes", nargs="*", help="subset of shape names")
     args = parser.parse_args()
     shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes]
     if args.sweep:
-        sweep(shapes[::2], args.best_out)  # S 8f b16 and Ti 64f b4: many short rows vs few long ones
+        sweep(shapes)
         return
-    cfg = config_from_env() or default_config(D_STATE)
-    ours = lambda *a: selective_scan_triton(*a, config=cfg)
+    env_cfg = config_from_env()  # None: each shape gets default_config for its rows
     mamba = load_mamba_selective_scan()
     print(f"mamba-ssm selective_scan_fn: {'loaded' if mamba else 'not available (set MAMBA_SRC)'}")
     rows = []
     for name, Bsz, E, L, _ in shapes:
         x = make_inputs(Bsz, E, L)
         b_fwd, b_fb = min_bytes(Bsz, E, L)
+        cfg = env_cfg or default_config(D_STATE, Bsz * E)
+        ours = lambda *a, cfg=cfg: selective_scan_triton(*a, config=cfg)
         row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg)}
         row["ours fwd ms"], row["ours fwd+bwd ms"] = time_scan(ours, x)
         row["ours fwd GB/s"] = b_fwd / row["ours fwd ms"] / 1e6

@@ -6,7 +6,8 @@
 # Results land in benchmarks/results/ and are copied to $OUT with the logs.
 # Usage, from the repository root on a machine with an H100/H200, nvcc and torch:
 #   MAMBA_SDIST=path/mamba_ssm-2.3.2.post1.tar.gz [SWEEP=1] OUT=/tmp/out bash scripts/gpu_bench.sh
-# SWEEP=1 first times several launch configs and benchmarks with the best one (SCAN_CONFIG).
+# SWEEP=1 first times several launch configs per shape (to $OUT/sweep.txt); the benchmarks then use
+# default_config per shape, or SCAN_CONFIG=be_f,be_b,T,w_f,w_b[,time_major] for every shape.
 # Get the sdist (no CUDA needed) with:
 #   MAMBA_SKIP_CUDA_BUILD=TRUE pip download --no-deps --no-binary :all: --no-build-isolation \
 #       mamba-ssm==2.3.2.post1 -d <dir>
@@ -48,10 +49,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 if [ -n "${SWEEP:-}" ]; then
     # Bounded, so that the comparison below still runs inside a 10-minute lease.
-    timeout "${SWEEP_S:-400}" "$PY" benchmarks/bench_scan.py --sweep --best-out /tmp/best_config 2>&1 \
-        | tee -a "$LOG"
-    SCAN_CONFIG=$(cat /tmp/best_config 2>/dev/null)
-    export SCAN_CONFIG
+    timeout "${SWEEP_S:-400}" "$PY" benchmarks/bench_scan.py --sweep 2>&1 | tee "$OUT/sweep.txt" | tee -a "$LOG"
 fi
 
 if [ -n "${MAMBA_SDIST:-}" ]; then

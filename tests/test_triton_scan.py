@@ -19,7 +19,7 @@ import torch
 
 from models.ops import DirectionWeights, bimamba_inner
 from models.ops.ref import selective_scan_ref
-from models.ops.triton_scan import bimamba_inner_triton, default_config, selective_scan_triton
+from models.ops.triton_scan import ScanConfig, bimamba_inner_triton, default_config, selective_scan_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,7 +76,8 @@ def _scan_inputs(Bsz, E, L, N, dtype, groups=0, gen=None):
     return u, delta, A, B, C, D, z, delta_bias
 
 
-def _check_scan(Bsz, E, L, N, dtype, use_D=True, use_z=True, use_bias=True, softplus=True, groups=0):
+def _check_scan(Bsz, E, L, N, dtype, use_D=True, use_z=True, use_bias=True, softplus=True, groups=0,
+                config=None):
     gen = torch.Generator(DEVICE).manual_seed(1000 * L + N)
     u, delta, A, B, C, D, z, bias = _scan_inputs(Bsz, E, L, N, dtype, groups, gen)
     if not softplus:  # without softplus the caller guarantees delta > 0 (else exp(delta A) grows without bound)
@@ -84,7 +85,7 @@ def _check_scan(Bsz, E, L, N, dtype, use_D=True, use_z=True, use_bias=True, soft
     D, z, bias = (D if use_D else None), (z if use_z else None), (bias if use_bias else None)
     args = [_nan_padded(t) if t is not None else None for t in (u, delta, A, B, C, D, z, bias)]
     leaves = [t.requires_grad_() if t is not None else None for t in args]
-    out = selective_scan_triton(*leaves, delta_softplus=softplus)
+    out = selective_scan_triton(*leaves, delta_softplus=softplus, config=config)
     assert out.dtype == dtype and out.shape == u.shape
     dout = torch.randn(out.shape, device=DEVICE, generator=gen).to(dtype)
     present = [t for t in leaves if t is not None]
@@ -161,7 +162,7 @@ def _direction_weights(E, N, R, W, gen):
     )
 
 
-def _check_bimamba(Bsz, E, L, N, R, dtype, tol):
+def _check_bimamba(Bsz, E, L, N, R, dtype, tol, config=None):
     gen = torch.Generator(DEVICE).manual_seed(L)
     fwd, bwd = _direction_weights(E, N, R, 4, gen), _direction_weights(E, N, R, 4, gen)
     x = _nan_padded(torch.randn(Bsz, E, L, device=DEVICE, generator=gen).to(dtype))
@@ -169,7 +170,8 @@ def _check_bimamba(Bsz, E, L, N, R, dtype, tol):
     leaves = [x, z, *(_nan_padded(t) for t in (*fwd, *bwd))]
     for t in leaves:
         t.requires_grad_()
-    out = bimamba_inner_triton(x, z, DirectionWeights(*leaves[2:9]), DirectionWeights(*leaves[9:]))
+    out = bimamba_inner_triton(x, z, DirectionWeights(*leaves[2:9]), DirectionWeights(*leaves[9:]),
+                               config=config)
     dout = torch.randn(out.shape, device=DEVICE, generator=gen).to(dtype)
     grads = torch.autograd.grad(out, leaves, dout)
 
@@ -182,6 +184,32 @@ def _check_bimamba(Bsz, E, L, N, R, dtype, tol):
     for name, g, g64 in zip(names, grads, grads64, strict=True):
         err = _rel(g, g64, name)
         assert err < tol, f"grad {name}: rel err {err:.2e} > {tol}"
+
+
+# The time-major backward (the default at >= TIME_MAJOR_MIN_ROWS rows), forced at small shapes.
+TIME_MAJOR = ScanConfig(block_e_fwd=1, block_e_bwd=16, chunk=4, num_warps_fwd=1, num_warps_bwd=1,
+                        bwd_time_major=True)
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("E,L,N,groups,dtype", [
+    # E, L fill neither a block nor a chunk; N = 4 pads the state.
+    pytest.param(6, 37, 4, 0, torch.float32, marks=pytest.mark.interp),
+    (16, 45, 4, 2, torch.float32),  # grouped B/C
+    (40, 301, 16, 0, torch.bfloat16),
+    (12, 1000, 64, 0, torch.float32),
+])
+def test_scan_time_major_backward(E, L, N, groups, dtype):
+    cfg = TIME_MAJOR if N <= 16 else ScanConfig(1, 4, 4, 1, 1, True)
+    _check_scan(2, E, L, N, dtype, groups=groups, config=cfg)
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_bimamba_inner_time_major_backward(poison_empty, dtype, tol):
+    _check_bimamba(2, 16, 301, 16, 3, dtype, tol, config=TIME_MAJOR)
 
 
 @pytest.mark.gpu
@@ -250,7 +278,7 @@ def test_kernels_under_triton_interpreter():
         env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "4 passed" in result.stdout, result.stdout[-2000:]
+    assert "5 passed" in result.stdout, result.stdout[-2000:]
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -272,7 +300,12 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_default_config_keeps_tiles_small():
     for n in (1, 4, 16, 32, 64, 128):
-        cfg = default_config(n)
-        tile = cfg.block_e_fwd * max(2, 1 << (n - 1).bit_length()) * cfg.chunk
-        assert 16 <= cfg.chunk <= 64 and cfg.chunk & (cfg.chunk - 1) == 0
-        assert tile <= 4096, (n, cfg)
+        for rows in (1536, 12288):
+            cfg = default_config(n, rows)
+            block_n = max(2, 1 << (n - 1).bit_length())
+            assert cfg.bwd_time_major == (rows >= 8192)
+            assert 4 <= cfg.chunk <= 64 and cfg.chunk & (cfg.chunk - 1) == 0
+            assert cfg.block_e_fwd * block_n * cfg.chunk <= 4096, (n, cfg)
+            # The backward's fp32 state tile: at most 32 values a thread (more spill on an H200).
+            per_thread = cfg.block_e_bwd * block_n * cfg.chunk // (32 * cfg.num_warps_bwd)
+            assert per_thread <= 32, (n, rows, cfg)

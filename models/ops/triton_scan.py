@@ -16,7 +16,10 @@ saved start state, then solves the adjoint recurrence r_t = C_t g_t + exp(delta_
 reverse associative scan, the adjoint of the following chunk carried in registers. With
 a_t h_{t-1} = h_t - delta_t B_t u_t no shifted state is needed. Gradients for B and C are sums over
 channels, so programs add them into fp32 buffers atomically (as mamba-ssm's CUDA kernel does); dA, dD and
-d delta_bias are summed in registers over L, then added atomically over the batch.
+d delta_bias are summed in registers over L, then added atomically over the batch. The backward's state
+tile is time-major, (T, N, E), when there are many (batch, channel) rows: each thread then holds a chunk's
+steps and both scans run in-thread (~3x fewer instructions per element than the time-last (E, N, T) tile,
+whose scans shuffle across lanes, but with less parallel work; see default_config).
 
 Bidirectional: the two directions run as two launches of the same kernel; the second adds its gated
 output (and its share of dz) to what the first wrote.
@@ -38,23 +41,37 @@ from models.ops.triton_conv import conv1d_silu_bidirectional
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """Launch shape: channels per program (forward, backward), steps per chunk, warps per program."""
+    """Launch shape: channels per program (forward, backward), steps per chunk, warps per program, and the
+    backward's state-tile order: (T, N, E) if bwd_time_major, else (E, N, T)."""
 
     block_e_fwd: int
     block_e_bwd: int
     chunk: int
     num_warps_fwd: int = 4
     num_warps_bwd: int = 4
+    bwd_time_major: bool = False
 
 
-def default_config(d_state: int) -> ScanConfig:
-    """Launch shape measured best on an H200 for d_state 16 (benchmarks/bench_scan.py --sweep, summed over
-    S 8f b16 and Ti 64f b4; benchmarks/results/sweep.txt). Forward: 1 channel and 1 warp a program, since
-    the forward is short of parallel work (Ti 64f b4 has only B E = 1536 rows); backward: 4 channels and 4
-    warps, the backward being throughput-bound. 16 steps a chunk. Not tuned for other state sizes: fewer
-    channels a program beyond N = 64 keep the (BLOCK_E, N, T) fp32 tile at <= 4K elements. The saved chunk
-    states cost 4 N / 16 bytes per (channel, step): 4 B at N = 16, twice a bf16 activation."""
-    block_e = 4 if triton.next_power_of_2(d_state) <= 64 else 2
+# Below this many (batch, channel) rows the time-major backward has too few programs to fill an H200.
+TIME_MAJOR_MIN_ROWS = 8192
+
+
+def default_config(d_state: int, rows: int) -> ScanConfig:
+    """Launch shape measured best on an H200 for d_state 16 (benchmarks/results/sweep.txt), `rows` being
+    batch x channels (B E).
+
+    Forward: 1 channel and 1 warp a program (it is short of parallel work at few rows). Backward, many rows
+    (S/M 8f b16: B E >= 12288): the time-major tile, 16 channels x 4 steps on 1 warp (S 8f bwd 4.97 ->
+    3.11 ms, at 4-step chunks the forward costs 0.95 instead of 0.80 ms). Few rows (Ti/S 64f b4: B E <=
+    3072): time-last, 4 channels x 16 steps on 4 warps (time-major was 1.7x slower there: each program walks
+    L serially and there are too few of them). Larger state sizes get fewer channels a program, which keeps
+    the fp32 state tile at <= 1024 elements (time-major, 1 warp) or <= 4096 (time-last). The saved chunk
+    states cost 4 N / T bytes per (channel, step)."""
+    block_n = max(2, triton.next_power_of_2(d_state))
+    if rows >= TIME_MAJOR_MIN_ROWS:
+        return ScanConfig(block_e_fwd=1, block_e_bwd=max(1, min(16, 256 // block_n)), chunk=4, num_warps_fwd=1,
+                          num_warps_bwd=1, bwd_time_major=True)
+    block_e = 4 if block_n <= 64 else 2
     return ScanConfig(block_e_fwd=1, block_e_bwd=block_e, chunk=16, num_warps_fwd=1, num_warps_bwd=4)
 
 
@@ -72,10 +89,11 @@ def _softplus(x):
 
 @triton.jit
 def _load_delta(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """delta as the recurrence uses it (bias, softplus) and the pre-softplus value; 0 outside `mask`."""
+    """delta as the recurrence uses it (bias, broadcast to offs; softplus) and the pre-softplus value; 0
+    outside `mask`."""
     raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        raw += bias[:, None]
+        raw += bias
     dt = raw
     if SOFTPLUS:
         dt = _softplus(raw)
@@ -128,7 +146,7 @@ def _scan_fwd_kernel(
         if STORE_STATES:
             tl.store(st_row + c * BLOCK_N, h, mask=e_ok[:, None])
         u = tl.load(u_row + t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
-        dt, _ = _load_delta(d_row, t[None, :] * s_dl, m, bias, HAS_BIAS, SOFTPLUS)
+        dt, _ = _load_delta(d_row, t[None, :] * s_dl, m, bias[:, None], HAS_BIAS, SOFTPLUS)
         Bt = tl.load(B_row + t[None, :] * s_Bl, mask=mn, other=0.0).to(tl.float32)
         Ct = tl.load(C_row + t[None, :] * s_Cl, mask=mn, other=0.0).to(tl.float32)
         a = tl.exp2(dt[:, None, :] * A2[:, :, None])
@@ -148,6 +166,41 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _pair(first, second, SWAP: tl.constexpr):
+    """first[:, None] + second[None, :], or transposed: the 2D tiles' orientation follows the layout."""
+    if SWAP:
+        return second[:, None] + first[None, :]
+    else:
+        return first[:, None] + second[None, :]
+
+
+@triton.jit
+def _pair_and(first, second, SWAP: tl.constexpr):
+    if SWAP:
+        return second[:, None] & first[None, :]
+    else:
+        return first[:, None] & second[None, :]
+
+
+@triton.jit
+def _tn3(v, TIME_MAJOR: tl.constexpr):
+    """A (T, N) / (N, T) tile as an operand of the state tile."""
+    if TIME_MAJOR:
+        return v[:, :, None]
+    else:
+        return v[None, :, :]
+
+
+@triton.jit
+def _en3(v, TIME_MAJOR: tl.constexpr):
+    """An (N, E) / (E, N) plane (one value per state) as an operand of the state tile."""
+    if TIME_MAJOR:
+        return v[None, :, :]
+    else:
+        return v[:, :, None]
+
+
+@triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
@@ -157,18 +210,27 @@ def _scan_bwd_kernel(
     s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
     REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, TIME_MAJOR: tl.constexpr,
 ):
-    """Gradients of one direction. du/ddelta/dz are contiguous (B, E, L); dB/dC fp32 (B, G, N, L)."""
+    """Gradients of one direction. du/ddelta/dz are contiguous (B, E, L); dB/dC fp32 (B, G, N, L).
+
+    State tile: (T, N, E) if TIME_MAJOR, else (E, N, T). Triton's default layout spreads the trailing
+    axes over lanes and repeats the leading one in registers. Time-major keeps a chunk's steps in each
+    thread, so both scans are serial in-thread (no shuffles) and the sums over N are mostly in-thread:
+    ~3x fewer instructions per element, but each program walks L serially with little parallel work, so
+    it needs many (batch, channel) rows. Time-last spreads the scans over lanes: more work per element,
+    but it keeps more warps busy when the rows are few (long sequences, small batches)."""
+    TM: tl.constexpr = TIME_MAJOR
+    AX_T: tl.constexpr = 0 if TIME_MAJOR else 2  # the state tile's time axis
     pid_e, pid_b = tl.program_id(0), tl.program_id(1)
     b64 = pid_b.to(tl.int64)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
     col = tl.arange(0, T)
     e_ok, n_ok = e < E, n < N
-    en_ok = e_ok[:, None] & n_ok[None, :]
+    en_ok = _pair_and(e_ok, n_ok, TM)  # (E, N) plane, (N, E) if time-major
     g = (pid_e * BLOCK_E) // group_E
-    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=en_ok, other=0.0)
+    A = tl.load(A_ptr + _pair(e * N, n, TM), mask=en_ok, other=0.0)
     A2 = A * 1.4426950408889634
     if HAS_BIAS:
         bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
@@ -176,20 +238,17 @@ def _scan_bwd_kernel(
         bias = tl.zeros((BLOCK_E,), tl.float32)
     if HAS_D:
         D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
-    u_row = u_ptr + b64 * s_ub + e[:, None] * s_ue
-    d_row = delta_ptr + b64 * s_db + e[:, None] * s_de
-    B_row = B_ptr + b64 * s_Bb + g * s_Bg + n[:, None] * s_Bn
-    C_row = C_ptr + b64 * s_Cb + g * s_Cg + n[:, None] * s_Cn
-    go_row = dout_ptr + b64 * s_gb + e[:, None] * s_ge
-    if HAS_Z:
-        z_row = z_ptr + b64 * s_zb + e[:, None] * s_ze
-    st_row = state_ptr + ((b64 * E + e[:, None]) * n_chunks) * BLOCK_N + n[None, :]
+    bias_te = _pair(tl.zeros((T,), tl.float32), bias, not TM)  # (T, E) tiles, (E, T) if time-last
+    if HAS_D:
+        D_te = _pair(tl.zeros((T,), tl.float32), D, not TM)
+    st_plane = state_ptr + _pair((b64 * E + e) * n_chunks * BLOCK_N, n, TM)
     G = E // group_E
-    dBC_off = ((b64 * G + g) * N + n[:, None]) * L  # dB/dC are contiguous (B, G, N, L)
-    grad_row = (b64 * E + e[:, None]) * L  # du/ddelta/dz are contiguous (B, E, L)
+    dBC_base = (b64 * G + g) * N * L  # dB/dC are contiguous (B, G, N, L)
+    grad_base = b64 * E * L  # du/ddelta/dz are contiguous (B, E, L)
+    first = _tn3(_pair_and(col == 0, n_ok, not TM), TM)  # the chunk's first step, on the state tile's shape
 
-    r_next = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)  # adjoint at the first step of the following chunk
-    dA_acc = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+    r_next = tl.zeros_like(A)  # adjoint at the first step of the following chunk
+    dA_acc = tl.zeros_like(A)
     dD_acc = tl.zeros((BLOCK_E,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_E,), tl.float32)
     for ci in range(n_chunks):
@@ -197,67 +256,76 @@ def _scan_bwd_kernel(
         s = c * T + col
         s_ok = s < L
         t = (L - 1 - s) if REVERSE else s
-        m = e_ok[:, None] & s_ok[None, :]
-        mn = n_ok[:, None] & s_ok[None, :]
+        m = _pair_and(s_ok, e_ok, not TM)  # (T, E) tile mask
+        mn = _pair_and(s_ok, n_ok, not TM)  # (T, N) tile mask
         # Step s+1 (the next one in scan order) for the adjoint's decay; beyond L it is unused (adjoint 0).
         s1_ok = (s + 1) < L
         t1 = (L - 2 - s) if REVERSE else (s + 1)
-        h0 = tl.load(st_row + c * BLOCK_N, mask=e_ok[:, None], other=0.0)
-        u = tl.load(u_row + t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
-        dt, raw = _load_delta(d_row, t[None, :] * s_dl, m, bias, HAS_BIAS, SOFTPLUS)
-        dt1, _ = _load_delta(d_row, t1[None, :] * s_dl, e_ok[:, None] & s1_ok[None, :], bias, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_row + t[None, :] * s_Bl, mask=mn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_row + t[None, :] * s_Cl, mask=mn, other=0.0).to(tl.float32)
-        dout = tl.load(go_row + t[None, :] * s_gl, mask=m, other=0.0).to(tl.float32)
+        h0 = tl.load(st_plane + c * BLOCK_N, mask=en_ok, other=0.0)
+        u = tl.load(u_ptr + b64 * s_ub + _pair(t * s_ul, e * s_ue, not TM), mask=m, other=0.0).to(tl.float32)
+        dt, raw = _load_delta(delta_ptr + b64 * s_db, _pair(t * s_dl, e * s_de, not TM), m, bias_te,
+                              HAS_BIAS, SOFTPLUS)
+        dt1, _ = _load_delta(delta_ptr + b64 * s_db, _pair(t1 * s_dl, e * s_de, not TM),
+                             _pair_and(s1_ok, e_ok, not TM), bias_te, HAS_BIAS, SOFTPLUS)
+        Bt = tl.load(B_ptr + b64 * s_Bb + g * s_Bg + _pair(t * s_Bl, n * s_Bn, not TM), mask=mn,
+                     other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + b64 * s_Cb + g * s_Cg + _pair(t * s_Cl, n * s_Cn, not TM), mask=mn,
+                     other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + b64 * s_gb + _pair(t * s_gl, e * s_ge, not TM), mask=m,
+                       other=0.0).to(tl.float32)
+        grad_offs = grad_base + _pair(t, e * L, not TM)
+        dBC_offs = dBC_base + _pair(t, n * L, not TM)
 
         # Recompute the chunk's states.
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        x = (dt * u)[:, None, :] * Bt[None, :, :]
-        a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
-        hs = x_cum + a_cum * h0[:, :, None]
+        dtu = dt * u
+        x = dtu[:, None, :] * _tn3(Bt, TM)
+        a = tl.exp2(dt[:, None, :] * _en3(A2, TM))
+        a_cum, x_cum = tl.associative_scan((a, x), axis=AX_T, combine_fn=_affine_combine)
+        hs = x_cum + a_cum * _en3(h0, TM)
 
         # Gate.
         if HAS_Z:
-            zt = tl.load(z_row + t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
+            zt = tl.load(z_ptr + b64 * s_zb + _pair(t * s_zl, e * s_ze, not TM), mask=m,
+                         other=0.0).to(tl.float32)
             sig = tl.sigmoid(zt)
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            y = tl.sum(hs * _tn3(Ct, TM), axis=1)
             if HAS_D:
-                y += D[:, None] * u
+                y += D_te * u
             dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
             if ACCUMULATE:
-                dz += tl.load(dz_ptr + grad_row + t[None, :], mask=m, other=0.0).to(tl.float32)
-            tl.store(dz_ptr + grad_row + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
+                dz += tl.load(dz_ptr + grad_offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(dz_ptr + grad_offs, dz.to(dz_ptr.dtype.element_ty), mask=m)
             gy = dout * zt * sig
         else:
             gy = dout
 
         # Adjoint: r_t = C_t g_t + a_{t+1} r_{t+1}, carried in from the following chunk.
-        a1 = tl.exp2(dt1[:, None, :] * A2[:, :, None])
-        p_cum, q_cum = tl.associative_scan((a1, Ct[None, :, :] * gy[:, None, :]), axis=2,
+        a1 = tl.exp2(dt1[:, None, :] * _en3(A2, TM))
+        p_cum, q_cum = tl.associative_scan((a1, _tn3(Ct, TM) * gy[:, None, :]), axis=AX_T,
                                            combine_fn=_affine_combine, reverse=True)
-        r = q_cum + p_cum * r_next[:, :, None]
-        r_next = tl.sum(tl.where(col[None, None, :] == 0, r, 0.0), axis=2)
+        r = q_cum + p_cum * _en3(r_next, TM)
+        r_next = tl.sum(tl.where(first, r, 0.0), axis=AX_T)
 
-        ah_prev = hs - x  # a_t h_{t-1}
-        rB = tl.sum(r * Bt[None, :, :], axis=1)
+        r_ah = r * (hs - x)  # r_t a_t h_{t-1}
+        rB = tl.sum(r * _tn3(Bt, TM), axis=1)
         du = dt * rB
         if HAS_D:
-            du += D[:, None] * gy
-            dD_acc += tl.sum(gy * u, axis=1)
-        ddt = u * rB + tl.sum(r * A[:, :, None] * ah_prev, axis=1)
-        dA_acc += tl.sum(r * ah_prev * dt[:, None, :], axis=2)
+            du += D_te * gy
+            dD_acc += tl.sum(gy * u, axis=AX_T // 2)
+        ddt = u * rB + tl.sum(r_ah * _en3(A, TM), axis=1)
+        dA_acc += tl.sum(r_ah * dt[:, None, :], axis=AX_T)
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(raw)
         ddt = tl.where(m, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(du_ptr + grad_row + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m)
-        tl.store(ddelta_ptr + grad_row + t[None, :], ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
-        dB = tl.sum(r * (dt * u)[:, None, :], axis=0)
-        dC = tl.sum(hs * gy[:, None, :], axis=0)
-        tl.atomic_add(dB_ptr + dBC_off + t[None, :], dB, mask=mn)
-        tl.atomic_add(dC_ptr + dBC_off + t[None, :], dC, mask=mn)
+        dbias_acc += tl.sum(ddt, axis=AX_T // 2)
+        tl.store(du_ptr + grad_offs, du.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(ddelta_ptr + grad_offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
+        dB = tl.sum(r * dtu[:, None, :], axis=2 - AX_T)
+        dC = tl.sum(hs * gy[:, None, :], axis=2 - AX_T)
+        tl.atomic_add(dB_ptr + dBC_offs, dB, mask=mn)
+        tl.atomic_add(dC_ptr + dBC_offs, dC, mask=mn)
 
-    tl.atomic_add(dA_ptr + e[:, None] * N + n[None, :], dA_acc, mask=en_ok)
+    tl.atomic_add(dA_ptr + _pair(e * N, n, TM), dA_acc, mask=en_ok)
     if HAS_D:
         tl.atomic_add(dD_ptr + e, dD_acc, mask=e_ok)
     if HAS_BIAS:
@@ -340,7 +408,7 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
             *d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *dout.stride(),
             REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
             SOFTPLUS=softplus, ACCUMULATE=i > 0,
-            BLOCK_E=block_e, BLOCK_N=block_n, T=cfg.chunk, num_warps=cfg.num_warps_bwd,
+            BLOCK_E=block_e, BLOCK_N=block_n, T=cfg.chunk, TIME_MAJOR=cfg.bwd_time_major, num_warps=cfg.num_warps_bwd,
         )
         grads.append(_Direction(du, ddelta, dA, dB.to(d.B.dtype), dC.to(d.C.dtype),
                                 None if dD is None else dD.to(d.D.dtype),
@@ -437,7 +505,7 @@ def selective_scan_triton(
     _check_inputs(u, delta, A, z)
     d = _direction(u, delta, A, B, C, D, delta_bias)
     _check_device(u)
-    cfg = config or default_config(A.shape[1])
+    cfg = config or default_config(A.shape[1], u.shape[0] * u.shape[1])
     return _apply((False,), delta_softplus, cfg, z, [d])
 
 
@@ -462,5 +530,5 @@ def bimamba_inner_triton(x_BEL: Tensor, z_BEL: Tensor, fwd, bwd, *, config: Scan
         delta_BEL = torch.matmul(w.dt_proj_weight.to(u_BEL.dtype), dt_BLR.transpose(1, 2))
         dirs.append(_direction(u_BEL, delta_BEL, -torch.exp(w.A_log_EN.float()), B_BLN.transpose(1, 2),
                                C_BLN.transpose(1, 2), w.D_E, w.dt_proj_bias))
-    cfg = config or default_config(dirs[0].A.shape[1])
+    cfg = config or default_config(dirs[0].A.shape[1], x_BEL.shape[0] * x_BEL.shape[1])
     return _apply((False, True), True, cfg, z_BEL, dirs)
