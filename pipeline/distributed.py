@@ -7,7 +7,6 @@ same code runs in a single process, under torchrun, under DeepSpeed and inside R
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -34,16 +33,17 @@ def ensure_process_group(backend: str) -> None:
     """Join the launcher's process group, or make a one-process group when started without one.
 
     DeepSpeed needs a process group even for one process. torchrun and Ray Train set the rendezvous
-    variables (Ray even creates the group); a plain `python job.py` gets a free local port and world size 1.
+    variables (Ray even creates the group). A plain `python job.py` gets an in-memory store: no TCP port,
+    so nothing can race for one, and nothing is left in the environment for a later stage in the same
+    process (a recipe) or for child processes to mistake for a launcher's rendezvous.
     """
     if is_distributed():
         return
-    if "RANK" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    dist.init_process_group(backend=backend)
+    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend=backend)
+        return
+    os.environ.setdefault("LOCAL_RANK", "0")
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def local_rank() -> int:
