@@ -14,6 +14,7 @@ A recipe YAML names its steps in order; each step starts from an earlier step's 
       - {name: vtc, config: ../stages/video_text_test.yaml, from: distill, overrides: {optim: {max_steps: 50}}}
     evals:
       - {name: synthetic, config: ../eval/synthetic.yaml, from: vtc}
+    results_file: ${out_dir}/retrieval.json   # the default: every evaluation's final numbers, one file
 
 `from:` is an earlier step's name (its `<out_dir>/<name>/export/model.pt`) or a file path; the runner
 writes it into the key the stage's task reads its initial weights from (`INIT_KEYS`, or `init_key:`).
@@ -23,6 +24,10 @@ Rerunning the same recipe with the same `out_dir` continues it: the parent run i
 step are kept in `<out_dir>/recipe_state.json`; a finished step (recorded there, its MLflow run
 FINISHED, its export present) is skipped, and an interrupted stage is restarted with the same run name
 and checkpoint path, so the engine resumes it from its last checkpoint into the same MLflow run.
+
+When the recipe has evaluations, the runner ends by writing `results_file` (default
+`<out_dir>/retrieval.json`): `{<eval name>: {t2v_r1, ..., v2t_meanr, num_videos, num_texts, chance_r1,
+chance_r5, chance_r10, run_id, checkpoint}}`, recalls and chance levels in percent.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from pipeline.config import Config, ConfigError, flatten, load_config, load_yaml
 
 STATE_FILE = "recipe_state.json"
 EXPORT_FILE = "export/model.pt"
+RESULTS_FILE = "retrieval.json"
 
 # Config key that receives a stage's initial weights, per task: the student backbone for masked
 # alignment and video-text (the latter loads a backbone into its vision encoder), the teacher for
@@ -59,7 +65,8 @@ EVAL_INIT_KEY = "model.checkpoint"
 _RUNNER_KEYS = ("output_dir", "tracking.parent_run_id", "tracking.run_name")
 
 _STEP_KEYS = {"name", "config", "overrides", "from", "init_key"}
-_RECIPE_KEYS = {"name", "description", "out_dir", "data_root", "experiment", "settings", "stages", "evals"}
+_RECIPE_KEYS = {"name", "description", "out_dir", "data_root", "experiment", "settings", "stages", "evals",
+                "results_file"}
 _VAR = re.compile(r"\$\{(out_dir|data_root|export:([A-Za-z0-9_.-]+))\}")
 
 
@@ -97,10 +104,18 @@ class Recipe:
     experiment: str | None = None
     description: str = ""
     source: Path | None = None
+    results_file: str | None = None
+    """Where the evaluations' final numbers go (${out_dir} etc. substituted); None = <out_dir>/retrieval.json."""
 
     @property
     def steps(self) -> list[StepSpec]:
         return [*self.stages, *self.evals]
+
+    def results_path(self) -> Path:
+        """The evaluations' summary file: `results_file` with its variables replaced, or <out_dir>/retrieval.json."""
+        if self.results_file is None:
+            return self.out_dir / RESULTS_FILE
+        return Path(_substitute(self, self.results_file, "results_file")).expanduser().resolve()
 
     def export_path(self, step_name: str) -> Path:
         """Where the stage named `step_name` leaves its weights (docs/architecture.md, Stage exports)."""
@@ -136,6 +151,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         experiment=raw.get("experiment"),
         description=str(raw.get("description", "")),
         source=path,
+        results_file=str(raw["results_file"]) if raw.get("results_file") else None,
     )
     for item in overrides:
         _apply_recipe_override(recipe, item)
@@ -204,6 +220,8 @@ def _apply_recipe_override(recipe: Recipe, item: str) -> None:
         recipe.data_root = str(value) if value is not None else None
     elif key == "experiment":
         recipe.experiment = str(value)
+    elif key == "results_file":
+        recipe.results_file = str(value) if value is not None else None
     elif head == "settings" and rest:
         recipe.settings = _nested({**flatten(recipe.settings), rest: value}, f"override {item!r}")
     elif head in ("stages", "evals") and rest:
@@ -220,7 +238,7 @@ def _apply_recipe_override(recipe: Recipe, item: str) -> None:
             step.overrides = _nested({**flatten(step.overrides), field_key: value}, f"override {item!r}")
     else:
         raise RecipeError(
-            f"override {item!r}: unknown recipe key {key!r}; use out_dir=, data_root=, experiment=, "
+            f"override {item!r}: unknown recipe key {key!r}; use out_dir=, data_root=, experiment=, results_file=, "
             "settings.<key>=, stages.<name>.<key>= or evals.<name>.<key>="
         )
 
@@ -440,6 +458,9 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, log: Callable[[str], None]
             state.save()
             parent.log_step_metrics(step.name, record["metrics"])
             log(f"[{step.name}] done in {record['seconds']:.0f} s (run {record['run_id']})")
+        if recipe.evals:
+            path = write_retrieval_results(recipe, state.steps)
+            log(f"retrieval results of {len(recipe.evals)} evaluation(s) -> {path}")
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -464,7 +485,7 @@ def _run_eval(cfg: Any) -> dict[str, Any]:
     from pipeline.evaluation.run import evaluate_retrieval
 
     metrics = evaluate_retrieval(cfg)
-    return {"run_id": metrics.get("run_id"), "metrics": _scalars(metrics)}
+    return {"run_id": metrics.get("run_id"), "metrics": _scalars(metrics), "checkpoint": str(cfg.model.checkpoint)}
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -573,11 +594,43 @@ def recorded_result(recipe: Recipe) -> RecipeResult:
     return RecipeResult(state.parent_run_id, uri, experiment, dict(state.steps))
 
 
+def chance_recall(k: int, num_videos: float) -> float:
+    """Chance R@k in percent: k / number of videos in both directions (for v2t with c captions per video among
+    T texts, about c*k/T = k/videos)."""
+    return min(100.0, 100.0 * k / num_videos)
+
+
+def retrieval_results(recipe: Recipe, steps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{eval name: recalls, ranks, num_videos, num_texts, chance_r1/5/10, run_id, checkpoint} of the recipe's
+    finished evaluations, from their completion records."""
+    results = {}
+    for step in recipe.evals:
+        record = steps.get(step.name)
+        if not record or record.get("status") != "done":
+            continue
+        metrics = record["metrics"]
+        entry: dict[str, Any] = {k: v for k, v in metrics.items() if re.fullmatch(r"(t2v|v2t)_\w+", k)}
+        entry["num_videos"], entry["num_texts"] = int(metrics["videos"]), int(metrics["texts"])
+        entry.update({f"chance_r{k}": chance_recall(k, entry["num_videos"]) for k in (1, 5, 10)})
+        entry.update(run_id=record.get("run_id"), checkpoint=record.get("checkpoint"))
+        results[step.name] = entry
+    return results
+
+
+def write_retrieval_results(recipe: Recipe, steps: dict[str, dict[str, Any]]) -> Path:
+    """Write `retrieval_results` to the recipe's results file (atomically) and return its path."""
+    path = recipe.results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(retrieval_results(recipe, steps), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def summary_tables(result: RecipeResult) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     """(header, rows) of the steps run, then (header, rows) of retrieval recalls beside chance level.
 
-    Chance R@k is k / number of videos in both directions (for v2t with c captions per video among T texts,
-    about c*k/T = k/videos), shown when the evaluation reports its video count.
+    Chance R@k (`chance_recall`) is shown when the evaluation reports its video count.
     """
     step_rows = [[name, rec["kind"], str(rec.get("run_id") or "-")[:12], f"{rec.get('seconds', 0):.0f}",
                   _format_loss(rec["metrics"])] for name, rec in result.steps.items()]
@@ -590,7 +643,7 @@ def summary_tables(result: RecipeResult) -> tuple[list[str], list[list[str]], li
         for direction in ("t2v", "v2t"):
             if f"{direction}_r1" not in metrics:
                 continue
-            chance = "/".join(f"{min(100.0, 100.0 * k / pool):.1f}" for k in (1, 5, 10)) if pool else "-"
+            chance = "/".join(f"{chance_recall(k, pool):.1f}" for k in (1, 5, 10)) if pool else "-"
             ret_rows.append([name, direction] + [f"{metrics.get(f'{direction}_r{k}', float('nan')):.1f}"
                                                  for k in (1, 5, 10)] + [chance])
     return step_header, step_rows, ret_header, ret_rows

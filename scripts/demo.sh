@@ -3,7 +3,8 @@
 # the demo_cpu recipe (masked alignment -> self-distillation -> video-text -> retrieval) submitted as a
 # Ray Job -> MLflow runs in a local sqlite store -> a retrieval table and a run comparison.
 #
-# Everything lands under $OUT (default demo_out). Environment knobs:
+# Everything lands under $OUT (default demo_out); the final zero-shot numbers in $OUT/retrieval.json
+# ({eval name: {t2v_r1, ..., v2t_meanr, num_videos, chance_r1, ...}}). Environment knobs:
 #   OUT=dir                 output folder (data, runs, checkpoints, mlflow.db, Ray's temp dir)
 #   DEMO_RECIPE=file        recipe to submit (default configs/recipes/demo_cpu.yaml)
 #   DEMO_OVERRIDES="k=v .." extra recipe overrides (e.g. settings.optim.max_steps=5 for a smoke run)
@@ -93,13 +94,15 @@ EOF
 )
 # shellcheck disable=SC2086  # DEMO_OVERRIDES is a list of words on purpose
 ray job submit --runtime-env-json "$RUNTIME_ENV" -- \
-  python jobs/run_recipe.py "$RECIPE" "out_dir=$OUT/runs" "data_root=$OUT/data" ${DEMO_OVERRIDES:-} \
-  2>&1 | tee "$OUT/job.log"
+  python jobs/run_recipe.py "$RECIPE" "out_dir=$OUT/runs" "data_root=$OUT/data" "results_file=$OUT/retrieval.json" \
+  ${DEMO_OVERRIDES:-} 2>&1 | tee "$OUT/job.log"
 stop_ray
 
 step "results"
 # shellcheck disable=SC2086
-python jobs/run_recipe.py "$RECIPE" "out_dir=$OUT/runs" "data_root=$OUT/data" ${DEMO_OVERRIDES:-} --summary
+python jobs/run_recipe.py "$RECIPE" "out_dir=$OUT/runs" "data_root=$OUT/data" "results_file=$OUT/retrieval.json" \
+  ${DEMO_OVERRIDES:-} --summary
+test -s "$OUT/retrieval.json" || { echo "the recipe wrote no $OUT/retrieval.json" >&2; exit 1; }
 PARENT=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['parent_run_id'])" "$OUT/runs/recipe_state.json")
 EXPERIMENT=$(python -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1])).get('name'))" "$RECIPE")
 
@@ -112,6 +115,7 @@ Everything is under $OUT:
   data/            synthetic shards, eval videos and annotations
   runs/<step>/     each stage's resolved config and export (export/model.pt), eval reports
   runs/checkpoints Ray Train checkpoints (a rerun resumes from them)
+  retrieval.json   the final zero-shot retrieval numbers (recalls, ranks, num_videos, chance_r1)
   mlflow.db        the MLflow store; compare.png the loss curves and retrieval bars
 Open the MLflow UI:
   $REPO/.venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI

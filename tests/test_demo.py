@@ -42,13 +42,21 @@ def test_demo_script_end_to_end(tmp_path):
     assert all(step["status"] == "done" for step in state["steps"].values())
     for stage in ("mask", "distill", "vtc"):
         assert (out / "runs" / stage / "export" / "model.pt").is_file()
-    metrics = state["steps"]["synthetic"]["metrics"]
-    chance_r5 = 100.0 * 5 / metrics["videos"]
-    assert metrics["t2v_r5"] > 2 * chance_r5, metrics  # learned something, through every stage
+    # The final numbers: $OUT/retrieval.json, one entry per evaluation, recalls beside chance in percent.
+    results = json.loads((out / "retrieval.json").read_text())
+    assert list(results) == ["synthetic"]
+    final = results["synthetic"]
+    keys = {f"{d}_{m}" for d in ("t2v", "v2t") for m in ("r1", "r5", "r10", "medr", "meanr")}
+    assert keys | {"num_videos", "chance_r1"} <= set(final), sorted(final)
+    assert {k: final[k] for k in keys} == {k: state["steps"]["synthetic"]["metrics"][k] for k in keys}
+    assert final["num_videos"] == 40  # the generator's held-out 20% of 200 clips
+    assert final["chance_r1"] == 100.0 / final["num_videos"]
+    assert final["t2v_r5"] > 2 * final["chance_r5"], final  # learned something, through every stage
 
     assert "Job 'raysubmit_" in log and "succeeded" in log
     assert "zero-shot retrieval on the held-out split" in log and "chance" in log
     assert f"mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db" in log
+    assert (out / "mlflow.db").is_file()
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     # The script's cluster is gone: no process still runs from its Ray temp dir.
     ray_tmp = next(line.split("Ray temp dir: ", 1)[1] for line in log.splitlines() if "Ray temp dir: " in line)

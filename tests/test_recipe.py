@@ -15,6 +15,7 @@ from pipeline.recipe import (
     load_recipe,
     resolve_step_config,
     run_recipe,
+    write_retrieval_results,
 )
 
 TOY_STAGE = """\
@@ -199,3 +200,30 @@ def test_interrupted_stage_resumes_in_the_same_child_run(tmp_path):
     assert sorted(steps) == sorted(set(steps)) and max(steps) == 6, steps
     assert result.steps["second"]["resumed_from_step"] == 3  # the checkpoint before the crash (interval 3)
     assert any(line.startswith("[second] running") for line in logs)
+
+
+EVAL_RECORD = {  # what the runner records for a finished evaluation (pipeline.recipe._run_eval)
+    "status": "done", "kind": "eval", "run_id": "abc", "checkpoint": "/o/vtc/export/model.pt",
+    "metrics": {"t2v_r1": 17.5, "t2v_r5": 70.0, "t2v_r10": 97.5, "t2v_medr": 3.0, "t2v_meanr": 4.2,
+                "v2t_r1": 20.0, "v2t_r5": 75.0, "v2t_r10": 100.0, "v2t_medr": 3.0, "v2t_meanr": 3.9,
+                "videos": 40.0, "texts": 40.0, "skipped_videos": 0.0, "timing/total_s": 4.0},
+}
+
+
+def test_results_file_holds_every_eval_with_chance_level(tmp_path):
+    body = TWO_STAGES + "evals:\n  - {name: ev, config: ../stages/toy.yaml, from: second}\n"
+    recipe = load_recipe(write_recipe(tmp_path, body), ["out_dir=" + str(tmp_path / "o")])
+    assert recipe.results_path() == tmp_path / "o" / "retrieval.json"  # the default
+    recipe = load_recipe(write_recipe(tmp_path, body),
+                         ["out_dir=" + str(tmp_path / "o"), "results_file=${out_dir}/../final.json"])
+    path = write_retrieval_results(recipe, {"first": {"status": "done", "metrics": {}}, "ev": EVAL_RECORD})
+    assert path == tmp_path / "final.json"
+    results = json.loads(path.read_text())
+    assert list(results) == ["ev"]  # evaluations only
+    entry = results["ev"]
+    assert entry["num_videos"] == 40 and entry["num_texts"] == 40
+    assert entry["chance_r1"] == pytest.approx(100 / 40) and entry["chance_r10"] == pytest.approx(25.0)
+    assert {k: entry[k] for k in EVAL_RECORD["metrics"] if k[:4] in ("t2v_", "v2t_")} == {
+        k: v for k, v in EVAL_RECORD["metrics"].items() if k[:4] in ("t2v_", "v2t_")}
+    assert "timing/total_s" not in entry and "videos" not in entry
+    assert entry["checkpoint"] == "/o/vtc/export/model.pt" and entry["run_id"] == "abc"
