@@ -1,8 +1,8 @@
 """End-to-end retrieval evaluation on tiny real mp4s with a real (tiny, random) VideoTextModel export.
 
 Covers: metrics equal a by-hand computation from the model's own encoders, the feature cache (no model
-forward on a rerun), VTM re-ranking against a brute-force full VTM matrix, shard input, missing videos,
-2-rank gloo extraction equal to 1 rank, MLflow child run nesting, shipped eval YAMLs, the job's dry run.
+forward on a rerun), the report's time split, VTM re-ranking against a brute-force full VTM matrix, shard input,
+missing videos, 2-rank gloo extraction equal to 1 rank, MLflow child run nesting, shipped eval YAMLs, the job's dry run.
 """
 
 from __future__ import annotations
@@ -166,6 +166,56 @@ def test_end_to_end_metrics_cache_and_mlflow(workspace, reference, tmp_path):
     para = CountingLoader()
     result = evaluate_retrieval(_cfg(workspace, tmp_path, "data.paragraph=true", "data.batch_size=8"), para)
     assert para.video_calls == 1 and result["texts"] == 5
+
+
+class SlowLoader(CountingLoader):
+    """The real model with a known extra delay per video / text forward call, to check where time is booked."""
+
+    VIDEO_DELAY_S, TEXT_DELAY_S = 0.3, 0.2
+
+    def __call__(self, checkpoint: str, device: torch.device):
+        import time
+
+        model = super().__call__(checkpoint, device)
+        encode_video, encode_text = model.encode_video, model.encode_text
+
+        def slow_video(video_BCTHW):
+            time.sleep(self.VIDEO_DELAY_S)
+            return encode_video(video_BCTHW)
+
+        def slow_text(texts):
+            time.sleep(self.TEXT_DELAY_S)
+            return encode_text(texts)
+
+        model.encode_video, model.encode_text = slow_video, slow_text
+        return model
+
+
+@pytest.mark.timeout(120)
+def test_report_splits_time_into_decode_forward_and_scoring(workspace, tmp_path):
+    loader = SlowLoader()
+    result = evaluate_retrieval(_cfg(workspace, tmp_path), loader)
+    report = json.loads(Path(result["report"]).read_text())
+    timing = report["timing"]
+    phases = {"setup_s", "model_load_s", "video_decode_s", "video_forward_s", "text_forward_s", "scoring_s"}
+    assert set(timing) == phases | {"total_s"}
+    # The delays land in their own phase and nowhere else: 3 video batches, 1 text batch.
+    video_delay, text_delay = loader.video_calls * SlowLoader.VIDEO_DELAY_S, loader.text_calls * SlowLoader.TEXT_DELAY_S
+    assert (loader.video_calls, loader.text_calls) == (3, 1)
+    assert video_delay <= timing["video_forward_s"] < video_delay + 5
+    assert text_delay <= timing["text_forward_s"] < text_delay + 5
+    assert 0 < timing["video_decode_s"] < video_delay  # decoding 5 tiny clips takes far less than the delay
+    assert sum(timing[p] for p in phases) <= timing["total_s"]
+    assert {f"timing/{k}": v for k, v in timing.items()} == {k: v for k, v in result.items() if k.startswith("timing/")}
+    table = Path(result["report"]).with_suffix(".md").read_text()
+    assert f"| video_forward | {timing['video_forward_s']:.2f} |" in table and "| total |" in table
+    import mlflow
+
+    run = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["run_id"])
+    assert run.data.metrics["timing/video_decode_s"] == pytest.approx(timing["video_decode_s"])
+    # A cache hit decodes nothing: its split has no decode or forward phase.
+    cached = json.loads(Path(evaluate_retrieval(_cfg(workspace, tmp_path), SlowLoader())["report"]).read_text())
+    assert set(cached["timing"]) == {"setup_s", "scoring_s", "total_s"}
 
 
 @pytest.mark.timeout(120)

@@ -25,6 +25,7 @@ from pipeline.data.manifest import iter_shard
 from pipeline.data.transforms import eval_transform
 from pipeline.data.urls import expand_shard_urls, filesystem, join_url, register_fsspec_openers, split_protocol
 from pipeline.distributed import all_gather_uneven, get_rank, get_world_size
+from pipeline.evaluation.timing import PhaseTimer
 
 
 @dataclass(frozen=True)
@@ -141,20 +142,24 @@ def _autocast(device: torch.device, precision: str):
 def map_clips(
     fn: Callable[[Tensor, Tensor], Tensor], videos: list[str], source: VideoSource, spec: ClipSpec,
     device: torch.device, batch_size: int, num_workers: int, precision: str = "fp32", desc: str = "videos",
+    timer: PhaseTimer | None = None,
 ) -> Tensor:
     """Rows `fn(index_B, clip_BCTHW) -> (B, ...)` for all `videos` in order, on CPU.
 
     This rank decodes and processes its slice (`num_workers` decoding processes), then all ranks gather.
+    `timer` gets `<desc>_decode` (waiting for decoded clips: the decoding itself when num_workers is 0)
+    and `<desc>_forward` (`fn`, with the copy to the device).
     """
+    timer = timer or PhaseTimer()
     mine = rank_slice(len(videos))
     wanted = {videos[i]: i for i in mine}
     loader = DataLoader(_ClipStream(source, wanted, spec), batch_size=batch_size,
                         num_workers=min(num_workers, len(wanted)))
     indices, rows = [], []
     with tqdm(total=len(wanted), desc=desc, unit="clip", disable=get_rank() != 0) as bar:
-        for index_B, clip_BCTHW in loader:
-            index_B = index_B.to(device)
-            with _autocast(device, precision):
+        for index_B, clip_BCTHW in timer.iterate(loader, f"{desc}_decode"):
+            with timer.phase(f"{desc}_forward", device), _autocast(device, precision):
+                index_B = index_B.to(device)
                 rows.append(fn(index_B, clip_BCTHW.to(device, non_blocking=True)).float())
             indices.append(index_B)
             bar.update(len(index_B))
@@ -162,20 +167,24 @@ def map_clips(
 
 
 def encode_videos(model, videos: list[str], source: VideoSource, spec: ClipSpec, device: torch.device,
-                  batch_size: int, num_workers: int, precision: str = "fp32") -> Tensor:
-    """(V, E) L2-normalised video features in annotation order."""
+                  batch_size: int, num_workers: int, precision: str = "fp32", timer: PhaseTimer | None = None,
+                  ) -> Tensor:
+    """(V, E) L2-normalised video features in annotation order (timer phases `video_decode`, `video_forward`)."""
     return map_clips(lambda _, clip_BCTHW: model.encode_video(clip_BCTHW), videos, source, spec, device,
-                     batch_size, num_workers, precision)
+                     batch_size, num_workers, precision, desc="video", timer=timer)
 
 
 @torch.no_grad()
-def encode_texts(model, texts: list[str], device: torch.device, batch_size: int, precision: str = "fp32") -> Tensor:
-    """(T, E) features of all `texts` in order: this rank encodes its slice, then all ranks gather."""
+def encode_texts(model, texts: list[str], device: torch.device, batch_size: int, precision: str = "fp32",
+                 timer: PhaseTimer | None = None) -> Tensor:
+    """(T, E) features of all `texts` in order: this rank encodes its slice, then all ranks gather.
+    Tokenising and the forward pass count as the timer's `text_forward` phase."""
+    timer = timer or PhaseTimer()
     mine = rank_slice(len(texts))
     indices, feats = [], []
     for start in range(mine.start, mine.stop, batch_size):
         stop = min(start + batch_size, mine.stop)
-        with _autocast(device, precision):
+        with timer.phase("text_forward", device), _autocast(device, precision):
             feats.append(model.encode_text(texts[start:stop]).float())
         indices.append(torch.arange(start, stop, device=device))
     return _assemble(indices, feats, len(texts), mine)

@@ -1,7 +1,8 @@
 """Retrieval results on disk and in MLflow: a JSON file and a markdown table per data set, an MLflow child run.
 
 A result is a plain dict: `{"dataset", "checkpoint", "metrics": {t2v_r1, ...}, "protocol": {...},
-"counts": {"videos", "texts", "skipped_videos"}, "skipped_videos": [...], "cache": {...}}`.
+"counts": {"videos", "texts", "skipped_videos"}, "skipped_videos": [...], "cache": {...},
+"timing": {"<phase>_s": seconds, ..., "total_s"}}` (phases: `pipeline.evaluation.run.evaluate_on_rank`).
 """
 
 from __future__ import annotations
@@ -31,9 +32,24 @@ def markdown_table(result: dict[str, Any]) -> str:
     for direction, label in (("t2v", "text → video"), ("v2t", "video → text")):
         cells = [f"{metrics[f'{direction}_{key}']:.1f}" for _, key in _COLUMNS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += timing_table(result.get("timing", {}), result.get("cache", {}))
     lines += ["", "Protocol:", ""]
     lines += [f"- {key}: `{value}`" for key, value in flatten(protocol).items()]
     return "\n".join(lines) + "\n"
+
+
+def timing_table(timing: dict[str, float], cache: dict[str, Any]) -> list[str]:
+    """Markdown lines: seconds and share of the total per phase, the unaccounted rest as `other`."""
+    if not timing:
+        return []
+    total = timing["total_s"]
+    phases = {k.removesuffix("_s"): v for k, v in timing.items() if k != "total_s"}
+    phases["other (cache, gathers)"] = max(0.0, total - sum(phases.values()))
+    note = " (features from the cache: nothing decoded)" if cache.get("features_hit") else ""
+    lines = ["", f"Time split{note}:", "", "| phase | seconds | share |", "|---|---:|---:|"]
+    lines += [f"| {name} | {sec:.2f} | {100 * sec / total if total else 0:.0f}% |" for name, sec in phases.items()]
+    lines.append(f"| total | {total:.2f} | 100% |")
+    return lines
 
 
 def write_report(result: dict[str, Any], output_dir: str | Path) -> tuple[Path, Path]:
@@ -67,9 +83,10 @@ def log_to_mlflow(result: dict[str, Any], cfg, files: list[Path]) -> str:
     run_name = tracking_cfg.run_name or f"eval-{result['dataset']}"
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
     params = {**flatten(result["protocol"]), **{f"counts.{k}": v for k, v in result["counts"].items()}}
+    metrics = {**result["metrics"], **{f"timing/{k}": v for k, v in result.get("timing", {}).items()}}
     client.log_batch(
         run_id,
-        metrics=[Metric(key, float(value), int(time.time() * 1000), 0) for key, value in result["metrics"].items()],
+        metrics=[Metric(key, float(value), int(time.time() * 1000), 0) for key, value in metrics.items()],
         params=[Param(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
                 for key, value in params.items()],
     )

@@ -35,6 +35,7 @@ from pipeline.evaluation.features import (
 from pipeline.evaluation.metrics import rank_summary, t2v_ranks, v2t_ranks
 from pipeline.evaluation.report import log_to_mlflow, write_report
 from pipeline.evaluation.similarity import apply_rerank, cosine_similarity, dual_softmax, top_k_pairs, vtm_rows
+from pipeline.evaluation.timing import PhaseTimer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -113,14 +114,16 @@ def _device(cfg: EvalRetrievalConfig) -> torch.device:
 
 
 class _LazyModel:
-    """Loads the model on first use, so a cache hit never reads the weights."""
+    """Loads the model on first use (timed as `model_load`), so a cache hit never reads the weights."""
 
-    def __init__(self, loader: ModelLoader, checkpoint: str, device: torch.device) -> None:
+    def __init__(self, loader: ModelLoader, checkpoint: str, device: torch.device, timer: PhaseTimer) -> None:
         self.loader, self.checkpoint, self.device, self.model = loader, checkpoint, device, None
+        self.timer = timer
 
     def get(self):
         if self.model is None:
-            self.model = self.loader(self.checkpoint, self.device)
+            with self.timer.phase("model_load", self.device):
+                self.model = self.loader(self.checkpoint, self.device)
         return self.model
 
 
@@ -136,13 +139,21 @@ def _cached_on_all_ranks(cache: FeatureCache, kind: str, key: str, compute: Call
 
 
 def evaluate_on_rank(cfg: EvalRetrievalConfig, model_loader: ModelLoader = load_video_text_model) -> dict | None:
-    """The per-rank body: every rank extracts its share; rank 0 returns the flat result, others None."""
+    """The per-rank body: every rank extracts its share; rank 0 returns the flat result, others None.
+
+    The result's `timing` splits this rank's seconds into phases (see `PhaseTimer.report`): setup
+    (annotations, video listing), model_load, video_decode, video_forward, text_forward, scoring
+    (similarities, ranks, metrics) and, with re-ranking, vtm_rerank_decode / vtm_rerank_forward;
+    total_s also covers the feature cache and the gathers between ranks.
+    """
     cfg.check_runnable()
-    source = video_source(cfg.data)
-    anno = prepare_annotations(cfg.data, source)
-    spec = clip_spec(cfg.data, model_facts(cfg.model.checkpoint))
+    timer = PhaseTimer()
+    with timer.phase("setup"):
+        source = video_source(cfg.data)
+        anno = prepare_annotations(cfg.data, source)
+        spec = clip_spec(cfg.data, model_facts(cfg.model.checkpoint))
     device = _device(cfg)
-    model = _LazyModel(model_loader, cfg.model.checkpoint, device)
+    model = _LazyModel(model_loader, cfg.model.checkpoint, device, timer)
     cache = FeatureCache(cfg.cache.dir, cfg.data.name)
     feature_key = cache_key({
         "checkpoint": checkpoint_identity(cfg.model.checkpoint, cfg.cache.hash_checkpoint),
@@ -153,20 +164,22 @@ def evaluate_on_rank(cfg: EvalRetrievalConfig, model_loader: ModelLoader = load_
     def extract() -> dict[str, torch.Tensor]:
         return {
             "video_VE": encode_videos(model.get(), anno.videos, source, spec, device, cfg.data.batch_size,
-                                      cfg.data.num_workers, cfg.model.precision),
-            "text_TE": encode_texts(model.get(), anno.texts, device, TEXT_BATCH_SIZE, cfg.model.precision),
+                                      cfg.data.num_workers, cfg.model.precision, timer),
+            "text_TE": encode_texts(model.get(), anno.texts, device, TEXT_BATCH_SIZE, cfg.model.precision, timer),
         }
 
     features = _cached_on_all_ranks(cache, "features", feature_key, extract)
-    sim_TV = cosine_similarity(features["text_TE"], features["video_VE"])
-    if cfg.scoring.dual_softmax:
-        sim_t2v_TV, sim_v2t_TV = dual_softmax(sim_TV, cfg.scoring.dual_softmax_temperature)
-    else:
-        sim_t2v_TV, sim_v2t_TV = sim_TV, sim_TV
+    with timer.phase("scoring"):
+        sim_TV = cosine_similarity(features["text_TE"], features["video_VE"])
+        if cfg.scoring.dual_softmax:
+            sim_t2v_TV, sim_v2t_TV = dual_softmax(sim_TV, cfg.scoring.dual_softmax_temperature)
+        else:
+            sim_t2v_TV, sim_v2t_TV = sim_TV, sim_TV
+        if cfg.scoring.rerank_top_k:
+            t2v_TV, v2t_TV = top_k_pairs(sim_t2v_TV, sim_v2t_TV, cfg.scoring.rerank_top_k)
+            pairs_VT = (t2v_TV | v2t_TV).T.contiguous()
     vtm_hit = None
     if cfg.scoring.rerank_top_k:
-        t2v_TV, v2t_TV = top_k_pairs(sim_t2v_TV, sim_v2t_TV, cfg.scoring.rerank_top_k)
-        pairs_VT = (t2v_TV | v2t_TV).T.contiguous()
 
         def rerank() -> dict[str, torch.Tensor]:
             def rows(index_B: torch.Tensor, clip_BCTHW: torch.Tensor) -> torch.Tensor:
@@ -174,19 +187,22 @@ def evaluate_on_rank(cfg: EvalRetrievalConfig, model_loader: ModelLoader = load_
                                 cfg.scoring.rerank_batch_size)
 
             vtm_VT = map_clips(rows, anno.videos, source, spec, device, batch_size=1,
-                               num_workers=cfg.data.num_workers, precision=cfg.model.precision, desc="vtm re-rank")
+                               num_workers=cfg.data.num_workers, precision=cfg.model.precision, desc="vtm_rerank",
+                               timer=timer)
             return {"vtm_TV": vtm_VT.T.contiguous()}
 
         vtm_key = cache_key({"features": feature_key, "pairs_sha": _tensor_digest(pairs_VT)})
         vtm = _cached_on_all_ranks(cache, "vtm", vtm_key, rerank)
         vtm_hit = vtm["hit"]
-        sim_t2v_TV = apply_rerank(sim_t2v_TV, t2v_TV, vtm["vtm_TV"])
-        sim_v2t_TV = apply_rerank(sim_v2t_TV, v2t_TV, vtm["vtm_TV"])
+        with timer.phase("scoring"):
+            sim_t2v_TV = apply_rerank(sim_t2v_TV, t2v_TV, vtm["vtm_TV"])
+            sim_v2t_TV = apply_rerank(sim_v2t_TV, v2t_TV, vtm["vtm_TV"])
     if not is_main_process():
         return None
 
-    metrics = {**rank_summary("t2v", t2v_ranks(sim_t2v_TV, anno.txt2vid)),
-               **rank_summary("v2t", v2t_ranks(sim_v2t_TV, anno.vid2txt))}
+    with timer.phase("scoring"):
+        metrics = {**rank_summary("t2v", t2v_ranks(sim_t2v_TV, anno.txt2vid)),
+                   **rank_summary("v2t", v2t_ranks(sim_v2t_TV, anno.vid2txt))}
     result = {
         "dataset": cfg.data.name,
         "checkpoint": str(cfg.model.checkpoint),
@@ -195,10 +211,12 @@ def evaluate_on_rank(cfg: EvalRetrievalConfig, model_loader: ModelLoader = load_
         "counts": {"videos": len(anno.videos), "texts": len(anno.texts), "skipped_videos": len(anno.missing)},
         "skipped_videos": anno.missing,
         "cache": {"features_hit": features["hit"], "vtm_hit": vtm_hit, "world_size": get_world_size()},
+        "timing": timer.report(),
     }
     files = list(write_report(result, cfg.output_dir))
     run_id = log_to_mlflow(result, cfg, files) if cfg.tracking.enabled else None
-    return {**metrics, **result["counts"], "run_id": run_id, "report": str(files[0])}
+    timing = {f"timing/{k}": v for k, v in result["timing"].items()}
+    return {**metrics, **result["counts"], **timing, "run_id": run_id, "report": str(files[0])}
 
 
 def _tensor_digest(x: torch.Tensor) -> str:
@@ -206,7 +224,8 @@ def _tensor_digest(x: torch.Tensor) -> str:
 
 
 def evaluate_retrieval(cfg: EvalRetrievalConfig, model_loader: ModelLoader = load_video_text_model) -> dict[str, Any]:
-    """Evaluate and return `{t2v_r1, ..., v2t_meanr, videos, texts, skipped_videos, run_id, report}`.
+    """Evaluate and return `{t2v_r1, ..., v2t_meanr, videos, texts, skipped_videos, timing/<phase>_s, run_id,
+    report}`.
 
     Without Ray this process evaluates (as one rank of a torchrun group, if one is initialised; other
     ranks get {}). With `scaling.use_ray` the default model loader runs on Ray Train workers.
