@@ -14,8 +14,13 @@ import numpy as np
 from pipeline.data.decode import VideoDecodeError, open_video
 
 
-def encode_h264(frames_THW3: np.ndarray, fps: float, crf: int = 23, preset: str = "veryfast") -> bytes:
-    """Encode uint8 RGB frames (T, H, W, 3) as an H.264 mp4 (yuv420p; H and W must be even)."""
+def encode_h264(
+    frames_THW3: np.ndarray, fps: float, crf: int = 23, preset: str = "veryfast", gop: int | None = None
+) -> bytes:
+    """Encode uint8 RGB frames (T, H, W, 3) as an H.264 mp4 (yuv420p; H and W must be even).
+
+    `gop` is the keyframe interval in frames (None: libx264's default, 250).
+    """
     T, H, W, _ = frames_THW3.shape
     if H % 2 or W % 2:
         raise ValueError(f"H.264 yuv420p needs even frame sizes, got {W}x{H}")
@@ -23,7 +28,7 @@ def encode_h264(frames_THW3: np.ndarray, fps: float, crf: int = 23, preset: str 
     with av.open(buffer, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": preset}
+        stream.options = {"crf": str(crf), "preset": preset, **({"g": str(gop)} if gop else {})}
         for frame_HW3 in frames_THW3:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_HW3), format="rgb24")
             container.mux(stream.encode(frame))
