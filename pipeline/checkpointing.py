@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.distributed import barrier, is_main_process
+from pipeline.redaction import redact_text
 
 WriteFn = Callable[[Path], None]
 
@@ -43,22 +44,28 @@ def run_storage(cfg) -> str:
     return f"{cfg.checkpoint.path.rstrip('/')}/{cfg.run_name}"
 
 
+def storage_filesystem(cfg) -> tuple[Any, str]:
+    """(fsspec filesystem, path) of the run's storage folder, opened with `checkpoint.storage_options`."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(run_storage(cfg), **cfg.checkpoint.storage_options)
+
+
 def write_run_record(cfg, record: dict[str, Any]) -> None:
     """Rank 0: the run's outcome (result metrics or a non-finite stop) as `<run storage>/result.json`.
 
     Ray's `Result.metrics` only carries metrics attached to checkpoints, so the driver reads this instead.
     """
-    import fsspec
-
-    with fsspec.open(f"{run_storage(cfg)}/result.json", "w", auto_mkdir=True) as f:
+    fs, root = storage_filesystem(cfg)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(f"{root}/result.json", "w") as f:
         json.dump(record, f, default=str)
 
 
 def pop_run_record(cfg) -> dict[str, Any] | None:
     """Read and delete the run's result record (None if the workers wrote none)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(f"{run_storage(cfg)}/result.json")
+    fs, root = storage_filesystem(cfg)
+    path = f"{root}/result.json"
     fs.invalidate_cache()  # s3fs caches listings; the workers wrote this file behind its back
     if not fs.exists(path):
         return None
@@ -109,8 +116,8 @@ class LocalCheckpointStore:
     def __init__(self, root: str | Path, keep: int) -> None:
         if "://" in str(root):
             raise ValueError(
-                f"checkpoint.path: {root!r} is remote; the local (scaling.use_ray=false) path writes to a local "
-                "folder only. Use scaling.use_ray=true for s3:// storage, or give a local path."
+                f"checkpoint.path: {redact_text(str(root))!r} is remote; the local (scaling.use_ray=false) path "
+                "writes to a local folder only. Use scaling.use_ray=true for s3:// storage, or give a local path."
             )
         self.root, self.keep = Path(root), keep
 

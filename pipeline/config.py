@@ -226,6 +226,9 @@ class CheckpointConfig:
     """Checkpoints kept (older ones are deleted)."""
     resume: bool = True
     """Continue from the latest checkpoint of this run (same run name and path) when one exists."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec/s3fs options for `path` (e.g. `{key: ${S3_KEY}, secret: ${S3_SECRET}, endpoint_url: ...}`); empty =
+    the standard AWS variables. Redacted from logs and MLflow."""
 
     def __post_init__(self) -> None:
         if self.interval_steps < 1 or self.keep < 1:
@@ -471,12 +474,20 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a config (for YAML dumps, MLflow params and Ray workers)."""
+    """Plain nested dict of a config, secrets included (for Ray workers; use `public_dict` for people)."""
     return dataclasses.asdict(cfg)
 
 
+def public_dict(cfg: Any) -> dict[str, Any]:
+    """`to_dict` with credentials masked (`pipeline.redaction`): what MLflow params and printed configs show."""
+    from pipeline.redaction import redact
+
+    return redact(to_dict(cfg))
+
+
 def to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML with credentials masked (printed, saved beside outputs and checkpoints, logged)."""
+    return yaml.safe_dump(public_dict(cfg), sort_keys=False)
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpointing import CheckpointStore, LocalCheckpointStore, run_storage, write_run_record
-from pipeline.config import Config
+from pipeline.config import Config, to_yaml
 from pipeline.distributed import all_reduce_mean, ensure_process_group, get_rank, get_world_size, local_rank
 from pipeline.optim import build_optimizer, peak_lr
 from pipeline.tasks import build_task
@@ -39,6 +39,8 @@ from pipeline.tasks import build_task
 # Dense bf16 peak TFLOP/s per GPU for MFU (NVIDIA datasheets, SXM parts, without sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 _CHECKPOINT_TAG = "state"
+CHECKPOINT_CONFIG = "config.yaml"
+"""The run's resolved config (credentials masked), written by rank 0 into every checkpoint."""
 
 
 class NonFiniteError(RuntimeError):
@@ -56,6 +58,12 @@ class TrainResult:
     """`<output_dir>/export/model.pt` written by rank 0."""
     resumed_from_step: int | None = None
     """Step of the checkpoint this (last) attempt started from; None for a fresh start."""
+
+
+def stage_export(cfg: Config, task: torch.nn.Module, state_dict: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
+    """The stage-export payload `{"state_dict", "meta"}` (docs/architecture.md, "Stage exports")."""
+    meta = {"task": cfg.task.name, "stage": cfg.stage, "step": step, **task.export_metadata()}
+    return {"state_dict": state_dict, "meta": meta}
 
 
 def device_for_worker() -> torch.device:
@@ -237,6 +245,8 @@ class Trainer:
         self.engine.save_checkpoint(str(directory), tag=_CHECKPOINT_TAG, client_state=client_state)
         loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
         torch.save({"rng": _rng_state(), "loader": loader_state}, directory / f"rank{self.rank}_state.pt")
+        if self.is_main:  # what `jobs/export_checkpoint.py` rebuilds the task from (credentials masked)
+            (directory / CHECKPOINT_CONFIG).write_text(to_yaml(self.cfg))
 
     def maybe_checkpoint(self, force: bool = False) -> None:
         if not force and self.step % self.cfg.checkpoint.interval_steps:
@@ -431,9 +441,7 @@ class Trainer:
         path = Path(self.cfg.output_dir) / "export" / "model.pt"
         if self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            meta = {"task": self.cfg.task.name, "stage": self.cfg.stage, "step": self.step}
-            meta.update(self.engine.module.export_metadata())
-            torch.save({"state_dict": state, "meta": meta}, path)
+            torch.save(stage_export(self.cfg, self.engine.module, state, self.step), path)
             if self.tracker:
                 self.tracker.set_tag("export_path", str(path.resolve()))
         return str(path.resolve())

@@ -3,6 +3,7 @@
 Every stage entry point calls `run_training_job`: it loads and validates the config (errors name the bad key
 before any worker starts), prints the resolved config and saves it to `<output_dir>/config.yaml`, prints the
 plan (model and parameter count, data, workers, storage, tracking) and, unless `--dry-run`, launches training.
+Printed and saved configs have their credentials masked (`pipeline.redaction`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from pipeline.config import Config, load_config, to_yaml
 from pipeline.engine import TrainResult
+from pipeline.redaction import redact_text
 
 
 def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +85,7 @@ def run_training_job(description: str, argv: list[str] | None = None) -> TrainRe
     args = parse_job_args(description, argv)
     cfg = load_config(args.config, args.overrides)
     print("# resolved config\n" + to_yaml(cfg), flush=True)
-    print(f"# saved to {save_resolved_config(cfg)}\n# plan\n{describe_plan(cfg)}", flush=True)
+    print(f"# saved to {save_resolved_config(cfg)}\n# plan\n{redact_text(describe_plan(cfg))}", flush=True)
     if args.dry_run:
         return None
     from pipeline.launch import launch

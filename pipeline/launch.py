@@ -17,9 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpointing import pop_run_record, run_storage, write_run_record
+from pipeline.checkpointing import pop_run_record, run_storage, storage_filesystem, write_run_record
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.engine import NonFiniteError, TrainResult
+from pipeline.redaction import redact_text
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -36,10 +37,8 @@ def resolve_paths(cfg: Config) -> Config:
 
 def latest_checkpoint(cfg: Config) -> str | None:
     """The newest complete checkpoint of this run in storage (every worker's state file present), or None."""
-    import fsspec
-
     root_url = run_storage(cfg)
-    fs, root = fsspec.core.url_to_fs(root_url)
+    fs, root = storage_filesystem(cfg)
     fs.invalidate_cache()  # s3fs caches listings; Ray's workers add checkpoints behind its back
     if not fs.exists(root):
         return None
@@ -51,6 +50,18 @@ def latest_checkpoint(cfg: Config) -> str | None:
         if "latest" in names and all(f"rank{r}_state.pt" in names for r in range(workers)):
             return fs.unstrip_protocol(path) if "://" in root_url else path
     return None
+
+
+def ray_storage(cfg: Config) -> dict[str, Any]:
+    """RunConfig storage arguments: the path alone, or with `checkpoint.storage_options` an fsspec filesystem
+    wrapped for pyarrow (Ray writes checkpoints through pyarrow, which knows nothing of fsspec options)."""
+    if not cfg.checkpoint.storage_options:
+        return {"storage_path": cfg.checkpoint.path}
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(cfg.checkpoint.path, **cfg.checkpoint.storage_options)
+    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
 
 
 def connect_ray(cfg: Config) -> None:
@@ -104,7 +115,8 @@ def launch(cfg: Config) -> TrainResult:
         return train(cfg)
     if not cfg.checkpoint.resume and latest_checkpoint(cfg):
         raise ValueError(
-            f"checkpoint.resume is false but {run_storage(cfg)} already holds checkpoints of run {cfg.run_name!r}; "
+            f"checkpoint.resume is false but {redact_text(run_storage(cfg))} already holds checkpoints of run "
+            f"{cfg.run_name!r}; "
             "choose another tracking.run_name (or delete the folder) to start over"
         )
     import ray.train
@@ -115,7 +127,7 @@ def launch(cfg: Config) -> TrainResult:
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     latest = latest_checkpoint(cfg) if cfg.checkpoint.resume else None
     if latest:
-        print(f"[{cfg.run_name}] resuming from {latest}", flush=True)
+        print(f"[{cfg.run_name}] resuming from {redact_text(latest)}", flush=True)
     trainer = TorchTrainer(
         _ray_worker,
         # Ray Train V2 reloads its checkpoint list from <storage>/<name> by itself; the checkpoint found by
@@ -127,7 +139,7 @@ def launch(cfg: Config) -> TrainResult:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
-            storage_path=cfg.checkpoint.path,
+            **ray_storage(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),

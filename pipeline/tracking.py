@@ -1,10 +1,11 @@
 """MLflow tracking for training runs, used from rank 0 only.
 
 `RunTracker.start` creates a run (nested under `tracking.parent_run_id` when set) or resumes one by id; it logs
-the flattened config as params, the resolved config as an artifact, and tags (git sha, stage, data manifest
-hash). Metrics are buffered and written in batches. A resumed run continues the same MLflow run: steps that
-were already logged before the crash are not logged a second time (the run's history keeps one value per
-step). The default store is a sqlite file under the output directory, so nothing needs a server.
+the flattened config as params, the resolved config as an artifact (both with credentials masked), and tags
+(git sha, stage, data manifest hash). Metrics are buffered and written in batches. A resumed run continues the
+same MLflow run: steps that were already logged before the crash are not logged a second time (the run's
+history keeps one value per step). The default store is a sqlite file under the output directory, so nothing
+needs a server.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, flatten, to_dict, to_yaml
+from pipeline.config import Config, flatten, public_dict, to_yaml
 
 # MLflow limits: 100 params / 1000 metrics per log_batch call and 6000 characters per param value.
 _PARAMS_PER_BATCH = 100
@@ -100,7 +101,7 @@ class RunTracker:
             tags["data_manifest_sha256"] = digest
         run = self.client.create_run(experiment_id, run_name=self.cfg.run_name, tags=tags)
         self.run_id = run.info.run_id
-        self._log_params(flatten(to_dict(self.cfg)))
+        self._log_params(flatten(public_dict(self.cfg)))  # credentials masked
         self.client.log_text(self.run_id, to_yaml(self.cfg), "config.yaml")
         return self.run_id
 
