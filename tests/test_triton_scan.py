@@ -187,8 +187,8 @@ def _check_bimamba(Bsz, E, L, N, R, dtype, tol, config=None):
 
 
 # The time-major backward (the default at >= TIME_MAJOR_MIN_ROWS rows), forced at small shapes.
-TIME_MAJOR = ScanConfig(block_e_fwd=1, block_e_bwd=16, chunk=4, num_warps_fwd=1, num_warps_bwd=1,
-                        bwd_time_major=True)
+TIME_MAJOR = ScanConfig(block_e_fwd=1, block_e_bwd=16, chunk=16, num_warps_fwd=1, num_warps_bwd=2,
+                        bwd_time_major=True, bwd_sub_chunks=4)
 
 
 @pytest.mark.gpu
@@ -201,6 +201,7 @@ TIME_MAJOR = ScanConfig(block_e_fwd=1, block_e_bwd=16, chunk=4, num_warps_fwd=1,
     (12, 1000, 64, 0, torch.float32),
 ])
 def test_scan_time_major_backward(E, L, N, groups, dtype):
+    # N = 64: 4-step chunks saved every 4 steps (no sub-chunks), fewer channels a program.
     cfg = TIME_MAJOR if N <= 16 else ScanConfig(1, 4, 4, 1, 1, True)
     _check_scan(2, E, L, N, dtype, groups=groups, config=cfg)
 
@@ -307,5 +308,7 @@ def test_default_config_keeps_tiles_small():
             assert 4 <= cfg.chunk <= 64 and cfg.chunk & (cfg.chunk - 1) == 0
             assert cfg.block_e_fwd * block_n * cfg.chunk <= 4096, (n, cfg)
             # The backward's fp32 state tile: at most 32 values a thread (more spill on an H200).
-            per_thread = cfg.block_e_bwd * block_n * cfg.chunk // (32 * cfg.num_warps_bwd)
+            per_thread = cfg.block_e_bwd * block_n * (cfg.chunk // cfg.bwd_sub_chunks) // (32 * cfg.num_warps_bwd)
             assert per_thread <= 32, (n, rows, cfg)
+    with pytest.raises(ValueError, match="bwd_sub_chunks"):
+        ScanConfig(1, 4, 16, 1, 4, True, 3)

@@ -41,8 +41,9 @@ from models.ops.triton_conv import conv1d_silu_bidirectional
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """Launch shape: channels per program (forward, backward), steps per chunk, warps per program, and the
-    backward's state-tile order: (T, N, E) if bwd_time_major, else (E, N, T)."""
+    """Launch shape: channels per program (forward, backward), steps per chunk (the forward saves a state
+    per chunk), warps per program, the backward's state-tile order ((T, N, E) if bwd_time_major, else
+    (E, N, T)), and how many backward chunks of chunk / bwd_sub_chunks steps a saved chunk is split into."""
 
     block_e_fwd: int
     block_e_bwd: int
@@ -50,6 +51,13 @@ class ScanConfig:
     num_warps_fwd: int = 4
     num_warps_bwd: int = 4
     bwd_time_major: bool = False
+    bwd_sub_chunks: int = 1
+
+    def __post_init__(self) -> None:
+        sub = self.bwd_sub_chunks
+        if sub < 1 or self.chunk % sub or (self.chunk // sub) & (self.chunk // sub - 1):
+            raise ValueError(f"bwd_sub_chunks={sub} must split chunk={self.chunk} into power-of-two "
+                             "backward chunks; use a divisor such as 1, 2 or 4")
 
 
 # Below this many (batch, channel) rows the time-major backward has too few programs to fill an H200.
@@ -60,17 +68,17 @@ def default_config(d_state: int, rows: int) -> ScanConfig:
     """Launch shape measured best on an H200 for d_state 16 (benchmarks/results/sweep.txt), `rows` being
     batch x channels (B E).
 
-    Forward: 1 channel and 1 warp a program (it is short of parallel work at few rows). Backward, many rows
-    (S/M 8f b16: B E >= 12288): the time-major tile, 16 channels x 4 steps on 1 warp (S 8f bwd 4.97 ->
-    3.11 ms, at 4-step chunks the forward costs 0.95 instead of 0.80 ms). Few rows (Ti/S 64f b4: B E <=
-    3072): time-last, 4 channels x 16 steps on 4 warps (time-major was 1.7x slower there: each program walks
-    L serially and there are too few of them). Larger state sizes get fewer channels a program, which keeps
-    the fp32 state tile at <= 1024 elements (time-major, 1 warp) or <= 4096 (time-last). The saved chunk
-    states cost 4 N / T bytes per (channel, step)."""
+    Forward: 1 channel and 1 warp a program (it is short of parallel work at few rows), a state saved every
+    16 steps (4 N / 16 bytes per (channel, step): 4 B at N = 16). Backward, many rows (S/M 8f b16:
+    B E >= 12288): the time-major tile, 16 channels x 4 steps on 2 warps, each saved 16-step chunk split
+    into 4 (S 8f fwd+bwd 5.74 -> 3.44 ms; saving a state every 4 steps instead is 1% faster but costs 4x
+    the memory). Few rows (Ti/S 64f b4: B E <= 3072): time-last, 4 channels x 16 steps on 4 warps
+    (time-major was 2.5x slower there: each program walks L serially, and there are too few programs).
+    Larger state sizes get fewer channels a program: at most 32 fp32 state values a thread."""
     block_n = max(2, triton.next_power_of_2(d_state))
     if rows >= TIME_MAJOR_MIN_ROWS:
-        return ScanConfig(block_e_fwd=1, block_e_bwd=max(1, min(16, 256 // block_n)), chunk=4, num_warps_fwd=1,
-                          num_warps_bwd=1, bwd_time_major=True)
+        return ScanConfig(block_e_fwd=1, block_e_bwd=max(1, min(16, 512 // block_n)), chunk=16, num_warps_fwd=1,
+                          num_warps_bwd=2, bwd_time_major=True, bwd_sub_chunks=4)
     block_e = 4 if block_n <= 64 else 2
     return ScanConfig(block_e_fwd=1, block_e_bwd=block_e, chunk=16, num_warps_fwd=1, num_warps_bwd=4)
 
@@ -192,6 +200,25 @@ def _tn3(v, TIME_MAJOR: tl.constexpr):
 
 
 @triton.jit
+def _e2(v, TIME_MAJOR: tl.constexpr):
+    """A per-channel (E,) vector as an operand of the (T, E) / (E, T) tiles."""
+    if TIME_MAJOR:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _t3(v, TIME_MAJOR: tl.constexpr):
+    """A per-step (T,) vector on the state tile's time axis. Broadcast from 1D: a mask built as a 2D tile
+    first cost a layout conversion per chunk (time-last S 8f backward 5.4 -> 6.8 ms on an H200)."""
+    if TIME_MAJOR:
+        return v[:, None, None]
+    else:
+        return v[None, None, :]
+
+
+@triton.jit
 def _en3(v, TIME_MAJOR: tl.constexpr):
     """An (N, E) / (E, N) plane (one value per state) as an operand of the state tile."""
     if TIME_MAJOR:
@@ -201,8 +228,22 @@ def _en3(v, TIME_MAJOR: tl.constexpr):
 
 
 @triton.jit
+def _chunk_states(u_ptr, delta_ptr, B_ptr, t, e, n, m, mn, bias, A2, h0, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, TM: tl.constexpr, AX_T: tl.constexpr):
+    """Recompute one chunk's states from its start state h0: (u, delta, pre-softplus delta) on the (T, E)
+    tile, B on the (T, N) tile, the inputs x = delta u B and the states, on the state tile."""
+    u = tl.load(u_ptr + _pair(t * s_ul, e * s_ue, not TM), mask=m, other=0.0).to(tl.float32)
+    dt, raw = _load_delta(delta_ptr, _pair(t * s_dl, e * s_de, not TM), m, _e2(bias, TM), HAS_BIAS, SOFTPLUS)
+    Bt = tl.load(B_ptr + _pair(t * s_Bl, n * s_Bn, not TM), mask=mn, other=0.0).to(tl.float32)
+    x = (dt * u)[:, None, :] * _tn3(Bt, TM)
+    a = tl.exp2(dt[:, None, :] * _en3(A2, TM))
+    a_cum, x_cum = tl.associative_scan((a, x), axis=AX_T, combine_fn=_affine_combine)
+    return u, dt, raw, Bt, x, x_cum + a_cum * _en3(h0, TM)
+
+
+@triton.jit
 def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
     E, L, N, group_E, n_chunks,
     s_ub, s_ue, s_ul, s_db, s_de, s_dl,
@@ -211,6 +252,7 @@ def _scan_bwd_kernel(
     REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, TIME_MAJOR: tl.constexpr,
+    SUB: tl.constexpr,
 ):
     """Gradients of one direction. du/ddelta/dz are contiguous (B, E, L); dB/dC fp32 (B, G, N, L).
 
@@ -219,7 +261,12 @@ def _scan_bwd_kernel(
     thread, so both scans are serial in-thread (no shuffles) and the sums over N are mostly in-thread:
     ~3x fewer instructions per element, but each program walks L serially with little parallel work, so
     it needs many (batch, channel) rows. Time-last spreads the scans over lanes: more work per element,
-    but it keeps more warps busy when the rows are few (long sequences, small batches)."""
+    but it keeps more warps busy when the rows are few (long sequences, small batches).
+
+    The forward saved a state every SUB * T steps. With SUB > 1 each saved chunk is first walked forward
+    to get its SUB sub-chunk start states, which go to a per-program scratch slot (L2-resident), then
+    its sub-chunks are differentiated in reverse: 4x less saved-state memory at SUB = 4, for a partial
+    second recompute."""
     TM: tl.constexpr = TIME_MAJOR
     AX_T: tl.constexpr = 0 if TIME_MAJOR else 2  # the state tile's time axis
     pid_e, pid_b = tl.program_id(0), tl.program_id(1)
@@ -238,92 +285,109 @@ def _scan_bwd_kernel(
         bias = tl.zeros((BLOCK_E,), tl.float32)
     if HAS_D:
         D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
-    bias_te = _pair(tl.zeros((T,), tl.float32), bias, not TM)  # (T, E) tiles, (E, T) if time-last
-    if HAS_D:
-        D_te = _pair(tl.zeros((T,), tl.float32), D, not TM)
     st_plane = state_ptr + _pair((b64 * E + e) * n_chunks * BLOCK_N, n, TM)
     G = E // group_E
     dBC_base = (b64 * G + g) * N * L  # dB/dC are contiguous (B, G, N, L)
     grad_base = b64 * E * L  # du/ddelta/dz are contiguous (B, E, L)
-    first = _tn3(_pair_and(col == 0, n_ok, not TM), TM)  # the chunk's first step, on the state tile's shape
+    first = _t3(col == 0, TM)  # the chunk's first step
 
     r_next = tl.zeros_like(A)  # adjoint at the first step of the following chunk
     dA_acc = tl.zeros_like(A)
     dD_acc = tl.zeros((BLOCK_E,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_E,), tl.float32)
+    u_base, d_base = u_ptr + b64 * s_ub, delta_ptr + b64 * s_db
+    B_base = B_ptr + b64 * s_Bb + g * s_Bg
+    slot = _pair(tl.arange(0, BLOCK_E) * BLOCK_N, n, TM)
+    scratch = scratch_ptr + (pid_b * tl.num_programs(0) + pid_e).to(tl.int64) * (SUB * BLOCK_E * BLOCK_N)
     for ci in range(n_chunks):
         c = n_chunks - 1 - ci
-        s = c * T + col
-        s_ok = s < L
-        t = (L - 1 - s) if REVERSE else s
-        m = _pair_and(s_ok, e_ok, not TM)  # (T, E) tile mask
-        mn = _pair_and(s_ok, n_ok, not TM)  # (T, N) tile mask
-        # Step s+1 (the next one in scan order) for the adjoint's decay; beyond L it is unused (adjoint 0).
-        s1_ok = (s + 1) < L
-        t1 = (L - 2 - s) if REVERSE else (s + 1)
-        h0 = tl.load(st_plane + c * BLOCK_N, mask=en_ok, other=0.0)
-        u = tl.load(u_ptr + b64 * s_ub + _pair(t * s_ul, e * s_ue, not TM), mask=m, other=0.0).to(tl.float32)
-        dt, raw = _load_delta(delta_ptr + b64 * s_db, _pair(t * s_dl, e * s_de, not TM), m, bias_te,
-                              HAS_BIAS, SOFTPLUS)
-        dt1, _ = _load_delta(delta_ptr + b64 * s_db, _pair(t1 * s_dl, e * s_de, not TM),
-                             _pair_and(s1_ok, e_ok, not TM), bias_te, HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_ptr + b64 * s_Bb + g * s_Bg + _pair(t * s_Bl, n * s_Bn, not TM), mask=mn,
-                     other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + b64 * s_Cb + g * s_Cg + _pair(t * s_Cl, n * s_Cn, not TM), mask=mn,
-                     other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + b64 * s_gb + _pair(t * s_gl, e * s_ge, not TM), mask=m,
-                       other=0.0).to(tl.float32)
-        grad_offs = grad_base + _pair(t, e * L, not TM)
-        dBC_offs = dBC_base + _pair(t, n * L, not TM)
-
-        # Recompute the chunk's states.
-        dtu = dt * u
-        x = dtu[:, None, :] * _tn3(Bt, TM)
-        a = tl.exp2(dt[:, None, :] * _en3(A2, TM))
-        a_cum, x_cum = tl.associative_scan((a, x), axis=AX_T, combine_fn=_affine_combine)
-        hs = x_cum + a_cum * _en3(h0, TM)
-
-        # Gate.
-        if HAS_Z:
-            zt = tl.load(z_ptr + b64 * s_zb + _pair(t * s_zl, e * s_ze, not TM), mask=m,
+        h = tl.load(st_plane + c * BLOCK_N, mask=en_ok, other=0.0)
+        if SUB > 1:
+            # Walk the saved chunk forward to its sub-chunk start states.
+            tl.store(scratch + slot, h)
+            for j in range(SUB - 1):
+                s = (c * SUB + j) * T + col
+                t = (L - 1 - s) if REVERSE else s
+                m = _pair_and(s < L, e_ok, not TM)
+                mn = _pair_and(s < L, n_ok, not TM)
+                _, _, _, _, _, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h, s_ue, s_ul,
+                                                  s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS, TM, AX_T)
+                h = tl.sum(tl.where(_t3(col == T - 1, TM), hs, 0.0), axis=AX_T)
+                tl.store(scratch + (j + 1) * BLOCK_E * BLOCK_N + slot, h)
+            tl.debug_barrier()
+        for jj in range(SUB):
+            j = SUB - 1 - jj
+            if SUB > 1:
+                h0 = tl.load(scratch + j * BLOCK_E * BLOCK_N + slot)
+            else:
+                h0 = h
+            s = (c * SUB + j) * T + col
+            s_ok = s < L
+            t = (L - 1 - s) if REVERSE else s
+            m = _pair_and(s_ok, e_ok, not TM)  # (T, E) tile mask
+            mn = _pair_and(s_ok, n_ok, not TM)  # (T, N) tile mask
+            # Step s+1 (the next one in scan order) for the adjoint's decay; beyond L it is unused.
+            s1_ok = (s + 1) < L
+            t1 = (L - 2 - s) if REVERSE else (s + 1)
+            # All of the chunk's loads before its first scan: each program walks L serially, so their
+            # latency is only hidden when they are in flight together (loading these after the scan cost
+            # 12% on the time-last H200 backward).
+            dt1, _ = _load_delta(d_base, _pair(t1 * s_dl, e * s_de, not TM), _pair_and(s1_ok, e_ok, not TM),
+                                 _e2(bias, TM), HAS_BIAS, SOFTPLUS)
+            Ct = tl.load(C_ptr + b64 * s_Cb + g * s_Cg + _pair(t * s_Cl, n * s_Cn, not TM), mask=mn,
                          other=0.0).to(tl.float32)
-            sig = tl.sigmoid(zt)
-            y = tl.sum(hs * _tn3(Ct, TM), axis=1)
+            dout = tl.load(dout_ptr + b64 * s_gb + _pair(t * s_gl, e * s_ge, not TM), mask=m,
+                           other=0.0).to(tl.float32)
+            if HAS_Z:
+                zt = tl.load(z_ptr + b64 * s_zb + _pair(t * s_zl, e * s_ze, not TM), mask=m,
+                             other=0.0).to(tl.float32)
+            u, dt, raw, Bt, x, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h0, s_ue,
+                                                  s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS, TM, AX_T)
+            grad_offs = grad_base + _pair(t, e * L, not TM)
+            dBC_offs = dBC_base + _pair(t, n * L, not TM)
+            dtu = dt * u
+
+            # Gate.
+            if HAS_Z:
+                sig = tl.sigmoid(zt)
+                y = tl.sum(hs * _tn3(Ct, TM), axis=1)
+                if HAS_D:
+                    y += _e2(D, TM) * u
+                dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
+                if ACCUMULATE:
+                    dz += tl.load(dz_ptr + grad_offs, mask=m, other=0.0).to(tl.float32)
+                tl.store(dz_ptr + grad_offs, dz.to(dz_ptr.dtype.element_ty), mask=m)
+                gy = dout * zt * sig
+            else:
+                gy = dout
+
+            # Adjoint: r_t = C_t g_t + a_{t+1} r_{t+1}, carried in from the following chunk.
+            a1 = tl.exp2(dt1[:, None, :] * _en3(A2, TM))
+            p_cum, q_cum = tl.associative_scan((a1, _tn3(Ct, TM) * gy[:, None, :]), axis=AX_T,
+                                               combine_fn=_affine_combine, reverse=True)
+            r = q_cum + p_cum * _en3(r_next, TM)
+            r_next = tl.sum(tl.where(first, r, 0.0), axis=AX_T)
+
+            r_ah = r * (hs - x)  # r_t a_t h_{t-1}
+            rB = tl.sum(r * _tn3(Bt, TM), axis=1)
+            du = dt * rB
             if HAS_D:
-                y += D_te * u
-            dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
-            if ACCUMULATE:
-                dz += tl.load(dz_ptr + grad_offs, mask=m, other=0.0).to(tl.float32)
-            tl.store(dz_ptr + grad_offs, dz.to(dz_ptr.dtype.element_ty), mask=m)
-            gy = dout * zt * sig
-        else:
-            gy = dout
-
-        # Adjoint: r_t = C_t g_t + a_{t+1} r_{t+1}, carried in from the following chunk.
-        a1 = tl.exp2(dt1[:, None, :] * _en3(A2, TM))
-        p_cum, q_cum = tl.associative_scan((a1, _tn3(Ct, TM) * gy[:, None, :]), axis=AX_T,
-                                           combine_fn=_affine_combine, reverse=True)
-        r = q_cum + p_cum * _en3(r_next, TM)
-        r_next = tl.sum(tl.where(first, r, 0.0), axis=AX_T)
-
-        r_ah = r * (hs - x)  # r_t a_t h_{t-1}
-        rB = tl.sum(r * _tn3(Bt, TM), axis=1)
-        du = dt * rB
-        if HAS_D:
-            du += D_te * gy
-            dD_acc += tl.sum(gy * u, axis=AX_T // 2)
-        ddt = u * rB + tl.sum(r_ah * _en3(A, TM), axis=1)
-        dA_acc += tl.sum(r_ah * dt[:, None, :], axis=AX_T)
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(raw)
-        ddt = tl.where(m, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=AX_T // 2)
-        tl.store(du_ptr + grad_offs, du.to(du_ptr.dtype.element_ty), mask=m)
-        tl.store(ddelta_ptr + grad_offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
-        dB = tl.sum(r * dtu[:, None, :], axis=2 - AX_T)
-        dC = tl.sum(hs * gy[:, None, :], axis=2 - AX_T)
-        tl.atomic_add(dB_ptr + dBC_offs, dB, mask=mn)
-        tl.atomic_add(dC_ptr + dBC_offs, dC, mask=mn)
+                du += _e2(D, TM) * gy
+                dD_acc += tl.sum(gy * u, axis=AX_T // 2)
+            ddt = u * rB + tl.sum(r_ah * _en3(A, TM), axis=1)
+            dA_acc += tl.sum(r_ah * dt[:, None, :], axis=AX_T)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(raw)
+            ddt = tl.where(m, ddt, 0.0)
+            dbias_acc += tl.sum(ddt, axis=AX_T // 2)
+            tl.store(du_ptr + grad_offs, du.to(du_ptr.dtype.element_ty), mask=m)
+            tl.store(ddelta_ptr + grad_offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
+            dB = tl.sum(r * dtu[:, None, :], axis=2 - AX_T)
+            dC = tl.sum(hs * gy[:, None, :], axis=2 - AX_T)
+            tl.atomic_add(dB_ptr + dBC_offs, dB, mask=mn)
+            tl.atomic_add(dC_ptr + dBC_offs, dC, mask=mn)
+        if SUB > 1:
+            tl.debug_barrier()
 
     tl.atomic_add(dA_ptr + _pair(e * N, n, TM), dA_acc, mask=en_ok)
     if HAS_D:
@@ -399,16 +463,20 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
         dD = torch.zeros(E, **f32) if d.D is not None else None
         dbias = torch.zeros(E, **f32) if d.bias is not None else None
         zz = z if z is not None else dout
-        _scan_bwd_kernel[(triton.cdiv(E, block_e), Bsz)](
+        grid = (triton.cdiv(E, block_e), Bsz)
+        sub = cfg.bwd_sub_chunks
+        scratch = torch.empty(grid[0] * Bsz * sub * block_e * block_n, **f32) if sub > 1 else dA
+        _scan_bwd_kernel[grid](
             d.u, d.delta, d.A, d.B, d.C, d.D if dD is not None else dA, zz,
-            d.bias if dbias is not None else dA, dout, st,
+            d.bias if dbias is not None else dA, dout, st, scratch,
             du, ddelta, dA, dB, dC, dD if dD is not None else dA, dz if dz is not None else du,
             dbias if dbias is not None else dA,
             E, L, N, E // G, n_chunks,
             *d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *dout.stride(),
             REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
             SOFTPLUS=softplus, ACCUMULATE=i > 0,
-            BLOCK_E=block_e, BLOCK_N=block_n, T=cfg.chunk, TIME_MAJOR=cfg.bwd_time_major, num_warps=cfg.num_warps_bwd,
+            BLOCK_E=block_e, BLOCK_N=block_n, T=cfg.chunk // sub, TIME_MAJOR=cfg.bwd_time_major, SUB=sub,
+            num_warps=cfg.num_warps_bwd,
         )
         grads.append(_Direction(du, ddelta, dA, dB.to(d.B.dtype), dC.to(d.C.dtype),
                                 None if dD is None else dD.to(d.D.dtype),
