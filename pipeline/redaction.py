@@ -24,7 +24,9 @@ _SECRET_WORDS = ("secret", "password", "passwd", "credential", "authorization")
 _KEY_QUALIFIERS = {"api", "access", "secret", "private", "session", "auth", "account", "signing", "encryption"}
 # s3fs names its credentials `key`, `secret`, `token`: inside a filesystem options mapping a bare `key` is one.
 _FS_OPTION_SECTIONS = ("storage_options", "client_kwargs")
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]+):(?P<password>[^/\s@]+)@")
+# `user:password@` of a URL; the scheme is optional because error messages quote URLs without it (s3fs's
+# "invalid bucket name 'user:pw@bucket'").
+_URL_CREDENTIALS = re.compile(r"(?P<user>[^/\s:@'\"]+):(?P<password>[^/\s@'\"]+)@")
 # Environment values shorter than this are not masked in free text (too likely to occur by chance).
 _MIN_ENV_SECRET_CHARS = 8
 
@@ -48,7 +50,7 @@ def _secret_env_values() -> list[str]:
 
 def redact_text(text: str) -> str:
     """`text` with URL passwords replaced by *** and secret environment variable values masked."""
-    text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m['user']}:{MASK}@", text)
     for value in _secret_env_values():
         text = text.replace(value, MASK)
     return text
