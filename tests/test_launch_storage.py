@@ -36,3 +36,27 @@ def test_latest_complete_checkpoint_and_result_record_on_s3(moto_s3):
     write_run_record(cfg, {"step": 30, "mlflow_run_id": "abc"})
     assert pop_run_record(cfg) == {"step": 30, "mlflow_run_id": "abc"}
     assert pop_run_record(cfg) is None  # read once: a later launch cannot mistake it for its own
+
+
+@pytest.mark.timeout(60)
+def test_storage_options_reach_s3fs_and_ray(moto_s3, monkeypatch):
+    import s3fs
+
+    from pipeline.launch import ray_storage
+
+    s3fs.S3FileSystem().mkdir("ckpts-opts")
+    # Without the environment's endpoint and keys, only checkpoint.storage_options can reach the server.
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = f"{{key: testing, secret: testing, endpoint_url: '{moto_s3}'}}"
+    cfg = load_config(None, ["task.name=toy", "stage=toy", "checkpoint.path=s3://ckpts-opts/runs",
+                             f"checkpoint.storage_options={options}"])  # fmt: skip
+    write_run_record(cfg, {"step": 1})
+    assert pop_run_record(cfg) == {"step": 1}
+    storage = ray_storage(cfg)  # what Ray's RunConfig gets: the bucket path on a pyarrow view of that s3fs
+    assert storage["storage_path"] == "ckpts-opts/runs"
+    storage["storage_filesystem"].create_dir("ckpts-opts/runs/probe")
+    with storage["storage_filesystem"].open_output_stream("ckpts-opts/runs/probe/x") as f:
+        f.write(b"via pyarrow")
+    assert s3fs.S3FileSystem(**cfg.checkpoint.storage_options).cat("ckpts-opts/runs/probe/x") == b"via pyarrow"
