@@ -15,6 +15,9 @@ from typing import Any
 from pipeline.config import flatten
 
 _COLUMNS = (("R@1", "r1"), ("R@5", "r5"), ("R@10", "r10"), ("MdR", "medr"), ("MnR", "meanr"))
+# Phases in the order an evaluation runs them (the JSON report sorts its keys by name).
+_PHASE_ORDER = ("setup", "model_load", "video_decode", "video_forward", "text_forward", "vtm_rerank_decode",
+                "vtm_rerank_forward", "scoring")
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -44,6 +47,7 @@ def timing_table(timing: dict[str, float], cache: dict[str, Any]) -> list[str]:
         return []
     total = timing["total_s"]
     phases = {k.removesuffix("_s"): v for k, v in timing.items() if k != "total_s"}
+    phases = dict(sorted(phases.items(), key=lambda kv: _PHASE_ORDER.index(kv[0]) if kv[0] in _PHASE_ORDER else 99))
     phases["other (cache, gathers)"] = max(0.0, total - sum(phases.values()))
     note = " (features from the cache: nothing decoded)" if cache.get("features_hit") else ""
     lines = ["", f"Time split{note}:", "", "| phase | seconds | share |", "|---|---:|---:|"]
