@@ -1,10 +1,11 @@
 """Where the time of a 1k-video zero-shot retrieval evaluation goes: decoding vs forward passes vs scoring.
 
     PYTHONPATH=. python benchmarks/bench_eval.py                                  # CPU, 1000 synthetic clips
-    PYTHONPATH=. python benchmarks/bench_eval.py --model videomamba_small --img-size 224 --device cuda --workers 8
+    PYTHONPATH=. python benchmarks/bench_eval.py --model videomamba_small --img-size 224 --device cuda --workers 8 \
+        --precision bf16 --clip-size 320 --clip-frames 90 --clip-fps 30
 
-Builds a synthetic held-out set (jobs/make_synthetic.py's generator: 64 px, 16-frame H.264 clips, one caption
-each) and a random VideoTextModel export of `--model` with a small open_clip text tower, then runs the real
+Builds a synthetic held-out set (jobs/make_synthetic.py's generator: H.264 clips, by default 64 px and 16 frames,
+one caption each) and a random VideoTextModel export of `--model` with a small open_clip text tower, then runs the real
 evaluator (`pipeline.evaluation.run.evaluate_retrieval`, no feature cache, no MLflow) and writes the report's
 time split to benchmarks/results/eval.json and eval.md. The recalls of a random model are near chance and beside
 the point. With loader workers, `video_decode` is the time the encoder waited for decoded clips.
@@ -51,6 +52,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="decoding processes (0 = in the main process)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast on cuda")
+    parser.add_argument("--clip-size", type=int, default=64, help="synthetic clip width/height in pixels")
+    parser.add_argument("--clip-frames", type=int, default=16, help="frames per synthetic clip")
+    parser.add_argument("--clip-fps", type=float, default=8.0, help="synthetic clip frame rate")
     parser.add_argument("--work-dir", default=None, help="keep data and export here (default: a temp folder)")
     parser.add_argument("--out", default=str(RESULTS / "eval"), help="result stem (writes .json and .md)")
     args = parser.parse_args()
@@ -63,6 +67,7 @@ def main() -> None:
         start = time.perf_counter()
         # 10 training clips (the generator needs a non-empty train split); the rest is the evaluated set.
         paths = make_synthetic(str(work / "data"), args.num_videos + 10, 10 / (args.num_videos + 10),
+                               num_frames=args.clip_frames, size=args.clip_size, fps=args.clip_fps,
                                workers=max(1, os.cpu_count() or 1))
         data_s = time.perf_counter() - start
         export = write_export(work / "model.pt", args.model, args.num_frames, args.img_size)
@@ -85,7 +90,8 @@ def write_results(stem: Path, args: argparse.Namespace, report: dict, data_s: fl
     setup = {"device": device, "torch": torch.__version__, "model": args.model, "num_frames": args.num_frames,
              "img_size": args.img_size, "batch_size": args.batch_size, "decode_workers": args.workers,
              "precision": args.precision, "videos": videos, "texts": report["counts"]["texts"],
-             "clips": "synthetic 64 px, 16 frames @ 8 fps, H.264", "data_generation_s": round(data_s, 1)}
+             "clips": f"synthetic {args.clip_size} px, {args.clip_frames} frames @ {args.clip_fps:g} fps, H.264",
+             "data_generation_s": round(data_s, 1)}
     rates = {f"{phase}_clips_per_s": round(videos / timing[f"{phase}_s"], 1)
              for phase in ("video_decode", "video_forward") if timing.get(f"{phase}_s")}
     bound = max(("video_decode", "video_forward", "text_forward", "scoring"), key=lambda p: timing.get(f"{p}_s", 0.0))
