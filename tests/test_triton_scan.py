@@ -312,3 +312,5 @@ def test_default_config_keeps_tiles_small():
             assert per_thread <= 32, (n, rows, cfg)
     with pytest.raises(ValueError, match="bwd_sub_chunks"):
         ScanConfig(1, 4, 16, 1, 4, True, 3)
+    with pytest.raises(ValueError, match="bwd_time_major"):
+        ScanConfig(1, 4, 16, 1, 4, False, 2)

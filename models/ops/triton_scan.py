@@ -58,6 +58,8 @@ class ScanConfig:
         if sub < 1 or self.chunk % sub or (self.chunk // sub) & (self.chunk // sub - 1):
             raise ValueError(f"bwd_sub_chunks={sub} must split chunk={self.chunk} into power-of-two "
                              "backward chunks; use a divisor such as 1, 2 or 4")
+        if sub > 1 and not self.bwd_time_major:
+            raise ValueError("bwd_sub_chunks > 1 needs bwd_time_major=True (the time-last backward has none)")
 
 
 # Below this many (batch, channel) rows the time-major backward has too few programs to fill an H200.
@@ -174,75 +176,141 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
-def _pair(first, second, SWAP: tl.constexpr):
-    """first[:, None] + second[None, :], or transposed: the 2D tiles' orientation follows the layout."""
-    if SWAP:
-        return second[:, None] + first[None, :]
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    E, L, N, group_E, n_chunks,
+    s_ub, s_ue, s_ul, s_db, s_de, s_dl,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
+    s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
+    REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    """Gradients of one direction on a time-last (E, N, T) state tile: its scans run across lanes (a
+    shuffle per element per level), but it has more parallel work for few rows. du/ddelta/dz are
+    contiguous (B, E, L); dB/dC fp32 (B, G, N, L)."""
+    pid_e, pid_b = tl.program_id(0), tl.program_id(1)
+    b64 = pid_b.to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    col = tl.arange(0, T)
+    e_ok, n_ok = e < E, n < N
+    en_ok = e_ok[:, None] & n_ok[None, :]
+    g = (pid_e * BLOCK_E) // group_E
+    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=en_ok, other=0.0)
+    A2 = A * 1.4426950408889634
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
     else:
-        return first[:, None] + second[None, :]
+        bias = tl.zeros((BLOCK_E,), tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
+    u_row = u_ptr + b64 * s_ub + e[:, None] * s_ue
+    d_row = delta_ptr + b64 * s_db + e[:, None] * s_de
+    B_row = B_ptr + b64 * s_Bb + g * s_Bg + n[:, None] * s_Bn
+    C_row = C_ptr + b64 * s_Cb + g * s_Cg + n[:, None] * s_Cn
+    go_row = dout_ptr + b64 * s_gb + e[:, None] * s_ge
+    if HAS_Z:
+        z_row = z_ptr + b64 * s_zb + e[:, None] * s_ze
+    st_row = state_ptr + ((b64 * E + e[:, None]) * n_chunks) * BLOCK_N + n[None, :]
+    G = E // group_E
+    dBC_off = ((b64 * G + g) * N + n[:, None]) * L  # dB/dC are contiguous (B, G, N, L)
+    grad_row = (b64 * E + e[:, None]) * L  # du/ddelta/dz are contiguous (B, E, L)
 
+    r_next = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)  # adjoint at the first step of the following chunk
+    dA_acc = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+    dD_acc = tl.zeros((BLOCK_E,), tl.float32)
+    dbias_acc = tl.zeros((BLOCK_E,), tl.float32)
+    for ci in range(n_chunks):
+        c = n_chunks - 1 - ci
+        s = c * T + col
+        s_ok = s < L
+        t = (L - 1 - s) if REVERSE else s
+        m = e_ok[:, None] & s_ok[None, :]
+        mn = n_ok[:, None] & s_ok[None, :]
+        # Step s+1 (the next one in scan order) for the adjoint's decay; beyond L it is unused (adjoint 0).
+        s1_ok = (s + 1) < L
+        t1 = (L - 2 - s) if REVERSE else (s + 1)
+        h0 = tl.load(st_row + c * BLOCK_N, mask=e_ok[:, None], other=0.0)
+        u = tl.load(u_row + t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
+        dt, raw = _load_delta(d_row, t[None, :] * s_dl, m, bias[:, None], HAS_BIAS, SOFTPLUS)
+        dt1, _ = _load_delta(d_row, t1[None, :] * s_dl, e_ok[:, None] & s1_ok[None, :], bias[:, None], HAS_BIAS,
+                             SOFTPLUS)
+        Bt = tl.load(B_row + t[None, :] * s_Bl, mask=mn, other=0.0).to(tl.float32)
+        Ct = tl.load(C_row + t[None, :] * s_Cl, mask=mn, other=0.0).to(tl.float32)
+        dout = tl.load(go_row + t[None, :] * s_gl, mask=m, other=0.0).to(tl.float32)
 
-@triton.jit
-def _pair_and(first, second, SWAP: tl.constexpr):
-    if SWAP:
-        return second[:, None] & first[None, :]
-    else:
-        return first[:, None] & second[None, :]
+        # Recompute the chunk's states.
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+        x = (dt * u)[:, None, :] * Bt[None, :, :]
+        a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
+        hs = x_cum + a_cum * h0[:, :, None]
 
+        # Gate.
+        if HAS_Z:
+            zt = tl.load(z_row + t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(zt)
+            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            if HAS_D:
+                y += D[:, None] * u
+            dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
+            if ACCUMULATE:
+                dz += tl.load(dz_ptr + grad_row + t[None, :], mask=m, other=0.0).to(tl.float32)
+            tl.store(dz_ptr + grad_row + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
+            gy = dout * zt * sig
+        else:
+            gy = dout
 
-@triton.jit
-def _tn3(v, TIME_MAJOR: tl.constexpr):
-    """A (T, N) / (N, T) tile as an operand of the state tile."""
-    if TIME_MAJOR:
-        return v[:, :, None]
-    else:
-        return v[None, :, :]
+        # Adjoint: r_t = C_t g_t + a_{t+1} r_{t+1}, carried in from the following chunk.
+        a1 = tl.exp2(dt1[:, None, :] * A2[:, :, None])
+        p_cum, q_cum = tl.associative_scan((a1, Ct[None, :, :] * gy[:, None, :]), axis=2,
+                                           combine_fn=_affine_combine, reverse=True)
+        r = q_cum + p_cum * r_next[:, :, None]
+        r_next = tl.sum(tl.where(col[None, None, :] == 0, r, 0.0), axis=2)
 
+        ah_prev = hs - x  # a_t h_{t-1}
+        rB = tl.sum(r * Bt[None, :, :], axis=1)
+        du = dt * rB
+        if HAS_D:
+            du += D[:, None] * gy
+            dD_acc += tl.sum(gy * u, axis=1)
+        ddt = u * rB + tl.sum(r * A[:, :, None] * ah_prev, axis=1)
+        dA_acc += tl.sum(r * ah_prev * dt[:, None, :], axis=2)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(raw)
+        ddt = tl.where(m, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du_ptr + grad_row + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(ddelta_ptr + grad_row + t[None, :], ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
+        dB = tl.sum(r * (dt * u)[:, None, :], axis=0)
+        dC = tl.sum(hs * gy[:, None, :], axis=0)
+        tl.atomic_add(dB_ptr + dBC_off + t[None, :], dB, mask=mn)
+        tl.atomic_add(dC_ptr + dBC_off + t[None, :], dC, mask=mn)
 
-@triton.jit
-def _e2(v, TIME_MAJOR: tl.constexpr):
-    """A per-channel (E,) vector as an operand of the (T, E) / (E, T) tiles."""
-    if TIME_MAJOR:
-        return v[None, :]
-    else:
-        return v[:, None]
-
-
-@triton.jit
-def _t3(v, TIME_MAJOR: tl.constexpr):
-    """A per-step (T,) vector on the state tile's time axis. Broadcast from 1D: a mask built as a 2D tile
-    first cost a layout conversion per chunk (time-last S 8f backward 5.4 -> 6.8 ms on an H200)."""
-    if TIME_MAJOR:
-        return v[:, None, None]
-    else:
-        return v[None, None, :]
-
-
-@triton.jit
-def _en3(v, TIME_MAJOR: tl.constexpr):
-    """An (N, E) / (E, N) plane (one value per state) as an operand of the state tile."""
-    if TIME_MAJOR:
-        return v[None, :, :]
-    else:
-        return v[:, :, None]
+    tl.atomic_add(dA_ptr + e[:, None] * N + n[None, :], dA_acc, mask=en_ok)
+    if HAS_D:
+        tl.atomic_add(dD_ptr + e, dD_acc, mask=e_ok)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + e, dbias_acc, mask=e_ok)
 
 
 @triton.jit
 def _chunk_states(u_ptr, delta_ptr, B_ptr, t, e, n, m, mn, bias, A2, h0, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
-                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, TM: tl.constexpr, AX_T: tl.constexpr):
-    """Recompute one chunk's states from its start state h0: (u, delta, pre-softplus delta) on the (T, E)
-    tile, B on the (T, N) tile, the inputs x = delta u B and the states, on the state tile."""
-    u = tl.load(u_ptr + _pair(t * s_ul, e * s_ue, not TM), mask=m, other=0.0).to(tl.float32)
-    dt, raw = _load_delta(delta_ptr, _pair(t * s_dl, e * s_de, not TM), m, _e2(bias, TM), HAS_BIAS, SOFTPLUS)
-    Bt = tl.load(B_ptr + _pair(t * s_Bl, n * s_Bn, not TM), mask=mn, other=0.0).to(tl.float32)
-    x = (dt * u)[:, None, :] * _tn3(Bt, TM)
-    a = tl.exp2(dt[:, None, :] * _en3(A2, TM))
-    a_cum, x_cum = tl.associative_scan((a, x), axis=AX_T, combine_fn=_affine_combine)
-    return u, dt, raw, Bt, x, x_cum + a_cum * _en3(h0, TM)
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Time-major: recompute one chunk's states from its start state h0 (N, E). Returns u, delta and the
+    pre-softplus delta (T, E), B (T, N), the inputs x = delta u B and the states, both (T, N, E)."""
+    u = tl.load(u_ptr + t[:, None] * s_ul + e[None, :] * s_ue, mask=m, other=0.0).to(tl.float32)
+    dt, raw = _load_delta(delta_ptr, t[:, None] * s_dl + e[None, :] * s_de, m, bias[None, :], HAS_BIAS, SOFTPLUS)
+    Bt = tl.load(B_ptr + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=mn, other=0.0).to(tl.float32)
+    x = (dt * u)[:, None, :] * Bt[:, :, None]
+    a = tl.exp2(dt[:, None, :] * A2[None, :, :])
+    a_cum, x_cum = tl.associative_scan((a, x), axis=0, combine_fn=_affine_combine)
+    return u, dt, raw, Bt, x, x_cum + a_cum * h0[None, :, :]
 
 
 @triton.jit
-def _scan_bwd_kernel(
+def _scan_bwd_time_major_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr, scratch_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
     E, L, N, group_E, n_chunks,
@@ -251,33 +319,27 @@ def _scan_bwd_kernel(
     s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
     REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, TIME_MAJOR: tl.constexpr,
-    SUB: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, SUB: tl.constexpr,
 ):
-    """Gradients of one direction. du/ddelta/dz are contiguous (B, E, L); dB/dC fp32 (B, G, N, L).
-
-    State tile: (T, N, E) if TIME_MAJOR, else (E, N, T). Triton's default layout spreads the trailing
-    axes over lanes and repeats the leading one in registers. Time-major keeps a chunk's steps in each
-    thread, so both scans are serial in-thread (no shuffles) and the sums over N are mostly in-thread:
-    ~3x fewer instructions per element, but each program walks L serially with little parallel work, so
-    it needs many (batch, channel) rows. Time-last spreads the scans over lanes: more work per element,
-    but it keeps more warps busy when the rows are few (long sequences, small batches).
+    """The backward of _scan_bwd_kernel on a time-major (T, N, E) state tile. Triton's default layout
+    spreads the trailing axes (E, then N) over lanes and repeats the leading one in registers, so each
+    thread holds a chunk's T steps: both scans run serially in-thread (no shuffles) and the sums over N are
+    mostly in-thread, ~2.4x fewer instructions per element than the time-last tile. But each program walks
+    L serially with little parallel work: it needs many (batch, channel) rows (default_config).
 
     The forward saved a state every SUB * T steps. With SUB > 1 each saved chunk is first walked forward
-    to get its SUB sub-chunk start states, which go to a per-program scratch slot (L2-resident), then
-    its sub-chunks are differentiated in reverse: 4x less saved-state memory at SUB = 4, for a partial
-    second recompute."""
-    TM: tl.constexpr = TIME_MAJOR
-    AX_T: tl.constexpr = 0 if TIME_MAJOR else 2  # the state tile's time axis
+    to get its SUB sub-chunk start states, which go to a per-program scratch slot (L2-resident); then its
+    sub-chunks are differentiated in reverse. At SUB = 4 this keeps the forward's 16-step state spacing
+    (4x less saved-state memory than 4-step chunks) for a partial second recompute."""
     pid_e, pid_b = tl.program_id(0), tl.program_id(1)
     b64 = pid_b.to(tl.int64)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
     col = tl.arange(0, T)
     e_ok, n_ok = e < E, n < N
-    en_ok = _pair_and(e_ok, n_ok, TM)  # (E, N) plane, (N, E) if time-major
+    ne_ok = n_ok[:, None] & e_ok[None, :]  # the (N, E) plane of per-state values
     g = (pid_e * BLOCK_E) // group_E
-    A = tl.load(A_ptr + _pair(e * N, n, TM), mask=en_ok, other=0.0)
+    A = tl.load(A_ptr + n[:, None] + e[None, :] * N, mask=ne_ok, other=0.0)
     A2 = A * 1.4426950408889634
     if HAS_BIAS:
         bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
@@ -285,34 +347,34 @@ def _scan_bwd_kernel(
         bias = tl.zeros((BLOCK_E,), tl.float32)
     if HAS_D:
         D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
-    st_plane = state_ptr + _pair((b64 * E + e) * n_chunks * BLOCK_N, n, TM)
+    st_plane = state_ptr + n[:, None] + ((b64 * E + e) * n_chunks * BLOCK_N)[None, :]
     G = E // group_E
     dBC_base = (b64 * G + g) * N * L  # dB/dC are contiguous (B, G, N, L)
     grad_base = b64 * E * L  # du/ddelta/dz are contiguous (B, E, L)
-    first = _t3(col == 0, TM)  # the chunk's first step
+    first = (col == 0)[:, None, None]  # broadcast from 1D: a mask built 2D first cost a layout conversion a chunk
+    last = (col == T - 1)[:, None, None]
+    u_base, d_base = u_ptr + b64 * s_ub, delta_ptr + b64 * s_db
+    B_base = B_ptr + b64 * s_Bb + g * s_Bg
+    slot = n[:, None] + tl.arange(0, BLOCK_E)[None, :] * BLOCK_N
+    scratch = scratch_ptr + (pid_b * tl.num_programs(0) + pid_e).to(tl.int64) * (SUB * BLOCK_E * BLOCK_N)
 
     r_next = tl.zeros_like(A)  # adjoint at the first step of the following chunk
     dA_acc = tl.zeros_like(A)
     dD_acc = tl.zeros((BLOCK_E,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_E,), tl.float32)
-    u_base, d_base = u_ptr + b64 * s_ub, delta_ptr + b64 * s_db
-    B_base = B_ptr + b64 * s_Bb + g * s_Bg
-    slot = _pair(tl.arange(0, BLOCK_E) * BLOCK_N, n, TM)
-    scratch = scratch_ptr + (pid_b * tl.num_programs(0) + pid_e).to(tl.int64) * (SUB * BLOCK_E * BLOCK_N)
     for ci in range(n_chunks):
         c = n_chunks - 1 - ci
-        h = tl.load(st_plane + c * BLOCK_N, mask=en_ok, other=0.0)
+        h = tl.load(st_plane + c * BLOCK_N, mask=ne_ok, other=0.0)
         if SUB > 1:
             # Walk the saved chunk forward to its sub-chunk start states.
             tl.store(scratch + slot, h)
             for j in range(SUB - 1):
                 s = (c * SUB + j) * T + col
                 t = (L - 1 - s) if REVERSE else s
-                m = _pair_and(s < L, e_ok, not TM)
-                mn = _pair_and(s < L, n_ok, not TM)
-                _, _, _, _, _, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h, s_ue, s_ul,
-                                                  s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS, TM, AX_T)
-                h = tl.sum(tl.where(_t3(col == T - 1, TM), hs, 0.0), axis=AX_T)
+                _, _, _, _, _, hs = _chunk_states(u_base, d_base, B_base, t, e, n, (s < L)[:, None] & e_ok[None, :],
+                                                  (s < L)[:, None] & n_ok[None, :], bias, A2, h, s_ue, s_ul, s_de,
+                                                  s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
+                h = tl.sum(tl.where(last, hs, 0.0), axis=0)
                 tl.store(scratch + (j + 1) * BLOCK_E * BLOCK_N + slot, h)
             tl.debug_barrier()
         for jj in range(SUB):
@@ -324,35 +386,33 @@ def _scan_bwd_kernel(
             s = (c * SUB + j) * T + col
             s_ok = s < L
             t = (L - 1 - s) if REVERSE else s
-            m = _pair_and(s_ok, e_ok, not TM)  # (T, E) tile mask
-            mn = _pair_and(s_ok, n_ok, not TM)  # (T, N) tile mask
+            m = s_ok[:, None] & e_ok[None, :]  # (T, E)
+            mn = s_ok[:, None] & n_ok[None, :]  # (T, N)
             # Step s+1 (the next one in scan order) for the adjoint's decay; beyond L it is unused.
-            s1_ok = (s + 1) < L
             t1 = (L - 2 - s) if REVERSE else (s + 1)
             # All of the chunk's loads before its first scan: each program walks L serially, so their
-            # latency is only hidden when they are in flight together (loading these after the scan cost
-            # 12% on the time-last H200 backward).
-            dt1, _ = _load_delta(d_base, _pair(t1 * s_dl, e * s_de, not TM), _pair_and(s1_ok, e_ok, not TM),
-                                 _e2(bias, TM), HAS_BIAS, SOFTPLUS)
-            Ct = tl.load(C_ptr + b64 * s_Cb + g * s_Cg + _pair(t * s_Cl, n * s_Cn, not TM), mask=mn,
+            # latency is only hidden when they are in flight together.
+            dt1, _ = _load_delta(d_base, t1[:, None] * s_dl + e[None, :] * s_de, ((s + 1) < L)[:, None] & e_ok[None, :],
+                                 bias[None, :], HAS_BIAS, SOFTPLUS)
+            Ct = tl.load(C_ptr + b64 * s_Cb + g * s_Cg + t[:, None] * s_Cl + n[None, :] * s_Cn, mask=mn,
                          other=0.0).to(tl.float32)
-            dout = tl.load(dout_ptr + b64 * s_gb + _pair(t * s_gl, e * s_ge, not TM), mask=m,
+            dout = tl.load(dout_ptr + b64 * s_gb + t[:, None] * s_gl + e[None, :] * s_ge, mask=m,
                            other=0.0).to(tl.float32)
             if HAS_Z:
-                zt = tl.load(z_ptr + b64 * s_zb + _pair(t * s_zl, e * s_ze, not TM), mask=m,
+                zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m,
                              other=0.0).to(tl.float32)
             u, dt, raw, Bt, x, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h0, s_ue,
-                                                  s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS, TM, AX_T)
-            grad_offs = grad_base + _pair(t, e * L, not TM)
-            dBC_offs = dBC_base + _pair(t, n * L, not TM)
+                                                  s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
+            grad_offs = grad_base + t[:, None] + e[None, :] * L
+            dBC_offs = dBC_base + t[:, None] + n[None, :] * L
             dtu = dt * u
 
             # Gate.
             if HAS_Z:
                 sig = tl.sigmoid(zt)
-                y = tl.sum(hs * _tn3(Ct, TM), axis=1)
+                y = tl.sum(hs * Ct[:, :, None], axis=1)
                 if HAS_D:
-                    y += _e2(D, TM) * u
+                    y += D[None, :] * u
                 dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
                 if ACCUMULATE:
                     dz += tl.load(dz_ptr + grad_offs, mask=m, other=0.0).to(tl.float32)
@@ -362,34 +422,35 @@ def _scan_bwd_kernel(
                 gy = dout
 
             # Adjoint: r_t = C_t g_t + a_{t+1} r_{t+1}, carried in from the following chunk.
-            a1 = tl.exp2(dt1[:, None, :] * _en3(A2, TM))
-            p_cum, q_cum = tl.associative_scan((a1, _tn3(Ct, TM) * gy[:, None, :]), axis=AX_T,
+            a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
+            p_cum, q_cum = tl.associative_scan((a1, Ct[:, :, None] * gy[:, None, :]), axis=0,
                                                combine_fn=_affine_combine, reverse=True)
-            r = q_cum + p_cum * _en3(r_next, TM)
-            r_next = tl.sum(tl.where(first, r, 0.0), axis=AX_T)
+            r = q_cum + p_cum * r_next[None, :, :]
+            r_next = tl.sum(tl.where(first, r, 0.0), axis=0)
 
             r_ah = r * (hs - x)  # r_t a_t h_{t-1}
-            rB = tl.sum(r * _tn3(Bt, TM), axis=1)
+            rB = tl.sum(r * Bt[:, :, None], axis=1)
             du = dt * rB
             if HAS_D:
-                du += _e2(D, TM) * gy
-                dD_acc += tl.sum(gy * u, axis=AX_T // 2)
-            ddt = u * rB + tl.sum(r_ah * _en3(A, TM), axis=1)
-            dA_acc += tl.sum(r_ah * dt[:, None, :], axis=AX_T)
+                du += D[None, :] * gy
+                dD_acc += tl.sum(gy * u, axis=0)
+            ddt = u * rB + tl.sum(r_ah * A[None, :, :], axis=1)
+            dA_acc += tl.sum(r_ah * dt[:, None, :], axis=0)
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(raw)
             ddt = tl.where(m, ddt, 0.0)
-            dbias_acc += tl.sum(ddt, axis=AX_T // 2)
+            dbias_acc += tl.sum(ddt, axis=0)
             tl.store(du_ptr + grad_offs, du.to(du_ptr.dtype.element_ty), mask=m)
             tl.store(ddelta_ptr + grad_offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
-            dB = tl.sum(r * dtu[:, None, :], axis=2 - AX_T)
-            dC = tl.sum(hs * gy[:, None, :], axis=2 - AX_T)
+            dB = tl.sum(r * dtu[:, None, :], axis=2)
+            dC = tl.sum(hs * gy[:, None, :], axis=2)
             tl.atomic_add(dB_ptr + dBC_offs, dB, mask=mn)
             tl.atomic_add(dC_ptr + dBC_offs, dC, mask=mn)
         if SUB > 1:
+            # The next saved chunk's forward walk must not overwrite slots this one still reads.
             tl.debug_barrier()
 
-    tl.atomic_add(dA_ptr + _pair(e * N, n, TM), dA_acc, mask=en_ok)
+    tl.atomic_add(dA_ptr + n[:, None] + e[None, :] * N, dA_acc, mask=ne_ok)
     if HAS_D:
         tl.atomic_add(dD_ptr + e, dD_acc, mask=e_ok)
     if HAS_BIAS:
@@ -464,20 +525,21 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
         dbias = torch.zeros(E, **f32) if d.bias is not None else None
         zz = z if z is not None else dout
         grid = (triton.cdiv(E, block_e), Bsz)
-        sub = cfg.bwd_sub_chunks
-        scratch = torch.empty(grid[0] * Bsz * sub * block_e * block_n, **f32) if sub > 1 else dA
-        _scan_bwd_kernel[grid](
-            d.u, d.delta, d.A, d.B, d.C, d.D if dD is not None else dA, zz,
-            d.bias if dbias is not None else dA, dout, st, scratch,
-            du, ddelta, dA, dB, dC, dD if dD is not None else dA, dz if dz is not None else du,
-            dbias if dbias is not None else dA,
-            E, L, N, E // G, n_chunks,
-            *d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *dout.stride(),
-            REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
-            SOFTPLUS=softplus, ACCUMULATE=i > 0,
-            BLOCK_E=block_e, BLOCK_N=block_n, T=cfg.chunk // sub, TIME_MAJOR=cfg.bwd_time_major, SUB=sub,
-            num_warps=cfg.num_warps_bwd,
-        )
+        ptrs = [d.u, d.delta, d.A, d.B, d.C, d.D if dD is not None else dA, zz, d.bias if dbias is not None else dA,
+                dout, st]
+        outs = [du, ddelta, dA, dB, dC, dD if dD is not None else dA, dz if dz is not None else du,
+                dbias if dbias is not None else dA]
+        sizes = [E, L, N, E // G, n_chunks, *d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(),
+                 *zz.stride(), *dout.stride()]
+        flags = dict(REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
+                     SOFTPLUS=softplus, ACCUMULATE=i > 0, BLOCK_E=block_e, BLOCK_N=block_n,
+                     num_warps=cfg.num_warps_bwd)
+        if cfg.bwd_time_major:
+            sub = cfg.bwd_sub_chunks
+            scratch = torch.empty(grid[0] * Bsz * sub * block_e * block_n, **f32) if sub > 1 else dA
+            _scan_bwd_time_major_kernel[grid](*ptrs, scratch, *outs, *sizes, T=cfg.chunk // sub, SUB=sub, **flags)
+        else:
+            _scan_bwd_kernel[grid](*ptrs, *outs, *sizes, T=cfg.chunk, **flags)
         grads.append(_Direction(du, ddelta, dA, dB.to(d.B.dtype), dC.to(d.C.dtype),
                                 None if dD is None else dD.to(d.D.dtype),
                                 None if dbias is None else dbias.to(d.bias.dtype)))
