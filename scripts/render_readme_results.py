@@ -38,8 +38,11 @@ TABLES = {
               ["shape", "B,E,L", "ours fwd ms", "base fwd ms", "speedup fwd", "ours fwd+bwd ms", "base fwd+bwd ms",
                "speedup fwd+bwd", "ours peak GiB (fwd+bwd)", "base peak GiB (fwd+bwd)"]),
 }
-TITLES = {"data": "Data loading (CPU): decoded clips/s", "eval": "Retrieval evaluation: where the time goes"}
-ORDER = ["scan", "block", "data", "eval"]  # then the remaining files by name
+TITLES = {"data": "Data loading (CPU): decoded clips/s",
+          "eval": "Retrieval evaluation of 1k videos: where the time goes",
+          "engine": "Training loop overhead: the DeepSpeed engine vs a bare PyTorch loop",
+          "vtc_gather": "Video-text contrastive loss: cost of gathering features across ranks"}
+ORDER = ["scan", "block", "data", "eval"]  # then their variants and the remaining files, by name
 
 
 def render_zoo() -> str:
@@ -65,20 +68,18 @@ def render_results(results_dir: Path = RESULTS) -> str:
     files = {path.stem: path for path in sorted(results_dir.glob("*.json"))}
     if not files:
         return f"No benchmark results yet: the benchmarks write them to `{_shown(results_dir)}/`."
-    stems = [s for s in ORDER if s in files] + [s for s in files if s not in ORDER]
+    stems = sorted(files, key=lambda s: (ORDER.index(s.split("_")[0]) if s.split("_")[0] in ORDER else len(ORDER), s))
     sections = []
     for stem in stems:
         data = json.loads(files[stem].read_text())
         where = f"`{_shown(files[stem])}`"
+        kind, _, variant = stem.partition("_")  # data_320px, eval_gpu: a variant of a known layout
         if stem in TABLES:
             title, columns = TABLES[stem]
             body = _meta_line(data.get("meta", {})) + "\n\n" + _table(columns, data["rows"])
-        elif stem == "eval":
-            title, body = TITLES[stem], _eval_body(data)
         else:
-            title = TITLES.get(stem.split("_")[0], stem)
-            title += f" ({stem.split('_', 1)[1]})" if "_" in stem else ""
-            body = _generic_body(data)
+            title = TITLES.get(stem) or (f"{TITLES[kind]} ({variant})" if kind in TITLES else stem)
+            body = _eval_body(data) if kind == "eval" else _generic_body(data)
         sections.append(f"#### {title}\n\nFrom {where}.\n\n{body}")
     return "\n\n".join(sections)
 
@@ -93,17 +94,18 @@ def _meta_line(meta: dict[str, Any]) -> str:
 
 
 def _eval_body(data: dict[str, Any]) -> str:
-    setup, timing, total = data["setup"], data["timing"], data["timing"]["total_s"]
-    rows = [{"phase": k.removesuffix("_s"), "seconds": v, "share": f"{100 * v / total:.0f}%"}
-            for k, v in timing.items() if k != "total_s"]
-    rows.append({"phase": "total", "seconds": total, "share": "100%"})
+    from pipeline.evaluation.report import timing_table
+
+    setup, runs = data["setup"], data["setup"].get("runs_total_s", [])
     rates = ", ".join(f"{k.removesuffix('_clips_per_s').replace('_', ' ')} {v} clips/s"
                       for k, v in data.get("rates", {}).items())
     return "\n".join([
         f"{setup['videos']} videos, {setup['texts']} queries ({setup['clips']}); {setup['device']}; "
         f"{setup['model']} at {setup['num_frames']}x{setup['img_size']}px, batch {setup['batch_size']}, "
-        f"{setup['decode_workers']} decoding workers, {setup['precision']}; torch {setup['torch']}.",
-        "", _table(["phase", "seconds", "share"], rows), "",
+        f"{setup['decode_workers']} decoding workers, {setup['precision']}; torch {setup['torch']}."
+        + (f" Evaluation {len(runs)} of {len(runs)} shown (totals of each: {', '.join(f'{t:.1f}' for t in runs)} s)."
+           if len(runs) > 1 else ""),
+        *timing_table(data["timing"], {}), "",
         f"Bounded by **{data['bounded_by']}**" + (f" ({rates})." if rates else "."),
     ])
 
