@@ -160,3 +160,21 @@ def test_export_round_trip_and_backbone_keys(tmp_path):
     backbone = create_model("videomamba_test", num_frames=4, img_size=32, num_classes=0)
     report = load_pretrained(backbone, path)
     assert report.missing == [] and report.unexpected == []
+
+
+def test_periodic_evaluation_reports_the_evaluator_metrics_and_ignores_pad_rows():
+    from pipeline.evaluation import retrieval_metrics
+
+    task = tiny_task()
+    task.eval()
+    batch = fixed_batch()
+    padded = {**fixed_batch(), "valid": torch.tensor([True, True, True, False])}
+    with torch.no_grad():
+        got = task.evaluate([batch, padded])
+        video = task.model.encode_video(torch.cat([batch["video"], padded["video"][:3]]))
+        text = task.model.encode_text(batch["text"] + padded["text"][:3])
+    clips = range(7)
+    want = retrieval_metrics(text @ video.t(), list(clips), [[j] for j in clips])
+    assert set(got) == {"t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5"}
+    for name, value in got.items():
+        assert value == pytest.approx(want[name])

@@ -31,6 +31,7 @@ from models.teachers import CLIPTeacher
 from models.video_text import VideoTextModel, build_video_text_model, load_video_text_export
 from pipeline.config import ConfigError, TaskConfig, register_task_config
 from pipeline.distributed import get_rank
+from pipeline.evaluation.metrics import retrieval_metrics
 from pipeline.losses import contrastive_loss, matching_loss, sample_hard_negatives
 from pipeline.tasks import Task, register_task
 from pipeline.tasks.attention_mask import attention_keep_mask
@@ -168,19 +169,19 @@ class VideoTextTask(Task):
 
     @torch.no_grad()
     def evaluate(self, batches) -> dict[str, float]:
-        """Retrieval R@1 both ways among this rank's eval clips (padding samples, `valid` False, left out)."""
-        video, text, index = [], [], []
+        """Retrieval R@1/R@5 (%) both ways among this rank's eval clips (pad rows, `valid` False, left out)."""
+        video, text = [], []
         for batch in batches:
             valid_B = batch.get("valid", torch.ones(len(batch["text"]), dtype=torch.bool)).cpu()
             video.append(self.model.encode_video(batch["video"]).cpu()[valid_B])
             text.append(self.model.encode_text(batch["text"]).cpu()[valid_B])
-            index.append(batch["index"].cpu()[valid_B])
-        if not index:
+        if not video:
             return {}
-        video_NE, text_NE, index_N = torch.cat(video), torch.cat(text), torch.cat(index)
-        sim_NN = video_NE @ text_NE.t()
-        return {"v2t_r1": (index_N[sim_NN.argmax(dim=1)] == index_N).float().mean().item(),
-                "t2v_r1": (index_N[sim_NN.argmax(dim=0)] == index_N).float().mean().item()}
+        video_NE, text_NE = torch.cat(video), torch.cat(text)
+        # The same metric (percent, pessimistic ties) as the zero-shot evaluator, among this rank's clips.
+        clips = range(len(video_NE))
+        metrics = retrieval_metrics(text_NE @ video_NE.t(), list(clips), [[j] for j in clips])
+        return {name: metrics[name] for name in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5")}
 
     def trainable_module(self) -> nn.Module:
         return self.model
