@@ -72,17 +72,20 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def write_results(stem: str, rows: list[dict], columns: list[str], title: str) -> None:
-    """benchmarks/results/<stem>.json (all numbers, the device) and <stem>.md (a table)."""
-    device = torch.cuda.get_device_name()
-    meta = {"device": device, "torch": torch.__version__, "triton": __import__("triton").__version__}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+def write_results(stem: str, rows: list[dict], columns: list[str], title: str,
+                  setup: dict | None = None, results_dir: Path = RESULTS, notes: list[str] = ()) -> None:
+    """<results_dir>/<stem>.json (all numbers, the device, `setup`) and <stem>.md (a table, then `notes`)."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    meta = {"device": device, "torch": torch.__version__, "triton": __import__("triton").__version__,
+            **(setup or {})}
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [f"# {title}", "", f"{device}; torch {meta['torch']}, triton {meta['triton']}.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    lines += ["", *notes] if notes else []
+    (results_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

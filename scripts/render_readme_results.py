@@ -37,6 +37,10 @@ TABLES = {
     "block": ("Bidirectional mixer core: fused Triton vs mamba-ssm scan + unfused PyTorch glue",
               ["shape", "B,E,L", "ours fwd ms", "base fwd ms", "speedup fwd", "ours fwd+bwd ms", "base fwd+bwd ms",
                "speedup fwd+bwd", "ours peak GiB (fwd+bwd)", "base peak GiB (fwd+bwd)"]),
+    "masked": ("Stage 1 training step: frozen CLIP ViT-B/16 teacher + VideoMamba student at 80% masking",
+               ["model", "batch", "tokens (masked / all)", "step ms", "clips/s", "peak GiB", "teacher share",
+                "student share", "student clips/s (masked)", "student clips/s (no mask)",
+                "masked / unmasked clips/s"]),
 }
 TITLES = {"data": "Data loading (CPU): decoded clips/s",
           "eval": "Retrieval evaluation of 1k videos: where the time goes",
