@@ -5,7 +5,6 @@ Run the benchmarks from the repository root with PYTHONPATH=. (scripts/gpu_bench
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -14,8 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import RESULTS, write_result_files
 
 # (name, batch, d_inner E, L, dt_rank R): VideoMamba-S/M/Ti at 224², 8 or 64 frames (1 + T*196 tokens).
 SHAPES = [
@@ -78,20 +76,5 @@ def write_results(stem: str, rows: list[dict], columns: list[str], title: str,
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     meta = {"device": device, "torch": torch.__version__, "triton": __import__("triton").__version__,
             **(setup or {})}
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = [f"# {title}", "", f"{device}; torch {meta['torch']}, triton {meta['triton']}.", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
-    lines += ["", *notes] if notes else []
-    (results_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-def _fmt(v: object) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
-    return str(v)
+    header = [f"# {title}", "", f"{device}; torch {meta['torch']}, triton {meta['triton']}."]
+    write_result_files(results_dir, stem, meta, rows, columns, header, list(notes))

@@ -6,7 +6,6 @@ and reported as medians, with the load average before and after.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -15,8 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _results import RESULTS, write_result_files
 
 
 def cpu_meta() -> dict[str, object]:
@@ -48,18 +46,4 @@ def interleaved_ms_per_step(variants: dict[str, Callable[[int], None]], steps: i
 def write_cpu_results(stem: str, meta: dict, rows: list[dict], columns: list[str], title: str,
                       notes: list[str], out_dir: str | Path | None = None) -> None:  # fmt: skip
     """<out_dir or benchmarks/results>/<stem>.json (meta + rows) and <stem>.md (notes + a table)."""
-    out = Path(out_dir) if out_dir else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = [f"# {title}", "", *notes, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-def _fmt(v: object) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
-    return str(v)
+    write_result_files(Path(out_dir) if out_dir else RESULTS, stem, meta, rows, columns, [f"# {title}", "", *notes])
