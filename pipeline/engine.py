@@ -145,6 +145,24 @@ def dense_grad_norm(module: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+def load_trainable_state(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """Load a checkpoint's module state that lacks the frozen parameters (DeepSpeed's `custom_load_fn`).
+
+    Checkpoints are saved with `exclude_frozen_parameters=True`: frozen weights (teachers, and the student blocks
+    a task freezes) are what `build_task(cfg)` rebuilt, from the same seed or weight files. Any other missing or
+    unexpected key means the checkpoint belongs to another task or config, which is an error.
+    """
+    result = dst.load_state_dict(src, strict=False)
+    frozen = {name for name, param in dst.named_parameters() if not param.requires_grad}
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"the checkpoint does not fit this task: missing trainable tensors {missing[:8]} "
+            f"({len(missing)} in all), unexpected tensors {result.unexpected_keys[:8]} "
+            f"({len(result.unexpected_keys)} in all); resume with the config the run was started with"
+        )
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -229,7 +247,8 @@ class Trainer:
                     f"checkpoint {directory} was written by {saved_ranks} worker(s) but this run has {self.world}; "
                     "resuming needs the same number of workers (ZeRO shards are per rank)"
                 )
-            _, client_state = self.engine.load_checkpoint(str(directory), tag=_CHECKPOINT_TAG)
+            _, client_state = self.engine.load_checkpoint(str(directory), tag=_CHECKPOINT_TAG,
+                                                          custom_load_fn=load_trainable_state)
             rank_state = torch.load(directory / f"rank{self.rank}_state.pt", weights_only=False)
         _set_rng_state(rank_state["rng"])
         self.loader_state = rank_state["loader"]
@@ -242,7 +261,10 @@ class Trainer:
     def write_checkpoint(self, directory: Path) -> None:
         """Every rank: its ZeRO shard (DeepSpeed), RNG and data position; rank 0 also the client state."""
         client_state = {"step": self.step, "skipped_batches": self.skipped_batches, "mlflow_run_id": self.mlflow_run_id}
-        self.engine.save_checkpoint(str(directory), tag=_CHECKPOINT_TAG, client_state=client_state)
+        # Frozen parameters (the teachers: CLIP ViT-B/16 is ~86M of them) never change and are rebuilt from the
+        # config on resume, so the checkpoint leaves them out (see `load_trainable_state`).
+        self.engine.save_checkpoint(str(directory), tag=_CHECKPOINT_TAG, client_state=client_state,
+                                    exclude_frozen_parameters=True)
         loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
         torch.save({"rng": _rng_state(), "loader": loader_state}, directory / f"rank{self.rank}_state.pt")
         if self.is_main:  # what `jobs/export_checkpoint.py` rebuilds the task from (credentials masked)
