@@ -251,6 +251,7 @@ class Trainer:
                                                           custom_load_fn=load_trainable_state)
             rank_state = torch.load(directory / f"rank{self.rank}_state.pt", weights_only=False)
         _set_rng_state(rank_state["rng"])
+        self.task.load_rng_state_dict(rank_state.get("task_rng", {}))  # absent from checkpoints before it existed
         self.loader_state = rank_state["loader"]
         self.step = self.resumed_from_step = client_state["step"]
         self.skipped_batches = client_state["skipped_batches"]
@@ -259,14 +260,16 @@ class Trainer:
         return client_state["mlflow_run_id"]
 
     def write_checkpoint(self, directory: Path) -> None:
-        """Every rank: its ZeRO shard (DeepSpeed), RNG and data position; rank 0 also the client state."""
+        """Every rank: its ZeRO shard (DeepSpeed), RNG states (global and the task's mask generator) and data
+        position (with the data-side mask generator); rank 0 also the client state."""
         client_state = {"step": self.step, "skipped_batches": self.skipped_batches, "mlflow_run_id": self.mlflow_run_id}
         # Frozen parameters (the teachers: CLIP ViT-B/16 is ~86M of them) never change and are rebuilt from the
         # config on resume, so the checkpoint leaves them out (see `load_trainable_state`).
         self.engine.save_checkpoint(str(directory), tag=_CHECKPOINT_TAG, client_state=client_state,
                                     exclude_frozen_parameters=True)
         loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
-        torch.save({"rng": _rng_state(), "loader": loader_state}, directory / f"rank{self.rank}_state.pt")
+        rank_state = {"rng": _rng_state(), "task_rng": self.task.rng_state_dict(), "loader": loader_state}
+        torch.save(rank_state, directory / f"rank{self.rank}_state.pt")
         if self.is_main:  # what `jobs/export_checkpoint.py` rebuilds the task from (credentials masked)
             (directory / CHECKPOINT_CONFIG).write_text(to_yaml(self.cfg))
 

@@ -56,6 +56,25 @@ def test_train_stream_is_seeded(tiny_synthetic):
 
 
 @pytest.mark.timeout(120)
+def test_resumed_loader_draws_the_masks_of_an_uninterrupted_one(tiny_synthetic):
+    # The data-side mask generator is resume state: after 3 batches, a new loader given the old one's
+    # state_dict() continues the same mask sequence (the clips come from the next epoch's stream by design).
+    mask = MaskConfig(type="random", ratio=0.5)
+    cfg = data_cfg(train_shards=tiny_synthetic["train_shards"], num_workers=1, mask=mask)
+    straight = [b["keep"] for b in first_batches(build_loader(cfg, "train", 1, 2, seed=4), 6)]
+    stopped = build_loader(cfg, "train", 1, 2, seed=4)
+    first = [b["keep"] for b in first_batches(stopped, 3)]
+    resumed = build_loader(cfg, "train", 1, 2, seed=4)
+    resumed.load_state_dict(stopped.state_dict())
+    assert resumed.state_dict()["epoch"] == 1  # a fresh stream order...
+    rest = [b["keep"] for b in first_batches(resumed, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(first + rest, straight, strict=True))  # ...the same masks
+    assert len({tuple(k.flatten().tolist()) for k in straight}) > 1  # masks do vary from batch to batch
+    other_rank = [b["keep"] for b in first_batches(build_loader(cfg, "train", 0, 2, seed=4), 6)]
+    assert not all(torch.equal(a, b) for a, b in zip(other_rank, straight, strict=True))
+
+
+@pytest.mark.timeout(120)
 def test_train_with_worker_processes_counts_samples(tiny_synthetic):
     cfg = data_cfg(train_shards=tiny_synthetic["train_shards"], num_workers=2)
     loader = build_loader(cfg, "train", rank=0, world_size=1)

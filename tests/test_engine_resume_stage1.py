@@ -1,5 +1,6 @@
 """Stage-1 checkpoints through the real engine (DeepSpeed ZeRO-2 on CPU): they hold the trainable state only (no
-frozen CLIP teacher), and a run stopped at step 2 and resumed equals an uninterrupted run bit for bit.
+frozen CLIP teacher), and a run stopped at step 2 and resumed equals an uninterrupted run bit for bit, attention
+masks included (their generator is restored, not reseeded).
 
 The engine's own loader is replaced by a fixed list of batches (as tests/test_engine_zero_ranks.py does), so the
 two runs see the same clips and only the checkpointed state decides whether they agree.
@@ -61,7 +62,7 @@ def string_keys(obj) -> set[str]:
 @pytest.mark.timeout(300)
 def test_checkpoint_has_no_teacher_and_resume_is_exact(tmp_path, tiny_synthetic):
     shards = tiny_synthetic["train_shards"]
-    mask = "data.mask.type=none"
+    mask = "data.mask.type=attention"  # drawn by the task from its own generator: resumed, not reseeded
     straight, straight_export = run(stage1_cfg(tmp_path, shards, mask, "tracking.run_name=straight",
                                                f"optim.max_steps={STEPS}"))  # fmt: skip
 
@@ -81,3 +82,6 @@ def test_checkpoint_has_no_teacher_and_resume_is_exact(tmp_path, tiny_synthetic)
     assert sorted(resumed_export) == sorted(straight_export)
     for name, value in straight_export.items():
         torch.testing.assert_close(resumed_export[name], value, rtol=0, atol=0, msg=name)
+    # the next masks both runs would draw are the same too
+    attn = torch.rand(BATCH, 4, 4)
+    assert torch.equal(second.task.attention_masks(attn), straight.task.attention_masks(attn))

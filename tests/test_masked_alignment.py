@@ -15,7 +15,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 from pipeline.losses import cosine_alignment_loss
 from pipeline.tasks import build_task
-from pipeline.tasks.attention_mask import attention_keep_mask, num_visible
+from pipeline.tasks.attention_mask import AttentionMasker, attention_keep_mask, num_visible
 from pipeline.tasks.masked_alignment import MaskedAlignmentTask, sinusoid_table, visible_tokens
 
 TINY_TEACHER = "task.teacher.vision_overrides={layers: 2, width: 64, head_width: 32}"
@@ -58,6 +58,23 @@ def test_attention_mask_is_seeded_and_survives_zero_weights():
     c = attention_keep_mask(attn, 0.5, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert bool(a.view(2, 3, 16)[..., 12:].all())  # the positive-weight tokens are always among the kept
+
+
+def test_attention_masker_state_continues_the_draws():
+    attn = torch.rand(2, 3, 16)
+    straight = AttentionMasker(0.5, seed=3)
+    expected = [straight(attn) for _ in range(4)]
+    stopped = AttentionMasker(0.5, seed=3)
+    assert stopped.state_dict() == {}  # nothing drawn yet: a restore would seed afresh
+    first = [stopped(attn) for _ in range(2)]
+    resumed = AttentionMasker(0.5, seed=3)
+    resumed.load_state_dict(stopped.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(first + [resumed(attn), resumed(attn)], expected, strict=True))
+    assert not torch.equal(expected[0], expected[2])  # the draws move on
+    cuda_state = AttentionMasker(0.5, seed=3)
+    cuda_state.load_state_dict({**stopped.state_dict(), "device": "cuda"})
+    with pytest.raises(ValueError, match="resume on the device type the run was started on"):
+        cuda_state(attn)
 
 
 def test_attention_mask_samples_in_proportion_to_attention():

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # (e.g. wrong credentials): otherwise a resampled stream would retry forever.
 _MAX_CONSECUTIVE_SHARD_ERRORS = 8
 _STATS_KEY = "_stats"
+_MASK_STREAM = 0x6D61736B  # "mask": keeps the mask generator's seed apart from the stream's (seed, epoch, ...)
 
 
 class DataQualityError(RuntimeError):
@@ -89,8 +90,6 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         "key": [s["key"] for s in samples],
     }
-    if "keep" in samples[0]:
-        batch["keep"] = torch.stack([s["keep"] for s in samples])
     return batch
 
 
@@ -111,7 +110,6 @@ class ClipStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         state = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker])
         rng = random.Random(int(state.generate_state(1)[0]))
-        np_rng = np.random.default_rng(state)
         stats = {"worker": worker, "ok": 0, "bad": 0, "shard_errors": 0, "consecutive": 0, "errors": []}
 
         if self.train:
@@ -140,7 +138,7 @@ class ClipStream(IterableDataset):
 
         rows: list[dict[str, Any]] = []
         for sample in samples:
-            clip = self._process(sample, rng, np_rng, stats)
+            clip = self._process(sample, rng, stats)
             if clip is None:
                 # A stats-only message: the main process sees failures even from a worker that never
                 # fills a batch (otherwise an all-corrupt stream would hang silently).
@@ -153,9 +151,7 @@ class ClipStream(IterableDataset):
         if rows:  # only a finite (eval) stream ends; its last batch may be partial
             yield with_stats(_collate(rows))
 
-    def _process(
-        self, sample: dict[str, Any], rng: random.Random, np_rng: np.random.Generator, stats: dict
-    ) -> dict | None:
+    def _process(self, sample: dict[str, Any], rng: random.Random, stats: dict) -> dict | None:
         cfg, key = self.cfg, sample.get("__key__", "?")
         try:
             meta = json.loads(sample["json"])
@@ -172,12 +168,7 @@ class ClipStream(IterableDataset):
             video = train_transform(frames, cfg.img_size, tuple(cfg.scale), cfg.flip, cfg.mean, cfg.std, rng)
         else:
             video = eval_transform(frames, cfg.img_size, cfg.mean, cfg.std)
-        out = {"video": video, "text": text, "index": sample_id(key), "key": key}
-        if cfg.mask.type in DATA_MASK_TYPES:
-            grid = cfg.img_size // cfg.patch_size
-            keep = make_keep_mask(cfg.mask.type, cfg.mask.ratio, cfg.num_frames, grid, grid, np_rng)
-            out["keep"] = torch.from_numpy(keep)
-        return out
+        return {"video": video, "text": text, "index": sample_id(key), "key": key}
 
 
 def _set_worker_threads(_: int) -> None:
@@ -185,14 +176,22 @@ def _set_worker_threads(_: int) -> None:
 
 
 class VideoLoader:
-    """Iterates the torch DataLoader, gathers worker counters, enforces the bad-sample limit and,
-    for eval, re-batches so every rank yields `num_batches` batches of exactly `batch_size`."""
+    """Iterates the torch DataLoader, gathers worker counters, enforces the bad-sample limit,
+    for eval re-batches so every rank yields `num_batches` batches of exactly `batch_size`, and adds
+    data-side masks (`keep`).
+
+    Masks are drawn here, in the main process, from one generator per rank (seed, rank) that is part of
+    `state_dict()`: the i-th batch after a resume gets the mask the uninterrupted run gave its i-th batch
+    after that point, whatever the worker processes and their per-epoch seeds do."""
 
     def __init__(self, stream: ClipStream, num_batches: int | None):
         self.stream, self.cfg = stream, stream.cfg
         self.num_batches = num_batches
         self.stats = LoaderStats()
         self._per_worker: dict[int, dict] = {}
+        self._mask_rng = None
+        if self.cfg.mask.type in DATA_MASK_TYPES:
+            self._mask_rng = np.random.default_rng(np.random.SeedSequence([stream.seed, stream.rank, _MASK_STREAM]))
         self.dataloader = DataLoader(
             stream,
             batch_size=None,
@@ -201,13 +200,18 @@ class VideoLoader:
             prefetch_factor=2 if self.cfg.num_workers else None,
         )
 
-    def state_dict(self) -> dict[str, int]:
-        """Resume state: the stream epoch. A resumed training stream continues with the next epoch's
-        seed (fresh shard and sample order) rather than replaying the batches already seen."""
-        return {"epoch": self.stream.epoch}
+    def state_dict(self) -> dict[str, Any]:
+        """Resume state: the stream epoch and the mask generator. A resumed training stream continues with the
+        next epoch's seed (fresh shard and sample order) rather than replaying the batches already seen."""
+        state: dict[str, Any] = {"epoch": self.stream.epoch}
+        if self._mask_rng is not None:
+            state["mask_rng"] = self._mask_rng.bit_generator.state
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.epoch = state["epoch"] + 1
+        if self._mask_rng is not None and "mask_rng" in state:  # absent: a checkpoint from before masks were saved
+            self._mask_rng.bit_generator.state = state["mask_rng"]
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -218,10 +222,19 @@ class VideoLoader:
         self.stats, self._per_worker = LoaderStats(), {}
         batches = (batch for batch in map(self._account, self.dataloader) if batch)
         if self.num_batches is None:
-            yield from batches
+            yield from map(self._add_masks, batches)
             return
-        yield from self._equal_batches(batches)
+        yield from map(self._add_masks, self._equal_batches(batches))
         self._check_quality(final=True)
+
+    def _add_masks(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`keep` (B, T*P) bool for data-side mask types, drawn when the batch is handed out."""
+        if self._mask_rng is not None:
+            cfg, grid = self.cfg, self.cfg.img_size // self.cfg.patch_size
+            masks = [make_keep_mask(cfg.mask.type, cfg.mask.ratio, cfg.num_frames, grid, grid, self._mask_rng)
+                     for _ in batch["key"]]  # fmt: skip
+            batch["keep"] = torch.from_numpy(np.stack(masks))
+        return batch
 
     def _account(self, batch: dict[str, Any]) -> dict[str, Any]:
         worker_stats = batch.pop(_STATS_KEY)

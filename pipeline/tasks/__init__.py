@@ -28,6 +28,13 @@ class Task(nn.Module):
         """Extra facts saved beside the exported weights (e.g. the model name and its build kwargs)."""
         return {}
 
+    def rng_state_dict(self) -> dict[str, Any]:
+        """This rank's random state the task owns (e.g. its mask generator), saved with every checkpoint."""
+        return {}
+
+    def load_rng_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `rng_state_dict()` returned, when resuming."""
+
 
 def register_task(name: str):
     """Decorator for `build(cfg: Config) -> Task` functions."""

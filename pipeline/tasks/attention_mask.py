@@ -7,8 +7,12 @@ favoured while every token keeps a chance. Legend: B batch, T frames, P patches 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from pipeline.distributed import get_rank
 
 # The attention of a bf16 teacher can underflow to exactly 0 for some patches; torch.multinomial without
 # replacement fails if fewer than N_vis entries are positive, so every weight gets this floor.
@@ -33,3 +37,44 @@ def attention_keep_mask(attn_BTP: Tensor, ratio: float, generator: torch.Generat
     keep_NP = torch.zeros(B * T, P, dtype=torch.bool, device=attn_BTP.device)
     keep_NP.scatter_(1, visible_NV, True)
     return keep_NP.reshape(B, T * P)
+
+
+class AttentionMasker:
+    """Draws `attention_keep_mask`s from a generator of its own, seeded `seed + rank` on first use (masks differ
+    across ranks and repeat across runs with the same seed; no other random draw shifts them).
+
+    The generator lives on the teacher's device, so it is created at the first call. `state_dict()` /
+    `load_state_dict()` carry it across a resume: a resumed run draws the masks an uninterrupted one would.
+    """
+
+    def __init__(self, ratio: float, seed: int) -> None:
+        self.ratio, self.seed = ratio, seed
+        self._generator: torch.Generator | None = None
+        self._restored: dict[str, Any] | None = None
+
+    def __call__(self, attn_BTP: Tensor) -> Tensor:
+        if self._generator is None or self._generator.device != attn_BTP.device:
+            self._generator = self._new_generator(attn_BTP.device)
+        return attention_keep_mask(attn_BTP, self.ratio, generator=self._generator)
+
+    def _new_generator(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device)
+        restored, self._restored = self._restored, None
+        if restored is None:
+            generator.manual_seed(self.seed + get_rank())
+        elif restored["device"] != device.type:
+            # A CUDA generator's state is not a CPU generator's: the draws could not continue.
+            raise ValueError(f"the checkpoint's attention-mask generator ran on {restored['device']}, this run on "
+                             f"{device.type}; resume on the device type the run was started on")
+        else:
+            generator.set_state(restored["state"])
+        return generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state ({} before the first mask: then a restore seeds it afresh)."""
+        if self._generator is None:
+            return dict(self._restored or {})
+        return {"device": self._generator.device.type, "state": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._generator, self._restored = None, (dict(state) if state else None)

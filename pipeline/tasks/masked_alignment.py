@@ -31,10 +31,9 @@ from torch import Tensor, nn
 from models import Features
 from models.teachers import CLIPTeacher, build_clip_teacher, teacher_patch_size
 from pipeline.config import ConfigError, TaskConfig, register_task_config
-from pipeline.distributed import get_rank
 from pipeline.losses import cosine_alignment_loss
 from pipeline.tasks import Task, register_task
-from pipeline.tasks.attention_mask import attention_keep_mask
+from pipeline.tasks.attention_mask import AttentionMasker
 from pipeline.tasks.backbone import build_student
 
 DATA_MASKS = ("random", "tube", "tube_row", "random_row")
@@ -140,7 +139,8 @@ class MaskedAlignmentTask(Task):
         self.student = student
         self.teacher = teacher
         self.student_feature = student_feature
-        self.mask_type, self.mask_ratio, self.seed = mask_type, mask_ratio, seed
+        self.mask_type = mask_type
+        self.attention_masks = AttentionMasker(mask_ratio, seed)
         self.clip_decoder = nn.ModuleList(AlignHead(student.embed_dim, teacher.output_dim) for _ in self.align_layers)
         length = 1 + student.num_frames * student.num_patches
         # Not persistent: it is a fixed function of the shape, so checkpoints need not carry it.
@@ -152,7 +152,6 @@ class MaskedAlignmentTask(Task):
             student.layers[-1].requires_grad_(False)
             if self.align_layers == [depth - 1]:
                 student.norm_f.requires_grad_(False)
-        self._generator: torch.Generator | None = None
         self._export_meta = dict(export_meta or {})
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -181,15 +180,17 @@ class MaskedAlignmentTask(Task):
     def export_metadata(self) -> dict[str, Any]:
         return dict(self._export_meta)
 
+    def rng_state_dict(self) -> dict[str, Any]:
+        return {"attention_masks": self.attention_masks.state_dict()}
+
+    def load_rng_state_dict(self, state: dict[str, Any]) -> None:
+        self.attention_masks.load_state_dict(state["attention_masks"])
+
     def _keep_mask(self, batch: dict[str, Any], cls_attn_BTP: Tensor) -> Tensor | None:
         if self.mask_type == "none":
             return None
         if self.mask_type == "attention":
-            if self._generator is None or self._generator.device != cls_attn_BTP.device:
-                # Masks differ across ranks (seed + rank) but repeat across runs with the same seed.
-                self._generator = torch.Generator(device=cls_attn_BTP.device)
-                self._generator.manual_seed(self.seed + get_rank())
-            return attention_keep_mask(cls_attn_BTP, self.mask_ratio, generator=self._generator)
+            return self.attention_masks(cls_attn_BTP)
         keep_BL = batch.get("keep")
         if keep_BL is None:
             raise ValueError(f"data.mask.type={self.mask_type!r} is a data-side mask, but the batch has no 'keep' "

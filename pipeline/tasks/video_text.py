@@ -30,11 +30,10 @@ from torch import Tensor, nn
 from models.teachers import CLIPTeacher
 from models.video_text import VideoTextModel, build_video_text_model, load_video_text_export
 from pipeline.config import ConfigError, TaskConfig, register_task_config
-from pipeline.distributed import get_rank
 from pipeline.evaluation.metrics import retrieval_metrics
 from pipeline.losses import contrastive_loss, matching_loss, sample_hard_negatives
 from pipeline.tasks import Task, register_task
-from pipeline.tasks.attention_mask import attention_keep_mask
+from pipeline.tasks.attention_mask import AttentionMasker
 from pipeline.tasks.backbone import shapes_only
 from pipeline.tasks.clip_alignment import ClipTokenAlignment
 from pipeline.tasks.masked_alignment import CLIPTeacherConfig, build_teacher
@@ -110,8 +109,8 @@ class VideoTextTask(Task):
         self.model = model
         self.vtc_weight, self.vtm_weight, self.uta_weight = vtc_weight, vtm_weight, uta_weight
         self.teacher = teacher
-        self.mask_type, self.mask_ratio, self.seed = mask_type, mask_ratio, seed
-        self._generator: torch.Generator | None = None
+        self.mask_type = mask_type
+        self.attention_masks = AttentionMasker(mask_ratio, seed)
         self.uta = ClipTokenAlignment(model.vision_encoder, teacher) if uta_weight > 0 else None
         self._export_meta = dict(export_meta or {})
 
@@ -144,11 +143,7 @@ class VideoTextTask(Task):
 
     def _keep_mask(self, batch: dict[str, Any], teacher_out) -> Tensor | None:
         if self.mask_type == "attention":
-            attn_BTP = teacher_out.cls_attn_BTP
-            if self._generator is None or self._generator.device != attn_BTP.device:
-                self._generator = torch.Generator(device=attn_BTP.device)
-                self._generator.manual_seed(self.seed + get_rank())  # masks differ across ranks, repeat across runs
-            return attention_keep_mask(attn_BTP, self.mask_ratio, generator=self._generator)
+            return self.attention_masks(teacher_out.cls_attn_BTP)
         keep_BL = batch.get("keep")
         if self.mask_type != "none" and keep_BL is None:
             raise ValueError(f"data.mask.type={self.mask_type!r} is a data-side mask, but the batch has no 'keep'; "
@@ -188,6 +183,12 @@ class VideoTextTask(Task):
 
     def export_metadata(self) -> dict[str, Any]:
         return {**self.model.config, **self._export_meta}
+
+    def rng_state_dict(self) -> dict[str, Any]:
+        return {"attention_masks": self.attention_masks.state_dict()}
+
+    def load_rng_state_dict(self, state: dict[str, Any]) -> None:
+        self.attention_masks.load_state_dict(state["attention_masks"])
 
 
 @register_task("video_text")
