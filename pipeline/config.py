@@ -101,7 +101,9 @@ class DataConfig:
     shuffle_buffer: int = 500
     """Samples held in the streaming shuffle buffer."""
     samples_per_epoch: int | None = None
-    """Nominal epoch length for resampled training streams; None = the manifest's sample count."""
+    """Nominal epoch length (samples over all ranks) of the resampled training stream: at each epoch boundary the
+    shard and sample order is reseeded with the epoch number, which is logged as `data/epoch`. None = the
+    manifests' sample count (one endless epoch when a shard has no manifest entry)."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     """Per-channel normalisation mean (ImageNet by default, as the released recipes)."""
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -132,6 +134,9 @@ class DataConfig:
             raise ConfigError(
                 f"data.img_size: {self.img_size} is not a multiple of data.patch_size={self.patch_size}"
             )
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ConfigError(f"data.samples_per_epoch: must be >= 1 (or null for the manifests' count), "
+                              f"got {self.samples_per_epoch}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
 

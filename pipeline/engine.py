@@ -395,6 +395,9 @@ class Trainer:
         if stats is not None:
             metrics["data/bad_fraction"] = stats.bad_fraction
             metrics["data/samples_bad"] = float(stats.samples_bad)
+        epoch = getattr(self.train_loader, "epoch", None)  # pipeline.data's nominal epoch (with its fraction)
+        if epoch is not None:
+            metrics["data/epoch"] = float(epoch)
         flops = getattr(self.task, "flops_per_sample", None)
         if callable(flops):
             tflops = flops() * clips_per_s / self.world / 1e12

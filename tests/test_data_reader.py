@@ -66,12 +66,45 @@ def test_resumed_loader_draws_the_masks_of_an_uninterrupted_one(tiny_synthetic):
     first = [b["keep"] for b in first_batches(stopped, 3)]
     resumed = build_loader(cfg, "train", 1, 2, seed=4)
     resumed.load_state_dict(stopped.state_dict())
-    assert resumed.state_dict()["epoch"] == 1  # a fresh stream order...
+    assert resumed.state_dict()["segment"] == 1  # a fresh stream order...
     rest = [b["keep"] for b in first_batches(resumed, 3)]
     assert all(torch.equal(a, b) for a, b in zip(first + rest, straight, strict=True))  # ...the same masks
     assert len({tuple(k.flatten().tolist()) for k in straight}) > 1  # masks do vary from batch to batch
     other_rank = [b["keep"] for b in first_batches(build_loader(cfg, "train", 0, 2, seed=4), 6)]
     assert not all(torch.equal(a, b) for a, b in zip(other_rank, straight, strict=True))
+
+
+@pytest.mark.timeout(120)
+def test_samples_per_epoch_sets_epoch_boundaries_and_seeds(tiny_synthetic):
+    shards = tiny_synthetic["train_shards"]  # 8 clips listed in the manifest
+    assert build_loader(data_cfg(train_shards=shards), "train", 0, 2).batches_per_epoch == 2  # 8 / (2 ranks x 2)
+    cfg = data_cfg(train_shards=shards, samples_per_epoch=6, num_workers=1)
+    keys = lambda batches: [b["key"] for b in batches]
+    loader = build_loader(cfg, "train", 0, 1, seed=2)
+    assert loader.batches_per_epoch == 3
+    seen, epochs = [], []
+    for batch in loader:
+        seen.append(batch)
+        epochs.append(loader.epoch)
+        if len(seen) == 7:
+            break
+    assert epochs == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2, 7 / 3])
+    # epoch e's batches are the stream seeded with e: the same as a loader started at that epoch
+    assert keys(seen[3:6]) == keys(first_batches(build_loader(cfg, "train", 0, 1, epoch=1, seed=2), 3))
+    assert keys(seen[3:6]) != keys(seen[:3])
+
+    # stopped inside epoch 1: the resumed loader finishes it (fresh segment), then epoch 2 is the usual one
+    stopped = build_loader(cfg, "train", 0, 1, seed=2)
+    assert keys(first_batches(stopped, 4)) == keys(seen[:4])
+    resumed = build_loader(cfg, "train", 0, 1, seed=2)
+    resumed.load_state_dict(stopped.state_dict())
+    assert resumed.epoch == pytest.approx(4 / 3)
+    after = first_batches(resumed, 3)
+    assert resumed.epoch == pytest.approx(7 / 3)
+    assert keys(after[:2]) != keys(seen[4:6])  # a new segment: no replay of the uninterrupted order
+    assert keys(after[2:]) == keys(seen[6:])
+    with pytest.raises(ValueError, match="data.samples_per_epoch"):
+        data_cfg(samples_per_epoch=0)
 
 
 @pytest.mark.timeout(120)

@@ -262,6 +262,7 @@ def test_engine_local_run_exports_a_loadable_backbone(tmp_path):
     result = train(cfg)
     assert result.step == 3
     assert 0.0 < result.metrics["train/loss_align_L1"] < 4.0
+    assert result.metrics["data/epoch"] == 1.5  # 4 training clips in the manifest, 2 per step: 3 steps
     exported = torch.load(result.export_path)
     meta = exported["meta"]
     assert meta["model_name"] == "videomamba_test" and meta["model_kwargs"]["num_classes"] == 0

@@ -6,7 +6,10 @@
     loader.stats                                   # samples read / skipped, shard errors
 
 train: every (rank, loader worker) resamples shards with replacement from the whole list with its own
-seed (seed, epoch, rank, worker), shuffles samples in a buffer, and yields full batches forever.
+seed (seed, epoch, segment, rank, worker), shuffles samples in a buffer, and yields full batches forever.
+Epochs are nominal (resampling has no true end): every `data.samples_per_epoch` samples (over all ranks;
+default the manifests' count) the stream restarts with the next epoch's seed. A resume continues the
+epoch it stopped in with a fresh stream segment (new seed, no replay) and the remaining batches.
 
 eval: one exact pass. Shards are split by rank (urls[rank::world]) then by loader worker; every rank
 yields the SAME number of batches of the SAME size, computed from the manifests' sample counts, so
@@ -37,7 +40,7 @@ from pipeline import distributed
 from pipeline.config import DataConfig
 from pipeline.data.decode import decode_clip
 from pipeline.data.keys import sample_id
-from pipeline.data.manifest import shard_sample_counts
+from pipeline.data.manifest import read_manifest, shard_sample_counts
 from pipeline.data.masks import DATA_MASK_TYPES, make_keep_mask
 from pipeline.data.transforms import eval_transform, train_transform
 from pipeline.data.urls import expand_shard_urls, register_fsspec_openers
@@ -48,7 +51,7 @@ log = logging.getLogger(__name__)
 # (e.g. wrong credentials): otherwise a resampled stream would retry forever.
 _MAX_CONSECUTIVE_SHARD_ERRORS = 8
 _STATS_KEY = "_stats"
-_MASK_STREAM = 0x6D61736B  # "mask": keeps the mask generator's seed apart from the stream's (seed, epoch, ...)
+_MASK_STREAM = 0x6D61736B  # "mask": keeps the mask generator's seed apart from the streams' seeds
 
 
 class DataQualityError(RuntimeError):
@@ -100,6 +103,8 @@ class ClipStream(IterableDataset):
         super().__init__()
         self.cfg, self.split, self.urls = cfg, split, urls
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
+        self.segment = 0
+        """Restarts of the stream within an epoch (one per resume): each gets a fresh seed."""
         self.train = split == "train"
         self.caption_mode = cfg.caption_mode if cfg.caption_mode != "auto" else ("random" if self.train else "first")
         self.sampling = cfg.sampling if self.train else cfg.eval_sampling
@@ -108,7 +113,7 @@ class ClipStream(IterableDataset):
         register_fsspec_openers()  # also inside loader worker processes
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        state = np.random.SeedSequence([self.seed, self.epoch, self.rank, worker])
+        state = np.random.SeedSequence([self.seed, self.epoch, self.segment, self.rank, worker])
         rng = random.Random(int(state.generate_state(1)[0]))
         stats = {"worker": worker, "ok": 0, "bad": 0, "shard_errors": 0, "consecutive": 0, "errors": []}
 
@@ -184,11 +189,15 @@ class VideoLoader:
     `state_dict()`: the i-th batch after a resume gets the mask the uninterrupted run gave its i-th batch
     after that point, whatever the worker processes and their per-epoch seeds do."""
 
-    def __init__(self, stream: ClipStream, num_batches: int | None):
+    def __init__(self, stream: ClipStream, num_batches: int | None, batches_per_epoch: int | None = None):
         self.stream, self.cfg = stream, stream.cfg
         self.num_batches = num_batches
+        self.batches_per_epoch = batches_per_epoch
+        """Train: this rank's batches per nominal epoch; None = one endless epoch."""
+        self.batches_in_epoch = 0
         self.stats = LoaderStats()
-        self._per_worker: dict[int, dict] = {}
+        self._per_worker: dict[tuple[int, int], dict] = {}
+        self._runs = 0  # DataLoader iterations started (one per epoch or resume): keys the worker counters
         self._mask_rng = None
         if self.cfg.mask.type in DATA_MASK_TYPES:
             self._mask_rng = np.random.default_rng(np.random.SeedSequence([stream.seed, stream.rank, _MASK_STREAM]))
@@ -200,16 +209,28 @@ class VideoLoader:
             prefetch_factor=2 if self.cfg.num_workers else None,
         )
 
+    @property
+    def epoch(self) -> float:
+        """The epoch in progress, with the fraction of it done (logged as `data/epoch`)."""
+        done = self.batches_in_epoch / self.batches_per_epoch if self.batches_per_epoch else 0.0
+        return self.stream.epoch + done
+
     def state_dict(self) -> dict[str, Any]:
-        """Resume state: the stream epoch and the mask generator. A resumed training stream continues with the
-        next epoch's seed (fresh shard and sample order) rather than replaying the batches already seen."""
-        state: dict[str, Any] = {"epoch": self.stream.epoch}
+        """Resume state: epoch, stream segment, batches of the epoch handed out, and the mask generator.
+        A resumed training stream finishes the epoch with a fresh segment's seed (new shard and sample order)
+        rather than replaying the batches already seen."""
+        state: dict[str, Any] = {"epoch": self.stream.epoch, "segment": self.stream.segment,
+                                 "batches_in_epoch": self.batches_in_epoch}  # fmt: skip
         if self._mask_rng is not None:
             state["mask_rng"] = self._mask_rng.bit_generator.state
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stream.epoch = state["epoch"] + 1
+        if "segment" in state:
+            self.stream.epoch, self.stream.segment = state["epoch"], state["segment"] + 1
+            self.batches_in_epoch = state["batches_in_epoch"]
+        else:  # a checkpoint from before epochs were counted: start the next epoch
+            self.stream.epoch = state["epoch"] + 1
         if self._mask_rng is not None and "mask_rng" in state:  # absent: a checkpoint from before masks were saved
             self._mask_rng.bit_generator.state = state["mask_rng"]
 
@@ -220,12 +241,28 @@ class VideoLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.stats, self._per_worker = LoaderStats(), {}
-        batches = (batch for batch in map(self._account, self.dataloader) if batch)
         if self.num_batches is None:
-            yield from map(self._add_masks, batches)
+            yield from self._train_batches()
             return
-        yield from map(self._add_masks, self._equal_batches(batches))
+        yield from map(self._add_masks, self._equal_batches(self._worker_batches()))
         self._check_quality(final=True)
+
+    def _worker_batches(self) -> Iterator[dict[str, Any]]:
+        """One pass of the DataLoader over the stream as it is set now (epoch, segment)."""
+        self._runs += 1
+        run = self._runs
+        return (batch for batch in (self._account(run, b) for b in self.dataloader) if batch)
+
+    def _train_batches(self) -> Iterator[dict[str, Any]]:
+        """Endless: restart the worker processes with the next epoch's seed every `batches_per_epoch` batches."""
+        while True:
+            if self.batches_per_epoch and self.batches_in_epoch >= self.batches_per_epoch:
+                self.stream.epoch, self.stream.segment, self.batches_in_epoch = self.stream.epoch + 1, 0, 0
+            for batch in self._worker_batches():
+                self.batches_in_epoch += 1  # counted before the yield: state_dict() sees the batch handed out
+                yield self._add_masks(batch)
+                if self.batches_per_epoch and self.batches_in_epoch >= self.batches_per_epoch:
+                    break
 
     def _add_masks(self, batch: dict[str, Any]) -> dict[str, Any]:
         """`keep` (B, T*P) bool for data-side mask types, drawn when the batch is handed out."""
@@ -236,9 +273,9 @@ class VideoLoader:
             batch["keep"] = torch.from_numpy(np.stack(masks))
         return batch
 
-    def _account(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def _account(self, run: int, batch: dict[str, Any]) -> dict[str, Any]:
         worker_stats = batch.pop(_STATS_KEY)
-        self._per_worker[worker_stats["worker"]] = worker_stats
+        self._per_worker[run, worker_stats["worker"]] = worker_stats  # counters restart with each run's workers
         workers = self._per_worker.values()
         self.stats.samples_ok = sum(w["ok"] for w in workers)
         self.stats.samples_bad = sum(w["bad"] for w in workers)
@@ -342,7 +379,14 @@ def build_loader(
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     register_fsspec_openers()
     urls = expand_shard_urls(spec)
-    num_batches = None
+    num_batches = batches_per_epoch = None
+    if split == "train":
+        samples_per_epoch = data_cfg.samples_per_epoch or manifest_sample_total(urls)
+        if samples_per_epoch:
+            batches_per_epoch = math.ceil(samples_per_epoch / (world_size * data_cfg.batch_size))
+        else:
+            log.warning("data.samples_per_epoch is not set and the shards have no complete manifest: the training "
+                        "stream runs as one endless epoch")
     if split == "eval":
         readers = world_size * max(1, data_cfg.num_workers)
         if len(urls) < readers:
@@ -354,4 +398,20 @@ def build_loader(
         counts = shard_sample_counts(urls)
         per_rank = [sum(counts[r::world_size]) for r in range(world_size)]
         num_batches = eval_batch_count(per_rank, data_cfg.batch_size, data_cfg.eval_remainder)
-    return VideoLoader(ClipStream(data_cfg, split, urls, rank, world_size, epoch, seed), num_batches)
+    return VideoLoader(ClipStream(data_cfg, split, urls, rank, world_size, epoch, seed), num_batches, batches_per_epoch)
+
+
+def manifest_sample_total(urls: list[str]) -> int | None:
+    """Samples in the shards according to their manifests; None when a shard is missing from them (counting
+    by reading every training shard would be too slow to do at every start)."""
+    listed: dict[str, dict[str, int]] = {}
+    total = 0
+    for url in urls:
+        directory, name = url.rsplit("/", 1)
+        if directory not in listed:
+            manifest = read_manifest(directory) or {"shards": []}
+            listed[directory] = {s["name"]: s["num_samples"] for s in manifest["shards"]}
+        if name not in listed[directory]:
+            return None
+        total += listed[directory][name]
+    return total
