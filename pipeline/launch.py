@@ -90,6 +90,17 @@ def _use_gpu(setting: Any) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def worker_env_vars() -> dict[str, str]:
+    """Environment of the Ray Train workers.
+
+    Ray Train 2.60 patches `print` in its workers to log through the root logger, whose console handler prints
+    the line; and because a Ray worker always replaces `sys.stdout`, the patch also tees to the real `print`
+    (ray-project/ray#61075): every progress line reached `ray job logs` twice. With the patch off, a print
+    reaches the driver once, through Ray's stdout forwarding. A RAY_TRAIN_ENABLE_PRINT_PATCH set by the user wins.
+    """
+    return {"RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
+
+
 def _ray_worker(loop_config: dict[str, Any]) -> None:
     """Body of every Ray Train worker: rebuild the config, train, report the result (or a non-finite stop)."""
     from pipeline.checkpointing import RayCheckpointStore
@@ -142,6 +153,7 @@ def launch(cfg: Config) -> TrainResult:
             **ray_storage(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            worker_runtime_env={"env_vars": worker_env_vars()},
         ),
     )
     pop_run_record(cfg)  # a record from an earlier launch of this run must not be mistaken for this one's

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -83,6 +84,9 @@ def test_ray_job_submit_trains_toy(tmp_path):
         log = job.stdout + job.stderr
         assert job.returncode == 0, log[-4000:]
         assert "succeeded" in log and "done: step 10" in log, log[-4000:]
+        # every progress line once (rank 0 prints it; Ray forwards worker output to the job's log)
+        progress = re.findall(r"\[toy\] step (\d+)/10 loss", log)
+        assert progress == ["5", "10"], "\n".join(line for line in log.splitlines() if "] step " in line)
         assert (tmp_path / "out" / "export" / "model.pt").is_file()
         assert (tmp_path / "out" / "config.yaml").is_file()
         (run,) = MlflowClient(uri).search_runs(MlflowClient(uri).get_experiment_by_name("toy").experiment_id)
