@@ -25,13 +25,25 @@ SHAPES = [
 D_STATE = 16
 
 
-def config_from_env():
-    """SCAN_CONFIG="be_fwd,be_bwd,chunk,warps_fwd,warps_bwd[,bwd_time_major]" (bench_scan.py --sweep writes
-    it), or None: each shape then gets default_config for its rows."""
-    from models.ops.triton_scan import ScanConfig
+def scan_config(rows: int):
+    """default_config for `rows` (batch x channels), with the ScanConfig fields named in SCAN_CONFIG
+    overridden, e.g. SCAN_CONFIG="block_e_fwd=16,fwd_segments=2,bwd_time_major=1" (integers; 0/1 for flags)."""
+    from dataclasses import fields, replace
 
-    spec = os.environ.get("SCAN_CONFIG")
-    return ScanConfig(*(int(v) for v in spec.split(","))) if spec else None
+    from models.ops.triton_scan import ScanConfig, default_config
+
+    cfg = default_config(D_STATE, rows)
+    spec = os.environ.get("SCAN_CONFIG", "")
+    if not spec:
+        return cfg
+    types = {f.name: f.type for f in fields(ScanConfig)}
+    overrides = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"SCAN_CONFIG: unknown field {key!r}; ScanConfig has {sorted(types)}")
+        overrides[key] = bool(int(value)) if types[key] in (bool, "bool") else int(value)
+    return replace(cfg, **overrides)
 
 
 def log_uniform_dt(E: int, device: str) -> torch.Tensor:

@@ -20,10 +20,10 @@ from _common import (
     D_STATE,
     SHAPES,
     bench_ms,
-    config_from_env,
     load_mamba_selective_scan,
     log_uniform_dt,
     rel_err,
+    scan_config,
     write_results,
 )
 
@@ -84,14 +84,14 @@ def main() -> None:
     args = parser.parse_args()
     mamba = load_mamba_selective_scan()
     print(f"mamba-ssm selective_scan_fn: {'loaded' if mamba else 'not available (set MAMBA_SRC)'}")
-    cfg = config_from_env()
-    ours = lambda x, z, f, b: bimamba_inner_triton(x, z, f, b, config=cfg)
     rows = []
     for name, Bsz, E, L, R in [s for s in SHAPES if not args.shapes or s[0] in args.shapes]:
         x = torch.randn(Bsz, E, L, device="cuda", dtype=torch.bfloat16)
         z = torch.randn(Bsz, E, L, device="cuda", dtype=torch.bfloat16)
         fwd, bwd = make_weights(E, R), make_weights(E, R)
-        row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg or "default")}
+        cfg = scan_config(Bsz * E)
+        ours = lambda x, z, f, b, cfg=cfg: bimamba_inner_triton(x, z, f, b, config=cfg)
+        row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg)}
         row["ours fwd ms"], row["ours fwd+bwd ms"] = time_block(ours, x, z, fwd, bwd)
         row["ours peak GiB (fwd+bwd)"] = _peak_gib(ours, x, z, fwd, bwd)
         if mamba is not None:

@@ -5,7 +5,7 @@ Reports fwd and fwd+bwd milliseconds (median), effective GB/s over the minimum b
 difference between the two kernels' outputs and input gradients. mamba-ssm is used when MAMBA_SRC names
 a source tree with its extension built in place (scripts/gpu_bench.sh); otherwise only ours is timed.
 
-    [SCAN_CONFIG=be_f,be_b,T,w_f,w_b[,time_major]] PYTHONPATH=.:benchmarks python benchmarks/bench_scan.py \
+    [SCAN_CONFIG=field=value,...] PYTHONPATH=.:benchmarks python benchmarks/bench_scan.py \
         [--sweep] [--shapes "S 8f b16" ...]
 """
 
@@ -19,10 +19,10 @@ from _common import (
     D_STATE,
     SHAPES,
     bench_ms,
-    config_from_env,
     load_mamba_selective_scan,
     log_uniform_dt,
     rel_err,
+    scan_config,
     write_results,
 )
 
@@ -78,11 +78,19 @@ def compare(ours: Callable, theirs: Callable, x: dict[str, torch.Tensor]) -> dic
     return diff
 
 
-# Sweep candidates (block_e_fwd, block_e_bwd, chunk, warps_fwd, warps_bwd, bwd_time_major): the round-2
-# winner (time-last backward), then time-major backwards around the measured best (16 channels x 4 steps).
-SWEEP_CONFIGS = [(1, 4, 16, 1, 4, False), (1, 16, 4, 1, 1, True), (2, 16, 4, 1, 1, True), (1, 8, 4, 1, 1, True),
-                 (1, 16, 4, 1, 2, True), (1, 32, 4, 1, 2, True), (1, 16, 8, 1, 2, True), (1, 32, 4, 1, 4, True),
-                 (1, 4, 4, 1, 1, True)]
+def sweep_configs(rows: int) -> list[ScanConfig]:
+    """Launch shapes around default_config for `rows` (batch x channels): forward channels a program and
+    L segments, backward L segments (segments matter only when rows give few programs)."""
+    from dataclasses import replace
+
+    base = default_config(D_STATE, rows)
+    few = rows < 8192
+    configs = [base]
+    fwd_segments, bwd_segments = ((16, 32, 64), (16, 32, 64)) if few else ((1, 2), (2, 4))
+    configs += [replace(base, block_e_fwd=be, fwd_segments=sg) for be in (8, 16) for sg in fwd_segments
+                if (be, sg) != (base.block_e_fwd, base.fwd_segments)]
+    configs += [replace(base, bwd_segments=sg) for sg in bwd_segments if sg != base.bwd_segments]
+    return configs
 
 
 def sweep(shapes: list[tuple]) -> None:
@@ -90,8 +98,7 @@ def sweep(shapes: list[tuple]) -> None:
     for name, Bsz, E, L, _ in shapes:
         x = make_inputs(Bsz, E, L)
         results = []
-        for spec in SWEEP_CONFIGS:
-            cfg = ScanConfig(*spec)
+        for cfg in sweep_configs(Bsz * E):
             fwd, fwd_bwd = time_scan(lambda *a, cfg=cfg: selective_scan_triton(*a, config=cfg), x)
             print(f"sweep {name}: {cfg}: fwd {fwd:.3f} ms, fwd+bwd {fwd_bwd:.3f} ms", flush=True)
             results.append((fwd_bwd, cfg))
@@ -110,14 +117,13 @@ def main() -> None:
     if args.sweep:
         sweep(shapes)
         return
-    env_cfg = config_from_env()  # None: each shape gets default_config for its rows
     mamba = load_mamba_selective_scan()
     print(f"mamba-ssm selective_scan_fn: {'loaded' if mamba else 'not available (set MAMBA_SRC)'}")
     rows = []
     for name, Bsz, E, L, _ in shapes:
         x = make_inputs(Bsz, E, L)
         b_fwd, b_fb = min_bytes(Bsz, E, L)
-        cfg = env_cfg or default_config(D_STATE, Bsz * E)
+        cfg = scan_config(Bsz * E)
         ours = lambda *a, cfg=cfg: selective_scan_triton(*a, config=cfg)
         row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg)}
         row["ours fwd ms"], row["ours fwd+bwd ms"] = time_scan(ours, x)

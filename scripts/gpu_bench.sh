@@ -7,7 +7,7 @@
 # Usage, from the repository root on a machine with an H100/H200, nvcc and torch:
 #   MAMBA_SDIST=path/mamba_ssm-2.3.2.post1.tar.gz [SWEEP=1] OUT=/tmp/out bash scripts/gpu_bench.sh
 # SWEEP=1 first times several launch configs per shape (to $OUT/sweep.txt); the benchmarks then use
-# default_config per shape, or SCAN_CONFIG=be_f,be_b,T,w_f,w_b[,time_major] for every shape.
+# default_config per shape, with SCAN_CONFIG=field=value,... overriding ScanConfig fields for every shape.
 # Get the sdist (no CUDA needed) with:
 #   MAMBA_SKIP_CUDA_BUILD=TRUE pip download --no-deps --no-binary :all: --no-build-isolation \
 #       mamba-ssm==2.3.2.post1 -d <dir>

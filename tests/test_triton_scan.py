@@ -186,7 +186,7 @@ def _check_bimamba(Bsz, E, L, N, R, dtype, tol, config=None):
         assert err < tol, f"grad {name}: rel err {err:.2e} > {tol}"
 
 
-# The time-major backward (the default at >= TIME_MAJOR_MIN_ROWS rows), forced at small shapes.
+# The time-major backward at small shapes (16 channels, 4-step sub-chunks, as default_config at N = 16).
 TIME_MAJOR = ScanConfig(block_e_fwd=1, block_e_bwd=16, chunk=16, num_warps_fwd=1, num_warps_bwd=2,
                         bwd_time_major=True, bwd_sub_chunks=4)
 
@@ -211,6 +211,38 @@ def test_scan_time_major_backward(E, L, N, groups, dtype):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_bimamba_inner_time_major_backward(poison_empty, dtype, tol):
     _check_bimamba(2, 16, 301, 16, 3, dtype, tol, config=TIME_MAJOR)
+
+
+def _split(fwd_steps: int, fwd_segments: int, bwd_segments: int, sub: int = 4, block_e: int = 16) -> ScanConfig:
+    """Time-major forward and backward, L split into segments (a state saved every 16 steps)."""
+    return ScanConfig(block_e, block_e, 16, 1, 2, True, sub, fwd_time_major=True, fwd_steps=fwd_steps,
+                      fwd_segments=fwd_segments, bwd_segments=bwd_segments)
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("E,L,N,groups,dtype,config", [
+    # Odd E and L; more segments than saved chunks (L = 37 has 3): the surplus segments are dropped.
+    pytest.param(6, 37, 4, 0, torch.float32, _split(4, 5, 5, sub=2, block_e=4), marks=pytest.mark.interp),
+    pytest.param(8, 21, 16, 2, torch.float32, _split(8, 1, 2, sub=1, block_e=8), marks=pytest.mark.interp),
+    (16, 45, 4, 2, torch.float32, _split(16, 3, 3)),  # grouped B/C, padded state
+    (40, 301, 16, 0, torch.bfloat16, _split(8, 4, 7)),
+    (24, 1569, 16, 0, torch.float32, _split(16, 16, 16)),
+    (12, 1000, 64, 0, torch.float32, ScanConfig(4, 4, 4, 1, 1, True, fwd_time_major=True, fwd_steps=4,
+                                                fwd_segments=8, bwd_segments=8)),
+])
+def test_scan_time_major_forward_and_split_length(E, L, N, groups, dtype, config):
+    """The time-major forward and L split into segments: each segment's incoming state (adjoint) folds
+    the summaries of the segments before (after) it."""
+    _check_scan(2, E, L, N, dtype, groups=groups, config=config)
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_bimamba_inner_split_length(poison_empty, dtype, tol):
+    # The reverse direction walks the segments from the end of L.
+    _check_bimamba(2, 16, 301, 16, 3, dtype, tol, config=_split(8, 3, 4))
 
 
 @pytest.mark.gpu
@@ -279,7 +311,7 @@ def test_kernels_under_triton_interpreter():
         env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "5 passed" in result.stdout, result.stdout[-2000:]
+    assert "7 passed" in result.stdout, result.stdout[-2000:]
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -301,16 +333,25 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_default_config_keeps_tiles_small():
     for n in (1, 4, 16, 32, 64, 128):
-        for rows in (1536, 12288):
+        for rows in (4, 1536, 12288):
             cfg = default_config(n, rows)
             block_n = max(2, 1 << (n - 1).bit_length())
-            assert cfg.bwd_time_major == (rows >= 8192)
+            assert cfg.fwd_time_major and cfg.bwd_time_major
             assert 4 <= cfg.chunk <= 64 and cfg.chunk & (cfg.chunk - 1) == 0
-            assert cfg.block_e_fwd * block_n * cfg.chunk <= 4096, (n, cfg)
-            # The backward's fp32 state tile: at most 32 values a thread (more spill on an H200).
+            # fp32 tiles of at most 64 values a thread (forward) and 32 (backward, which holds more at once).
+            assert cfg.block_e_fwd * block_n * cfg.fwd_steps <= 64 * 32 * cfg.num_warps_fwd, (n, cfg)
             per_thread = cfg.block_e_bwd * block_n * (cfg.chunk // cfg.bwd_sub_chunks) // (32 * cfg.num_warps_bwd)
             assert per_thread <= 32, (n, rows, cfg)
+            # L is split only when rows give few programs, into a bounded number of segments.
+            assert 1 <= cfg.fwd_segments <= 64 and 1 <= cfg.bwd_segments <= 64
+            assert (cfg.bwd_segments > 1) == (rows // cfg.block_e_bwd < 512)
     with pytest.raises(ValueError, match="bwd_sub_chunks"):
         ScanConfig(1, 4, 16, 1, 4, True, 3)
     with pytest.raises(ValueError, match="bwd_time_major"):
         ScanConfig(1, 4, 16, 1, 4, False, 2)
+    with pytest.raises(ValueError, match="fwd_steps"):
+        ScanConfig(1, 4, 16, 1, 4, fwd_time_major=True, fwd_steps=6)
+    with pytest.raises(ValueError, match="fwd_time_major"):
+        ScanConfig(1, 4, 16, 1, 4, fwd_segments=2)
+    with pytest.raises(ValueError, match="bwd_time_major"):
+        ScanConfig(1, 4, 16, 1, 4, bwd_segments=2)

@@ -43,7 +43,10 @@ from models.ops.triton_conv import conv1d_silu_bidirectional
 class ScanConfig:
     """Launch shape: channels per program (forward, backward), steps per chunk (the forward saves a state
     per chunk), warps per program, the backward's state-tile order ((T, N, E) if bwd_time_major, else
-    (E, N, T)), and how many backward chunks of chunk / bwd_sub_chunks steps a saved chunk is split into."""
+    (E, N, T)), and how many backward chunks of chunk / bwd_sub_chunks steps a saved chunk is split into.
+    The forward's tile is time-major with fwd_steps steps if fwd_time_major. A time-major kernel can split L
+    into fwd_segments / bwd_segments pieces run by separate programs (more parallel work when rows are few);
+    each piece's incoming state (adjoint) comes from a summary pass over the pieces before (after) it."""
 
     block_e_fwd: int
     block_e_bwd: int
@@ -52,8 +55,20 @@ class ScanConfig:
     num_warps_bwd: int = 4
     bwd_time_major: bool = False
     bwd_sub_chunks: int = 1
+    fwd_time_major: bool = False
+    fwd_steps: int = 16
+    fwd_segments: int = 1
+    bwd_segments: int = 1
 
     def __post_init__(self) -> None:
+        if self.fwd_time_major and (self.chunk % self.fwd_steps or self.fwd_steps & (self.fwd_steps - 1)):
+            raise ValueError(f"fwd_steps={self.fwd_steps} must be a power of two dividing chunk={self.chunk}")
+        if self.fwd_segments < 1 or self.bwd_segments < 1:
+            raise ValueError("fwd_segments and bwd_segments count pieces of L: use 1 (no split) or more")
+        if self.fwd_segments > 1 and not self.fwd_time_major:
+            raise ValueError("fwd_segments > 1 needs fwd_time_major=True")
+        if self.bwd_segments > 1 and not self.bwd_time_major:
+            raise ValueError("bwd_segments > 1 needs bwd_time_major=True")
         sub = self.bwd_sub_chunks
         if sub < 1 or self.chunk % sub or (self.chunk // sub) & (self.chunk // sub - 1):
             raise ValueError(f"bwd_sub_chunks={sub} must split chunk={self.chunk} into power-of-two "
@@ -62,27 +77,44 @@ class ScanConfig:
             raise ValueError("bwd_sub_chunks > 1 needs bwd_time_major=True (the time-last backward has none)")
 
 
-# Below this many (batch, channel) rows the time-major backward has too few programs to fill an H200.
-TIME_MAJOR_MIN_ROWS = 8192
+# Programs below which a time-major kernel splits L into segments (an H200 has 132 SMs; these kernels
+# hold one or two warps a program and a few programs an SM): the segments' summary pass costs less than
+# the idle SMs would.
+SPLIT_BELOW_PROGRAMS = 512
+FWD_SPLIT_PROGRAMS, BWD_SPLIT_PROGRAMS = 3072, 6144
+# Each program folds the summaries of the segments before (after) it: keep that loop short.
+MAX_SEGMENTS = 64
 
 
 def default_config(d_state: int, rows: int) -> ScanConfig:
-    """Launch shape measured best on an H200 for d_state 16 (benchmarks/results/sweep.txt), `rows` being
-    batch x channels (B E).
+    """Launch shape measured best on an H200 for d_state 16 (benchmarks/results/sweep_round4.txt), `rows`
+    being batch x channels (B E). Both passes use time-major tiles (T steps in each thread).
 
-    Forward: 1 channel and 1 warp a program (it is short of parallel work at few rows), a state saved every
-    16 steps (4 N / 16 bytes per (channel, step): 4 B at N = 16). Backward, many rows (S/M 8f b16:
-    B E >= 12288): the time-major tile, 16 channels x 4 steps on 2 warps, each saved 16-step chunk split
-    into 4 (S 8f fwd+bwd 5.74 -> 3.44 ms; saving a state every 4 steps instead is 1% faster but costs 4x
-    the memory). Few rows (Ti/S 64f b4: B E <= 3072): time-last, 4 channels x 16 steps on 4 warps
-    (time-major was 2.5x slower there: each program walks L serially, and there are too few programs).
-    Larger state sizes get fewer channels a program: at most 32 fp32 state values a thread."""
+    Forward: 8-step tiles, 1 warp, 8 channels a program with many rows (S 8f b16: 0.39 ms against 0.80 ms
+    for round 3's time-last kernel), 16 with few rows, whose L is then split into segments up to ~3072
+    programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05). A state saved every 16 steps for the backward.
+    Backward: 16 channels x 4 steps on 2 warps, each saved 16-step chunk split in 4; few rows split L up to
+    ~6144 programs (Ti 64f b4: 64 segments, 3.28 ms against 4.96 for round 3's time-last backward).
+    Larger state sizes get fewer channels and steps a program, to keep the fp32 tiles in registers."""
     block_n = max(2, triton.next_power_of_2(d_state))
-    if rows >= TIME_MAJOR_MIN_ROWS:
-        return ScanConfig(block_e_fwd=1, block_e_bwd=max(1, min(16, 512 // block_n)), chunk=16, num_warps_fwd=1,
-                          num_warps_bwd=2, bwd_time_major=True, bwd_sub_chunks=4)
-    block_e = 4 if block_n <= 64 else 2
-    return ScanConfig(block_e_fwd=1, block_e_bwd=block_e, chunk=16, num_warps_fwd=1, num_warps_bwd=4)
+    # Tiles of T x block_n x channels: at most 64 fp32 values a thread (forward, 1 warp) and 16 (backward,
+    # 2 warps: it holds more tiles at once).
+    fwd_e = 8 if rows >= 8192 else 16
+    fwd_steps = 8
+    while fwd_steps * block_n * fwd_e > 64 * 32 and fwd_e > 1:
+        fwd_e //= 2
+    while fwd_steps * block_n * fwd_e > 64 * 32 and fwd_steps > 2:
+        fwd_steps //= 2
+    bwd_e = max(1, min(16, 512 // block_n))
+    fwd_programs, bwd_programs = triton.cdiv(rows, fwd_e), triton.cdiv(rows, bwd_e)
+
+    def segments(programs: int, target: int) -> int:
+        return min(MAX_SEGMENTS, triton.cdiv(target, programs)) if programs < SPLIT_BELOW_PROGRAMS else 1
+
+    return ScanConfig(block_e_fwd=fwd_e, block_e_bwd=bwd_e, chunk=16, num_warps_fwd=1, num_warps_bwd=2,
+                      bwd_time_major=True, bwd_sub_chunks=4, fwd_time_major=True, fwd_steps=fwd_steps,
+                      fwd_segments=segments(fwd_programs, FWD_SPLIT_PROGRAMS),
+                      bwd_segments=segments(bwd_programs, BWD_SPLIT_PROGRAMS))
 
 
 @triton.jit
@@ -310,15 +342,137 @@ def _chunk_states(u_ptr, delta_ptr, B_ptr, t, e, n, m, mn, bias, A2, h0, s_ue, s
 
 
 @triton.jit
+def _fold_segments_kernel(seg_v_ptr, seg_dt_ptr, A_ptr, E, N, n_seg, BACKWARD: tl.constexpr,
+                          BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """When L is split into segments: replaces, in place, each segment's summary (its local end state, or
+    start adjoint, from zero (N, E), and its delta sum (E,)) with what flows into it from the segments before
+    it in scan order (after it, BACKWARD): carry = exp2(A2 dt_sum) carry + v, folded sequentially. The
+    main kernels then start from a plain load (folding there, in a loop of program-dependent length,
+    made the backward 1.7x slower on Triton 3.6)."""
+    pid_e, b64 = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    e_ok = e < E
+    ne_ok = (n < N)[:, None] & e_ok[None, :]
+    A2 = tl.load(A_ptr + n[:, None] + e[None, :] * N, mask=ne_ok, other=0.0) * 1.4426950408889634
+    carry = tl.zeros_like(A2)
+    # The segment that is last in fold order has no summary (nothing follows it): it only receives.
+    for i in range(n_seg):
+        row = b64 * n_seg + ((n_seg - 1 - i) if BACKWARD else i)
+        plane = seg_v_ptr + (row * E + e[None, :]) * BLOCK_N + n[:, None]
+        if i < n_seg - 1:
+            v = tl.load(plane, mask=ne_ok, other=0.0)
+            dt_sum = tl.load(seg_dt_ptr + row * E + e, mask=e_ok, other=0.0)
+            tl.store(plane, carry, mask=ne_ok)
+            carry = tl.exp2(A2 * dt_sum[None, :]) * carry + v
+        else:
+            tl.store(plane, carry, mask=ne_ok)
+
+
+@triton.jit
+def _load_carry(seg_v_ptr, b64, n_seg, seg, n, e, ne_ok, E, BLOCK_N: tl.constexpr):
+    """The state (adjoint) flowing into segment `seg`, written by _fold_segments_kernel."""
+    return tl.load(seg_v_ptr + ((b64 * n_seg + seg) * E + e[None, :]) * BLOCK_N + n[:, None], mask=ne_ok, other=0.0)
+
+
+@triton.jit
+def _store_summary(seg_v_ptr, seg_dt_ptr, b64, n_seg, seg, v, dt_sum, n, e, ne_ok, e_ok, E,
+                   BLOCK_N: tl.constexpr):
+    row = b64 * n_seg + seg
+    tl.store(seg_v_ptr + (row * E + e[None, :]) * BLOCK_N + n[:, None], v, mask=ne_ok)
+    tl.store(seg_dt_ptr + row * E + e, dt_sum, mask=e_ok)
+
+
+@triton.jit
+def _scan_fwd_time_major_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr, seg_h_ptr, seg_dt_ptr,
+    E, L, N, group_E, n_saved, seg_tiles, n_seg,
+    s_ub, s_ue, s_ul, s_db, s_de, s_dl,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
+    s_zb, s_ze, s_zl, s_ob, s_oe, s_ol,
+    REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_STATES: tl.constexpr, SUMMARY: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, SAVE_EVERY: tl.constexpr,
+):
+    """Forward on a time-major (T, N, E) tile: channels (then states) on lanes, the T steps of a tile in each
+    thread, so the chunk scan runs serially in-thread with no shuffles. Program (pid_e, pid_b, pid_s) walks
+    segment pid_s of L (seg_tiles tiles of T steps; n_seg = 1: all of L). SUMMARY: only the segment's end
+    state from a zero start and its delta sum (_fold_segments_kernel turns them into each segment's start
+    state). Otherwise the
+    outputs, and (STORE_STATES) the state at every SAVE_EVERY-th tile start for the backward."""
+    pid_e, pid_b, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b64 = pid_b.to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    col = tl.arange(0, T)
+    e_ok, n_ok = e < E, n < N
+    ne_ok = n_ok[:, None] & e_ok[None, :]
+    g = (pid_e * BLOCK_E) // group_E
+    A2 = tl.load(A_ptr + n[:, None] + e[None, :] * N, mask=ne_ok, other=0.0) * 1.4426950408889634
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
+    else:
+        bias = tl.zeros((BLOCK_E,), tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
+    u_base, d_base = u_ptr + b64 * s_ub, delta_ptr + b64 * s_db
+    B_base = B_ptr + b64 * s_Bb + g * s_Bg
+    st_plane = state_ptr + n[:, None] + ((b64 * E + e) * n_saved * BLOCK_N)[None, :]
+    # -0.0 is the identity of +, so with T in-thread the masked sum folds to a register move.
+    last = (col == T - 1)[:, None, None]
+
+    if SPLIT and not SUMMARY:
+        h = _load_carry(seg_h_ptr, b64, n_seg, pid_s, n, e, ne_ok, E, BLOCK_N)
+    else:
+        h = tl.zeros_like(A2)
+    dt_sum = tl.zeros((BLOCK_E,), tl.float32)
+    n_tiles = tl.cdiv(L, T)
+    c0 = pid_s * seg_tiles
+    for c in range(c0, tl.minimum(c0 + seg_tiles, n_tiles)):
+        if STORE_STATES and not SUMMARY:
+            if c % SAVE_EVERY == 0:
+                tl.store(st_plane + (c // SAVE_EVERY) * BLOCK_N, h, mask=ne_ok)
+        s = c * T + col
+        s_ok = s < L
+        t = (L - 1 - s) if REVERSE else s
+        m = s_ok[:, None] & e_ok[None, :]  # (T, E)
+        mn = s_ok[:, None] & n_ok[None, :]  # (T, N)
+        if not SUMMARY:
+            # Issued before the scan: each program walks its segment serially, so load latency must overlap.
+            Ct = tl.load(C_ptr + b64 * s_Cb + g * s_Cg + t[:, None] * s_Cl + n[None, :] * s_Cn, mask=mn,
+                         other=0.0).to(tl.float32)
+            if HAS_Z:
+                zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m,
+                             other=0.0).to(tl.float32)
+        u, dt, _, _, _, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h, s_ue, s_ul, s_de,
+                                           s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
+        h = tl.sum(tl.where(last, hs, -0.0), axis=0)
+        if SUMMARY:
+            dt_sum += tl.sum(dt, axis=0)
+        else:
+            y = tl.sum(hs * Ct[:, :, None], axis=1)
+            if HAS_D:
+                y += D[None, :] * u
+            if HAS_Z:
+                y *= zt * tl.sigmoid(zt)
+            o_offs = out_ptr + b64 * s_ob + t[:, None] * s_ol + e[None, :] * s_oe
+            if ACCUMULATE:
+                y += tl.load(o_offs, mask=m, other=0.0).to(tl.float32)
+            tl.store(o_offs, y.to(out_ptr.dtype.element_ty), mask=m)
+    if SUMMARY:
+        _store_summary(seg_h_ptr, seg_dt_ptr, b64, n_seg, pid_s, h, dt_sum, n, e, ne_ok, e_ok, E, BLOCK_N)
+
+
+@triton.jit
 def _scan_bwd_time_major_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr, scratch_ptr,
-    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-    E, L, N, group_E, n_chunks,
+    seg_r_ptr, du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
+    E, L, N, group_E, n_chunks, seg_chunks, n_seg,
     s_ub, s_ue, s_ul, s_db, s_de, s_dl,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
     s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
     REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, SUB: tl.constexpr,
 ):
     """The backward of _scan_bwd_kernel on a time-major (T, N, E) state tile. Triton's default layout
@@ -330,8 +484,12 @@ def _scan_bwd_time_major_kernel(
     The forward saved a state every SUB * T steps. With SUB > 1 each saved chunk is first walked forward
     to get its SUB sub-chunk start states, which go to a per-program scratch slot (L2-resident); then its
     sub-chunks are differentiated in reverse. At SUB = 4 this keeps the forward's 16-step state spacing
-    (4x less saved-state memory than 4-step chunks) for a partial second recompute."""
-    pid_e, pid_b = tl.program_id(0), tl.program_id(1)
+    (4x less saved-state memory than 4-step chunks) for a partial second recompute.
+
+    Program (pid_e, pid_b, pid_s) differentiates segment pid_s of L (seg_chunks saved chunks); its incoming
+    adjoint comes from the summaries of the segments after it (_adjoint_summary_kernel, then
+    _fold_segments_kernel) when SPLIT."""
+    pid_e, pid_b, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
@@ -356,14 +514,23 @@ def _scan_bwd_time_major_kernel(
     u_base, d_base = u_ptr + b64 * s_ub, delta_ptr + b64 * s_db
     B_base = B_ptr + b64 * s_Bb + g * s_Bg
     slot = n[:, None] + tl.arange(0, BLOCK_E)[None, :] * BLOCK_N
-    scratch = scratch_ptr + (pid_b * tl.num_programs(0) + pid_e).to(tl.int64) * (SUB * BLOCK_E * BLOCK_N)
+    program = (pid_s * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_e
+    scratch = scratch_ptr + program.to(tl.int64) * (SUB * BLOCK_E * BLOCK_N)
 
-    r_next = tl.zeros_like(A)  # adjoint at the first step of the following chunk
+    # Adjoint at the first step of the following chunk.
+    if SPLIT:
+        r_next = _load_carry(seg_r_ptr, b64, n_seg, pid_s, n, e, ne_ok, E, BLOCK_N)
+        c_begin = pid_s * seg_chunks
+        c_end = tl.minimum(c_begin + seg_chunks, n_chunks)
+    else:
+        r_next = tl.zeros_like(A)
+        c_begin = 0
+        c_end = n_chunks
     dA_acc = tl.zeros_like(A)
     dD_acc = tl.zeros((BLOCK_E,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_E,), tl.float32)
-    for ci in range(n_chunks):
-        c = n_chunks - 1 - ci
+    for ci in range(c_end - c_begin):
+        c = c_end - 1 - ci
         h = tl.load(st_plane + c * BLOCK_N, mask=ne_ok, other=0.0)
         if SUB > 1:
             # Walk the saved chunk forward to its sub-chunk start states.
@@ -374,7 +541,7 @@ def _scan_bwd_time_major_kernel(
                 _, _, _, _, _, hs = _chunk_states(u_base, d_base, B_base, t, e, n, (s < L)[:, None] & e_ok[None, :],
                                                   (s < L)[:, None] & n_ok[None, :], bias, A2, h, s_ue, s_ul, s_de,
                                                   s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
-                h = tl.sum(tl.where(last, hs, 0.0), axis=0)
+                h = tl.sum(tl.where(last, hs, -0.0), axis=0)
                 tl.store(scratch + (j + 1) * BLOCK_E * BLOCK_N + slot, h)
             tl.debug_barrier()
         for jj in range(SUB):
@@ -426,7 +593,7 @@ def _scan_bwd_time_major_kernel(
             p_cum, q_cum = tl.associative_scan((a1, Ct[:, :, None] * gy[:, None, :]), axis=0,
                                                combine_fn=_affine_combine, reverse=True)
             r = q_cum + p_cum * r_next[None, :, :]
-            r_next = tl.sum(tl.where(first, r, 0.0), axis=0)
+            r_next = tl.sum(tl.where(first, r, -0.0), axis=0)
 
             r_ah = r * (hs - x)  # r_t a_t h_{t-1}
             rB = tl.sum(r * Bt[:, :, None], axis=1)
@@ -457,6 +624,58 @@ def _scan_bwd_time_major_kernel(
         tl.atomic_add(dbias_ptr + e, dbias_acc, mask=e_ok)
 
 
+@triton.jit
+def _adjoint_summary_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, seg_r_ptr, seg_dt_ptr,
+    E, L, N, group_E, seg_steps, n_seg,
+    s_db, s_de, s_dl, s_Cb, s_Cg, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
+    REVERSE: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+):
+    """For segment seg = pid_s + 1 of L: the adjoint at its first step from a zero adjoint after it, and
+    the sum of delta over its steps shifted by one (the adjoint decays by exp(delta_{t+1} A) from t + 1 to
+    t). It needs no state: r_t = C_t g_t + a_{t+1} r_{t+1} with g_t = dout_t silu(z_t)."""
+    pid_e, pid_b, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2) + 1
+    b64 = pid_b.to(tl.int64)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    col = tl.arange(0, T)
+    e_ok, n_ok = e < E, n < N
+    ne_ok = n_ok[:, None] & e_ok[None, :]
+    g = (pid_e * BLOCK_E) // group_E
+    A2 = tl.load(A_ptr + n[:, None] + e[None, :] * N, mask=ne_ok, other=0.0) * 1.4426950408889634
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
+    else:
+        bias = tl.zeros((BLOCK_E,), tl.float32)
+    first = (col == 0)[:, None, None]
+
+    r_next = tl.zeros_like(A2)
+    dt1_sum = tl.zeros((BLOCK_E,), tl.float32)
+    s_begin = seg * seg_steps
+    n_tiles = tl.cdiv(tl.minimum(s_begin + seg_steps, L) - s_begin, T)
+    for k in range(n_tiles):
+        s = s_begin + (n_tiles - 1 - k) * T + col
+        s_ok = s < L
+        t = (L - 1 - s) if REVERSE else s
+        t1 = (L - 2 - s) if REVERSE else (s + 1)
+        m = s_ok[:, None] & e_ok[None, :]
+        dt1, _ = _load_delta(delta_ptr + b64 * s_db, t1[:, None] * s_dl + e[None, :] * s_de,
+                             ((s + 1) < L)[:, None] & e_ok[None, :], bias[None, :], HAS_BIAS, SOFTPLUS)
+        Ct = tl.load(C_ptr + b64 * s_Cb + g * s_Cg + t[:, None] * s_Cl + n[None, :] * s_Cn,
+                     mask=s_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        gy = tl.load(dout_ptr + b64 * s_gb + t[:, None] * s_gl + e[None, :] * s_ge, mask=m, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m, other=0.0).to(tl.float32)
+            gy = gy * zt * tl.sigmoid(zt)
+        a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
+        p_cum, q_cum = tl.associative_scan((a1, Ct[:, :, None] * gy[:, None, :]), axis=0,
+                                           combine_fn=_affine_combine, reverse=True)
+        r_next = tl.sum(tl.where(first, q_cum + p_cum * r_next[None, :, :], -0.0), axis=0)
+        dt1_sum += tl.sum(dt1, axis=0)
+    _store_summary(seg_r_ptr, seg_dt_ptr, b64, n_seg, seg, r_next, dt1_sum, n, e, ne_ok, e_ok, E, BLOCK_N)
+
+
 class _Direction(NamedTuple):
     """One direction's scan inputs; B/C already (B, G, N, L)."""
 
@@ -476,6 +695,19 @@ def _block_e(block_e: int, group_E: int) -> int:
     return block_e
 
 
+def _segments(n_units: int, pieces: int, multiple: int = 1) -> tuple[int, int]:
+    """Split n_units (tiles or saved chunks) into at most `pieces` runs of a multiple of `multiple` units:
+    (units per segment, number of segments)."""
+    per = triton.cdiv(triton.cdiv(n_units, max(1, pieces)), multiple) * multiple
+    return per, triton.cdiv(n_units, per)
+
+
+def _summary_buffers(Bsz: int, n_seg: int, E: int, block_n: int, device) -> tuple[Tensor, Tensor]:
+    """Per-segment local end state (or adjoint), (B, S, E, block_n), and delta sum, (B, S, E); fp32."""
+    f32 = dict(device=device, dtype=torch.float32)
+    return torch.empty(Bsz, n_seg, E, block_n, **f32), torch.empty(Bsz, n_seg, E, **f32)
+
+
 def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None, softplus: bool,
                   cfg: ScanConfig, store_states: bool) -> tuple[Tensor, list[Tensor]]:
     u0 = dirs[0].u
@@ -492,14 +724,26 @@ def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None,
             else out
         Dp = d.D if d.D is not None else d.A
         bp = d.bias if d.bias is not None else d.A
-        _scan_fwd_kernel[(triton.cdiv(E, block_e), Bsz)](
-            d.u, d.delta, d.A, d.B, d.C, Dp, zz, bp, out, st,
-            E, L, N, E // G, n_chunks,
-            *d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *out.stride(),
-            REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
-            SOFTPLUS=softplus, ACCUMULATE=i > 0, STORE_STATES=store_states,
-            BLOCK_E=block_e, BLOCK_N=block_n, T=cfg.chunk, num_warps=cfg.num_warps_fwd,
-        )
+        args = [d.u, d.delta, d.A, d.B, d.C, Dp, zz, bp, out, st]
+        strides = [*d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *out.stride()]
+        flags = dict(REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
+                     SOFTPLUS=softplus, ACCUMULATE=i > 0, STORE_STATES=store_states, BLOCK_E=block_e,
+                     BLOCK_N=block_n, num_warps=cfg.num_warps_fwd)
+        if cfg.fwd_time_major:
+            save_every = cfg.chunk // cfg.fwd_steps
+            seg_tiles, n_seg = _segments(triton.cdiv(L, cfg.fwd_steps), cfg.fwd_segments, save_every)
+            seg_h, seg_dt = _summary_buffers(Bsz, n_seg, E, block_n, u0.device) if n_seg > 1 else (out, out)
+            sizes = [E, L, N, E // G, n_chunks, seg_tiles, n_seg, *strides]
+            grid = (triton.cdiv(E, block_e), Bsz)
+            tm = dict(T=cfg.fwd_steps, SAVE_EVERY=save_every, SPLIT=n_seg > 1, **flags)
+            if n_seg > 1:
+                _scan_fwd_time_major_kernel[(*grid, n_seg - 1)](*args, seg_h, seg_dt, *sizes, SUMMARY=True, **tm)
+                _fold_segments_kernel[grid](seg_h, seg_dt, d.A, E, N, n_seg, BACKWARD=False, BLOCK_E=block_e,
+                                            BLOCK_N=block_n)
+            _scan_fwd_time_major_kernel[(*grid, n_seg)](*args, seg_h, seg_dt, *sizes, SUMMARY=False, **tm)
+        else:
+            _scan_fwd_kernel[(triton.cdiv(E, block_e), Bsz)](*args, E, L, N, E // G, n_chunks, *strides,
+                                                             T=cfg.chunk, **flags)
         states.append(st)
     return out, states
 
@@ -529,17 +773,28 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
                 dout, st]
         outs = [du, ddelta, dA, dB, dC, dD if dD is not None else dA, dz if dz is not None else du,
                 dbias if dbias is not None else dA]
-        sizes = [E, L, N, E // G, n_chunks, *d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(),
-                 *zz.stride(), *dout.stride()]
+        strides = [*d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *dout.stride()]
         flags = dict(REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
                      SOFTPLUS=softplus, ACCUMULATE=i > 0, BLOCK_E=block_e, BLOCK_N=block_n,
                      num_warps=cfg.num_warps_bwd)
         if cfg.bwd_time_major:
             sub = cfg.bwd_sub_chunks
-            scratch = torch.empty(grid[0] * Bsz * sub * block_e * block_n, **f32) if sub > 1 else dA
-            _scan_bwd_time_major_kernel[grid](*ptrs, scratch, *outs, *sizes, T=cfg.chunk // sub, SUB=sub, **flags)
+            seg_chunks, n_seg = _segments(n_chunks, cfg.bwd_segments)
+            seg_r, seg_dt = _summary_buffers(Bsz, n_seg, E, block_n, u0.device) if n_seg > 1 else (dA, dA)
+            if n_seg > 1:
+                _adjoint_summary_kernel[(*grid, n_seg - 1)](
+                    d.delta, d.A, d.C, zz, ptrs[7], dout, seg_r, seg_dt, E, L, N, E // G, seg_chunks * cfg.chunk,
+                    n_seg, *d.delta.stride(), *d.C.stride(), *zz.stride(), *dout.stride(), REVERSE=rev,
+                    HAS_Z=z is not None, HAS_BIAS=d.bias is not None, SOFTPLUS=softplus, BLOCK_E=block_e,
+                    BLOCK_N=block_n, T=cfg.chunk // sub, num_warps=cfg.num_warps_bwd)
+                _fold_segments_kernel[grid](seg_r, seg_dt, d.A, E, N, n_seg, BACKWARD=True, BLOCK_E=block_e,
+                                            BLOCK_N=block_n)
+            scratch = torch.empty(grid[0] * Bsz * n_seg * sub * block_e * block_n, **f32) if sub > 1 else dA
+            _scan_bwd_time_major_kernel[(*grid, n_seg)](*ptrs, scratch, seg_r, *outs, E, L, N, E // G, n_chunks,
+                                                        seg_chunks, n_seg, *strides, T=cfg.chunk // sub, SUB=sub,
+                                                        SPLIT=n_seg > 1, **flags)
         else:
-            _scan_bwd_kernel[grid](*ptrs, *outs, *sizes, T=cfg.chunk, **flags)
+            _scan_bwd_kernel[grid](*ptrs, *outs, E, L, N, E // G, n_chunks, *strides, T=cfg.chunk, **flags)
         grads.append(_Direction(du, ddelta, dA, dB.to(d.B.dtype), dC.to(d.C.dtype),
                                 None if dD is None else dD.to(d.D.dtype),
                                 None if dbias is None else dbias.to(d.bias.dtype)))
