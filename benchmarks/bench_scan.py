@@ -26,7 +26,8 @@ from _common import (
     write_results,
 )
 
-from models.ops.triton_scan import ScanConfig, default_config, selective_scan_triton
+from models.ops.ref import selective_scan_ref
+from models.ops.triton_scan import ScanConfig, bidirectional_scan_triton, default_config, selective_scan_triton
 
 
 def make_inputs(Bsz: int, E: int, L: int, N: int = D_STATE) -> dict[str, torch.Tensor]:
@@ -78,6 +79,74 @@ def compare(ours: Callable, theirs: Callable, x: dict[str, torch.Tensor]) -> dic
     return diff
 
 
+ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def copy_bandwidth_gbs() -> float:
+    """The GPU's measured device-to-device copy bandwidth (read + write bytes / s) on a 1 GiB buffer."""
+    src = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def peak_gib(fn: Callable, x: dict[str, torch.Tensor]) -> float:
+    """Peak CUDA memory of one forward + backward above the inputs."""
+    leaves = [x[k].detach().requires_grad_() for k in ARG_NAMES]
+    dout = torch.randn_like(x["u"])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    torch.autograd.grad(fn(*leaves, True), leaves, dout)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def error_vs_fp32_reference(fns: dict[str, Callable], x: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Largest relative error (output and each input gradient) of each bf16 kernel against the float32
+    reference scan run on the same bf16-rounded inputs."""
+    dout = torch.randn_like(x["u"])
+    leaves32 = [x[k].detach().float().requires_grad_() for k in ARG_NAMES]
+    ref_out = selective_scan_ref(*leaves32, delta_softplus=True)
+    ref = [ref_out, *torch.autograd.grad(ref_out, leaves32, dout.float())]
+    errors = {}
+    for name, fn in fns.items():
+        leaves = [x[k].detach().requires_grad_() for k in ARG_NAMES]
+        out = fn(*leaves, True)
+        errors[name] = max(rel_err(a, b) for a, b in zip([out, *torch.autograd.grad(out, leaves, dout)], ref,
+                                                         strict=True))
+    return errors
+
+
+def bidirectional(mamba: Callable | None, x: dict[str, torch.Tensor], x_b: dict[str, torch.Tensor],
+                  cfg: ScanConfig) -> dict[str, float]:
+    """Both directions of the mixer's scan: ours in one call without flipped copies, against two mamba-ssm calls
+    with flips of the backward direction's inputs and output (as VideoMamba runs them)."""
+    keys = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+    def ours(*a):
+        return bidirectional_scan_triton(a[:7], a[7:14], a[14], True, config=cfg)
+
+    def theirs(*a):
+        u, delta, A, B, C, D, bias = a[7:14]
+        flip = lambda t: t.flip(-1)  # noqa: E731
+        back = mamba(flip(u), flip(delta), A, flip(B), flip(C), D, flip(a[14]), bias, True)
+        return mamba(*a[:5], a[5], a[14], a[6], True) + flip(back)
+
+    args = [x[k] for k in keys] + [x_b[k] for k in keys] + [x["z"]]
+    leaves = [t.detach().requires_grad_() for t in args]
+    dout = torch.randn_like(x["u"])
+    row = {}
+    for name, fn in (("ours", ours), ("mamba", theirs)) if mamba is not None else (("ours", ours),):
+        with torch.no_grad():
+            row[f"bidir {name} fwd ms"] = bench_ms(lambda fn=fn: fn(*args))
+        row[f"bidir {name} fwd+bwd ms"] = bench_ms(lambda fn=fn: torch.autograd.grad(fn(*leaves), leaves, dout))
+    if mamba is not None:
+        row["bidir speedup fwd"] = row["bidir mamba fwd ms"] / row["bidir ours fwd ms"]
+        row["bidir speedup fwd+bwd"] = row["bidir mamba fwd+bwd ms"] / row["bidir ours fwd+bwd ms"]
+    return row
+
+
 def sweep_configs(rows: int) -> list[ScanConfig]:
     """Launch shapes around default_config for `rows` (batch x channels): forward channels a program and
     L segments, backward L segments (segments matter only when rows give few programs)."""
@@ -119,32 +188,58 @@ def main() -> None:
         return
     mamba = load_mamba_selective_scan()
     print(f"mamba-ssm selective_scan_fn: {'loaded' if mamba else 'not available (set MAMBA_SRC)'}")
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"measured copy bandwidth: {copy_gbs:.0f} GB/s")
     rows = []
     for name, Bsz, E, L, _ in shapes:
-        x = make_inputs(Bsz, E, L)
+        x, x_b = make_inputs(Bsz, E, L), make_inputs(Bsz, E, L)
         b_fwd, b_fb = min_bytes(Bsz, E, L)
         cfg = scan_config(Bsz * E)
         ours = lambda *a, cfg=cfg: selective_scan_triton(*a, config=cfg)
         row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg)}
         row["ours fwd ms"], row["ours fwd+bwd ms"] = time_scan(ours, x)
         row["ours fwd GB/s"] = b_fwd / row["ours fwd ms"] / 1e6
+        row["ours fwd % of copy bw"] = 100 * row["ours fwd GB/s"] / copy_gbs
         row["ours fwd+bwd GB/s"] = b_fb / row["ours fwd+bwd ms"] / 1e6
+        row["ours peak GiB"] = peak_gib(ours, x)
+        kernels = {"ours": ours}
         if mamba is not None:
+            kernels["mamba"] = mamba
             row["mamba fwd ms"], row["mamba fwd+bwd ms"] = time_scan(mamba, x)
             row["mamba fwd GB/s"] = b_fwd / row["mamba fwd ms"] / 1e6
+            row["mamba peak GiB"] = peak_gib(mamba, x)
             row["speedup fwd"] = row["mamba fwd ms"] / row["ours fwd ms"]
             row["speedup fwd+bwd"] = row["mamba fwd+bwd ms"] / row["ours fwd+bwd ms"]
             diff = compare(ours, mamba, x)
             row["max rel diff vs mamba"] = max(diff.values())
             row["rel diff vs mamba"] = diff
+        row.update(bidirectional(mamba, x, x_b, cfg))
+        if name == shapes[0][0]:
+            # The PyTorch reference once (it is slow): its time, and each kernel's bf16 error against it in fp32.
+            ref = lambda *a: selective_scan_ref(*a)  # noqa: E731
+            row["ref fwd ms"], row["ref fwd+bwd ms"] = time_scan(ref, x)
+            for kernel, err in error_vs_fp32_reference(kernels, x).items():
+                row[f"{kernel} max rel err vs fp32 ref"] = err
         rows.append(row)
         print(row, flush=True)
-        del x
+        del x, x_b
         torch.cuda.empty_cache()
-    columns = ["shape", "B,E,L", "ours fwd ms", "mamba fwd ms", "speedup fwd", "ours fwd+bwd ms",
-               "mamba fwd+bwd ms", "speedup fwd+bwd", "ours fwd GB/s", "mamba fwd GB/s", "ours fwd+bwd GB/s",
+    columns = ["shape", "ours fwd ms", "mamba fwd ms", "speedup fwd", "ours fwd+bwd ms", "mamba fwd+bwd ms",
+               "speedup fwd+bwd", "bidir ours fwd+bwd ms", "bidir mamba fwd+bwd ms", "bidir speedup fwd",
+               "bidir speedup fwd+bwd", "ours fwd GB/s", "ours fwd % of copy bw", "ours peak GiB", "mamba peak GiB",
                "max rel diff vs mamba"]
-    write_results("scan", rows, columns, "Selective scan: Triton (ours) vs mamba-ssm CUDA, bf16, N=16, with z")
+    notes = [f"Measured copy bandwidth: {copy_gbs:.0f} GB/s (read + write). GB/s counts each input read once and "
+             "each output written once (2 B per element).",
+             "bidir: both directions of the mixer's scan; ours in one call without flipped copies, mamba-ssm as two "
+             "calls with flips of the backward direction's inputs and output."]
+    first = rows[0]
+    if "ref fwd ms" in first:
+        errs = ", ".join(f"{k.split()[0]} {first[k]:.2e}" for k in first if k.endswith("vs fp32 ref"))
+        notes.append(f"{first['shape']}: the PyTorch reference scan takes {first['ref fwd ms']:.1f} ms fwd, "
+                     f"{first['ref fwd+bwd ms']:.1f} ms fwd+bwd; max relative error of output and gradients vs "
+                     f"the fp32 reference on the same bf16 inputs: {errs}.")
+    write_results("scan", rows, columns, "Selective scan: Triton (ours) vs mamba-ssm CUDA, bf16, N=16, with z",
+                  setup={"copy GB/s": copy_gbs}, notes=notes)
 
 
 if __name__ == "__main__":

@@ -894,6 +894,32 @@ def selective_scan_triton(
     return _apply((False,), delta_softplus, cfg, z, [d])
 
 
+def bidirectional_scan_triton(
+    forward: tuple[Tensor, ...],
+    backward: tuple[Tensor, ...],
+    z: Tensor,
+    delta_softplus: bool = False,
+    *,
+    config: ScanConfig | None = None,
+) -> Tensor:
+    """The two scans of the bimamba-v2 mixer in one call, with no flipped copies: `forward` and `backward` are
+    each (u, delta, A, B, C, D, delta_bias) in original time order (D, delta_bias may be None). The backward
+    direction is scanned from t = L - 1 down to 0. Returns scan_f * silu(z) + scan_b * silu(z), (B, E, L),
+    which equals selective_scan(forward) + flip(selective_scan(flip(backward), z=flip(z))) with z gating both."""
+    dirs = []
+    for name, inputs in (("forward", forward), ("backward", backward)):
+        if len(inputs) != 7:
+            raise ValueError(f"{name} must be (u, delta, A, B, C, D, delta_bias); got {len(inputs)} items")
+        u, delta, A, B, C, D, bias = inputs
+        _check_inputs(u, delta, A, z)
+        dirs.append(_direction(u, delta, A, B, C, D, bias))
+    if dirs[0].u.shape != dirs[1].u.shape or dirs[0].A.shape != dirs[1].A.shape:
+        raise ValueError("forward and backward must have the same (B, E, L) and (E, N) shapes")
+    _check_device(z)
+    cfg = config or default_config(dirs[0].A.shape[1], z.shape[0] * z.shape[1])
+    return _apply((False, True), delta_softplus, cfg, z, dirs)
+
+
 def bimamba_inner_triton(x_BEL: Tensor, z_BEL: Tensor, fwd, bwd, *, config: ScanConfig | None = None) -> Tensor:
     """The bimamba-v2 mixer core between in_proj and out_proj: out_f + flip(out_b), (B, E, L).
 
