@@ -49,16 +49,18 @@ class DropPath(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a weight and no bias (mamba-ssm's); the fused add lives in models.ops.rms_norm."""
+    """RMSNorm with a weight and no bias (mamba-ssm's); the fused add lives in models.ops.rms_norm, run on
+    `backend` (the model's scan_backend: the Triton backend fuses add + norm into one kernel)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    def __init__(self, dim: int, eps: float = 1e-5, backend: str = "auto") -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.backend = eps, backend
         self.weight = nn.Parameter(torch.ones(dim))
 
     def add_norm(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         """(norm(x + residual), x + residual in fp32)."""
-        return rms_norm(x, self.weight, self.eps, residual=residual, prenorm=True, residual_in_fp32=True)
+        return rms_norm(x, self.weight, self.eps, residual=residual, prenorm=True, residual_in_fp32=True,
+                        backend=self.backend)
 
 
 class Block(nn.Module):
@@ -67,7 +69,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, drop_path: float, scan_backend: str, eps: float) -> None:
         super().__init__()
         self.mixer = BiMamba(dim, scan_backend=scan_backend)
-        self.norm = RMSNorm(dim, eps)
+        self.norm = RMSNorm(dim, eps, scan_backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, hidden_BLD: Tensor, residual_BLD: Tensor | None,
@@ -143,7 +145,7 @@ class VideoMamba(nn.Module):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.layers = nn.ModuleList(
             Block(embed_dim, ([0.0] + dpr)[i], scan_backend, norm_epsilon) for i in range(depth))
-        self.norm_f = RMSNorm(embed_dim, norm_epsilon)
+        self.norm_f = RMSNorm(embed_dim, norm_epsilon, scan_backend)
         init_weights(self, mixer_init)
 
     def embed(self, video_BCTHW: Tensor) -> Tensor:

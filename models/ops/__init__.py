@@ -126,8 +126,17 @@ def rms_norm(
     residual: Tensor | None = None,
     prenorm: bool = False,
     residual_in_fp32: bool = True,
+    backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Add -> RMSNorm (mamba-ssm's fused semantics); with prenorm also returns the new residual stream."""
+    """Add -> RMSNorm (mamba-ssm's fused semantics); with prenorm also returns the new residual stream.
+
+    "triton" runs one fused kernel each way (models/ops/triton_norm.py); "cuda" and "ref" run the PyTorch
+    reference (mamba-ssm's own fused norm is a Triton kernel too, not part of its CUDA extension).
+    """
+    if resolve_backend(backend, x) == "triton":
+        from models.ops.triton_norm import add_rms_norm_triton  # triton imports: resolve_backend checked
+
+        return add_rms_norm_triton(x, weight, eps, residual, prenorm, residual_in_fp32)
     return rms_norm_ref(x, weight, eps, residual, prenorm, residual_in_fp32)
 
 
