@@ -92,9 +92,12 @@ def default_config(d_state: int, rows: int) -> ScanConfig:
 
     Forward: 8-step tiles, 1 warp, 8 channels a program with many rows (S 8f b16: 0.39 ms against 0.80 ms
     for round 3's time-last kernel), 16 with few rows, whose L is then split into segments up to ~3072
-    programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05). A state saved every 16 steps for the backward.
-    Backward: 16 channels x 4 steps on 2 warps, each saved 16-step chunk split in 4; few rows split L up to
-    ~6144 programs (Ti 64f b4: 64 segments, 3.28 ms against 4.96 for round 3's time-last backward).
+    programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05).
+    Backward: 16 channels x 4 steps on 2 warps; few rows split L up to ~6144 programs (Ti 64f b4: 64
+    segments, 3.28 ms against 4.96 for round 3's time-last backward).
+    Saved states: one every 64 steps with many rows (then walked forward to 4-step sub-chunk starts: +1-2%
+    time against one every 16, and fwd+bwd peak memory below mamba-ssm's: S 8f b16 0.178 GiB against 0.186),
+    one every 32 with few rows (the walk's per-program scratch grows with the segments).
     Larger state sizes get fewer channels and steps a program, to keep the fp32 tiles in registers."""
     block_n = max(2, triton.next_power_of_2(d_state))
     # Tiles of T x block_n x channels: at most 64 fp32 values a thread (forward, 1 warp) and 16 (backward,
@@ -111,8 +114,9 @@ def default_config(d_state: int, rows: int) -> ScanConfig:
     def segments(programs: int, target: int) -> int:
         return min(MAX_SEGMENTS, triton.cdiv(target, programs)) if programs < SPLIT_BELOW_PROGRAMS else 1
 
-    return ScanConfig(block_e_fwd=fwd_e, block_e_bwd=bwd_e, chunk=16, num_warps_fwd=1, num_warps_bwd=2,
-                      bwd_time_major=True, bwd_sub_chunks=4, fwd_time_major=True, fwd_steps=fwd_steps,
+    chunk = 64 if bwd_programs >= SPLIT_BELOW_PROGRAMS else 32
+    return ScanConfig(block_e_fwd=fwd_e, block_e_bwd=bwd_e, chunk=chunk, num_warps_fwd=1, num_warps_bwd=2,
+                      bwd_time_major=True, bwd_sub_chunks=chunk // 4, fwd_time_major=True, fwd_steps=fwd_steps,
                       fwd_segments=segments(fwd_programs, FWD_SPLIT_PROGRAMS),
                       bwd_segments=segments(bwd_programs, BWD_SPLIT_PROGRAMS))
 
