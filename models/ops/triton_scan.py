@@ -321,14 +321,14 @@ def _scan_bwd_kernel(
         tl.store(ddelta_ptr + grad_row + t[None, :], ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
         dB = tl.sum(r * (dt * u)[:, None, :], axis=0)
         dC = tl.sum(hs * gy[:, None, :], axis=0)
-        tl.atomic_add(dB_ptr + dBC_off + t[None, :], dB, mask=mn)
-        tl.atomic_add(dC_ptr + dBC_off + t[None, :], dC, mask=mn)
+        tl.atomic_add(dB_ptr + dBC_off + t[None, :], dB, mask=mn, sem="relaxed")
+        tl.atomic_add(dC_ptr + dBC_off + t[None, :], dC, mask=mn, sem="relaxed")
 
-    tl.atomic_add(dA_ptr + e[:, None] * N + n[None, :], dA_acc, mask=en_ok)
+    tl.atomic_add(dA_ptr + e[:, None] * N + n[None, :], dA_acc, mask=en_ok, sem="relaxed")
     if HAS_D:
-        tl.atomic_add(dD_ptr + e, dD_acc, mask=e_ok)
+        tl.atomic_add(dD_ptr + e, dD_acc, mask=e_ok, sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + e, dbias_acc, mask=e_ok)
+        tl.atomic_add(dbias_ptr + e, dbias_acc, mask=e_ok, sem="relaxed")
 
 
 @triton.jit
@@ -615,17 +615,17 @@ def _scan_bwd_time_major_kernel(
             tl.store(ddelta_ptr + grad_offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
             dB = tl.sum(r * dtu[:, None, :], axis=2)
             dC = tl.sum(hs * gy[:, None, :], axis=2)
-            tl.atomic_add(dB_ptr + dBC_offs, dB, mask=mn)
-            tl.atomic_add(dC_ptr + dBC_offs, dC, mask=mn)
+            tl.atomic_add(dB_ptr + dBC_offs, dB, mask=mn, sem="relaxed")
+            tl.atomic_add(dC_ptr + dBC_offs, dC, mask=mn, sem="relaxed")
         if SUB > 1:
             # The next saved chunk's forward walk must not overwrite slots this one still reads.
             tl.debug_barrier()
 
-    tl.atomic_add(dA_ptr + n[:, None] + e[None, :] * N, dA_acc, mask=ne_ok)
+    tl.atomic_add(dA_ptr + n[:, None] + e[None, :] * N, dA_acc, mask=ne_ok, sem="relaxed")
     if HAS_D:
-        tl.atomic_add(dD_ptr + e, dD_acc, mask=e_ok)
+        tl.atomic_add(dD_ptr + e, dD_acc, mask=e_ok, sem="relaxed")
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + e, dbias_acc, mask=e_ok)
+        tl.atomic_add(dbias_ptr + e, dbias_acc, mask=e_ok, sem="relaxed")
 
 
 @triton.jit
