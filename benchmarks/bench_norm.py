@@ -2,8 +2,11 @@
 
 VideoMamba's call: bf16 x (the mixer output), fp32 residual stream, fp32 weight, prenorm (returns the new fp32
 residual), rows = batch x tokens of the Ti/S/M widths at 8 frames (batch 16) and 64 frames (batch 4). Reports
-fwd and fwd+bwd milliseconds (median), effective GB/s over the minimum bytes, the speedup over the reference,
-and the relative difference between the two (outputs and gradients).
+milliseconds (median) of fwd and fwd+bwd, each two ways: "gpu", the calls captured in a CUDA graph and replayed
+(device time only: what the kernels cost), and "eager", plain calls (what a training step pays when the GPU
+waits for the host: autograd and launch overhead, large on a slow host CPU). Also effective GB/s of the gpu
+times over the minimum bytes, the speedups over the reference, and the relative difference of the two
+(outputs and gradients).
 
     PYTHONPATH=. python benchmarks/bench_norm.py [--shapes "S 8f b16" ...]
 """
@@ -50,10 +53,35 @@ def run_fwd_bwd(fn: Callable, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return out, res, *torch.autograd.grad((out, res), leaves, (t["dout"], t["dresidual"]))
 
 
-def time_norm(fn: Callable, t: dict[str, torch.Tensor]) -> tuple[float, float]:
-    with torch.no_grad():
-        fwd = bench_ms(lambda: fn(t["x"], t["weight"], EPS, t["residual"], True, True))
-    return fwd, bench_ms(lambda: run_fwd_bwd(fn, t))
+def graph_replay(step: Callable[[], object]) -> Callable[[], None]:
+    """`step` captured in a CUDA graph (after warm-up on a side stream, as torch.cuda.graph asks); returns the
+    replay. The backward is captured too: autograd runs it inside the capture, as make_graphed_callables does."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def time_norm(fn: Callable, t: dict[str, torch.Tensor]) -> dict[str, float]:
+    """gpu/eager x fwd/fwd+bwd milliseconds."""
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(t["x"], t["weight"], EPS, t["residual"], True, True)
+
+    def fwd_bwd() -> None:
+        run_fwd_bwd(fn, t)
+
+    times = {}
+    for label, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        times[f"eager {label}"] = bench_ms(step)
+        times[f"gpu {label}"] = bench_ms(graph_replay(step))
+    return times
 
 
 def main() -> None:
@@ -67,23 +95,24 @@ def main() -> None:
         t = make_inputs(rows, D)
         row = {"shape": name, "rows x D": f"{rows}x{D}"}
         for label, fn in (("ours", add_rms_norm_triton), ("ref", rms_norm_ref)):
-            fwd, fwd_bwd = time_norm(fn, t)
-            row[f"{label} fwd ms"], row[f"{label} fwd+bwd ms"] = fwd, fwd_bwd
-            row[f"{label} fwd GB/s"] = rows * D * FWD_BYTES / fwd / 1e6
-            row[f"{label} fwd+bwd GB/s"] = rows * D * (FWD_BYTES + BWD_BYTES) / fwd_bwd / 1e6
-        row["speedup fwd"] = row["ref fwd ms"] / row["ours fwd ms"]
-        row["speedup fwd+bwd"] = row["ref fwd+bwd ms"] / row["ours fwd+bwd ms"]
+            row.update({f"{label} {k} ms": v for k, v in time_norm(fn, t).items()})
+            row[f"{label} fwd GB/s"] = rows * D * FWD_BYTES / row[f"{label} gpu fwd ms"] / 1e6
+            row[f"{label} fwd+bwd GB/s"] = rows * D * (FWD_BYTES + BWD_BYTES) / row[f"{label} gpu fwd+bwd ms"] / 1e6
+        for k in ("gpu fwd", "gpu fwd+bwd", "eager fwd", "eager fwd+bwd"):
+            row[f"speedup {k}"] = row[f"ref {k} ms"] / row[f"ours {k} ms"]
         ours, ref = run_fwd_bwd(add_rms_norm_triton, t), run_fwd_bwd(rms_norm_ref, t)
         row["max rel diff"] = max(rel_err(a, b) for a, b in zip(ours, ref, strict=True))
         rows_out.append(row)
         del t
         torch.cuda.empty_cache()
-    columns = ["shape", "rows x D", "ours fwd ms", "ref fwd ms", "speedup fwd", "ours fwd GB/s", "ours fwd+bwd ms",
-               "ref fwd+bwd ms", "speedup fwd+bwd", "ours fwd+bwd GB/s", "ref fwd+bwd GB/s", "max rel diff"]
+    columns = ["shape", "rows x D", "ours gpu fwd ms", "ref gpu fwd ms", "ours fwd GB/s", "ours gpu fwd+bwd ms",
+               "ref gpu fwd+bwd ms", "ours fwd+bwd GB/s", "ref fwd+bwd GB/s", "speedup gpu fwd+bwd",
+               "ours eager fwd+bwd ms", "ref eager fwd+bwd ms", "speedup eager fwd+bwd", "max rel diff"]
     write_results("norm", rows_out, columns, "Fused add + RMSNorm: Triton vs PyTorch reference",
                   setup={"x": "bf16", "residual": "fp32", "weight": "fp32", "prenorm": True, "eps": EPS},
-                  notes=[f"GB/s over the minimum bytes: {FWD_BYTES} B/element forward, {FWD_BYTES + BWD_BYTES} "
-                         "forward + backward (each input read once, each output written once).",
+                  notes=["gpu: CUDA-graph replay (device time); eager: plain calls, host overhead included.",
+                         f"GB/s of the gpu times over the minimum bytes: {FWD_BYTES} B/element forward, "
+                         f"{FWD_BYTES + BWD_BYTES} forward + backward (inputs read once, outputs written once).",
                          "max rel diff: largest ‖ours − ref‖/‖ref‖ over the two outputs and the gradients of x, "
                          "weight and residual (gradients on both outputs)."])
 

@@ -27,13 +27,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# One (ROWS, BLOCK_D) tile a program step; about this many elements keeps every fp32 tile of the backward at
-# 16 values a thread with 4 warps (more warps for wide rows).
-TILE_ELEMENTS = 2048
+# One (ROWS, BLOCK_D) tile a program step, about this many elements, 16 fp32 values a thread (more warps for wide
+# rows). The backward, whose programs loop over row tiles, was fastest on an H200 with small tiles and many
+# programs (fwd+bwd at D = 192/384/576, 25104 rows: 57/91/130 us against 62/96/142 with 2048-element tiles and
+# 4 programs an SM; benchmarks/results/norm.md); the forward's time did not depend on its tile.
+FWD_TILE_ELEMENTS, BWD_TILE_ELEMENTS = 2048, 1024
 # Rows wider than this would need a loop over D (not written: VideoMamba's widths are 192..768).
 MAX_D = 8192
 # Backward programs per SM: enough to hide latency; each writes one D-wide row of d weight partials.
-BWD_PROGRAMS_PER_SM = 4
+BWD_PROGRAMS_PER_SM = 8
 IO_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -98,10 +100,10 @@ def _add_rms_norm_bwd_kernel(
     tl.store(dw_part_ptr + pid * D + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
 
 
-def _launch_shape(D: int) -> tuple[int, int, int]:
-    """(rows a tile, BLOCK_D, warps): ~TILE_ELEMENTS a tile, 16 fp32 values a thread."""
+def _launch_shape(D: int, tile_elements: int) -> tuple[int, int, int]:
+    """(rows a tile, BLOCK_D, warps): ~tile_elements a tile, 16 fp32 values a thread."""
     block_d = triton.next_power_of_2(D)
-    rows = max(1, TILE_ELEMENTS // block_d)
+    rows = max(1, tile_elements // block_d)
     return rows, block_d, max(1, min(16, rows * block_d // 512))
 
 
@@ -124,7 +126,7 @@ def _forward(x2: Tensor, weight: Tensor, res2: Tensor | None, eps: float, s_dtyp
     out = torch.empty((R, D), device=x2.device, dtype=x2.dtype)
     s = None if s_dtype is None else torch.empty((R, D), device=x2.device, dtype=s_dtype)
     rstd = torch.empty(R, device=x2.device, dtype=torch.float32) if store_rstd else None
-    rows, block_d, warps = _launch_shape(D)
+    rows, block_d, warps = _launch_shape(D, FWD_TILE_ELEMENTS)
     if R:
         _add_rms_norm_fwd_kernel[(triton.cdiv(R, rows),)](
             x2, res2, weight, out, s, rstd, R, D, x2.stride(0), 0 if res2 is None else res2.stride(0),
@@ -140,7 +142,7 @@ def _backward(s2: Tensor, rstd: Tensor, weight: Tensor, dout2: Tensor, ds_out2: 
               programs: int | None) -> tuple[Tensor | None, Tensor | None, Tensor]:
     """(d x, d residual, d weight): d x / d residual in the given dtypes (None: not wanted), d weight fp32."""
     R, D = s2.shape
-    rows, block_d, warps = _launch_shape(D)
+    rows, block_d, warps = _launch_shape(D, BWD_TILE_ELEMENTS)
     row_tiles = triton.cdiv(R, rows)
     want = programs or BWD_PROGRAMS_PER_SM * _sm_count(s2.device)
     rows_per_program = triton.cdiv(row_tiles, max(1, min(want, row_tiles))) * rows
@@ -224,7 +226,7 @@ def add_rms_norm_triton(
 
     Returns out in x's dtype; with prenorm, (out, x + residual) with the sum in fp32 if residual_in_fp32,
     else in x's dtype. Differentiable w.r.t. x, weight and residual, including through the returned sum.
-    `bwd_programs` (default: 4 per SM) sets how many programs split the rows in the backward; tests use it to
+    `bwd_programs` (default: 8 per SM) sets how many programs split the rows in the backward; tests use it to
     make programs loop over several row tiles.
     """
     _check(x, weight, residual)
