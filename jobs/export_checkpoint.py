@@ -4,7 +4,8 @@
     python jobs/export_checkpoint.py s3://bucket/ckpt/run/checkpoint_00000200 s3://bucket/exports/run.pt
     python jobs/export_checkpoint.py OLD_CHECKPOINT out.pt --config configs/stages/x.yaml key=value   # no config.yaml
 
-ZeRO 1-3 checkpoints give their fp32 master weights (DeepSpeed's zero_to_fp32). S3 credentials come from the
+ZeRO 1-3 checkpoints give their fp32 master weights (DeepSpeed's zero_to_fp32); frozen student weights (stage 1's
+last block under residual_before_last_block) come from the checkpoint's frozen_student.pt. S3 credentials come from the
 usual AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL).
 """
 

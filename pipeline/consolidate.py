@@ -6,6 +6,11 @@ reads (docs/architecture.md, "Stage exports"). Under ZeRO 1-3 the weights come f
 optimizer shards (DeepSpeed's `zero_to_fp32`), so a bf16 run exports its exact fp32 weights; without ZeRO they
 are the module weights. The task is rebuilt on the meta device (no memory, no teacher weights) from the
 `config.yaml` the engine writes into every checkpoint, to know the trainable module's keys and its metadata.
+
+DeepSpeed's part of a checkpoint leaves every frozen parameter out. Frozen parameters of the exported module
+itself (stage 1's last block under `student_feature=residual_before_last_block`) come from the engine's
+`frozen_student.pt` beside it, as the run held them; they are not re-created from the seed, whose result depends
+on the model code and torch version at export time.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config, from_dict, load_config
-from pipeline.engine import CHECKPOINT_CONFIG, stage_export
+from pipeline.engine import CHECKPOINT_CONFIG, FROZEN_STUDENT, stage_export
 from pipeline.redaction import redact_text
 
 # DeepSpeed's module-state file (weights and our client state); ZeRO-3 writes one per rank, rank 0's named so.
@@ -140,17 +145,43 @@ def consolidate(directory: Path, config: Config | None = None) -> dict[str, Any]
     tag_dir = directory / (directory / "latest").read_text().strip()
     states_file = next(tag_dir / name for name in _MODEL_STATES if (tag_dir / name).is_file())
     model_states = torch.load(states_file, map_location="cpu", weights_only=False)  # DeepSpeed pickles objects
-    weights = _task_weights(directory, cfg.deepspeed.zero_stage, model_states)
-    wanted = list(trainable.state_dict())
-    missing = [k for k in wanted if prefix + k not in weights]
-    if missing:
-        raise ValueError(
-            f"{directory}: the checkpoint lacks {len(missing)} weight(s) of the trainable module "
-            f"(e.g. {missing[:3]}); was it written by a run of task {cfg.task.name!r} with this config?"
-        )
-    state = {k: weights[prefix + k].float() if weights[prefix + k].is_floating_point() else weights[prefix + k]
-             for k in wanted}  # fmt: skip
+    task_weights = _task_weights(directory, cfg.deepspeed.zero_stage, model_states)
+    weights = {k: task_weights[prefix + k] for k in trainable.state_dict() if prefix + k in task_weights}
+    weights.update(_frozen_weights(directory, trainable, weights))
+    state = {k: weights[k].float() if weights[k].is_floating_point() else weights[k] for k in trainable.state_dict()}
     return stage_export(cfg, task, state, int(model_states["step"]))
+
+
+def _frozen_weights(directory: Path, trainable: torch.nn.Module, found: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The weights of `trainable` (built on the meta device) missing from `found`, read from `FROZEN_STUDENT`.
+
+    Only frozen parameters may be missing; each one taken from the file must have its parameter's shape.
+    """
+    missing = [k for k in trainable.state_dict() if k not in found]
+    if not missing:
+        return {}
+    params = dict(trainable.named_parameters())
+    not_frozen = [k for k in missing if k not in params or params[k].requires_grad]
+    if not_frozen:
+        raise ValueError(
+            f"{directory}: the checkpoint lacks {len(not_frozen)} trainable weight(s) of the exported module "
+            f"(e.g. {not_frozen[:3]}); was it written by a run of this task with this config?"
+        )
+    path = directory / FROZEN_STUDENT
+    saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+    absent = [k for k in missing if k not in saved]
+    if absent:
+        where = f"its {FROZEN_STUDENT} lacks them" if saved else f"it has no {FROZEN_STUDENT} (an older checkpoint)"
+        raise ValueError(
+            f"{directory}: the checkpoint lacks {len(absent)} frozen weight(s) of the exported module "
+            f"(e.g. {absent[:3]}) and {where}; use the run's end-of-stage export (<output_dir>/export/model.pt), "
+            "or resume the run with the current code: its next checkpoint has the file"
+        )
+    wrong = [f"{k} {tuple(saved[k].shape)} != {tuple(params[k].shape)}" for k in missing
+             if saved[k].shape != params[k].shape]  # fmt: skip
+    if wrong:
+        raise ValueError(f"{directory}/{FROZEN_STUDENT} does not fit this config's module: {wrong[:3]}")
+    return {k: saved[k] for k in missing}
 
 
 def export_checkpoint(run_or_path: str, out: str, config: Config | None = None) -> tuple[str, dict[str, Any]]:

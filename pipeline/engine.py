@@ -41,6 +41,9 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 _CHECKPOINT_TAG = "state"
 CHECKPOINT_CONFIG = "config.yaml"
 """The run's resolved config (credentials masked), written by rank 0 into every checkpoint."""
+FROZEN_STUDENT = "frozen_student.pt"
+"""`{name: tensor}` of the exported module's frozen parameters (training dtype), written by rank 0 into every
+checkpoint of a run that has any (stage 1's last block under `student_feature=residual_before_last_block`)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -272,6 +275,27 @@ class Trainer:
         torch.save(rank_state, directory / f"rank{self.rank}_state.pt")
         if self.is_main:  # what `jobs/export_checkpoint.py` rebuilds the task from (credentials masked)
             (directory / CHECKPOINT_CONFIG).write_text(to_yaml(self.cfg))
+        # The exported module's own frozen parameters are left out above too, yet they belong in its export: saved
+        # here (a small file: 9 MB fp32 for VideoMamba-M's last block) for `jobs/export_checkpoint.py`, which
+        # could otherwise only re-create them from the seed and so depend on the model code and torch at export
+        # time. Teachers stay excluded: they are not exported.
+        frozen = self.frozen_student_state()
+        if self.is_main and frozen:
+            torch.save(frozen, directory / FROZEN_STUDENT)
+
+    def frozen_student_state(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the trainable module's frozen parameters as the module holds them (training dtype).
+
+        Under ZeRO-3 they are partitioned and gathered first: a collective, so every rank calls this.
+        """
+        module = self.engine.module.trainable_module()
+        frozen = {name: p for name, p in module.named_parameters() if not p.requires_grad}
+        if self.cfg.deepspeed.zero_stage != 3 or not frozen:
+            return {name: p.detach().cpu().clone() for name, p in frozen.items()}
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(frozen.values()), modifier_rank=None):
+            return {name: p.detach().cpu().clone() for name, p in frozen.items()}
 
     def maybe_checkpoint(self, force: bool = False) -> None:
         if not force and self.step % self.cfg.checkpoint.interval_steps:
