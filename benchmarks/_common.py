@@ -27,7 +27,7 @@ D_STATE = 16
 
 def scan_config(rows: int):
     """default_config for `rows` (batch x channels), with the ScanConfig fields named in SCAN_CONFIG
-    overridden, e.g. SCAN_CONFIG="block_e_fwd=16,fwd_segments=2,bwd_time_major=1" (integers; 0/1 for flags)."""
+    overridden, e.g. SCAN_CONFIG="block_e_fwd=16,fwd_segments=2,chunk=32,bwd_sub_chunks=8" (integers)."""
     from dataclasses import fields, replace
 
     from models.ops.triton_scan import ScanConfig, default_config

@@ -192,9 +192,9 @@ def _check_bimamba(Bsz, E, L, N, R, dtype, tol, config=None):
         assert err < tol, f"grad {name}: rel err {err:.2e} > {tol}"
 
 
-# The time-major backward at small shapes (16 channels, 4-step sub-chunks, as default_config at N = 16).
-TIME_MAJOR = ScanConfig(block_e_fwd=1, block_e_bwd=16, chunk=16, num_warps_fwd=1, num_warps_bwd=2,
-                        bwd_time_major=True, bwd_sub_chunks=4)
+# The kernels at small shapes, tiles as default_config's at N = 16 but a state saved every 16 steps (so odd
+# L leave a partial saved chunk and a partial sub-tile).
+SMALL_CHUNKS = ScanConfig(block_e_fwd=8, block_e_bwd=16, chunk=16, fwd_steps=8, bwd_sub_chunks=4)
 
 
 @pytest.mark.gpu
@@ -206,22 +206,22 @@ TIME_MAJOR = ScanConfig(block_e_fwd=1, block_e_bwd=16, chunk=16, num_warps_fwd=1
     (40, 301, 16, 0, torch.bfloat16),
     (12, 1000, 64, 0, torch.float32),
 ])
-def test_scan_time_major_backward(E, L, N, groups, dtype):
-    # N = 64: 4-step chunks saved every 4 steps (no sub-chunks), fewer channels a program.
-    cfg = TIME_MAJOR if N <= 16 else ScanConfig(1, 4, 4, 1, 1, True)
+def test_scan_small_chunks(E, L, N, groups, dtype):
+    # N = 64: a state saved every 4 steps (no sub-tiles), fewer channels a program.
+    cfg = SMALL_CHUNKS if N <= 16 else ScanConfig(4, 4, chunk=4, num_warps_bwd=1, fwd_steps=4, bwd_sub_chunks=1)
     _check_scan(2, E, L, N, dtype, groups=groups, config=cfg)
 
 
 @pytest.mark.gpu
 @needs_kernel_device
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_bimamba_inner_time_major_backward(poison_empty, dtype, tol):
-    _check_bimamba(2, 16, 301, 16, 3, dtype, tol, config=TIME_MAJOR)
+def test_bimamba_inner_small_chunks(poison_empty, dtype, tol):
+    _check_bimamba(2, 16, 301, 16, 3, dtype, tol, config=SMALL_CHUNKS)
 
 
 def _split(fwd_steps: int, fwd_segments: int, bwd_segments: int, sub: int = 4, block_e: int = 16) -> ScanConfig:
-    """Time-major forward and backward, L split into segments (a state saved every 16 steps)."""
-    return ScanConfig(block_e, block_e, 16, 1, 2, True, sub, fwd_time_major=True, fwd_steps=fwd_steps,
+    """L split into segments in both passes (a state saved every 16 steps)."""
+    return ScanConfig(block_e, block_e, chunk=16, fwd_steps=fwd_steps, bwd_sub_chunks=sub,
                       fwd_segments=fwd_segments, bwd_segments=bwd_segments)
 
 
@@ -234,12 +234,12 @@ def _split(fwd_steps: int, fwd_segments: int, bwd_segments: int, sub: int = 4, b
     (16, 45, 4, 2, torch.float32, _split(16, 3, 3)),  # grouped B/C, padded state
     (40, 301, 16, 0, torch.bfloat16, _split(8, 4, 7)),
     (24, 1569, 16, 0, torch.float32, _split(16, 16, 16)),
-    (12, 1000, 64, 0, torch.float32, ScanConfig(4, 4, 4, 1, 1, True, fwd_time_major=True, fwd_steps=4,
-                                                fwd_segments=8, bwd_segments=8)),
+    (12, 1000, 64, 0, torch.float32, ScanConfig(4, 4, chunk=4, fwd_steps=4, bwd_sub_chunks=1, fwd_segments=8,
+                                                bwd_segments=8)),
 ])
-def test_scan_time_major_forward_and_split_length(E, L, N, groups, dtype, config):
-    """The time-major forward and L split into segments: each segment's incoming state (adjoint) folds
-    the summaries of the segments before (after) it."""
+def test_scan_split_length(E, L, N, groups, dtype, config):
+    """L split into segments: each segment's incoming state (adjoint) folds the summaries of the segments
+    before (after) it."""
     _check_scan(2, E, L, N, dtype, groups=groups, config=config)
 
 
@@ -376,7 +376,6 @@ def test_default_config_keeps_tiles_small():
         for rows in (4, 1536, 12288):
             cfg = default_config(n, rows)
             block_n = max(2, 1 << (n - 1).bit_length())
-            assert cfg.fwd_time_major and cfg.bwd_time_major
             assert 4 <= cfg.chunk <= 64 and cfg.chunk & (cfg.chunk - 1) == 0
             # fp32 tiles of at most 64 values a thread (forward) and 32 (backward, which holds more at once).
             assert cfg.block_e_fwd * block_n * cfg.fwd_steps <= 64 * 32 * cfg.num_warps_fwd, (n, cfg)
@@ -386,12 +385,8 @@ def test_default_config_keeps_tiles_small():
             assert 1 <= cfg.fwd_segments <= 64 and 1 <= cfg.bwd_segments <= 64
             assert (cfg.bwd_segments > 1) == (rows // cfg.block_e_bwd < 512)
     with pytest.raises(ValueError, match="bwd_sub_chunks"):
-        ScanConfig(1, 4, 16, 1, 4, True, 3)
-    with pytest.raises(ValueError, match="bwd_time_major"):
-        ScanConfig(1, 4, 16, 1, 4, False, 2)
+        ScanConfig(1, 4, chunk=16, bwd_sub_chunks=3)
     with pytest.raises(ValueError, match="fwd_steps"):
-        ScanConfig(1, 4, 16, 1, 4, fwd_time_major=True, fwd_steps=6)
-    with pytest.raises(ValueError, match="fwd_time_major"):
-        ScanConfig(1, 4, 16, 1, 4, fwd_segments=2)
-    with pytest.raises(ValueError, match="bwd_time_major"):
-        ScanConfig(1, 4, 16, 1, 4, bwd_segments=2)
+        ScanConfig(1, 4, chunk=16, fwd_steps=6)
+    with pytest.raises(ValueError, match="segments"):
+        ScanConfig(1, 4, chunk=16, bwd_sub_chunks=4, fwd_segments=0)

@@ -1,27 +1,31 @@
 """Triton selective scan (mamba-ssm semantics and layout) and the fused bidirectional bimamba-v2 core.
 
-Legend: B batch, E channels (d_inner), L sequence length, N state size, G groups of B/C, T steps per chunk.
+Legend: B batch, E channels (d_inner), L sequence length, N state size, G groups of B/C, T steps per tile.
 
 Scan: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,  y_t = C_t . h_t + D u_t,  out_t = y_t * silu(z_t).
 
-Kernel layout. One program owns BLOCK_E channels of one batch row and walks L in chunks of T steps.
-Inside a chunk the (BLOCK_E, N, T) recurrence is solved by `tl.associative_scan` on affine maps; the state
-is carried between chunks in registers, fp32 throughout. Out-of-range steps get delta = 0, i.e. decay 1
-and input 0, so any L works. A direction flag makes the program walk L backwards (t = L-1-s): the
+Kernel layout. One program owns BLOCK_E channels of one batch row and walks L (or one segment of it) in
+tiles of T steps. Tiles are time-major, (T, N, E): Triton's default layout spreads the trailing axes (E,
+then N) over lanes and repeats the leading one in registers, so each thread holds a tile's T steps and the
+recurrence inside a tile, a `tl.associative_scan` on affine maps, runs serially in-thread with no shuffles.
+The state is carried between tiles in registers, fp32 throughout. Out-of-range steps get delta = 0, i.e.
+decay 1 and input 0, so any L works. A direction flag makes the program walk L backwards (t = L-1-s): the
 backward scan of the bidirectional mixer reads and writes the original tensors, with no flipped copies.
 
-Backward (chunked recompute, as mamba-ssm does). The forward saves only the state at each chunk start,
-(B, E, L/T, N) fp32. The backward walks the chunks in reverse: it recomputes the chunk's states from the
-saved start state, then solves the adjoint recurrence r_t = C_t g_t + exp(delta_{t+1} A) r_{t+1} with a
-reverse associative scan, the adjoint of the following chunk carried in registers. With
-a_t h_{t-1} = h_t - delta_t B_t u_t no shifted state is needed. Gradients for B and C are sums over
-channels, so programs add them into fp32 buffers atomically (as mamba-ssm's CUDA kernel does); dA, dD and
-d delta_bias are summed in registers over L, then added atomically over the batch. The backward's state
-tile is time-major, (T, N, E), when there are many (batch, channel) rows: each thread then holds a chunk's
-steps and both scans run in-thread (~3x fewer instructions per element than the time-last (E, N, T) tile,
-whose scans shuffle across lanes, but with less parallel work; see default_config).
+Backward (chunked recompute, as mamba-ssm does). The forward saves only the state at every `chunk`-th
+step, (B, E, L/chunk, N) fp32. The backward walks the saved chunks in reverse: it walks each forward to its
+sub-tile start states (kept in a per-program scratch slot), then per sub-tile in reverse recomputes the
+states and solves the adjoint recurrence r_t = C_t g_t + exp(delta_{t+1} A) r_{t+1} with a reverse
+associative scan, the adjoint of the following tile carried in registers. With a_t h_{t-1} = h_t -
+delta_t B_t u_t no shifted state is needed. Gradients for B and C are sums over channels, so programs add
+them into fp32 buffers atomically (as mamba-ssm's CUDA kernel does); dA, dD and d delta_bias are summed in
+registers over L, then added atomically over the batch.
 
-Bidirectional: the two directions run as two launches of the same kernel; the second adds its gated
+Few rows (long clips at small batch) give too few programs: then L is split into segments. A summary pass
+gives each segment's end state (start adjoint) from zero and its delta sum, a fold kernel chains them, and
+each segment's program starts from the folded value.
+
+Bidirectional: the two directions run as two launches of the same kernels; the second adds its gated
 output (and its share of dz) to what the first wrote.
 """
 
@@ -41,43 +45,33 @@ from models.ops.triton_conv import conv1d_silu_bidirectional
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """Launch shape: channels per program (forward, backward), steps per chunk (the forward saves a state
-    per chunk), warps per program, the backward's state-tile order ((T, N, E) if bwd_time_major, else
-    (E, N, T)), and how many backward chunks of chunk / bwd_sub_chunks steps a saved chunk is split into.
-    The forward's tile is time-major with fwd_steps steps if fwd_time_major. A time-major kernel can split L
-    into fwd_segments / bwd_segments pieces run by separate programs (more parallel work when rows are few);
-    each piece's incoming state (adjoint) comes from a summary pass over the pieces before (after) it."""
+    """Launch shape: channels and warps a program (forward, backward); `chunk`, the steps between the states
+    the forward saves for the backward; fwd_steps, the forward's tile; the backward walks each saved chunk
+    in bwd_sub_chunks tiles of chunk / bwd_sub_chunks steps; fwd_segments / bwd_segments split L into that
+    many pieces run by separate programs (1: no split)."""
 
     block_e_fwd: int
     block_e_bwd: int
-    chunk: int
-    num_warps_fwd: int = 4
-    num_warps_bwd: int = 4
-    bwd_time_major: bool = False
-    bwd_sub_chunks: int = 1
-    fwd_time_major: bool = False
-    fwd_steps: int = 16
+    chunk: int = 64
+    num_warps_fwd: int = 1
+    num_warps_bwd: int = 2
+    fwd_steps: int = 8
+    bwd_sub_chunks: int = 16
     fwd_segments: int = 1
     bwd_segments: int = 1
 
     def __post_init__(self) -> None:
-        if self.fwd_time_major and (self.chunk % self.fwd_steps or self.fwd_steps & (self.fwd_steps - 1)):
+        if self.chunk % self.fwd_steps or self.fwd_steps & (self.fwd_steps - 1):
             raise ValueError(f"fwd_steps={self.fwd_steps} must be a power of two dividing chunk={self.chunk}")
-        if self.fwd_segments < 1 or self.bwd_segments < 1:
-            raise ValueError("fwd_segments and bwd_segments count pieces of L: use 1 (no split) or more")
-        if self.fwd_segments > 1 and not self.fwd_time_major:
-            raise ValueError("fwd_segments > 1 needs fwd_time_major=True")
-        if self.bwd_segments > 1 and not self.bwd_time_major:
-            raise ValueError("bwd_segments > 1 needs bwd_time_major=True")
         sub = self.bwd_sub_chunks
         if sub < 1 or self.chunk % sub or (self.chunk // sub) & (self.chunk // sub - 1):
             raise ValueError(f"bwd_sub_chunks={sub} must split chunk={self.chunk} into power-of-two "
-                             "backward chunks; use a divisor such as 1, 2 or 4")
-        if sub > 1 and not self.bwd_time_major:
-            raise ValueError("bwd_sub_chunks > 1 needs bwd_time_major=True (the time-last backward has none)")
+                             "backward tiles; use a divisor such as 1, 2 or 4")
+        if self.fwd_segments < 1 or self.bwd_segments < 1:
+            raise ValueError("fwd_segments and bwd_segments count pieces of L: use 1 (no split) or more")
 
 
-# Programs below which a time-major kernel splits L into segments (an H200 has 132 SMs; these kernels
+# Programs below which a kernel splits L into segments (an H200 has 132 SMs; these kernels
 # hold one or two warps a program and a few programs an SM): the segments' summary pass costs less than
 # the idle SMs would.
 SPLIT_BELOW_PROGRAMS = 512
@@ -88,11 +82,11 @@ MAX_SEGMENTS = 64
 
 def default_config(d_state: int, rows: int) -> ScanConfig:
     """Launch shape measured best on an H200 for d_state 16 (benchmarks/results/sweep_round4.txt), `rows`
-    being batch x channels (B E). Both passes use time-major tiles (T steps in each thread).
+    being batch x channels (B E).
 
     Forward: 8-step tiles, 1 warp, 8 channels a program with many rows (S 8f b16: 0.39 ms against 0.80 ms
     for round 3's time-last kernel), 16 with few rows, whose L is then split into segments up to ~3072
-    programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05).
+    programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05 for round 3's time-last kernel).
     Backward: 16 channels x 4 steps on 2 warps; few rows split L up to ~6144 programs (Ti 64f b4: 64
     segments, 3.28 ms against 4.96 for round 3's time-last backward).
     Saved states: one every 64 steps with many rows (then walked forward to 4-step sub-chunk starts: +1-2%
@@ -116,7 +110,7 @@ def default_config(d_state: int, rows: int) -> ScanConfig:
 
     chunk = 64 if bwd_programs >= SPLIT_BELOW_PROGRAMS else 32
     return ScanConfig(block_e_fwd=fwd_e, block_e_bwd=bwd_e, chunk=chunk, num_warps_fwd=1, num_warps_bwd=2,
-                      bwd_time_major=True, bwd_sub_chunks=chunk // 4, fwd_time_major=True, fwd_steps=fwd_steps,
+                      fwd_steps=fwd_steps, bwd_sub_chunks=chunk // 4,
                       fwd_segments=segments(fwd_programs, FWD_SPLIT_PROGRAMS),
                       bwd_segments=segments(bwd_programs, BWD_SPLIT_PROGRAMS))
 
@@ -147,188 +141,21 @@ def _load_delta(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: t
 
 
 @triton.jit
-def _scan_fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr,
-    E, L, N, group_E, n_chunks,
-    s_ub, s_ue, s_ul, s_db, s_de, s_dl,
-    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
-    s_zb, s_ze, s_zl, s_ob, s_oe, s_ol,
-    REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_STATES: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
-):
-    pid_e, pid_b = tl.program_id(0), tl.program_id(1)
-    b64 = pid_b.to(tl.int64)
+def _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """This program's channels e and states n with their masks, the (N, E) mask, its B/C group, A as an
+    (N, E) plane and delta_bias (0 without one)."""
+    pid_e = tl.program_id(0)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
-    col = tl.arange(0, T)
     e_ok, n_ok = e < E, n < N
-    g = (pid_e * BLOCK_E) // group_E
-    # Padded states get A = 0 and B = 0: decay 1, input 0, they stay 0.
-    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=e_ok[:, None] & n_ok[None, :], other=0.0)
-    A2 = A * 1.4426950408889634  # exp(x) = exp2(x log2 e)
+    ne_ok = n_ok[:, None] & e_ok[None, :]
+    A = tl.load(A_ptr + n[:, None] + e[None, :] * N, mask=ne_ok, other=0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
     else:
         bias = tl.zeros((BLOCK_E,), tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
-    u_row = u_ptr + b64 * s_ub + e[:, None] * s_ue
-    d_row = delta_ptr + b64 * s_db + e[:, None] * s_de
-    B_row = B_ptr + b64 * s_Bb + g * s_Bg + n[:, None] * s_Bn
-    C_row = C_ptr + b64 * s_Cb + g * s_Cg + n[:, None] * s_Cn
-    o_row = out_ptr + b64 * s_ob + e[:, None] * s_oe
-    if HAS_Z:
-        z_row = z_ptr + b64 * s_zb + e[:, None] * s_ze
-    st_row = state_ptr + ((b64 * E + e[:, None]) * n_chunks) * BLOCK_N + n[None, :]
-
-    h = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
-    for c in range(n_chunks):
-        s = c * T + col
-        s_ok = s < L
-        t = (L - 1 - s) if REVERSE else s
-        m = e_ok[:, None] & s_ok[None, :]
-        mn = n_ok[:, None] & s_ok[None, :]
-        if STORE_STATES:
-            tl.store(st_row + c * BLOCK_N, h, mask=e_ok[:, None])
-        u = tl.load(u_row + t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
-        dt, _ = _load_delta(d_row, t[None, :] * s_dl, m, bias[:, None], HAS_BIAS, SOFTPLUS)
-        Bt = tl.load(B_row + t[None, :] * s_Bl, mask=mn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_row + t[None, :] * s_Cl, mask=mn, other=0.0).to(tl.float32)
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        x = (dt * u)[:, None, :] * Bt[None, :, :]
-        a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
-        hs = x_cum + a_cum * h[:, :, None]
-        y = tl.sum(hs * Ct[None, :, :], axis=1)
-        h = tl.sum(tl.where(col[None, None, :] == T - 1, hs, 0.0), axis=2)
-        if HAS_D:
-            y += D[:, None] * u
-        if HAS_Z:
-            zt = tl.load(z_row + t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
-            y *= zt * tl.sigmoid(zt)
-        if ACCUMULATE:
-            y += tl.load(o_row + t[None, :] * s_ol, mask=m, other=0.0).to(tl.float32)
-        tl.store(o_row + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr,
-    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-    E, L, N, group_E, n_chunks,
-    s_ub, s_ue, s_ul, s_db, s_de, s_dl,
-    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
-    s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
-    REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
-):
-    """Gradients of one direction on a time-last (E, N, T) state tile: its scans run across lanes (a
-    shuffle per element per level), but it has more parallel work for few rows. du/ddelta/dz are
-    contiguous (B, E, L); dB/dC fp32 (B, G, N, L)."""
-    pid_e, pid_b = tl.program_id(0), tl.program_id(1)
-    b64 = pid_b.to(tl.int64)
-    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    n = tl.arange(0, BLOCK_N)
-    col = tl.arange(0, T)
-    e_ok, n_ok = e < E, n < N
-    en_ok = e_ok[:, None] & n_ok[None, :]
-    g = (pid_e * BLOCK_E) // group_E
-    A = tl.load(A_ptr + e[:, None] * N + n[None, :], mask=en_ok, other=0.0)
-    A2 = A * 1.4426950408889634
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
-    else:
-        bias = tl.zeros((BLOCK_E,), tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
-    u_row = u_ptr + b64 * s_ub + e[:, None] * s_ue
-    d_row = delta_ptr + b64 * s_db + e[:, None] * s_de
-    B_row = B_ptr + b64 * s_Bb + g * s_Bg + n[:, None] * s_Bn
-    C_row = C_ptr + b64 * s_Cb + g * s_Cg + n[:, None] * s_Cn
-    go_row = dout_ptr + b64 * s_gb + e[:, None] * s_ge
-    if HAS_Z:
-        z_row = z_ptr + b64 * s_zb + e[:, None] * s_ze
-    st_row = state_ptr + ((b64 * E + e[:, None]) * n_chunks) * BLOCK_N + n[None, :]
-    G = E // group_E
-    dBC_off = ((b64 * G + g) * N + n[:, None]) * L  # dB/dC are contiguous (B, G, N, L)
-    grad_row = (b64 * E + e[:, None]) * L  # du/ddelta/dz are contiguous (B, E, L)
-
-    r_next = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)  # adjoint at the first step of the following chunk
-    dA_acc = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
-    dD_acc = tl.zeros((BLOCK_E,), tl.float32)
-    dbias_acc = tl.zeros((BLOCK_E,), tl.float32)
-    for ci in range(n_chunks):
-        c = n_chunks - 1 - ci
-        s = c * T + col
-        s_ok = s < L
-        t = (L - 1 - s) if REVERSE else s
-        m = e_ok[:, None] & s_ok[None, :]
-        mn = n_ok[:, None] & s_ok[None, :]
-        # Step s+1 (the next one in scan order) for the adjoint's decay; beyond L it is unused (adjoint 0).
-        s1_ok = (s + 1) < L
-        t1 = (L - 2 - s) if REVERSE else (s + 1)
-        h0 = tl.load(st_row + c * BLOCK_N, mask=e_ok[:, None], other=0.0)
-        u = tl.load(u_row + t[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
-        dt, raw = _load_delta(d_row, t[None, :] * s_dl, m, bias[:, None], HAS_BIAS, SOFTPLUS)
-        dt1, _ = _load_delta(d_row, t1[None, :] * s_dl, e_ok[:, None] & s1_ok[None, :], bias[:, None], HAS_BIAS,
-                             SOFTPLUS)
-        Bt = tl.load(B_row + t[None, :] * s_Bl, mask=mn, other=0.0).to(tl.float32)
-        Ct = tl.load(C_row + t[None, :] * s_Cl, mask=mn, other=0.0).to(tl.float32)
-        dout = tl.load(go_row + t[None, :] * s_gl, mask=m, other=0.0).to(tl.float32)
-
-        # Recompute the chunk's states.
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        x = (dt * u)[:, None, :] * Bt[None, :, :]
-        a_cum, x_cum = tl.associative_scan((a, x), axis=2, combine_fn=_affine_combine)
-        hs = x_cum + a_cum * h0[:, :, None]
-
-        # Gate.
-        if HAS_Z:
-            zt = tl.load(z_row + t[None, :] * s_zl, mask=m, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(zt)
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
-            if HAS_D:
-                y += D[:, None] * u
-            dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
-            if ACCUMULATE:
-                dz += tl.load(dz_ptr + grad_row + t[None, :], mask=m, other=0.0).to(tl.float32)
-            tl.store(dz_ptr + grad_row + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
-            gy = dout * zt * sig
-        else:
-            gy = dout
-
-        # Adjoint: r_t = C_t g_t + a_{t+1} r_{t+1}, carried in from the following chunk.
-        a1 = tl.exp2(dt1[:, None, :] * A2[:, :, None])
-        p_cum, q_cum = tl.associative_scan((a1, Ct[None, :, :] * gy[:, None, :]), axis=2,
-                                           combine_fn=_affine_combine, reverse=True)
-        r = q_cum + p_cum * r_next[:, :, None]
-        r_next = tl.sum(tl.where(col[None, None, :] == 0, r, 0.0), axis=2)
-
-        ah_prev = hs - x  # a_t h_{t-1}
-        rB = tl.sum(r * Bt[None, :, :], axis=1)
-        du = dt * rB
-        if HAS_D:
-            du += D[:, None] * gy
-            dD_acc += tl.sum(gy * u, axis=1)
-        ddt = u * rB + tl.sum(r * A[:, :, None] * ah_prev, axis=1)
-        dA_acc += tl.sum(r * ah_prev * dt[:, None, :], axis=2)
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(raw)
-        ddt = tl.where(m, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(du_ptr + grad_row + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m)
-        tl.store(ddelta_ptr + grad_row + t[None, :], ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
-        dB = tl.sum(r * (dt * u)[:, None, :], axis=0)
-        dC = tl.sum(hs * gy[:, None, :], axis=0)
-        tl.atomic_add(dB_ptr + dBC_off + t[None, :], dB, mask=mn, sem="relaxed")
-        tl.atomic_add(dC_ptr + dBC_off + t[None, :], dC, mask=mn, sem="relaxed")
-
-    tl.atomic_add(dA_ptr + e[:, None] * N + n[None, :], dA_acc, mask=en_ok, sem="relaxed")
-    if HAS_D:
-        tl.atomic_add(dD_ptr + e, dD_acc, mask=e_ok, sem="relaxed")
-    if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + e, dbias_acc, mask=e_ok, sem="relaxed")
+    return e, n, e_ok, n_ok, ne_ok, (pid_e * BLOCK_E) // group_E, A, bias
 
 
 @triton.jit
@@ -388,7 +215,7 @@ def _store_summary(seg_v_ptr, seg_dt_ptr, b64, n_seg, seg, v, dt_sum, n, e, ne_o
 
 
 @triton.jit
-def _scan_fwd_time_major_kernel(
+def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr, seg_h_ptr, seg_dt_ptr,
     E, L, N, group_E, n_saved, seg_tiles, n_seg,
     s_ub, s_ue, s_ul, s_db, s_de, s_dl,
@@ -402,21 +229,14 @@ def _scan_fwd_time_major_kernel(
     thread, so the chunk scan runs serially in-thread with no shuffles. Program (pid_e, pid_b, pid_s) walks
     segment pid_s of L (seg_tiles tiles of T steps; n_seg = 1: all of L). SUMMARY: only the segment's end
     state from a zero start and its delta sum (_fold_segments_kernel turns them into each segment's start
-    state). Otherwise the
-    outputs, and (STORE_STATES) the state at every SAVE_EVERY-th tile start for the backward."""
-    pid_e, pid_b, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b64 = pid_b.to(tl.int64)
-    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    n = tl.arange(0, BLOCK_N)
+    state). Otherwise the outputs, and (STORE_STATES) the state at every SAVE_EVERY-th tile start for the
+    backward."""
+    pid_s = tl.program_id(2)
+    b64 = tl.program_id(1).to(tl.int64)
+    e, n, e_ok, n_ok, ne_ok, g, A, bias = _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS, BLOCK_E,
+                                                         BLOCK_N)
+    A2 = A * 1.4426950408889634  # exp(x) = exp2(x log2 e)
     col = tl.arange(0, T)
-    e_ok, n_ok = e < E, n < N
-    ne_ok = n_ok[:, None] & e_ok[None, :]
-    g = (pid_e * BLOCK_E) // group_E
-    A2 = tl.load(A_ptr + n[:, None] + e[None, :] * N, mask=ne_ok, other=0.0) * 1.4426950408889634
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
-    else:
-        bias = tl.zeros((BLOCK_E,), tl.float32)
     if HAS_D:
         D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
     u_base, d_base = u_ptr + b64 * s_ub, delta_ptr + b64 * s_db
@@ -468,7 +288,7 @@ def _scan_fwd_time_major_kernel(
 
 
 @triton.jit
-def _scan_bwd_time_major_kernel(
+def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr, scratch_ptr,
     seg_r_ptr, du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
     E, L, N, group_E, n_chunks, seg_chunks, n_seg,
@@ -479,34 +299,24 @@ def _scan_bwd_time_major_kernel(
     SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, SUB: tl.constexpr,
 ):
-    """The backward of _scan_bwd_kernel on a time-major (T, N, E) state tile. Triton's default layout
-    spreads the trailing axes (E, then N) over lanes and repeats the leading one in registers, so each
-    thread holds a chunk's T steps: both scans run serially in-thread (no shuffles) and the sums over N are
-    mostly in-thread, ~2.4x fewer instructions per element than the time-last tile. But each program walks
-    L serially with little parallel work: it needs many (batch, channel) rows (default_config).
+    """Gradients of one direction on a time-major (T, N, E) state tile: each thread holds a tile's T steps,
+    so both scans run serially in-thread (no shuffles) and the sums over N are mostly in-thread (~2.4x fewer
+    instructions per element than round 2's time-last tile, whose scans shuffled across lanes).
 
     The forward saved a state every SUB * T steps. With SUB > 1 each saved chunk is first walked forward
-    to get its SUB sub-chunk start states, which go to a per-program scratch slot (L2-resident); then its
-    sub-chunks are differentiated in reverse. At SUB = 4 this keeps the forward's 16-step state spacing
-    (4x less saved-state memory than 4-step chunks) for a partial second recompute.
+    to get its SUB sub-tile start states, which go to a per-program scratch slot (L2-resident); then its
+    sub-tiles are differentiated in reverse. Saved states far apart cost little memory (default_config)
+    for a partial second recompute.
 
     Program (pid_e, pid_b, pid_s) differentiates segment pid_s of L (seg_chunks saved chunks); its incoming
     adjoint comes from the summaries of the segments after it (_adjoint_summary_kernel, then
     _fold_segments_kernel) when SPLIT."""
     pid_e, pid_b, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
-    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    n = tl.arange(0, BLOCK_N)
-    col = tl.arange(0, T)
-    e_ok, n_ok = e < E, n < N
-    ne_ok = n_ok[:, None] & e_ok[None, :]  # the (N, E) plane of per-state values
-    g = (pid_e * BLOCK_E) // group_E
-    A = tl.load(A_ptr + n[:, None] + e[None, :] * N, mask=ne_ok, other=0.0)
+    e, n, e_ok, n_ok, ne_ok, g, A, bias = _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS, BLOCK_E,
+                                                         BLOCK_N)
     A2 = A * 1.4426950408889634
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
-    else:
-        bias = tl.zeros((BLOCK_E,), tl.float32)
+    col = tl.arange(0, T)
     if HAS_D:
         D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
     st_plane = state_ptr + n[:, None] + ((b64 * E + e) * n_chunks * BLOCK_N)[None, :]
@@ -639,19 +449,12 @@ def _adjoint_summary_kernel(
     """For segment seg = pid_s + 1 of L: the adjoint at its first step from a zero adjoint after it, and
     the sum of delta over its steps shifted by one (the adjoint decays by exp(delta_{t+1} A) from t + 1 to
     t). It needs no state: r_t = C_t g_t + a_{t+1} r_{t+1} with g_t = dout_t silu(z_t)."""
-    pid_e, pid_b, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2) + 1
-    b64 = pid_b.to(tl.int64)
-    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    n = tl.arange(0, BLOCK_N)
+    seg = tl.program_id(2) + 1
+    b64 = tl.program_id(1).to(tl.int64)
+    e, n, e_ok, n_ok, ne_ok, g, A, bias = _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS, BLOCK_E,
+                                                         BLOCK_N)
+    A2 = A * 1.4426950408889634
     col = tl.arange(0, T)
-    e_ok, n_ok = e < E, n < N
-    ne_ok = n_ok[:, None] & e_ok[None, :]
-    g = (pid_e * BLOCK_E) // group_E
-    A2 = tl.load(A_ptr + n[:, None] + e[None, :] * N, mask=ne_ok, other=0.0) * 1.4426950408889634
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
-    else:
-        bias = tl.zeros((BLOCK_E,), tl.float32)
     first = (col == 0)[:, None, None]
 
     r_next = tl.zeros_like(A2)
@@ -733,21 +536,17 @@ def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None,
         flags = dict(REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
                      SOFTPLUS=softplus, ACCUMULATE=i > 0, STORE_STATES=store_states, BLOCK_E=block_e,
                      BLOCK_N=block_n, num_warps=cfg.num_warps_fwd)
-        if cfg.fwd_time_major:
-            save_every = cfg.chunk // cfg.fwd_steps
-            seg_tiles, n_seg = _segments(triton.cdiv(L, cfg.fwd_steps), cfg.fwd_segments, save_every)
-            seg_h, seg_dt = _summary_buffers(Bsz, n_seg, E, block_n, u0.device) if n_seg > 1 else (out, out)
-            sizes = [E, L, N, E // G, n_chunks, seg_tiles, n_seg, *strides]
-            grid = (triton.cdiv(E, block_e), Bsz)
-            tm = dict(T=cfg.fwd_steps, SAVE_EVERY=save_every, SPLIT=n_seg > 1, **flags)
-            if n_seg > 1:
-                _scan_fwd_time_major_kernel[(*grid, n_seg - 1)](*args, seg_h, seg_dt, *sizes, SUMMARY=True, **tm)
-                _fold_segments_kernel[grid](seg_h, seg_dt, d.A, E, N, n_seg, BACKWARD=False, BLOCK_E=block_e,
-                                            BLOCK_N=block_n)
-            _scan_fwd_time_major_kernel[(*grid, n_seg)](*args, seg_h, seg_dt, *sizes, SUMMARY=False, **tm)
-        else:
-            _scan_fwd_kernel[(triton.cdiv(E, block_e), Bsz)](*args, E, L, N, E // G, n_chunks, *strides,
-                                                             T=cfg.chunk, **flags)
+        save_every = cfg.chunk // cfg.fwd_steps
+        seg_tiles, n_seg = _segments(triton.cdiv(L, cfg.fwd_steps), cfg.fwd_segments, save_every)
+        seg_h, seg_dt = _summary_buffers(Bsz, n_seg, E, block_n, u0.device) if n_seg > 1 else (out, out)
+        sizes = [E, L, N, E // G, n_chunks, seg_tiles, n_seg, *strides]
+        grid = (triton.cdiv(E, block_e), Bsz)
+        tm = dict(T=cfg.fwd_steps, SAVE_EVERY=save_every, SPLIT=n_seg > 1, **flags)
+        if n_seg > 1:
+            _scan_fwd_kernel[(*grid, n_seg - 1)](*args, seg_h, seg_dt, *sizes, SUMMARY=True, **tm)
+            _fold_segments_kernel[grid](seg_h, seg_dt, d.A, E, N, n_seg, BACKWARD=False, BLOCK_E=block_e,
+                                        BLOCK_N=block_n)
+        _scan_fwd_kernel[(*grid, n_seg)](*args, seg_h, seg_dt, *sizes, SUMMARY=False, **tm)
         states.append(st)
     return out, states
 
@@ -781,24 +580,21 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
         flags = dict(REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
                      SOFTPLUS=softplus, ACCUMULATE=i > 0, BLOCK_E=block_e, BLOCK_N=block_n,
                      num_warps=cfg.num_warps_bwd)
-        if cfg.bwd_time_major:
-            sub = cfg.bwd_sub_chunks
-            seg_chunks, n_seg = _segments(n_chunks, cfg.bwd_segments)
-            seg_r, seg_dt = _summary_buffers(Bsz, n_seg, E, block_n, u0.device) if n_seg > 1 else (dA, dA)
-            if n_seg > 1:
-                _adjoint_summary_kernel[(*grid, n_seg - 1)](
-                    d.delta, d.A, d.C, zz, ptrs[7], dout, seg_r, seg_dt, E, L, N, E // G, seg_chunks * cfg.chunk,
-                    n_seg, *d.delta.stride(), *d.C.stride(), *zz.stride(), *dout.stride(), REVERSE=rev,
-                    HAS_Z=z is not None, HAS_BIAS=d.bias is not None, SOFTPLUS=softplus, BLOCK_E=block_e,
-                    BLOCK_N=block_n, T=cfg.chunk // sub, num_warps=cfg.num_warps_bwd)
-                _fold_segments_kernel[grid](seg_r, seg_dt, d.A, E, N, n_seg, BACKWARD=True, BLOCK_E=block_e,
-                                            BLOCK_N=block_n)
-            scratch = torch.empty(grid[0] * Bsz * n_seg * sub * block_e * block_n, **f32) if sub > 1 else dA
-            _scan_bwd_time_major_kernel[(*grid, n_seg)](*ptrs, scratch, seg_r, *outs, E, L, N, E // G, n_chunks,
-                                                        seg_chunks, n_seg, *strides, T=cfg.chunk // sub, SUB=sub,
-                                                        SPLIT=n_seg > 1, **flags)
-        else:
-            _scan_bwd_kernel[grid](*ptrs, *outs, E, L, N, E // G, n_chunks, *strides, T=cfg.chunk, **flags)
+        sub = cfg.bwd_sub_chunks
+        seg_chunks, n_seg = _segments(n_chunks, cfg.bwd_segments)
+        seg_r, seg_dt = _summary_buffers(Bsz, n_seg, E, block_n, u0.device) if n_seg > 1 else (dA, dA)
+        if n_seg > 1:
+            _adjoint_summary_kernel[(*grid, n_seg - 1)](
+                d.delta, d.A, d.C, zz, ptrs[7], dout, seg_r, seg_dt, E, L, N, E // G, seg_chunks * cfg.chunk,
+                n_seg, *d.delta.stride(), *d.C.stride(), *zz.stride(), *dout.stride(), REVERSE=rev,
+                HAS_Z=z is not None, HAS_BIAS=d.bias is not None, SOFTPLUS=softplus, BLOCK_E=block_e,
+                BLOCK_N=block_n, T=cfg.chunk // sub, num_warps=cfg.num_warps_bwd)
+            _fold_segments_kernel[grid](seg_r, seg_dt, d.A, E, N, n_seg, BACKWARD=True, BLOCK_E=block_e,
+                                        BLOCK_N=block_n)
+        scratch = torch.empty(grid[0] * Bsz * n_seg * sub * block_e * block_n, **f32) if sub > 1 else dA
+        _scan_bwd_kernel[(*grid, n_seg)](*ptrs, scratch, seg_r, *outs, E, L, N, E // G, n_chunks,
+                                                    seg_chunks, n_seg, *strides, T=cfg.chunk // sub, SUB=sub,
+                                                    SPLIT=n_seg > 1, **flags)
         grads.append(_Direction(du, ddelta, dA, dB.to(d.B.dtype), dC.to(d.C.dtype),
                                 None if dD is None else dD.to(d.D.dtype),
                                 None if dbias is None else dbias.to(d.bias.dtype)))
