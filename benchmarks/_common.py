@@ -36,13 +36,13 @@ def scan_config(rows: int):
     spec = os.environ.get("SCAN_CONFIG", "")
     if not spec:
         return cfg
-    types = {f.name: f.type for f in fields(ScanConfig)}
+    names = {f.name for f in fields(ScanConfig)}
     overrides = {}
     for item in spec.split(","):
         key, _, value = item.partition("=")
-        if key not in types:
-            raise SystemExit(f"SCAN_CONFIG: unknown field {key!r}; ScanConfig has {sorted(types)}")
-        overrides[key] = bool(int(value)) if types[key] in (bool, "bool") else int(value)
+        if key not in names:
+            raise SystemExit(f"SCAN_CONFIG: unknown field {key!r}; ScanConfig has {sorted(names)}")
+        overrides[key] = int(value)
     return replace(cfg, **overrides)
 
 
