@@ -88,5 +88,5 @@ def write_results(stem: str, rows: list[dict], columns: list[str], title: str,
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     meta = {"device": device, "torch": torch.__version__, "triton": __import__("triton").__version__,
             **(setup or {})}
-    header = [f"# {title}", "", f"{device}; torch {meta['torch']}, triton {meta['triton']}."]
+    header = [f"# {title}", "", f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}."]
     write_result_files(results_dir, stem, meta, rows, columns, header, list(notes))

@@ -224,6 +224,11 @@ def main() -> None:
         print(row, flush=True)
         del x, x_b
         torch.cuda.empty_cache()
+    report(rows, copy_gbs)
+
+
+def report(rows: list[dict], copy_gbs: float, setup: dict | None = None) -> None:
+    """benchmarks/results/scan.{json,md} from the rows main() measured."""
     columns = ["shape", "ours fwd ms", "mamba fwd ms", "speedup fwd", "ours fwd+bwd ms", "mamba fwd+bwd ms",
                "speedup fwd+bwd", "bidir ours fwd+bwd ms", "bidir mamba fwd+bwd ms", "bidir speedup fwd",
                "bidir speedup fwd+bwd", "ours fwd GB/s", "ours fwd % of copy bw", "ours peak GiB", "mamba peak GiB",
@@ -239,7 +244,7 @@ def main() -> None:
                      f"{first['ref fwd+bwd ms']:.1f} ms fwd+bwd; max relative error of output and gradients vs "
                      f"the fp32 reference on the same bf16 inputs: {errs}.")
     write_results("scan", rows, columns, "Selective scan: Triton (ours) vs mamba-ssm CUDA, bf16, N=16, with z",
-                  setup={"copy GB/s": copy_gbs}, notes=notes)
+                  setup={"copy GB/s": copy_gbs, **(setup or {})}, notes=notes)
 
 
 if __name__ == "__main__":
