@@ -131,7 +131,13 @@ def _softplus(x):
 def _load_delta(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """delta as the recurrence uses it (bias, broadcast to offs; softplus) and the pre-softplus value; 0
     outside `mask`."""
-    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return _delta(tl.load(delta_ptr + offs, mask=mask, other=0.0), mask, bias, HAS_BIAS, SOFTPLUS)
+
+
+@triton.jit
+def _delta(loaded, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """_load_delta on an already loaded tile."""
+    raw = loaded.to(tl.float32)
     if HAS_BIAS:
         raw += bias
     dt = raw
@@ -166,10 +172,38 @@ def _chunk_states(u_ptr, delta_ptr, B_ptr, t, e, n, m, mn, bias, A2, h0, s_ue, s
     u = tl.load(u_ptr + t[:, None] * s_ul + e[None, :] * s_ue, mask=m, other=0.0).to(tl.float32)
     dt, raw = _load_delta(delta_ptr, t[:, None] * s_dl + e[None, :] * s_de, m, bias[None, :], HAS_BIAS, SOFTPLUS)
     Bt = tl.load(B_ptr + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=mn, other=0.0).to(tl.float32)
+    x, hs = _tile_states(u, dt, Bt, A2, h0)
+    return u, dt, raw, Bt, x, hs
+
+
+@triton.jit
+def _tile_states(u, dt, Bt, A2, h0):
+    """A tile's inputs x = delta u B and states (T, N, E) from u, delta (T, E), B (T, N) and the start state."""
     x = (dt * u)[:, None, :] * Bt[:, :, None]
     a = tl.exp2(dt[:, None, :] * A2[None, :, :])
     a_cum, x_cum = tl.associative_scan((a, x), axis=0, combine_fn=_affine_combine)
-    return u, dt, raw, Bt, x, x_cum + a_cum * h0[None, :, :]
+    return x, x_cum + a_cum * h0[None, :, :]
+
+
+@triton.jit
+def _fwd_tile_loads(c, L, u_ptr, d_ptr, B_ptr, C_ptr, z_ptr, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
+                    s_Cn, s_Cl, s_ze, s_zl, REVERSE: tl.constexpr, NEED_C: tl.constexpr, NEED_Z: tl.constexpr,
+                    T: tl.constexpr):
+    """Tile c's u, delta, B, C (NEED_C) and z (NEED_Z) as stored (0 past L); B and u stand in for C and z
+    when those are not needed."""
+    s = c * T + tl.arange(0, T)
+    t = (L - 1 - s) if REVERSE else s
+    m = (s < L)[:, None] & e_ok[None, :]
+    mn = (s < L)[:, None] & n_ok[None, :]
+    u = tl.load(u_ptr + t[:, None] * s_ul + e[None, :] * s_ue, mask=m, other=0.0)
+    d = tl.load(d_ptr + t[:, None] * s_dl + e[None, :] * s_de, mask=m, other=0.0)
+    Bt = tl.load(B_ptr + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=mn, other=0.0)
+    Ct, zt = Bt, u
+    if NEED_C:
+        Ct = tl.load(C_ptr + t[:, None] * s_Cl + n[None, :] * s_Cn, mask=mn, other=0.0)
+    if NEED_Z:
+        zt = tl.load(z_ptr + t[:, None] * s_zl + e[None, :] * s_ze, mask=m, other=0.0)
+    return u, d, Bt, Ct, zt
 
 
 @triton.jit
@@ -250,34 +284,39 @@ def _scan_fwd_kernel(
     else:
         h = tl.zeros_like(A2)
     dt_sum = tl.zeros((BLOCK_E,), tl.float32)
-    n_tiles = tl.cdiv(L, T)
     c0 = pid_s * seg_tiles
-    for c in range(c0, tl.minimum(c0 + seg_tiles, n_tiles)):
+    C_base = C_ptr + b64 * s_Cb + g * s_Cg
+    z_base = z_ptr + b64 * s_zb
+    # Software pipelining by hand (Triton pipelines only loads that feed dots): tile c + 1's loads are issued
+    # before tile c's scan, so their latency overlaps its compute. Past L they are masked off.
+    NEED_C: tl.constexpr = not SUMMARY
+    NEED_Z: tl.constexpr = HAS_Z and not SUMMARY
+    u_n, d_n, B_n, C_n, z_n = _fwd_tile_loads(c0, L, u_base, d_base, B_base, C_base, z_base, e, n, e_ok, n_ok,
+                                              s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ze, s_zl, REVERSE,
+                                              NEED_C, NEED_Z, T)
+    for c in range(c0, tl.minimum(c0 + seg_tiles, tl.cdiv(L, T))):
+        u_c, d_c, B_c, C_c, z_c = u_n, d_n, B_n, C_n, z_n
+        u_n, d_n, B_n, C_n, z_n = _fwd_tile_loads(c + 1, L, u_base, d_base, B_base, C_base, z_base, e, n, e_ok,
+                                                  n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ze, s_zl,
+                                                  REVERSE, NEED_C, NEED_Z, T)
         if STORE_STATES and not SUMMARY:
             if c % SAVE_EVERY == 0:
                 tl.store(st_plane + (c // SAVE_EVERY) * BLOCK_N, h, mask=ne_ok)
         s = c * T + col
-        s_ok = s < L
         t = (L - 1 - s) if REVERSE else s
-        m = s_ok[:, None] & e_ok[None, :]  # (T, E)
-        mn = s_ok[:, None] & n_ok[None, :]  # (T, N)
-        if not SUMMARY:
-            # Issued before the scan: each program walks its segment serially, so load latency must overlap.
-            Ct = tl.load(C_ptr + b64 * s_Cb + g * s_Cg + t[:, None] * s_Cl + n[None, :] * s_Cn, mask=mn,
-                         other=0.0).to(tl.float32)
-            if HAS_Z:
-                zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m,
-                             other=0.0).to(tl.float32)
-        u, dt, _, _, _, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h, s_ue, s_ul, s_de,
-                                           s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
+        m = (s < L)[:, None] & e_ok[None, :]  # (T, E)
+        u = u_c.to(tl.float32)
+        dt, _ = _delta(d_c, m, bias[None, :], HAS_BIAS, SOFTPLUS)
+        _, hs = _tile_states(u, dt, B_c.to(tl.float32), A2, h)
         h = tl.sum(tl.where(last, hs, -0.0), axis=0)
         if SUMMARY:
             dt_sum += tl.sum(dt, axis=0)
         else:
-            y = tl.sum(hs * Ct[:, :, None], axis=1)
+            y = tl.sum(hs * C_c.to(tl.float32)[:, :, None], axis=1)
             if HAS_D:
                 y += D[None, :] * u
             if HAS_Z:
+                zt = z_c.to(tl.float32)
                 y *= zt * tl.sigmoid(zt)
             o_offs = out_ptr + b64 * s_ob + t[:, None] * s_ol + e[None, :] * s_oe
             if ACCUMULATE:
