@@ -84,7 +84,7 @@ def default_config(d_state: int, rows: int) -> ScanConfig:
     """Launch shape measured best on an H200 for d_state 16 (benchmarks/results/sweep_round4.txt), `rows`
     being batch x channels (B E).
 
-    Forward: 8-step tiles, 1 warp, 8 channels a program with many rows (S 8f b16: 0.39 ms against 0.80 ms
+    Forward: 8-step tiles, 1 warp, 8 channels a program with many rows (S 8f b16: 0.40 ms against 0.80 ms
     for round 3's time-last kernel), 16 with few rows, whose L is then split into segments up to ~3072
     programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05 for round 3's time-last kernel).
     Backward: 16 channels x 4 steps on 2 warps; few rows split L up to ~6144 programs (Ti 64f b4: 64
