@@ -9,17 +9,13 @@ shows up as NaN. Errors are ‖out − ref‖ / ‖ref‖ against the reference 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from models import ops
 from models.ops.ref import rms_norm_ref
 from models.ops.triton_norm import MAX_D, add_rms_norm_triton
+from tests._interpreter import run_interp_subset
 from tests.test_triton_scan import DEVICE, INTERPRET, TOL, _nan_padded, _rel, needs_kernel_device, poison_empty
 
 __all__ = ["poison_empty"]  # a fixture: pytest finds it in this module's namespace
@@ -231,12 +227,4 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_kernels_under_triton_interpreter():
     """CPU CI: the `interp` subset above, run by Triton's interpreter in a fresh interpreter process."""
-    if INTERPRET or torch.cuda.is_available():
-        pytest.skip("the kernel tests themselves run in this session")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "interp", __file__],
-        env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "11 passed" in result.stdout, result.stdout[-2000:]
+    run_interp_subset(__file__, expected_passed=11, timeout_s=300)

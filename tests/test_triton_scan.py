@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +23,7 @@ from models.ops.triton_scan import (
     default_config,
     selective_scan_triton,
 )
+from tests._interpreter import run_interp_subset
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -343,15 +341,7 @@ def test_videomamba_bf16_masked_grads_match_fp32_reference():
 
 def test_kernels_under_triton_interpreter():
     """CPU CI: the `interp` subset above, run by Triton's interpreter in a fresh interpreter process."""
-    if INTERPRET or torch.cuda.is_available():
-        pytest.skip("the kernel tests themselves run in this session")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "interp", __file__],
-        env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "8 passed" in result.stdout, result.stdout[-2000:]
+    run_interp_subset(__file__, expected_passed=8, timeout_s=600)
 
 
 def test_bad_inputs_raise_clear_errors():
