@@ -1,9 +1,13 @@
 """Streaming loader on real shards: batch contract, seeding, worker processes, equal eval batches across
-ranks (pad / drop), the fewer-shards-than-readers error, and corrupt samples (skipped, counted, limit)."""
+ranks (pad / drop), the fewer-shards-than-readers error, corrupt samples (skipped, counted, limit), and
+nominal epochs (boundaries, seeds, resume, worker processes kept across boundaries)."""
 
 from __future__ import annotations
 
+import gc
+import itertools
 import json
+import multiprocessing
 import os
 import random
 
@@ -15,7 +19,7 @@ import webdataset as wds
 from pipeline.config import DataConfig, MaskConfig
 from pipeline.data.encode import encode_h264
 from pipeline.data.keys import sample_id
-from pipeline.data.reader import DataQualityError, build_loader, choose_caption
+from pipeline.data.reader import DataQualityError, build_loader, choose_caption, worker_epoch_shares
 from pipeline.data.shards import make_shards
 
 
@@ -74,21 +78,43 @@ def test_resumed_loader_draws_the_masks_of_an_uninterrupted_one(tiny_synthetic):
     assert not all(torch.equal(a, b) for a, b in zip(other_rank, straight, strict=True))
 
 
+@pytest.mark.parametrize("batches_done", [0, 1, 3])
+@pytest.mark.parametrize("num_workers", [1, 2, 3])
+def test_worker_epoch_shares_follow_the_round_robin(num_workers, batches_done):
+    # Reference: the DataLoader hands out the n-th batch after the start from worker n % W, and that batch is
+    # the (batches_done + n)-th of the run, in epoch 2 + (batches_done + n) // 3 (3 batches per epoch).
+    planned = {}  # epoch -> [(epoch-local index, slot)]
+    for worker in range(num_workers):
+        shares = worker_epoch_shares(2, batches_done, 3, worker, num_workers)
+        n = worker
+        for epoch, slot, share in itertools.islice(shares, 12):
+            for _ in range(share):
+                assert epoch == 2 + (batches_done + n) // 3
+                planned.setdefault(epoch, []).append(((batches_done + n) % 3, slot))
+                n += num_workers
+    # every batch planned once (the started epoch: those not handed out yet); a batch's slot is its turn in its epoch
+    assert sorted(planned.get(2, [])) == [(i, i % num_workers) for i in range(batches_done, 3)]
+    for epoch in range(3, 6):
+        assert sorted(planned[epoch]) == [(i, i % num_workers) for i in range(3)]
+    assert list(worker_epoch_shares(5, 0, None, 1, 2)) == [(5, 1, None)]  # one endless epoch
+
+
 @pytest.mark.timeout(120)
-def test_samples_per_epoch_sets_epoch_boundaries_and_seeds(tiny_synthetic):
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_samples_per_epoch_sets_epoch_boundaries_and_seeds(tiny_synthetic, num_workers):
     shards = tiny_synthetic["train_shards"]  # 8 clips listed in the manifest
     assert build_loader(data_cfg(train_shards=shards), "train", 0, 2).batches_per_epoch == 2  # 8 / (2 ranks x 2)
-    cfg = data_cfg(train_shards=shards, samples_per_epoch=6, num_workers=1)
+    cfg = data_cfg(train_shards=shards, samples_per_epoch=6, num_workers=num_workers)
     keys = lambda batches: [b["key"] for b in batches]
     loader = build_loader(cfg, "train", 0, 1, seed=2)
-    assert loader.batches_per_epoch == 3
+    assert loader.batches_per_epoch == 3  # with 2 workers an epoch starts on alternate workers
     seen, epochs = [], []
     for batch in loader:
         seen.append(batch)
         epochs.append(loader.epoch)
-        if len(seen) == 7:
+        if len(seen) == 9:
             break
-    assert epochs == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2, 7 / 3])
+    assert epochs == pytest.approx([i / 3 for i in range(1, 10)])
     # epoch e's batches are the stream seeded with e: the same as a loader started at that epoch
     assert keys(seen[3:6]) == keys(first_batches(build_loader(cfg, "train", 0, 1, epoch=1, seed=2), 3))
     assert keys(seen[3:6]) != keys(seen[:3])
@@ -99,12 +125,33 @@ def test_samples_per_epoch_sets_epoch_boundaries_and_seeds(tiny_synthetic):
     resumed = build_loader(cfg, "train", 0, 1, seed=2)
     resumed.load_state_dict(stopped.state_dict())
     assert resumed.epoch == pytest.approx(4 / 3)
-    after = first_batches(resumed, 3)
-    assert resumed.epoch == pytest.approx(7 / 3)
+    after = first_batches(resumed, 5)
+    assert resumed.epoch == pytest.approx(3)
     assert keys(after[:2]) != keys(seen[4:6])  # a new segment: no replay of the uninterrupted order
-    assert keys(after[2:]) == keys(seen[6:])
+    assert keys(after[2:]) == keys(seen[6:9])
     with pytest.raises(ValueError, match="data.samples_per_epoch"):
         data_cfg(samples_per_epoch=0)
+
+
+@pytest.mark.timeout(120)
+def test_epoch_boundaries_keep_the_worker_processes(tiny_synthetic):
+    # Workers reseed themselves at epoch boundaries: the processes that served the first batch serve every
+    # batch across 3 boundaries (restarting them costs seconds of imports and the prefetched batches).
+    cfg = data_cfg(train_shards=tiny_synthetic["train_shards"], samples_per_epoch=4, num_workers=2)
+    gc.collect()  # workers of earlier tests' abandoned loaders
+    before = {p.pid for p in multiprocessing.active_children()}
+    loader = build_loader(cfg, "train", 0, 1, seed=5)
+    assert loader.batches_per_epoch == 2
+    iterator = iter(loader)
+    try:
+        serving = []
+        for _ in range(7):
+            next(iterator)
+            serving.append({p.pid for p in multiprocessing.active_children()} - before)
+        assert loader.epoch == pytest.approx(3.5)
+        assert len(serving[0]) == 2 and all(pids == serving[0] for pids in serving)
+    finally:
+        iterator.close()  # shuts the workers down
 
 
 @pytest.mark.timeout(120)

@@ -6,10 +6,11 @@
     loader.stats                                   # samples read / skipped, shard errors
 
 train: every (rank, loader worker) resamples shards with replacement from the whole list with its own
-seed (seed, epoch, segment, rank, worker), shuffles samples in a buffer, and yields full batches forever.
+seed (seed, epoch, segment, rank, slot), shuffles samples in a buffer, and yields full batches forever.
 Epochs are nominal (resampling has no true end): every `data.samples_per_epoch` samples (over all ranks;
-default the manifests' count) the stream restarts with the next epoch's seed. A resume continues the
-epoch it stopped in with a fresh stream segment (new seed, no replay) and the remaining batches.
+default the manifests' count) the stream moves on to the next epoch's seed. The worker processes stay up:
+each one reseeds itself after its share of the epoch's batches (`worker_epoch_shares`). A resume continues
+the epoch it stopped in with a fresh stream segment (new seed, no replay) and the remaining batches.
 
 eval: one exact pass. Shards are split by rank (urls[rank::world]) then by loader worker; every rank
 yields the SAME number of batches of the SAME size, computed from the manifests' sample counts, so
@@ -23,6 +24,7 @@ Corrupt samples are skipped, counted and logged; the loader raises DataQualityEr
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -96,15 +98,51 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def worker_epoch_shares(
+    epoch: int, batches_done: int, batches_per_epoch: int | None, worker: int, num_workers: int
+) -> Iterator[tuple[int, int, int | None]]:
+    """(epoch, slot, batches) for each nominal epoch a loader worker takes part in, from a stream started
+    `batches_done` batches into `epoch`: the worker yields `batches` batches seeded with `slot`, then moves on.
+
+    The DataLoader hands out its workers' batches round-robin, so the n-th batch after the start is worker
+    n % num_workers's: each worker can tell from that alone which of its batches belong to which epoch, and
+    reseed itself there without the main process restarting it. `slot` is the worker's turn counted from
+    the epoch's first batch, so an epoch's batches do not depend on where the stream started (a fresh loader
+    at that epoch yields them too). batches_per_epoch None: one endless epoch."""
+    if not batches_per_epoch:
+        yield epoch, worker, None
+        return
+    for e in itertools.count(epoch):
+        first = (e - epoch) * batches_per_epoch - batches_done  # epoch e's first batch, counted from the start
+        begin = max(first, 0)  # the started epoch's first `batches_done` batches were handed out before
+        mine = len(range(begin + (worker - begin) % num_workers, first + batches_per_epoch, num_workers))
+        if mine:
+            yield e, (worker - first) % num_workers, mine
+
+
 class ClipStream(IterableDataset):
     """The per-worker WebDataset pipeline: shards -> samples -> [shuffle] -> decode/transform -> batches."""
 
-    def __init__(self, cfg: DataConfig, split: str, urls: list[str], rank: int, world_size: int, epoch: int, seed: int):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        split: str,
+        urls: list[str],
+        rank: int,
+        world_size: int,
+        epoch: int,
+        seed: int,
+        batches_per_epoch: int | None = None,
+    ):
         super().__init__()
         self.cfg, self.split, self.urls = cfg, split, urls
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
+        self.batches_per_epoch = batches_per_epoch
+        """Train: this rank's batches per nominal epoch; None = one endless epoch."""
         self.segment = 0
-        """Restarts of the stream within an epoch (one per resume): each gets a fresh seed."""
+        """Restarts of the stream within `epoch` (one per resume): each gets a fresh seed."""
+        self.batches_done = 0
+        """Batches of `epoch` handed out before the stream starts (a resume); the workers yield the rest."""
         self.train = split == "train"
         self.caption_mode = cfg.caption_mode if cfg.caption_mode != "auto" else ("random" if self.train else "first")
         self.sampling = cfg.sampling if self.train else cfg.eval_sampling
@@ -113,14 +151,30 @@ class ClipStream(IterableDataset):
         register_fsspec_openers()  # also inside loader worker processes
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        state = np.random.SeedSequence([self.seed, self.epoch, self.segment, self.rank, worker])
-        rng = random.Random(int(state.generate_state(1)[0]))
         stats = {"worker": worker, "ok": 0, "bad": 0, "shard_errors": 0, "consecutive": 0, "errors": []}
-
-        if self.train:
-            shards = ({"url": rng.choice(self.urls)} for _ in iter(int, 1))  # endless resampling
-        else:
+        if not self.train:
+            rng = self._rng(self.epoch, self.segment, worker)
             shards = iter({"url": u} for u in self.urls[self.rank :: self.world_size][worker::num_workers])
+            yield from self._batches(shards, rng, stats)
+            return
+        shares = worker_epoch_shares(self.epoch, self.batches_done, self.batches_per_epoch, worker, num_workers)
+        for epoch, slot, share in shares:
+            rng = self._rng(epoch, self.segment if epoch == self.epoch else 0, slot)
+            batches = self._batches(({"url": rng.choice(self.urls)} for _ in iter(int, 1)), rng, stats)  # endless
+            yielded = 0
+            for batch in batches:
+                yield batch
+                yielded += "key" in batch  # stats-only messages are not batches
+                if yielded == share:  # never for share None: one endless epoch
+                    break
+            batches.close()  # the epoch's open shard
+
+    def _rng(self, epoch: int, segment: int, slot: int) -> random.Random:
+        state = np.random.SeedSequence([self.seed, epoch, segment, self.rank, slot])
+        return random.Random(int(state.generate_state(1)[0]))
+
+    def _batches(self, shards: Iterator[dict[str, str]], rng: random.Random, stats: dict) -> Iterator[dict[str, Any]]:
+        """Batches from the shards, each carrying the worker's counters (`stats`, updated here)."""
 
         def on_shard_error(err: Exception) -> bool:
             stats["shard_errors"] += 1
@@ -183,21 +237,22 @@ def _set_worker_threads(_: int) -> None:
 class VideoLoader:
     """Iterates the torch DataLoader, gathers worker counters, enforces the bad-sample limit,
     for eval re-batches so every rank yields `num_batches` batches of exactly `batch_size`, and adds
-    data-side masks (`keep`).
+    data-side masks (`keep`). For train it counts the batches of the nominal epoch (for `epoch` and the
+    resume state); the worker processes move on to the next epoch's seed by themselves.
 
     Masks are drawn here, in the main process, from one generator per rank (seed, rank) that is part of
     `state_dict()`: the i-th batch after a resume gets the mask the uninterrupted run gave its i-th batch
     after that point, whatever the worker processes and their per-epoch seeds do."""
 
-    def __init__(self, stream: ClipStream, num_batches: int | None, batches_per_epoch: int | None = None):
+    def __init__(self, stream: ClipStream, num_batches: int | None):
         self.stream, self.cfg = stream, stream.cfg
         self.num_batches = num_batches
-        self.batches_per_epoch = batches_per_epoch
+        self.batches_per_epoch = stream.batches_per_epoch
         """Train: this rank's batches per nominal epoch; None = one endless epoch."""
+        self._epoch, self._segment = stream.epoch, stream.segment  # where the batches handed out are now
         self.batches_in_epoch = 0
         self.stats = LoaderStats()
-        self._per_worker: dict[tuple[int, int], dict] = {}
-        self._runs = 0  # DataLoader iterations started (one per epoch or resume): keys the worker counters
+        self._per_worker: dict[int, dict] = {}
         self._mask_rng = None
         if self.cfg.mask.type in DATA_MASK_TYPES:
             self._mask_rng = np.random.default_rng(np.random.SeedSequence([stream.seed, stream.rank, _MASK_STREAM]))
@@ -213,13 +268,13 @@ class VideoLoader:
     def epoch(self) -> float:
         """The epoch in progress, with the fraction of it done (logged as `data/epoch`)."""
         done = self.batches_in_epoch / self.batches_per_epoch if self.batches_per_epoch else 0.0
-        return self.stream.epoch + done
+        return self._epoch + done
 
     def state_dict(self) -> dict[str, Any]:
         """Resume state: epoch, stream segment, batches of the epoch handed out, and the mask generator.
         A resumed training stream finishes the epoch with a fresh segment's seed (new shard and sample order)
         rather than replaying the batches already seen."""
-        state: dict[str, Any] = {"epoch": self.stream.epoch, "segment": self.stream.segment,
+        state: dict[str, Any] = {"epoch": self._epoch, "segment": self._segment,
                                  "batches_in_epoch": self.batches_in_epoch}  # fmt: skip
         if self._mask_rng is not None:
             state["mask_rng"] = self._mask_rng.bit_generator.state
@@ -227,10 +282,10 @@ class VideoLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "segment" in state:
-            self.stream.epoch, self.stream.segment = state["epoch"], state["segment"] + 1
+            self._epoch, self._segment = state["epoch"], state["segment"] + 1
             self.batches_in_epoch = state["batches_in_epoch"]
         else:  # a checkpoint from before epochs were counted: start the next epoch
-            self.stream.epoch = state["epoch"] + 1
+            self._epoch, self._segment, self.batches_in_epoch = state["epoch"] + 1, 0, 0
         if self._mask_rng is not None and "mask_rng" in state:  # absent: a checkpoint from before masks were saved
             self._mask_rng.bit_generator.state = state["mask_rng"]
 
@@ -248,21 +303,21 @@ class VideoLoader:
         self._check_quality(final=True)
 
     def _worker_batches(self) -> Iterator[dict[str, Any]]:
-        """One pass of the DataLoader over the stream as it is set now (epoch, segment)."""
-        self._runs += 1
-        run = self._runs
-        return (batch for batch in (self._account(run, b) for b in self.dataloader) if batch)
+        """One pass of the DataLoader over the stream, started where the loader is now (epoch, segment, batches
+        of the epoch handed out): the worker processes are forked here, with that copy of the stream."""
+        self.stream.epoch, self.stream.segment, self.stream.batches_done = (
+            self._epoch, self._segment, self.batches_in_epoch)  # fmt: skip
+        return (batch for batch in map(self._account, self.dataloader) if batch)
 
     def _train_batches(self) -> Iterator[dict[str, Any]]:
-        """Endless: restart the worker processes with the next epoch's seed every `batches_per_epoch` batches."""
-        while True:
+        """Endless. Counts the nominal epoch's batches; the workers switch seeds at the same boundaries."""
+        for batch in self._worker_batches():
             if self.batches_per_epoch and self.batches_in_epoch >= self.batches_per_epoch:
-                self.stream.epoch, self.stream.segment, self.batches_in_epoch = self.stream.epoch + 1, 0, 0
-            for batch in self._worker_batches():
-                self.batches_in_epoch += 1  # counted before the yield: state_dict() sees the batch handed out
-                yield self._add_masks(batch)
-                if self.batches_per_epoch and self.batches_in_epoch >= self.batches_per_epoch:
-                    break
+                # On the next batch, not right after the last: a state_dict() taken in between resumes at the
+                # boundary into the next epoch's usual segment 0, as the uninterrupted run goes on.
+                self._epoch, self._segment, self.batches_in_epoch = self._epoch + 1, 0, 0
+            self.batches_in_epoch += 1  # counted before the yield: state_dict() sees the batch handed out
+            yield self._add_masks(batch)
 
     def _add_masks(self, batch: dict[str, Any]) -> dict[str, Any]:
         """`keep` (B, T*P) bool for data-side mask types, drawn when the batch is handed out."""
@@ -273,9 +328,9 @@ class VideoLoader:
             batch["keep"] = torch.from_numpy(np.stack(masks))
         return batch
 
-    def _account(self, run: int, batch: dict[str, Any]) -> dict[str, Any]:
+    def _account(self, batch: dict[str, Any]) -> dict[str, Any]:
         worker_stats = batch.pop(_STATS_KEY)
-        self._per_worker[run, worker_stats["worker"]] = worker_stats  # counters restart with each run's workers
+        self._per_worker[worker_stats["worker"]] = worker_stats  # each worker's running totals
         workers = self._per_worker.values()
         self.stats.samples_ok = sum(w["ok"] for w in workers)
         self.stats.samples_bad = sum(w["bad"] for w in workers)
@@ -398,7 +453,8 @@ def build_loader(
         counts = shard_sample_counts(urls)
         per_rank = [sum(counts[r::world_size]) for r in range(world_size)]
         num_batches = eval_batch_count(per_rank, data_cfg.batch_size, data_cfg.eval_remainder)
-    return VideoLoader(ClipStream(data_cfg, split, urls, rank, world_size, epoch, seed), num_batches, batches_per_epoch)
+    stream = ClipStream(data_cfg, split, urls, rank, world_size, epoch, seed, batches_per_epoch)
+    return VideoLoader(stream, num_batches)
 
 
 def manifest_sample_total(urls: list[str]) -> int | None:
