@@ -154,6 +154,14 @@ def test_epoch_boundaries_keep_the_worker_processes(tiny_synthetic):
         iterator.close()  # shuts the workers down
 
 
+def test_loader_leaves_the_global_torch_rng_alone(tiny_synthetic):
+    # The model's random draws (dropout, drop path) must not depend on when a loader starts (e.g. a resume).
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    first_batches(build_loader(data_cfg(train_shards=tiny_synthetic["train_shards"]), "train", 0, 1), 2)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.timeout(120)
 def test_train_with_worker_processes_counts_samples(tiny_synthetic):
     cfg = data_cfg(train_shards=tiny_synthetic["train_shards"], num_workers=2)

@@ -262,6 +262,10 @@ class VideoLoader:
             num_workers=self.cfg.num_workers,
             worker_init_fn=_set_worker_threads if self.cfg.num_workers else None,
             prefetch_factor=2 if self.cfg.num_workers else None,
+            # Starting an iteration draws the workers' base seed (unused: ClipStream seeds itself) from this
+            # generator instead of the global torch RNG, so dropout / drop-path randomness does not depend on
+            # when the loader starts (a resume used to shift it by one draw).
+            generator=torch.Generator().manual_seed(0),
         )
 
     @property
