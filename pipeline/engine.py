@@ -14,6 +14,7 @@ such an update themselves (DeepSpeed's overflow check). Either way the same poli
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -290,12 +291,19 @@ class Trainer:
         """
         module = self.engine.module.trainable_module()
         frozen = {name: p for name, p in module.named_parameters() if not p.requires_grad}
-        if self.cfg.deepspeed.zero_stage != 3 or not frozen:
+        with self._gathered(list(frozen.values())):
             return {name: p.detach().cpu().clone() for name, p in frozen.items()}
+
+    @contextlib.contextmanager
+    def _gathered(self, params: list[torch.nn.Parameter]) -> Iterator[None]:
+        """Under ZeRO-3, `params` gathered whole for the block (a collective: every rank enters); else as is."""
+        if self.cfg.deepspeed.zero_stage != 3 or not params:
+            yield
+            return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(frozen.values()), modifier_rank=None):
-            return {name: p.detach().cpu().clone() for name, p in frozen.items()}
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
 
     def maybe_checkpoint(self, force: bool = False) -> None:
         if not force and self.step % self.cfg.checkpoint.interval_steps:
@@ -482,13 +490,9 @@ class Trainer:
     def export(self) -> str:
         """Rank 0 writes `<output_dir>/export/model.pt` (ZeRO-3 parameters gathered first; weights as fp32)."""
         module = self.engine.module.trainable_module()
-        if self.cfg.deepspeed.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-        else:
-            state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+        with self._gathered(list(module.parameters())):
+            # Cloned: gathered ZeRO-3 storage is released when the block ends.
+            state = {k: (v.detach().float() if v.is_floating_point() else v).cpu().clone()
                      for k, v in module.state_dict().items()}  # fmt: skip
         path = Path(self.cfg.output_dir) / "export" / "model.pt"
         if self.is_main:
