@@ -80,14 +80,23 @@ def _scan_inputs(Bsz, E, L, N, dtype, groups=0, gen=None):
     return u, delta, A, B, C, D, z, delta_bias
 
 
+def _time_major_nan_padded(t: torch.Tensor) -> torch.Tensor:
+    """`t` (..., X, L) stored time-major, X contiguous (as the projections produce it), NaN past its end."""
+    return _nan_padded(t.transpose(-1, -2).contiguous()).transpose(-1, -2)
+
+
 def _check_scan(Bsz, E, L, N, dtype, use_D=True, use_z=True, use_bias=True, softplus=True, groups=0,
-                config=None):
+                config=None, time_major=False):
     gen = torch.Generator(DEVICE).manual_seed(1000 * L + N)
     u, delta, A, B, C, D, z, bias = _scan_inputs(Bsz, E, L, N, dtype, groups, gen)
     if not softplus:  # without softplus the caller guarantees delta > 0 (else exp(delta A) grows without bound)
         delta = torch.nn.functional.softplus(delta.float() + bias[:, None]).to(dtype)
     D, z, bias = (D if use_D else None), (z if use_z else None), (bias if use_bias else None)
-    args = [_nan_padded(t) if t is not None else None for t in (u, delta, A, B, C, D, z, bias)]
+    pad = [_nan_padded] * 8
+    if time_major:  # u, delta, B, C, z
+        for i in (0, 1, 3, 4, 6):
+            pad[i] = _time_major_nan_padded
+    args = [p(t) if t is not None else None for p, t in zip(pad, (u, delta, A, B, C, D, z, bias), strict=True)]
     leaves = [t.requires_grad_() if t is not None else None for t in args]
     out = selective_scan_triton(*leaves, delta_softplus=softplus, config=config)
     assert out.dtype == dtype and out.shape == u.shape
@@ -103,6 +112,8 @@ def _check_scan(Bsz, E, L, N, dtype, use_D=True, use_z=True, use_bias=True, soft
     names = [n for n, t in zip("u delta A B C D z delta_bias".split(), args, strict=True) if t is not None]
     for name, g, g64, t in zip(names, grads, grads64, present, strict=True):
         assert g.shape == t.shape and g.dtype == t.dtype, name
+        if time_major and name in ("u", "delta", "B", "C", "z"):
+            assert g.stride(-2) == 1, f"grad {name} is not in its input's time-major layout: {g.stride()}"
         err = _rel(g, g64, name)
         assert err < tol, f"grad {name}: rel err {err:.2e} > {tol}"
 
@@ -243,6 +254,19 @@ def test_scan_split_length(E, L, N, groups, dtype, config):
 
 @pytest.mark.gpu
 @needs_kernel_device
+@pytest.mark.parametrize("E,L,N,groups,dtype,config", [
+    pytest.param(6, 37, 4, 2, torch.float32, _split(4, 3, 3, sub=2, block_e=2), marks=pytest.mark.interp),
+    (40, 301, 16, 0, torch.bfloat16, SMALL_CHUNKS),
+    (48, 1569, 16, 0, torch.bfloat16, None),
+])
+def test_scan_time_major_layout(E, L, N, groups, dtype, config):
+    """Inputs stored (B, L, E) / (B, L, N), as in_proj and x_proj produce them: the kernels read them through
+    their strides, and the gradients come back in the same layout."""
+    _check_scan(2, E, L, N, dtype, groups=groups, config=config, time_major=True)
+
+
+@pytest.mark.gpu
+@needs_kernel_device
 @pytest.mark.parametrize("E,L,dtype,config", [
     pytest.param(6, 37, torch.float32, _split(4, 3, 3, sub=2, block_e=4), marks=pytest.mark.interp),
     (40, 1569, torch.bfloat16, None),
@@ -341,7 +365,7 @@ def test_videomamba_bf16_masked_grads_match_fp32_reference():
 
 def test_kernels_under_triton_interpreter():
     """CPU CI: the `interp` subset above, run by Triton's interpreter in a fresh interpreter process."""
-    run_interp_subset(__file__, expected_passed=8, timeout_s=600)
+    run_interp_subset(__file__, expected_passed=9, timeout_s=600)
 
 
 def test_bad_inputs_raise_clear_errors():

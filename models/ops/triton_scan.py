@@ -333,7 +333,7 @@ def _scan_bwd_kernel(
     E, L, N, group_E, n_chunks, seg_chunks, n_seg,
     s_ub, s_ue, s_ul, s_db, s_de, s_dl,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
-    s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
+    s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_Gb, s_Ge, s_Gl, s_dBb, s_dBg, s_dBn, s_dBl,
     REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, SUB: tl.constexpr,
@@ -359,9 +359,9 @@ def _scan_bwd_kernel(
     if HAS_D:
         D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
     st_plane = state_ptr + n[:, None] + ((b64 * E + e) * n_chunks * BLOCK_N)[None, :]
-    G = E // group_E
-    dBC_base = (b64 * G + g) * N * L  # dB/dC are contiguous (B, G, N, L)
-    grad_base = b64 * E * L  # du/ddelta/dz are contiguous (B, E, L)
+    # du/ddelta/dz share strides (s_G*), as do dB/dC (s_dB*): _empty_in_layout picks them.
+    dBC_base = b64 * s_dBb + g * s_dBg
+    grad_base = b64 * s_Gb
     first = (col == 0)[:, None, None]  # broadcast from 1D: a mask built 2D first cost a layout conversion a chunk
     last = (col == T - 1)[:, None, None]
     u_base, d_base = u_ptr + b64 * s_ub, delta_ptr + b64 * s_db
@@ -423,8 +423,8 @@ def _scan_bwd_kernel(
                              other=0.0).to(tl.float32)
             u, dt, raw, Bt, x, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h0, s_ue,
                                                   s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
-            grad_offs = grad_base + t[:, None] + e[None, :] * L
-            dBC_offs = dBC_base + t[:, None] + n[None, :] * L
+            grad_offs = grad_base + t[:, None] * s_Gl + e[None, :] * s_Ge
+            dBC_offs = dBC_base + t[:, None] * s_dBl + n[None, :] * s_dBn
             dtu = dt * u
 
             # Gate.
@@ -548,6 +548,16 @@ def _segments(n_units: int, pieces: int, multiple: int = 1) -> tuple[int, int]:
     return per, triton.cdiv(n_units, per)
 
 
+def _empty_in_layout(like: Tensor, dtype: torch.dtype) -> Tensor:
+    """An empty tensor of `like`'s shape whose last two axes (X, L) are stored as `like`'s are: time-major, X
+    contiguous (as the projections produce them), when `like` is; else L contiguous. The kernels take any
+    strides; gradients in their inputs' layout are what autograd's consumers (the projections) expect."""
+    if like.stride(-2) == 1 and like.shape[-2] > 1:
+        return torch.empty(*like.shape[:-2], like.shape[-1], like.shape[-2], device=like.device,
+                           dtype=dtype).transpose(-1, -2)
+    return torch.empty(like.shape, device=like.device, dtype=dtype)
+
+
 def _summary_buffers(Bsz: int, n_seg: int, E: int, block_n: int, device) -> tuple[Tensor, Tensor]:
     """Per-segment local end state (or adjoint), (B, S, E, block_n), and delta sum, (B, S, E); fp32."""
     f32 = dict(device=device, dtype=torch.float32)
@@ -562,7 +572,7 @@ def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None,
     block_n = max(2, triton.next_power_of_2(N))
     n_chunks = triton.cdiv(L, cfg.chunk)
     block_e = _block_e(cfg.block_e_fwd, E // G) if G > 1 else cfg.block_e_fwd
-    out = torch.empty(Bsz, E, L, device=u0.device, dtype=u0.dtype)
+    out = _empty_in_layout(u0, u0.dtype)
     zz = z if z is not None else out
     states = []
     for i, (d, rev) in enumerate(zip(dirs, reverse, strict=True)):
@@ -598,15 +608,16 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
     block_n = states[0].shape[-1]
     n_chunks = states[0].shape[2]
     block_e = _block_e(cfg.block_e_bwd, E // G) if G > 1 else cfg.block_e_bwd
-    dz = torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else None
+    # du, ddelta and dz in u's layout, dB and dC in B's: the kernel takes one set of strides for each pair.
+    dz = _empty_in_layout(u0, z.dtype) if z is not None else None
     grads = []
     for i, (d, rev, st) in enumerate(zip(dirs, reverse, states, strict=True)):
         f32 = dict(device=u0.device, dtype=torch.float32)
-        du = torch.empty(Bsz, E, L, device=u0.device, dtype=d.u.dtype)
-        ddelta = torch.empty(Bsz, E, L, device=u0.device, dtype=d.delta.dtype)
+        du = _empty_in_layout(u0, d.u.dtype)
+        ddelta = _empty_in_layout(u0, d.delta.dtype)
         dA = torch.zeros(E, N, **f32)
-        dB = torch.zeros(Bsz, G, N, L, **f32)
-        dC = torch.zeros(Bsz, G, N, L, **f32)
+        dB = _empty_in_layout(d.B, torch.float32).zero_()
+        dC = _empty_in_layout(d.B, torch.float32).zero_()
         dD = torch.zeros(E, **f32) if d.D is not None else None
         dbias = torch.zeros(E, **f32) if d.bias is not None else None
         zz = z if z is not None else dout
@@ -615,7 +626,8 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
                 dout, st]
         outs = [du, ddelta, dA, dB, dC, dD if dD is not None else dA, dz if dz is not None else du,
                 dbias if dbias is not None else dA]
-        strides = [*d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *dout.stride()]
+        strides = [*d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *dout.stride(),
+                   *du.stride(), *dB.stride()]
         flags = dict(REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
                      SOFTPLUS=softplus, ACCUMULATE=i > 0, BLOCK_E=block_e, BLOCK_N=block_n,
                      num_warps=cfg.num_warps_bwd)
