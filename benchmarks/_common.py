@@ -25,14 +25,14 @@ SHAPES = [
 D_STATE = 16
 
 
-def scan_config(rows: int):
-    """default_config for `rows` (batch x channels), with the ScanConfig fields named in SCAN_CONFIG
-    overridden, e.g. SCAN_CONFIG="block_e_fwd=16,fwd_segments=2,chunk=32,bwd_sub_chunks=8" (integers)."""
+def scan_config(rows: int, time_major: bool = False):
+    """default_config for `rows` (batch x channels) and the inputs' layout, with the ScanConfig fields named in
+    SCAN_CONFIG overridden, e.g. SCAN_CONFIG="block_e_fwd=16,fwd_segments=2,chunk=32,bwd_sub_chunks=8"."""
     from dataclasses import fields, replace
 
     from models.ops.triton_scan import ScanConfig, default_config
 
-    cfg = default_config(D_STATE, rows)
+    cfg = default_config(D_STATE, rows, time_major)
     spec = os.environ.get("SCAN_CONFIG", "")
     if not spec:
         return cfg

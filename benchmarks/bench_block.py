@@ -5,6 +5,9 @@ ours:     models.ops.triton_scan.bimamba_inner_triton: one conv+SiLU kernel for 
 baseline: mamba-ssm's CUDA `selective_scan_fn` per direction with the unfused glue VideoMamba runs when
           causal-conv1d is absent: PyTorch conv1d + SiLU, flips of x/z/out, x_proj/dt_proj matmuls, a sum.
 bf16 activations under autocast, fp32 parameters, d_state 16. mamba-ssm is loaded as in bench_scan.py.
+Each gets x and z in the layout its in_proj produces (one GEMM either way): ours, time-major halves of a
+(B, L, 2E) tensor, as models/bimamba.py passes them (output time-major, read by out_proj without a copy); the
+baseline, (B, E, L) contiguous, as mamba-ssm's Mamba computes W @ x^T.
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_block.py [--shapes "S 8f b16" ...]
 """
@@ -29,6 +32,7 @@ from _common import (
 
 from models.ops import DirectionWeights
 from models.ops.ref import causal_conv1d_ref
+from models.ops.triton_conv import empty_like_layout
 from models.ops.triton_scan import bimamba_inner_triton
 
 
@@ -68,7 +72,7 @@ def time_block(fn, x, z, fwd, bwd) -> tuple[float, float]:
     leaves = [x.detach().requires_grad_(), z.detach().requires_grad_(),
               *(t.detach().requires_grad_() for t in (*fwd, *bwd))]
     f, b = DirectionWeights(*leaves[2:9]), DirectionWeights(*leaves[9:])
-    dout = torch.randn_like(x)
+    dout = empty_like_layout(x).normal_()  # in the output's layout, as out_proj's backward hands it over
 
     def step():
         with torch.autocast("cuda", torch.bfloat16):
@@ -88,12 +92,13 @@ def main() -> None:
     for name, Bsz, E, L, R in [s for s in SHAPES if not args.shapes or s[0] in args.shapes]:
         x = torch.randn(Bsz, E, L, device="cuda", dtype=torch.bfloat16)
         z = torch.randn(Bsz, E, L, device="cuda", dtype=torch.bfloat16)
+        x_t, z_t = torch.cat([x, z], dim=1).transpose(1, 2).contiguous().transpose(1, 2).chunk(2, dim=1)
         fwd, bwd = make_weights(E, R), make_weights(E, R)
-        cfg = scan_config(Bsz * E)
+        cfg = scan_config(Bsz * E, time_major=True)
         ours = lambda x, z, f, b, cfg=cfg: bimamba_inner_triton(x, z, f, b, config=cfg)
         row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg)}
-        row["ours fwd ms"], row["ours fwd+bwd ms"] = time_block(ours, x, z, fwd, bwd)
-        row["ours peak GiB (fwd+bwd)"] = _peak_gib(ours, x, z, fwd, bwd)
+        row["ours fwd ms"], row["ours fwd+bwd ms"] = time_block(ours, x_t, z_t, fwd, bwd)
+        row["ours peak GiB (fwd+bwd)"] = _peak_gib(ours, x_t, z_t, fwd, bwd)
         if mamba is not None:
             base = baseline_block(mamba)
             row["base fwd ms"], row["base fwd+bwd ms"] = time_block(base, x, z, fwd, bwd)
@@ -101,10 +106,10 @@ def main() -> None:
             row["speedup fwd"] = row["base fwd ms"] / row["ours fwd ms"]
             row["speedup fwd+bwd"] = row["base fwd+bwd ms"] / row["ours fwd+bwd ms"]
             with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-                row["out rel diff vs base"] = rel_err(ours(x, z, fwd, bwd), base(x, z, fwd, bwd))
+                row["out rel diff vs base"] = rel_err(ours(x_t, z_t, fwd, bwd), base(x, z, fwd, bwd))
         rows.append(row)
         print(row, flush=True)
-        del x, z
+        del x, z, x_t, z_t
         torch.cuda.empty_cache()
     columns = ["shape", "B,E,L", "ours fwd ms", "base fwd ms", "speedup fwd", "ours fwd+bwd ms",
                "base fwd+bwd ms", "speedup fwd+bwd", "ours peak GiB (fwd+bwd)", "base peak GiB (fwd+bwd)",

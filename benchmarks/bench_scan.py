@@ -5,8 +5,12 @@ Reports fwd and fwd+bwd milliseconds (median), effective GB/s over the minimum b
 difference between the two kernels' outputs and input gradients. mamba-ssm is used when MAMBA_SRC names
 a source tree with its extension built in place (scripts/gpu_bench.sh); otherwise only ours is timed.
 
+--time-major hands our kernel u, delta, z, B and C stored time-major ((B, L, E) / (B, L, N) storage, the
+layout in_proj and x_proj produce and the mixer keeps) and writes scan_time_major.{json,md}; mamba-ssm
+always gets its own (B, E, L) layout.
+
     [SCAN_CONFIG=field=value,...] PYTHONPATH=.:benchmarks python benchmarks/bench_scan.py \
-        [--sweep] [--shapes "S 8f b16" ...]
+        [--sweep] [--time-major] [--shapes "S 8f b16" ...]
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ def make_inputs(Bsz: int, E: int, L: int, N: int = D_STATE) -> dict[str, torch.T
         z=torch.randn(Bsz, E, L, device=dev, dtype=bf16),
         delta_bias=log_uniform_dt(E, dev),
     )
+
+
+def as_time_major(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same values with u, delta, z, B and C stored time-major (channels or states contiguous)."""
+    return {k: v.transpose(-1, -2).contiguous().transpose(-1, -2) if k in ("u", "delta", "z", "B", "C") else v
+            for k, v in x.items()}
 
 
 def min_bytes(Bsz: int, E: int, L: int, N: int = D_STATE) -> tuple[int, int]:
@@ -119,9 +129,10 @@ def error_vs_fp32_reference(fns: dict[str, Callable], x: dict[str, torch.Tensor]
 
 
 def bidirectional(mamba: Callable | None, x: dict[str, torch.Tensor], x_b: dict[str, torch.Tensor],
-                  cfg: ScanConfig) -> dict[str, float]:
-    """Both directions of the mixer's scan: ours in one call without flipped copies, against two mamba-ssm calls
-    with flips of the backward direction's inputs and output (as VideoMamba runs them)."""
+                  cfg: ScanConfig, time_major: bool = False) -> dict[str, float]:
+    """Both directions of the mixer's scan: ours in one call without flipped copies (inputs time-major if asked),
+    against two mamba-ssm calls with flips of the backward direction's inputs and output (as VideoMamba runs
+    them)."""
     keys = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 
     def ours(*a):
@@ -133,14 +144,18 @@ def bidirectional(mamba: Callable | None, x: dict[str, torch.Tensor], x_b: dict[
         back = mamba(flip(u), flip(delta), A, flip(B), flip(C), D, flip(a[14]), bias, True)
         return mamba(*a[:5], a[5], a[14], a[6], True) + flip(back)
 
-    args = [x[k] for k in keys] + [x_b[k] for k in keys] + [x["z"]]
-    leaves = [t.detach().requires_grad_() for t in args]
-    dout = torch.randn_like(x["u"])
+    def inputs(layout: Callable) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        xf, xb = layout(x), layout(x_b)
+        args = [xf[k] for k in keys] + [xb[k] for k in keys] + [xf["z"]]
+        return args, [t.detach().requires_grad_() for t in args], torch.randn_like(xf["u"])
+
     row = {}
     for name, fn in (("ours", ours), ("mamba", theirs)) if mamba is not None else (("ours", ours),):
+        args, leaves, dout = inputs(as_time_major if time_major and name == "ours" else dict)
         with torch.no_grad():
-            row[f"bidir {name} fwd ms"] = bench_ms(lambda fn=fn: fn(*args))
-        row[f"bidir {name} fwd+bwd ms"] = bench_ms(lambda fn=fn: torch.autograd.grad(fn(*leaves), leaves, dout))
+            row[f"bidir {name} fwd ms"] = bench_ms(lambda fn=fn, args=args: fn(*args))
+        row[f"bidir {name} fwd+bwd ms"] = bench_ms(
+            lambda fn=fn, leaves=leaves, dout=dout: torch.autograd.grad(fn(*leaves), leaves, dout))
     if mamba is not None:
         row["bidir speedup fwd"] = row["bidir mamba fwd ms"] / row["bidir ours fwd ms"]
         row["bidir speedup fwd+bwd"] = row["bidir mamba fwd+bwd ms"] / row["bidir ours fwd+bwd ms"]
@@ -181,6 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="only time several launch configs of ours")
     parser.add_argument("--shapes", nargs="*", help="subset of shape names")
+    parser.add_argument("--time-major", action="store_true", help="our kernel's inputs stored time-major")
     args = parser.parse_args()
     shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes]
     if args.sweep:
@@ -193,15 +209,16 @@ def main() -> None:
     rows = []
     for name, Bsz, E, L, _ in shapes:
         x, x_b = make_inputs(Bsz, E, L), make_inputs(Bsz, E, L)
+        x_ours = as_time_major(x) if args.time_major else x
         b_fwd, b_fb = min_bytes(Bsz, E, L)
-        cfg = scan_config(Bsz * E)
+        cfg = scan_config(Bsz * E, args.time_major)
         ours = lambda *a, cfg=cfg: selective_scan_triton(*a, config=cfg)
         row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg)}
-        row["ours fwd ms"], row["ours fwd+bwd ms"] = time_scan(ours, x)
+        row["ours fwd ms"], row["ours fwd+bwd ms"] = time_scan(ours, x_ours)
         row["ours fwd GB/s"] = b_fwd / row["ours fwd ms"] / 1e6
         row["ours fwd % of copy bw"] = 100 * row["ours fwd GB/s"] / copy_gbs
         row["ours fwd+bwd GB/s"] = b_fb / row["ours fwd+bwd ms"] / 1e6
-        row["ours peak GiB"] = peak_gib(ours, x)
+        row["ours peak GiB"] = peak_gib(ours, x_ours)
         kernels = {"ours": ours}
         if mamba is not None:
             kernels["mamba"] = mamba
@@ -213,8 +230,8 @@ def main() -> None:
             diff = compare(ours, mamba, x)
             row["max rel diff vs mamba"] = max(diff.values())
             row["rel diff vs mamba"] = diff
-        row.update(bidirectional(mamba, x, x_b, cfg))
-        if name == shapes[0][0]:
+        row.update(bidirectional(mamba, x, x_b, cfg, args.time_major))
+        if name == shapes[0][0] and not args.time_major:
             # The PyTorch reference once (it is slow): its time, and each kernel's bf16 error against it in fp32.
             ref = lambda *a: selective_scan_ref(*a)  # noqa: E731
             row["ref fwd ms"], row["ref fwd+bwd ms"] = time_scan(ref, x)
@@ -224,11 +241,12 @@ def main() -> None:
         print(row, flush=True)
         del x, x_b
         torch.cuda.empty_cache()
-    report(rows, copy_gbs)
+    report(rows, copy_gbs, {"our inputs": "time-major" if args.time_major else "(B, E, L)"},
+           stem="scan_time_major" if args.time_major else "scan")
 
 
-def report(rows: list[dict], copy_gbs: float, setup: dict | None = None) -> None:
-    """benchmarks/results/scan.{json,md} from the rows main() measured."""
+def report(rows: list[dict], copy_gbs: float, setup: dict | None = None, stem: str = "scan") -> None:
+    """benchmarks/results/<stem>.{json,md} from the rows main() measured."""
     columns = ["shape", "ours fwd ms", "mamba fwd ms", "speedup fwd", "ours fwd+bwd ms", "mamba fwd+bwd ms",
                "speedup fwd+bwd", "bidir ours fwd+bwd ms", "bidir mamba fwd+bwd ms", "bidir speedup fwd",
                "bidir speedup fwd+bwd", "ours fwd GB/s", "ours fwd % of copy bw", "ours peak GiB", "mamba peak GiB",
@@ -243,8 +261,10 @@ def report(rows: list[dict], copy_gbs: float, setup: dict | None = None) -> None
         notes.append(f"{first['shape']}: the PyTorch reference scan takes {first['ref fwd ms']:.1f} ms fwd, "
                      f"{first['ref fwd+bwd ms']:.1f} ms fwd+bwd; max relative error of output and gradients vs "
                      f"the fp32 reference on the same bf16 inputs: {errs}.")
-    write_results("scan", rows, columns, "Selective scan: Triton (ours) vs mamba-ssm CUDA, bf16, N=16, with z",
-                  setup={"copy GB/s": copy_gbs, **(setup or {})}, notes=notes)
+    layout = (setup or {}).get("our inputs", "(B, E, L)")
+    notes.append(f"Our kernel's inputs: {layout}; mamba-ssm's: (B, E, L).")
+    write_results(stem, rows, columns, "Selective scan: Triton (ours) vs mamba-ssm CUDA, bf16, N=16, with z",
+                  setup={"copy GB/s": round(copy_gbs, 1), **(setup or {})}, notes=notes)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # GPU check of the Triton scan in one go (the device machine starts bare and keeps nothing):
 #   1. build mamba-ssm's selective_scan_cuda from its sdist for sm_90 only, in the background (~3 min);
 #   2. run tests/test_triton_scan.py (GPU kernels vs the float64 reference);
-#   3. time our scan and mixer core, then the same against mamba-ssm once its build is done.
+#   3. time our scan (inputs (B, E, L), then time-major) and mixer core against mamba-ssm once it is built.
 # Results land in benchmarks/results/ and are copied to $OUT with the logs.
 # Usage, from the repository root on a machine with an H100/H200, nvcc and torch:
 #   MAMBA_SDIST=path/mamba_ssm-2.3.2.post1.tar.gz [SWEEP=1] OUT=/tmp/out bash scripts/gpu_bench.sh
@@ -61,5 +61,6 @@ if [ -n "${MAMBA_SDIST:-}" ]; then
     fi
 fi
 "$PY" benchmarks/bench_scan.py 2>&1 | tee -a "$LOG" | grep -v "^{"
+"$PY" benchmarks/bench_scan.py --time-major 2>&1 | tee -a "$LOG" | grep -v "^{"
 "$PY" benchmarks/bench_block.py 2>&1 | tee -a "$LOG" | grep -v "^{"
-cp benchmarks/results/scan.* benchmarks/results/block.* "$OUT"/
+cp benchmarks/results/scan.* benchmarks/results/scan_time_major.* benchmarks/results/block.* "$OUT"/

@@ -8,6 +8,7 @@ against the reference evaluated in float64 on the same (already rounded) inputs.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -177,20 +178,30 @@ def _direction_weights(E, N, R, W, gen):
     )
 
 
-def _check_bimamba(Bsz, E, L, N, R, dtype, tol, config=None):
+def _check_bimamba(Bsz, E, L, N, R, dtype, tol, config=None, time_major=False):
+    """time_major: x and z are the two halves of one (B, L, 2E) tensor, as models/bimamba.py passes in_proj's
+    output; the output then comes back time-major too."""
     gen = torch.Generator(DEVICE).manual_seed(L)
     fwd, bwd = _direction_weights(E, N, R, 4, gen), _direction_weights(E, N, R, 4, gen)
     x = _nan_padded(torch.randn(Bsz, E, L, device=DEVICE, generator=gen).to(dtype))
     z = _nan_padded(torch.randn(Bsz, E, L, device=DEVICE, generator=gen).to(dtype))
-    leaves = [x, z, *(_nan_padded(t) for t in (*fwd, *bwd))]
-    for t in leaves:
-        t.requires_grad_()
-    out = bimamba_inner_triton(x, z, DirectionWeights(*leaves[2:9]), DirectionWeights(*leaves[9:]),
+    params = [_nan_padded(t).requires_grad_() for t in (*fwd, *bwd)]
+    if time_major:
+        xz = _nan_padded(torch.cat([x, z], dim=1).transpose(1, 2).contiguous()).requires_grad_()
+        x_in, z_in = xz.transpose(1, 2).chunk(2, dim=1)
+        leaves = [xz, *params]
+    else:
+        x_in, z_in = x.requires_grad_(), z.requires_grad_()
+        leaves = [x_in, z_in, *params]
+    out = bimamba_inner_triton(x_in, z_in, DirectionWeights(*params[:7]), DirectionWeights(*params[7:]),
                                config=config)
     dout = torch.randn(out.shape, device=DEVICE, generator=gen).to(dtype)
     grads = torch.autograd.grad(out, leaves, dout)
+    if time_major:
+        assert out.stride(1) == 1, f"output not time-major: {out.stride()}"
+        grads = (*grads[0].transpose(1, 2).chunk(2, dim=1), *grads[1:])
 
-    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    l64 = [t.detach().double().requires_grad_() for t in (x_in, z_in, *params)]
     ref = bimamba_inner(l64[0], l64[1], DirectionWeights(*l64[2:9]), DirectionWeights(*l64[9:]), backend="ref")
     grads64 = torch.autograd.grad(ref, l64, dout.double())
     assert out.dtype == dtype
@@ -301,6 +312,18 @@ def test_bidirectional_scan_matches_two_reference_scans(E, L, dtype, config):
 
 @pytest.mark.gpu
 @needs_kernel_device
+@pytest.mark.parametrize("Bsz,E,L,dtype,tol,config", [
+    pytest.param(2, 6, 37, torch.float32, 1e-4, None, marks=pytest.mark.interp),
+    (2, 16, 301, torch.bfloat16, 3e-2, SMALL_CHUNKS),
+    (2, 32, 1569, torch.float32, 1e-4, None),
+])
+def test_bimamba_inner_time_major(poison_empty, Bsz, E, L, dtype, tol, config):
+    """x and z as time-major halves of in_proj's output: conv, projections, scans and output keep that layout."""
+    _check_bimamba(Bsz, E, L, 16, 3, dtype, tol, config=config, time_major=True)
+
+
+@pytest.mark.gpu
+@needs_kernel_device
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_bimamba_inner_split_length(poison_empty, dtype, tol):
     # The reverse direction walks the segments from the end of L.
@@ -365,7 +388,7 @@ def test_videomamba_bf16_masked_grads_match_fp32_reference():
 
 def test_kernels_under_triton_interpreter():
     """CPU CI: the `interp` subset above, run by Triton's interpreter in a fresh interpreter process."""
-    run_interp_subset(__file__, expected_passed=9, timeout_s=600)
+    run_interp_subset(__file__, expected_passed=10, timeout_s=600)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -386,9 +409,8 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_default_config_keeps_tiles_small():
-    for n in (1, 4, 16, 32, 64, 128):
-        for rows in (4, 1536, 12288):
-            cfg = default_config(n, rows)
+    for n, rows, time_major in itertools.product((1, 4, 16, 32, 64, 128), (4, 1536, 12288), (False, True)):
+            cfg = default_config(n, rows, time_major)
             block_n = max(2, 1 << (n - 1).bit_length())
             assert 4 <= cfg.chunk <= 64 and cfg.chunk & (cfg.chunk - 1) == 0
             # fp32 tiles of at most 64 values a thread (forward) and 32 (backward, which holds more at once).

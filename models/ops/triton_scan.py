@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from models.ops.triton_conv import conv1d_silu_bidirectional
+from models.ops.triton_conv import conv1d_silu_bidirectional, empty_like_layout, is_time_major
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ FWD_SPLIT_PROGRAMS, BWD_SPLIT_PROGRAMS = 3072, 6144
 MAX_SEGMENTS = 64
 
 
-def default_config(d_state: int, rows: int) -> ScanConfig:
+def default_config(d_state: int, rows: int, time_major: bool = False) -> ScanConfig:
     """Launch shape measured best on an H200 for d_state 16 (benchmarks/results/sweep_round4.txt), `rows`
     being batch x channels (B E).
 
@@ -92,6 +92,9 @@ def default_config(d_state: int, rows: int) -> ScanConfig:
     Saved states: one every 64 steps with many rows (then walked forward to 4-step sub-chunk starts: +1-2%
     time against one every 16, and fwd+bwd peak memory below mamba-ssm's: S 8f b16 0.178 GiB against 0.186),
     one every 32 with few rows (the walk's per-program scratch grows with the segments).
+    Time-major inputs (u, delta, z stored (B, L, E), channels contiguous, as the mixer makes them): the
+    backward runs 8 channels x 8 steps on 1 warp (.gpu sweep of 2026-11-26: fwd+bwd 0.97x / 1.08x / 1.13x /
+    1.14x the L-contiguous layout's best on S 8f / M 8f / Ti 64f / S 64f).
     Larger state sizes get fewer channels and steps a program, to keep the fp32 tiles in registers."""
     block_n = max(2, triton.next_power_of_2(d_state))
     # Tiles of T x block_n x channels: at most 64 fp32 values a thread (forward, 1 warp) and 16 (backward,
@@ -102,15 +105,17 @@ def default_config(d_state: int, rows: int) -> ScanConfig:
         fwd_e //= 2
     while fwd_steps * block_n * fwd_e > 64 * 32 and fwd_steps > 2:
         fwd_steps //= 2
-    bwd_e = max(1, min(16, 512 // block_n))
+    # Backward tiles: 16 channels x 4 steps on 2 warps, or (time-major) 8 x 8 on 1 warp.
+    bwd_e, bwd_steps, bwd_warps = (max(1, min(8, 128 // block_n)), 8, 1) if time_major else \
+        (max(1, min(16, 512 // block_n)), 4, 2)
     fwd_programs, bwd_programs = triton.cdiv(rows, fwd_e), triton.cdiv(rows, bwd_e)
 
     def segments(programs: int, target: int) -> int:
         return min(MAX_SEGMENTS, triton.cdiv(target, programs)) if programs < SPLIT_BELOW_PROGRAMS else 1
 
     chunk = 64 if bwd_programs >= SPLIT_BELOW_PROGRAMS else 32
-    return ScanConfig(block_e_fwd=fwd_e, block_e_bwd=bwd_e, chunk=chunk, num_warps_fwd=1, num_warps_bwd=2,
-                      fwd_steps=fwd_steps, bwd_sub_chunks=chunk // 4,
+    return ScanConfig(block_e_fwd=fwd_e, block_e_bwd=bwd_e, chunk=chunk, num_warps_fwd=1, num_warps_bwd=bwd_warps,
+                      fwd_steps=fwd_steps, bwd_sub_chunks=chunk // bwd_steps,
                       fwd_segments=segments(fwd_programs, FWD_SPLIT_PROGRAMS),
                       bwd_segments=segments(bwd_programs, BWD_SPLIT_PROGRAMS))
 
@@ -548,16 +553,6 @@ def _segments(n_units: int, pieces: int, multiple: int = 1) -> tuple[int, int]:
     return per, triton.cdiv(n_units, per)
 
 
-def _empty_in_layout(like: Tensor, dtype: torch.dtype) -> Tensor:
-    """An empty tensor of `like`'s shape whose last two axes (X, L) are stored as `like`'s are: time-major, X
-    contiguous (as the projections produce them), when `like` is; else L contiguous. The kernels take any
-    strides; gradients in their inputs' layout are what autograd's consumers (the projections) expect."""
-    if like.stride(-2) == 1 and like.shape[-2] > 1:
-        return torch.empty(*like.shape[:-2], like.shape[-1], like.shape[-2], device=like.device,
-                           dtype=dtype).transpose(-1, -2)
-    return torch.empty(like.shape, device=like.device, dtype=dtype)
-
-
 def _summary_buffers(Bsz: int, n_seg: int, E: int, block_n: int, device) -> tuple[Tensor, Tensor]:
     """Per-segment local end state (or adjoint), (B, S, E, block_n), and delta sum, (B, S, E); fp32."""
     f32 = dict(device=device, dtype=torch.float32)
@@ -572,7 +567,7 @@ def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None,
     block_n = max(2, triton.next_power_of_2(N))
     n_chunks = triton.cdiv(L, cfg.chunk)
     block_e = _block_e(cfg.block_e_fwd, E // G) if G > 1 else cfg.block_e_fwd
-    out = _empty_in_layout(u0, u0.dtype)
+    out = empty_like_layout(u0, u0.dtype)
     zz = z if z is not None else out
     states = []
     for i, (d, rev) in enumerate(zip(dirs, reverse, strict=True)):
@@ -612,12 +607,12 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
     # L-contiguous (B, G, N, L) whatever B's layout: every channel block of a row adds into them atomically,
     # and time-major (B, G, L, N) buffers made the S 8f b16 mixer's fwd+bwd 13% slower on an H200 (Ti 64f b4:
     # 3% faster).
-    dz = _empty_in_layout(u0, z.dtype) if z is not None else None
+    dz = empty_like_layout(u0, z.dtype) if z is not None else None
     grads = []
     for i, (d, rev, st) in enumerate(zip(dirs, reverse, states, strict=True)):
         f32 = dict(device=u0.device, dtype=torch.float32)
-        du = _empty_in_layout(u0, d.u.dtype)
-        ddelta = _empty_in_layout(u0, d.delta.dtype)
+        du = empty_like_layout(u0, d.u.dtype)
+        ddelta = empty_like_layout(u0, d.delta.dtype)
         dA = torch.zeros(E, N, **f32)
         dB = torch.zeros(Bsz, G, N, L, **f32)
         dC = torch.zeros(Bsz, G, N, L, **f32)
@@ -744,7 +739,7 @@ def selective_scan_triton(
     _check_inputs(u, delta, A, z)
     d = _direction(u, delta, A, B, C, D, delta_bias)
     _check_device(u)
-    cfg = config or default_config(A.shape[1], u.shape[0] * u.shape[1])
+    cfg = config or default_config(A.shape[1], u.shape[0] * u.shape[1], is_time_major(u))
     return _apply((False,), delta_softplus, cfg, z, [d])
 
 
@@ -770,7 +765,7 @@ def bidirectional_scan_triton(
     if dirs[0].u.shape != dirs[1].u.shape or dirs[0].A.shape != dirs[1].A.shape:
         raise ValueError("forward and backward must have the same (B, E, L) and (E, N) shapes")
     _check_device(z)
-    cfg = config or default_config(dirs[0].A.shape[1], z.shape[0] * z.shape[1])
+    cfg = config or default_config(dirs[0].A.shape[1], z.shape[0] * z.shape[1], is_time_major(dirs[0].u))
     return _apply((False, True), delta_softplus, cfg, z, dirs)
 
 
@@ -778,7 +773,9 @@ def bimamba_inner_triton(x_BEL: Tensor, z_BEL: Tensor, fwd, bwd, *, config: Scan
     """The bimamba-v2 mixer core between in_proj and out_proj: out_f + flip(out_b), (B, E, L).
 
     `fwd`/`bwd` are models.ops.DirectionWeights. Conv + SiLU of both directions is one kernel; the backward
-    direction is scanned in reverse in place (no flips); both scans add into one gated output.
+    direction is scanned in reverse in place (no flips); both scans add into one gated output. When x's
+    channels are contiguous (x, z are views of in_proj's (B, L, 2E) output, as models/bimamba.py passes them)
+    every intermediate and the output are stored time-major too, so out_proj reads the output without a copy.
     """
     if z_BEL.shape != x_BEL.shape:
         raise ValueError(f"x and z must have the same (B, E, L) shape; got {tuple(x_BEL.shape)}, "
@@ -792,8 +789,12 @@ def bimamba_inner_triton(x_BEL: Tensor, z_BEL: Tensor, fwd, bwd, *, config: Scan
         # x_proj / dt_proj in u's dtype (mamba-ssm casts them to the autocast dtype in its fused path).
         x_dbl_BLF = torch.matmul(u_BEL.transpose(1, 2), w.x_proj_weight.to(u_BEL.dtype).t())
         dt_BLR, B_BLN, C_BLN = x_dbl_BLF.split([R, N, N], dim=-1)
-        delta_BEL = torch.matmul(w.dt_proj_weight.to(u_BEL.dtype), dt_BLR.transpose(1, 2))
+        dt_proj = w.dt_proj_weight.to(u_BEL.dtype)
+        if is_time_major(u_BEL):
+            delta_BEL = torch.matmul(dt_BLR, dt_proj.t()).transpose(1, 2)
+        else:
+            delta_BEL = torch.matmul(dt_proj, dt_BLR.transpose(1, 2))
         dirs.append(_direction(u_BEL, delta_BEL, -torch.exp(w.A_log_EN.float()), B_BLN.transpose(1, 2),
                                C_BLN.transpose(1, 2), w.D_E, w.dt_proj_bias))
-    cfg = config or default_config(dirs[0].A.shape[1], x_BEL.shape[0] * x_BEL.shape[1])
+    cfg = config or default_config(dirs[0].A.shape[1], x_BEL.shape[0] * x_BEL.shape[1], is_time_major(u_f))
     return _apply((False, True), True, cfg, z_BEL, dirs)
