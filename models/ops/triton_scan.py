@@ -93,13 +93,16 @@ def default_config(d_state: int, rows: int, time_major: bool = False) -> ScanCon
     time against one every 16, and fwd+bwd peak memory below mamba-ssm's: S 8f b16 0.178 GiB against 0.186),
     one every 32 with few rows (the walk's per-program scratch grows with the segments).
     Time-major inputs (u, delta, z stored (B, L, E), channels contiguous, as the mixer makes them): the
-    backward runs 8 channels x 8 steps on 1 warp (.gpu sweep of 2026-11-26: fwd+bwd 0.97x / 1.08x / 1.13x /
-    1.14x the L-contiguous layout's best on S 8f / M 8f / Ti 64f / S 64f).
+    forward takes 16 channels a program at any row count; the backward runs 8 channels x 8 steps on 1 warp
+    (sweep_round5.txt: backward 0.95x / 1.06x / 1.12x / 1.13x the (B, E, L) kernel's time on S 8f / M 8f /
+    Ti 64f / S 64f).
     Larger state sizes get fewer channels and steps a program, to keep the fp32 tiles in registers."""
     block_n = max(2, triton.next_power_of_2(d_state))
     # Tiles of T x block_n x channels: at most 64 fp32 values a thread (forward, 1 warp) and 16 (backward,
     # 2 warps: it holds more tiles at once).
-    fwd_e = 8 if rows >= 8192 else 16
+    # Time-major: 16 channels (a 32-byte bf16 row a step) at any row count; M 8f b16 0.480 ms against 0.532
+    # for 8 (sweep_round5.txt run 8).
+    fwd_e = 16 if time_major or rows < 8192 else 8
     fwd_steps = 8
     while fwd_steps * block_n * fwd_e > 64 * 32 and fwd_e > 1:
         fwd_e //= 2
