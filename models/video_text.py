@@ -128,9 +128,24 @@ class VideoTextModel(nn.Module):
 
     @torch.no_grad()
     def vtm_scores(self, video_BCTHW: Tensor, texts: list[str]) -> Tensor:
-        """Positive-class matching logit of each (video i, text i) pair, (B,): for re-ranking top-k."""
-        tokens_BL = self.tokenize(texts)
+        """Positive-class matching logit of each (video i, text i) pair, (B,)."""
         video_BVD, _ = self.video_tokens(video_BCTHW)
+        return self._positive_logits(video_BVD, texts)
+
+    @torch.no_grad()
+    def vtm_scores_for_clip(self, video_1CTHW: Tensor, texts: list[str], batch_size: int = 32) -> Tensor:
+        """Matching logit of one clip with each of `texts`, (len(texts),): for re-ranking a clip's top-k
+        candidates. The backbone runs once; its tokens are shared (expanded, not copied) by every batch of
+        `batch_size` texts, instead of re-encoding the clip once per pair."""
+        if video_1CTHW.shape[0] != 1:
+            raise ValueError(f"vtm_scores_for_clip takes one clip (1, C, T, H, W); got {tuple(video_1CTHW.shape)}")
+        video_1VD, _ = self.video_tokens(video_1CTHW)
+        scores = [self._positive_logits(video_1VD.expand(len(chunk), -1, -1), chunk)
+                  for chunk in (texts[i:i + batch_size] for i in range(0, len(texts), batch_size))]
+        return torch.cat(scores) if scores else video_1VD.new_zeros(0, dtype=torch.float32)
+
+    def _positive_logits(self, video_BVD: Tensor, texts: list[str]) -> Tensor:
+        tokens_BL = self.tokenize(texts)
         _, text_BLW, valid_BL = self.text_tokens(tokens_BL)
         return self.vtm_logits(video_BVD, text_BLW, valid_BL, tokens_BL)[:, 1].float()
 

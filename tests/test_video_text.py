@@ -138,6 +138,23 @@ def test_text_tower_loads_clip_text_weights_from_a_file(tmp_path):
         create_text_encoder(name, pretrained=str(path), width=128)
 
 
+def test_vtm_scores_for_clip_runs_the_backbone_once():
+    """Re-ranking one clip's candidates: the same logits as scoring each (clip, text) pair, one backbone pass."""
+    model = tiny_task().model.eval()
+    clip = fixed_batch(batch=1)["video"]
+    texts = CAPTIONS[:5]
+    pairs = model.vtm_scores(clip.expand(len(texts), -1, -1, -1, -1), texts)
+    calls = []
+    forward_features = model.vision_encoder.forward_features
+    model.vision_encoder.forward_features = lambda *a, **k: calls.append(a[0].shape[0]) or forward_features(*a, **k)
+    shared = model.vtm_scores_for_clip(clip, texts, batch_size=2)  # three text batches
+    assert calls == [1], calls
+    torch.testing.assert_close(shared, pairs, rtol=1e-5, atol=1e-6)
+    assert model.vtm_scores_for_clip(clip, []).shape == (0,)
+    with pytest.raises(ValueError, match="one clip"):
+        model.vtm_scores_for_clip(clip.expand(2, -1, -1, -1, -1), texts)
+
+
 def test_export_round_trip_and_backbone_keys(tmp_path):
     task = tiny_task()
     task.eval()

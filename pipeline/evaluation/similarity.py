@@ -58,13 +58,13 @@ def vtm_rows(model, index_B: Tensor, clip_BCTHW: Tensor, texts: list[str], pairs
     """VTM scores of each clip with its candidate texts: (B, num_texts), zero where not a candidate.
 
     `pairs_VT[j]` marks the texts to score against video `index_B[b] == j`. Uses the model's
-    `vtm_scores(video_BCTHW, texts)` contract, so the clip is repeated once per text of a chunk.
+    `vtm_scores_for_clip(video_1CTHW, texts, batch_size)` contract: each clip goes through the backbone once,
+    whatever its number of candidates; its texts are scored `pair_batch` at a time.
     """
     out_BT = torch.zeros(len(index_B), len(texts), device=clip_BCTHW.device)
     for b, j in enumerate(index_B.tolist()):
         text_ids = pairs_VT[j].nonzero().flatten().tolist()
-        for start in range(0, len(text_ids), pair_batch):
-            chunk = text_ids[start : start + pair_batch]
-            video_BCTHW = clip_BCTHW[b : b + 1].expand(len(chunk), *clip_BCTHW.shape[1:])
-            out_BT[b, chunk] = model.vtm_scores(video_BCTHW, [texts[i] for i in chunk]).float()
+        if text_ids:
+            out_BT[b, text_ids] = model.vtm_scores_for_clip(clip_BCTHW[b : b + 1], [texts[i] for i in text_ids],
+                                                            pair_batch).float()
     return out_BT
