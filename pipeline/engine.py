@@ -253,6 +253,9 @@ class Trainer:
                 )
             _, client_state = self.engine.load_checkpoint(str(directory), tag=_CHECKPOINT_TAG,
                                                           custom_load_fn=load_trainable_state)
+            if (directory / FROZEN_STUDENT).is_file():
+                self._load_frozen_student(torch.load(directory / FROZEN_STUDENT, map_location="cpu",
+                                                     weights_only=True), directory / FROZEN_STUDENT)
             rank_state = torch.load(directory / f"rank{self.rank}_state.pt", weights_only=False)
         _set_rng_state(rank_state["rng"])
         self.task.load_rng_state_dict(rank_state.get("task_rng", {}))  # absent from checkpoints before it existed
@@ -294,15 +297,28 @@ class Trainer:
         with self._gathered(list(frozen.values())):
             return {name: p.detach().cpu().clone() for name, p in frozen.items()}
 
+    def _load_frozen_student(self, saved: dict[str, torch.Tensor], path: Path) -> None:
+        """Put the run's own frozen student parameters (`frozen_student.pt`) back on resume, rather than keep what
+        `build_task` re-created from the seed: the two agree only while the model code and torch do."""
+        module = self.engine.module.trainable_module()
+        frozen = {name: p for name, p in module.named_parameters() if not p.requires_grad}
+        if set(saved) != set(frozen):
+            raise RuntimeError(f"{path} holds frozen parameters {sorted(saved)[:4]}... but this task freezes "
+                               f"{sorted(frozen)[:4]}...; resume with the config the run was started with")
+        with self._gathered(list(frozen.values()), modifier_rank=0), torch.no_grad():
+            for name, param in frozen.items():
+                param.copy_(saved[name].to(param.dtype))
+
     @contextlib.contextmanager
-    def _gathered(self, params: list[torch.nn.Parameter]) -> Iterator[None]:
-        """Under ZeRO-3, `params` gathered whole for the block (a collective: every rank enters); else as is."""
+    def _gathered(self, params: list[torch.nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+        """Under ZeRO-3, `params` gathered whole for the block (a collective: every rank enters; with a
+        modifier_rank, that rank's changes are scattered back on exit); else as is."""
         if self.cfg.deepspeed.zero_stage != 3 or not params:
             yield
             return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
             yield
 
     def maybe_checkpoint(self, force: bool = False) -> None:

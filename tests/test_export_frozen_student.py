@@ -3,6 +3,7 @@ freezes the last block and norm_f). DeepSpeed's checkpoint leaves frozen paramet
 student's own frozen ones in `frozen_student.pt`, and `jobs/export_checkpoint.py` must then give exactly the
 engine's end-of-stage export. Real DeepSpeed on CPU (fp32, so the ZeRO master weights equal the module weights and
 the match is bit for bit); a fixed list of batches replaces the loader (as tests/test_engine_resume_stage1.py does).
+A resumed run takes its frozen parameters from that file too.
 """
 
 from __future__ import annotations
@@ -75,6 +76,17 @@ def test_offline_export_of_a_frozen_last_block_equals_the_engine_export(tmp_path
         assert not torch.equal(exported["state_dict"][name], initial[name]), name
     for name in frozen:
         assert torch.equal(exported["state_dict"][name], initial[name]), name
+
+    # Resume puts the run's frozen parameters back from the file, not from the seed: a changed file shows up in
+    # the resumed run's export (under ZeRO-3 through a gather whose rank-0 copy is scattered back).
+    changed = {name: value + 1.0 for name, value in torch.load(checkpoint / FROZEN_STUDENT).items()}
+    torch.save(changed, checkpoint / FROZEN_STUDENT)
+    resumed = Trainer(cfg, LocalCheckpointStore(run_storage(cfg), cfg.checkpoint.keep))
+    assert resumed.step == STEPS
+    resumed.batches = iter([])
+    resumed_export = torch.load(resumed.fit().export_path)["state_dict"]
+    for name in frozen:
+        assert torch.equal(resumed_export[name], changed[name]), name
 
     # An older checkpoint without the file: the error names the frozen weights and what to use instead.
     (checkpoint / FROZEN_STUDENT).unlink()
