@@ -1,6 +1,10 @@
-"""Triton selective scan (mamba-ssm semantics and layout) and the fused bidirectional bimamba-v2 core.
+"""Triton selective scan (mamba-ssm semantics and shapes) and the fused bidirectional bimamba-v2 core.
 
 Legend: B batch, E channels (d_inner), L sequence length, N state size, G groups of B/C, T steps per tile.
+
+Memory layout. The kernels take strides, so (B, E, L) tensors may be stored L-contiguous (mamba-ssm's layout) or
+time-major, channels contiguous ((B, L, E) storage: what in_proj and x_proj produce, and what the mixer keeps
+end to end). Outputs and du/ddelta/dz follow u's layout; `default_config` picks launch shapes per layout.
 
 Scan: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,  y_t = C_t . h_t + D u_t,  out_t = y_t * silu(z_t).
 
