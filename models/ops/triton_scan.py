@@ -134,6 +134,26 @@ def _affine_combine(a_first, b_first, a_second, b_second):
 
 
 @triton.jit
+def _reverse_affine_scan(a, b, carry):
+    """The adjoint recurrence over a (T, N, E) tile, last step first: r_t = b_t + a_t r_{t+1}, with r after the
+    tile's last step = carry, a (1, N, E) plane. Returns r and r at the first step (the carry into the previous
+    tile).
+
+    Written as T unrolled steps instead of `tl.associative_scan(..., reverse=True)`: with T in-thread every
+    row select folds to a register pick, while Triton 3.6-3.8 lower a reverse scan with ~640 lane shuffles a
+    tile (1 warp, 8 x 16 x 8), a quarter of the backward's instructions."""
+    row = tl.arange(0, a.shape[0])[:, None, None]
+    r = tl.zeros_like(b)
+    for k in tl.static_range(a.shape[0]):
+        pick = row == (a.shape[0] - 1 - k)
+        # -0.0 is the identity of +: the masked sums over the in-thread axis fold to register moves.
+        carry = (tl.sum(tl.where(pick, b, -0.0), axis=0, keep_dims=True)
+                 + tl.sum(tl.where(pick, a, -0.0), axis=0, keep_dims=True) * carry)
+        r = tl.where(pick, carry, r)
+    return r, carry
+
+
+@triton.jit
 def _softplus(x):
     # mamba-ssm's threshold: softplus(x) = x above 20, where exp would overflow nothing but adds nothing.
     return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
@@ -179,7 +199,7 @@ def _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS: tl.constexpr, BLOCK
 @triton.jit
 def _chunk_states(u_ptr, delta_ptr, B_ptr, t, e, n, m, mn, bias, A2, h0, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Time-major: recompute one chunk's states from its start state h0 (N, E). Returns u, delta and the
+    """Time-major: recompute one chunk's states from its start state h0 (1, N, E). Returns u, delta and the
     pre-softplus delta (T, E), B (T, N), the inputs x = delta u B and the states, both (T, N, E)."""
     u = tl.load(u_ptr + t[:, None] * s_ul + e[None, :] * s_ue, mask=m, other=0.0).to(tl.float32)
     dt, raw = _load_delta(delta_ptr, t[:, None] * s_dl + e[None, :] * s_de, m, bias[None, :], HAS_BIAS, SOFTPLUS)
@@ -190,14 +210,15 @@ def _chunk_states(u_ptr, delta_ptr, B_ptr, t, e, n, m, mn, bias, A2, h0, s_ue, s
 
 @triton.jit
 def _tile_states(u, dt, Bt, A2, h0):
-    """A tile's inputs x = delta u B and states (T, N, E) from u, delta (T, E), B (T, N) and the start state."""
+    """A tile's inputs x = delta u B and states (T, N, E) from u, delta (T, E), B (T, N) and the start state
+    (1, N, E)."""
     x = (dt * u)[:, None, :] * Bt[:, :, None]
     a = tl.exp2(dt[:, None, :] * A2[None, :, :])
     # The start state enters through the first step (h_0 = a_0 h0 + x_0), so the scan's running products of a
     # go unused and are dropped by the compiler (an in-thread scan): 2 fewer multiplies an element than
     # adding a_cum h0 afterwards. With T in-thread the row-0 select folds away.
     first = (tl.arange(0, x.shape[0]) == 0)[:, None, None]
-    _, hs = tl.associative_scan((a, tl.where(first, x + a * h0[None, :, :], x)), axis=0,
+    _, hs = tl.associative_scan((a, tl.where(first, x + a * h0, x)), axis=0,
                                 combine_fn=_affine_combine)
     return x, hs
 
@@ -297,9 +318,9 @@ def _scan_fwd_kernel(
     last = (col == T - 1)[:, None, None]
 
     if SPLIT and not SUMMARY:
-        h = _load_carry(seg_h_ptr, b64, n_seg, pid_s, n, e, ne_ok, E, BLOCK_N)
+        h = _load_carry(seg_h_ptr, b64, n_seg, pid_s, n, e, ne_ok, E, BLOCK_N)[None, :, :]
     else:
-        h = tl.zeros_like(A2)
+        h = tl.zeros((1, BLOCK_N, BLOCK_E), tl.float32)
     dt_sum = tl.zeros((BLOCK_E,), tl.float32)
     c0 = pid_s * seg_tiles
     C_base = C_ptr + b64 * s_Cb + g * s_Cg
@@ -318,14 +339,14 @@ def _scan_fwd_kernel(
                                                   REVERSE, NEED_C, NEED_Z, T)
         if STORE_STATES and not SUMMARY:
             if c % SAVE_EVERY == 0:
-                tl.store(st_plane + (c // SAVE_EVERY) * BLOCK_N, h, mask=ne_ok)
+                tl.store(st_plane[None, :, :] + (c // SAVE_EVERY) * BLOCK_N, h, mask=ne_ok[None, :, :])
         s = c * T + col
         t = (L - 1 - s) if REVERSE else s
         m = (s < L)[:, None] & e_ok[None, :]  # (T, E)
         u = u_c.to(tl.float32)
         dt, _ = _delta(d_c, m, bias[None, :], HAS_BIAS, SOFTPLUS)
         _, hs = _tile_states(u, dt, B_c.to(tl.float32), A2, h)
-        h = tl.sum(tl.where(last, hs, -0.0), axis=0)
+        h = tl.sum(tl.where(last, hs, -0.0), axis=0, keep_dims=True)
         if SUMMARY:
             dt_sum += tl.sum(dt, axis=0)
         else:
@@ -340,7 +361,8 @@ def _scan_fwd_kernel(
                 y += tl.load(o_offs, mask=m, other=0.0).to(tl.float32)
             tl.store(o_offs, y.to(out_ptr.dtype.element_ty), mask=m)
     if SUMMARY:
-        _store_summary(seg_h_ptr, seg_dt_ptr, b64, n_seg, pid_s, h, dt_sum, n, e, ne_ok, e_ok, E, BLOCK_N)
+        _store_summary(seg_h_ptr, seg_dt_ptr, b64, n_seg, pid_s, tl.reshape(h, (BLOCK_N, BLOCK_E)), dt_sum, n, e,
+                       ne_ok, e_ok, E, BLOCK_N)
 
 
 @triton.jit
@@ -379,7 +401,6 @@ def _scan_bwd_kernel(
     # du/ddelta/dz share strides (s_G*), as do dB/dC (s_dB*): _scan_backward picks them.
     dBC_base = b64 * s_dBb + g * s_dBg
     grad_base = b64 * s_Gb
-    first = (col == 0)[:, None, None]  # broadcast from 1D: a mask built 2D first cost a layout conversion a chunk
     last = (col == T - 1)[:, None, None]
     u_base, d_base = u_ptr + b64 * s_ub, delta_ptr + b64 * s_db
     B_base = B_ptr + b64 * s_Bb + g * s_Bg
@@ -389,35 +410,36 @@ def _scan_bwd_kernel(
 
     # Adjoint at the first step of the following chunk.
     if SPLIT:
-        r_next = _load_carry(seg_r_ptr, b64, n_seg, pid_s, n, e, ne_ok, E, BLOCK_N)
+        r_next = _load_carry(seg_r_ptr, b64, n_seg, pid_s, n, e, ne_ok, E, BLOCK_N)[None, :, :]
         c_begin = pid_s * seg_chunks
         c_end = tl.minimum(c_begin + seg_chunks, n_chunks)
     else:
-        r_next = tl.zeros_like(A)
+        r_next = tl.zeros((1, BLOCK_N, BLOCK_E), tl.float32)
         c_begin = 0
         c_end = n_chunks
-    dA_acc = tl.zeros_like(A)
+    dA_acc = tl.zeros((1, BLOCK_N, BLOCK_E), tl.float32)
     dD_acc = tl.zeros((BLOCK_E,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_E,), tl.float32)
     for ci in range(c_end - c_begin):
         c = c_end - 1 - ci
-        h = tl.load(st_plane + c * BLOCK_N, mask=ne_ok, other=0.0)
+        # States are carried as (1, N, E) planes in the tiles' own layout; memory sees (N, E).
+        h = tl.load(st_plane + c * BLOCK_N, mask=ne_ok, other=0.0)[None, :, :]
         if SUB > 1:
             # Walk the saved chunk forward to its sub-chunk start states.
-            tl.store(scratch + slot, h)
+            tl.store(scratch + slot, tl.sum(h, axis=0))
             for j in range(SUB - 1):
                 s = (c * SUB + j) * T + col
                 t = (L - 1 - s) if REVERSE else s
                 _, _, _, _, _, hs = _chunk_states(u_base, d_base, B_base, t, e, n, (s < L)[:, None] & e_ok[None, :],
                                                   (s < L)[:, None] & n_ok[None, :], bias, A2, h, s_ue, s_ul, s_de,
                                                   s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
-                h = tl.sum(tl.where(last, hs, -0.0), axis=0)
-                tl.store(scratch + (j + 1) * BLOCK_E * BLOCK_N + slot, h)
+                h = tl.sum(tl.where(last, hs, -0.0), axis=0, keep_dims=True)
+                tl.store(scratch + (j + 1) * BLOCK_E * BLOCK_N + slot, tl.sum(h, axis=0))
             tl.debug_barrier()
         for jj in range(SUB):
             j = SUB - 1 - jj
             if SUB > 1:
-                h0 = tl.load(scratch + j * BLOCK_E * BLOCK_N + slot)
+                h0 = tl.load(scratch + j * BLOCK_E * BLOCK_N + slot)[None, :, :]
             else:
                 h0 = h
             s = (c * SUB + j) * T + col
@@ -460,10 +482,7 @@ def _scan_bwd_kernel(
 
             # Adjoint: r_t = C_t g_t + a_{t+1} r_{t+1}, carried in from the following chunk.
             a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
-            p_cum, q_cum = tl.associative_scan((a1, Ct[:, :, None] * gy[:, None, :]), axis=0,
-                                               combine_fn=_affine_combine, reverse=True)
-            r = q_cum + p_cum * r_next[None, :, :]
-            r_next = tl.sum(tl.where(first, r, -0.0), axis=0)
+            r, r_next = _reverse_affine_scan(a1, Ct[:, :, None] * gy[:, None, :], r_next)
 
             r_ah = r * (hs - x)  # r_t a_t h_{t-1}
             rB = tl.sum(r * Bt[:, :, None], axis=1)
@@ -472,7 +491,7 @@ def _scan_bwd_kernel(
                 du += D[None, :] * gy
                 dD_acc += tl.sum(gy * u, axis=0)
             ddt = u * rB + tl.sum(r_ah * A[None, :, :], axis=1)
-            dA_acc += tl.sum(r_ah * dt[:, None, :], axis=0)
+            dA_acc += tl.sum(r_ah * dt[:, None, :], axis=0, keep_dims=True)
             if SOFTPLUS:
                 ddt = ddt * tl.sigmoid(raw)
             ddt = tl.where(m, ddt, 0.0)
@@ -487,7 +506,7 @@ def _scan_bwd_kernel(
             # The next saved chunk's forward walk must not overwrite slots this one still reads.
             tl.debug_barrier()
 
-    tl.atomic_add(dA_ptr + n[:, None] + e[None, :] * N, dA_acc, mask=ne_ok, sem="relaxed")
+    tl.atomic_add(dA_ptr + n[None, :, None] + e[None, None, :] * N, dA_acc, mask=ne_ok[None, :, :], sem="relaxed")
     if HAS_D:
         tl.atomic_add(dD_ptr + e, dD_acc, mask=e_ok, sem="relaxed")
     if HAS_BIAS:
@@ -511,9 +530,8 @@ def _adjoint_summary_kernel(
                                                          BLOCK_N)
     A2 = A * 1.4426950408889634
     col = tl.arange(0, T)
-    first = (col == 0)[:, None, None]
 
-    r_next = tl.zeros_like(A2)
+    r_next = tl.zeros((1, BLOCK_N, BLOCK_E), tl.float32)
     dt1_sum = tl.zeros((BLOCK_E,), tl.float32)
     s_begin = seg * seg_steps
     n_tiles = tl.cdiv(tl.minimum(s_begin + seg_steps, L) - s_begin, T)
@@ -532,11 +550,10 @@ def _adjoint_summary_kernel(
             zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m, other=0.0).to(tl.float32)
             gy = gy * zt * tl.sigmoid(zt)
         a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
-        p_cum, q_cum = tl.associative_scan((a1, Ct[:, :, None] * gy[:, None, :]), axis=0,
-                                           combine_fn=_affine_combine, reverse=True)
-        r_next = tl.sum(tl.where(first, q_cum + p_cum * r_next[None, :, :], -0.0), axis=0)
+        _, r_next = _reverse_affine_scan(a1, Ct[:, :, None] * gy[:, None, :], r_next)
         dt1_sum += tl.sum(dt1, axis=0)
-    _store_summary(seg_r_ptr, seg_dt_ptr, b64, n_seg, seg, r_next, dt1_sum, n, e, ne_ok, e_ok, E, BLOCK_N)
+    _store_summary(seg_r_ptr, seg_dt_ptr, b64, n_seg, seg, tl.reshape(r_next, (BLOCK_N, BLOCK_E)), dt1_sum, n, e,
+                   ne_ok, e_ok, E, BLOCK_N)
 
 
 class _Direction(NamedTuple):
