@@ -19,15 +19,15 @@ backward scan of the bidirectional mixer reads and writes the original tensors, 
 Backward (chunked recompute, as mamba-ssm does). The forward saves only the state at every `chunk`-th
 step, (B, E, L/chunk, N) fp32. The backward walks the saved chunks in reverse: it walks each forward to its
 sub-tile start states (kept in a per-program scratch slot), then per sub-tile in reverse recomputes the
-states and solves the adjoint recurrence r_t = C_t g_t + exp(delta_{t+1} A) r_{t+1} with a reverse
-associative scan, the adjoint of the following tile carried in registers. With a_t h_{t-1} = h_t -
-delta_t B_t u_t no shifted state is needed. Gradients for B and C are sums over channels, so programs add
-them into fp32 buffers atomically (as mamba-ssm's CUDA kernel does); dA, dD and d delta_bias are summed in
-registers over L, then added atomically over the batch.
+states and solves the adjoint recurrence r_t = C_t g_t + a_{t+1} r_{t+1} (a_t = exp(delta_t A)) in-thread,
+last step first, carrying the decayed adjoint a_t r_t between tiles in registers: no shifted delta is
+needed. With a_t h_{t-1} = h_t - delta_t B_t u_t no shifted state is needed either. Gradients for B and C
+are sums over channels, so programs add them into fp32 buffers atomically (as mamba-ssm's CUDA kernel
+does); dA, dD and d delta_bias are summed in registers over L, then added atomically over the batch.
 
 Few rows (long clips at small batch) give too few programs: then L is split into segments. A summary pass
-gives each segment's end state (start adjoint) from zero and its delta sum, a fold kernel chains them, and
-each segment's program starts from the folded value.
+gives each segment's end state (or decayed start adjoint) from zero and its delta sum, a fold kernel chains
+them, and each segment's program starts from the folded value.
 
 Bidirectional: the two directions run as two launches of the same kernels; the second adds its gated
 output (and its share of dz) to what the first wrote.
@@ -135,9 +135,11 @@ def _affine_combine(a_first, b_first, a_second, b_second):
 
 @triton.jit
 def _reverse_affine_scan(a, b, carry):
-    """The adjoint recurrence over a (T, N, E) tile, last step first: r_t = b_t + a_t r_{t+1}, with r after the
-    tile's last step = carry, a (1, N, E) plane. Returns r and r at the first step (the carry into the previous
-    tile).
+    """The adjoint recurrence r_t = b_t + a_{t+1} r_{t+1} over a (T, N, E) tile, last step first, where a_t is
+    the tile's own decay exp(delta_t A). What crosses tiles is the decayed adjoint w_t = a_t r_t: carry is
+    w after the tile's last step, a (1, N, E) plane (0 at the end of L). Returns r and w at the tile's first
+    step (the carry into the previous tile). Carrying w, not r, means the adjoint needs no shifted
+    delta_{t+1}: no extra load, softplus or exp2 an element.
 
     Written as T unrolled steps instead of `tl.associative_scan(..., reverse=True)`: with T in-thread every
     row select folds to a register pick, while Triton 3.6-3.8 lower a reverse scan with ~640 lane shuffles a
@@ -147,9 +149,9 @@ def _reverse_affine_scan(a, b, carry):
     for k in tl.static_range(a.shape[0]):
         pick = row == (a.shape[0] - 1 - k)
         # -0.0 is the identity of +: the masked sums over the in-thread axis fold to register moves.
-        carry = (tl.sum(tl.where(pick, b, -0.0), axis=0, keep_dims=True)
-                 + tl.sum(tl.where(pick, a, -0.0), axis=0, keep_dims=True) * carry)
-        r = tl.where(pick, carry, r)
+        r_row = tl.sum(tl.where(pick, b, -0.0), axis=0, keep_dims=True) + carry
+        r = tl.where(pick, r_row, r)
+        carry = tl.sum(tl.where(pick, a, -0.0), axis=0, keep_dims=True) * r_row
     return r, carry
 
 
@@ -200,18 +202,18 @@ def _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS: tl.constexpr, BLOCK
 def _chunk_states(u_ptr, delta_ptr, B_ptr, t, e, n, m, mn, bias, A2, h0, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Time-major: recompute one chunk's states from its start state h0 (1, N, E). Returns u, delta and the
-    pre-softplus delta (T, E), B (T, N), the inputs x = delta u B and the states, both (T, N, E)."""
+    pre-softplus delta (T, E), B (T, N), and the inputs x = delta u B, decays a and states, all (T, N, E)."""
     u = tl.load(u_ptr + t[:, None] * s_ul + e[None, :] * s_ue, mask=m, other=0.0).to(tl.float32)
     dt, raw = _load_delta(delta_ptr, t[:, None] * s_dl + e[None, :] * s_de, m, bias[None, :], HAS_BIAS, SOFTPLUS)
     Bt = tl.load(B_ptr + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=mn, other=0.0).to(tl.float32)
-    x, hs = _tile_states(u, dt, Bt, A2, h0)
-    return u, dt, raw, Bt, x, hs
+    x, a, hs = _tile_states(u, dt, Bt, A2, h0)
+    return u, dt, raw, Bt, x, a, hs
 
 
 @triton.jit
 def _tile_states(u, dt, Bt, A2, h0):
-    """A tile's inputs x = delta u B and states (T, N, E) from u, delta (T, E), B (T, N) and the start state
-    (1, N, E)."""
+    """A tile's inputs x = delta u B, decays a = exp(delta A) and states, all (T, N, E), from u, delta (T, E),
+    B (T, N) and the start state (1, N, E)."""
     x = (dt * u)[:, None, :] * Bt[:, :, None]
     a = tl.exp2(dt[:, None, :] * A2[None, :, :])
     # The start state enters through the first step (h_0 = a_0 h0 + x_0), so the scan's running products of a
@@ -220,7 +222,7 @@ def _tile_states(u, dt, Bt, A2, h0):
     first = (tl.arange(0, x.shape[0]) == 0)[:, None, None]
     _, hs = tl.associative_scan((a, tl.where(first, x + a * h0, x)), axis=0,
                                 combine_fn=_affine_combine)
-    return x, hs
+    return x, a, hs
 
 
 @triton.jit
@@ -345,7 +347,7 @@ def _scan_fwd_kernel(
         m = (s < L)[:, None] & e_ok[None, :]  # (T, E)
         u = u_c.to(tl.float32)
         dt, _ = _delta(d_c, m, bias[None, :], HAS_BIAS, SOFTPLUS)
-        _, hs = _tile_states(u, dt, B_c.to(tl.float32), A2, h)
+        _, _, hs = _tile_states(u, dt, B_c.to(tl.float32), A2, h)
         h = tl.sum(tl.where(last, hs, -0.0), axis=0, keep_dims=True)
         if SUMMARY:
             dt_sum += tl.sum(dt, axis=0)
@@ -410,11 +412,11 @@ def _scan_bwd_kernel(
 
     # Adjoint at the first step of the following chunk.
     if SPLIT:
-        r_next = _load_carry(seg_r_ptr, b64, n_seg, pid_s, n, e, ne_ok, E, BLOCK_N)[None, :, :]
+        w_next = _load_carry(seg_r_ptr, b64, n_seg, pid_s, n, e, ne_ok, E, BLOCK_N)[None, :, :]
         c_begin = pid_s * seg_chunks
         c_end = tl.minimum(c_begin + seg_chunks, n_chunks)
     else:
-        r_next = tl.zeros((1, BLOCK_N, BLOCK_E), tl.float32)
+        w_next = tl.zeros((1, BLOCK_N, BLOCK_E), tl.float32)
         c_begin = 0
         c_end = n_chunks
     dA_acc = tl.zeros((1, BLOCK_N, BLOCK_E), tl.float32)
@@ -430,7 +432,7 @@ def _scan_bwd_kernel(
             for j in range(SUB - 1):
                 s = (c * SUB + j) * T + col
                 t = (L - 1 - s) if REVERSE else s
-                _, _, _, _, _, hs = _chunk_states(u_base, d_base, B_base, t, e, n, (s < L)[:, None] & e_ok[None, :],
+                _, _, _, _, _, _, hs = _chunk_states(u_base, d_base, B_base, t, e, n, (s < L)[:, None] & e_ok[None, :],
                                                   (s < L)[:, None] & n_ok[None, :], bias, A2, h, s_ue, s_ul, s_de,
                                                   s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
                 h = tl.sum(tl.where(last, hs, -0.0), axis=0, keep_dims=True)
@@ -447,12 +449,8 @@ def _scan_bwd_kernel(
             t = (L - 1 - s) if REVERSE else s
             m = s_ok[:, None] & e_ok[None, :]  # (T, E)
             mn = s_ok[:, None] & n_ok[None, :]  # (T, N)
-            # Step s+1 (the next one in scan order) for the adjoint's decay; beyond L it is unused.
-            t1 = (L - 2 - s) if REVERSE else (s + 1)
             # All of the chunk's loads before its first scan: each program walks L serially, so their
             # latency is only hidden when they are in flight together.
-            dt1, _ = _load_delta(d_base, t1[:, None] * s_dl + e[None, :] * s_de, ((s + 1) < L)[:, None] & e_ok[None, :],
-                                 bias[None, :], HAS_BIAS, SOFTPLUS)
             Ct = tl.load(C_ptr + b64 * s_Cb + g * s_Cg + t[:, None] * s_Cl + n[None, :] * s_Cn, mask=mn,
                          other=0.0).to(tl.float32)
             dout = tl.load(dout_ptr + b64 * s_gb + t[:, None] * s_gl + e[None, :] * s_ge, mask=m,
@@ -460,7 +458,7 @@ def _scan_bwd_kernel(
             if HAS_Z:
                 zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m,
                              other=0.0).to(tl.float32)
-            u, dt, raw, Bt, x, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h0, s_ue,
+            u, dt, raw, Bt, x, a, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h0, s_ue,
                                                   s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
             grad_offs = grad_base + t[:, None] * s_Gl + e[None, :] * s_Ge
             dBC_offs = dBC_base + t[:, None] * s_dBl + n[None, :] * s_dBn
@@ -480,9 +478,8 @@ def _scan_bwd_kernel(
             else:
                 gy = dout
 
-            # Adjoint: r_t = C_t g_t + a_{t+1} r_{t+1}, carried in from the following chunk.
-            a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
-            r, r_next = _reverse_affine_scan(a1, Ct[:, :, None] * gy[:, None, :], r_next)
+            # Adjoint: r_t = C_t g_t + a_{t+1} r_{t+1}, the decayed a_{t+1} r_{t+1} carried in from the following tile.
+            r, w_next = _reverse_affine_scan(a, Ct[:, :, None] * gy[:, None, :], w_next)
 
             r_ah = r * (hs - x)  # r_t a_t h_{t-1}
             rB = tl.sum(r * Bt[:, :, None], axis=1)
@@ -521,9 +518,9 @@ def _adjoint_summary_kernel(
     REVERSE: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
 ):
-    """For segment seg = pid_s + 1 of L: the adjoint at its first step from a zero adjoint after it, and
-    the sum of delta over its steps shifted by one (the adjoint decays by exp(delta_{t+1} A) from t + 1 to
-    t). It needs no state: r_t = C_t g_t + a_{t+1} r_{t+1} with g_t = dout_t silu(z_t)."""
+    """For segment seg = pid_s + 1 of L: the decayed adjoint a_t r_t at its first step from a zero one after
+    it, and the sum of delta over its steps (the decayed adjoint crosses the segment scaled by exp(A sum
+    delta)). It needs no state: r_t = C_t g_t + a_{t+1} r_{t+1} with g_t = dout_t silu(z_t)."""
     seg = tl.program_id(2) + 1
     b64 = tl.program_id(1).to(tl.int64)
     e, n, e_ok, n_ok, ne_ok, g, A, bias = _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS, BLOCK_E,
@@ -531,28 +528,27 @@ def _adjoint_summary_kernel(
     A2 = A * 1.4426950408889634
     col = tl.arange(0, T)
 
-    r_next = tl.zeros((1, BLOCK_N, BLOCK_E), tl.float32)
-    dt1_sum = tl.zeros((BLOCK_E,), tl.float32)
+    w_next = tl.zeros((1, BLOCK_N, BLOCK_E), tl.float32)
+    dt_sum = tl.zeros((BLOCK_E,), tl.float32)
     s_begin = seg * seg_steps
     n_tiles = tl.cdiv(tl.minimum(s_begin + seg_steps, L) - s_begin, T)
     for k in range(n_tiles):
         s = s_begin + (n_tiles - 1 - k) * T + col
         s_ok = s < L
         t = (L - 1 - s) if REVERSE else s
-        t1 = (L - 2 - s) if REVERSE else (s + 1)
         m = s_ok[:, None] & e_ok[None, :]
-        dt1, _ = _load_delta(delta_ptr + b64 * s_db, t1[:, None] * s_dl + e[None, :] * s_de,
-                             ((s + 1) < L)[:, None] & e_ok[None, :], bias[None, :], HAS_BIAS, SOFTPLUS)
+        dt, _ = _load_delta(delta_ptr + b64 * s_db, t[:, None] * s_dl + e[None, :] * s_de, m, bias[None, :],
+                            HAS_BIAS, SOFTPLUS)
         Ct = tl.load(C_ptr + b64 * s_Cb + g * s_Cg + t[:, None] * s_Cl + n[None, :] * s_Cn,
                      mask=s_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
         gy = tl.load(dout_ptr + b64 * s_gb + t[:, None] * s_gl + e[None, :] * s_ge, mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
             zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m, other=0.0).to(tl.float32)
             gy = gy * zt * tl.sigmoid(zt)
-        a1 = tl.exp2(dt1[:, None, :] * A2[None, :, :])
-        _, r_next = _reverse_affine_scan(a1, Ct[:, :, None] * gy[:, None, :], r_next)
-        dt1_sum += tl.sum(dt1, axis=0)
-    _store_summary(seg_r_ptr, seg_dt_ptr, b64, n_seg, seg, tl.reshape(r_next, (BLOCK_N, BLOCK_E)), dt1_sum, n, e,
+        _, w_next = _reverse_affine_scan(tl.exp2(dt[:, None, :] * A2[None, :, :]), Ct[:, :, None] * gy[:, None, :],
+                                         w_next)
+        dt_sum += tl.sum(dt, axis=0)
+    _store_summary(seg_r_ptr, seg_dt_ptr, b64, n_seg, seg, tl.reshape(w_next, (BLOCK_N, BLOCK_E)), dt_sum, n, e,
                    ne_ok, e_ok, E, BLOCK_N)
 
 
