@@ -14,11 +14,14 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from models.ops import DirectionWeights, bimamba_inner
 from models.ops.ref import selective_scan_ref
 from models.ops.triton_scan import (
     ScanConfig,
+    _channel_sum_scattered,
     bidirectional_scan_triton,
     bimamba_inner_triton,
     default_config,
@@ -240,9 +243,9 @@ def test_bimamba_inner_small_chunks(poison_empty, dtype, tol):
 
 
 def _split(fwd_steps: int, fwd_segments: int, bwd_segments: int, sub: int = 4, block_e: int = 16) -> ScanConfig:
-    """L split into segments in both passes (a state saved every 16 steps)."""
+    """L split into segments in both passes (a state saved every 16 steps); dB/dC summed as a reduce-scatter."""
     return ScanConfig(block_e, block_e, chunk=16, fwd_steps=fwd_steps, bwd_sub_chunks=sub,
-                      fwd_segments=fwd_segments, bwd_segments=bwd_segments)
+                      fwd_segments=fwd_segments, bwd_segments=bwd_segments, bwd_scatter_sums=True)
 
 
 @pytest.mark.gpu
@@ -388,7 +391,29 @@ def test_videomamba_bf16_masked_grads_match_fp32_reference():
 
 def test_kernels_under_triton_interpreter():
     """CPU CI: the `interp` subset above, run by Triton's interpreter in a fresh interpreter process."""
-    run_interp_subset(__file__, expected_passed=10, timeout_s=600)
+    run_interp_subset(__file__, expected_passed=11, timeout_s=600)
+
+
+@triton.jit
+def _channel_sum_kernel(x_ptr, out_ptr, T: tl.constexpr, N: tl.constexpr, E: tl.constexpr):
+    t = tl.arange(0, T)[:, None, None]
+    n = tl.arange(0, N)[None, :, None]
+    e = tl.arange(0, E)
+    x = tl.load(x_ptr + (t * N + n) * E + e[None, None, :])
+    sums, rows, owner = _channel_sum_scattered(x, e)
+    tl.store(out_ptr + rows * N + n, sums, mask=owner & (n < N))
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("T,E", [pytest.param(4, 16, marks=pytest.mark.interp), (8, 8), (16, 4), (2, 32)])
+def test_channel_sum_scattered_matches_sum(T, E):
+    """The backward's reduce-scatter over channels (dB, dC) gives every row's channel sum exactly once:
+    fewer rows than channels, as many, and more."""
+    x = torch.randn(T, 4, E, device=DEVICE)
+    out = torch.full((T, 4), float("nan"), device=DEVICE)
+    _channel_sum_kernel[(1,)](x, out, T=T, N=4, E=E)
+    torch.testing.assert_close(out, x.sum(dim=2), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors():

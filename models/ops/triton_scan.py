@@ -52,7 +52,8 @@ class ScanConfig:
     """Launch shape: channels and warps a program (forward, backward); `chunk`, the steps between the states
     the forward saves for the backward; fwd_steps, the forward's tile; the backward walks each saved chunk
     in bwd_sub_chunks tiles of chunk / bwd_sub_chunks steps; fwd_segments / bwd_segments split L into that
-    many pieces run by separate programs (1: no split)."""
+    many pieces run by separate programs (1: no split); bwd_scatter_sums sums dB and dC over a program's
+    channels as a reduce-scatter (`_channel_sum_scattered`) rather than with tl.sum."""
 
     block_e_fwd: int
     block_e_bwd: int
@@ -63,6 +64,7 @@ class ScanConfig:
     bwd_sub_chunks: int = 16
     fwd_segments: int = 1
     bwd_segments: int = 1
+    bwd_scatter_sums: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk % self.fwd_steps or self.fwd_steps & (self.fwd_steps - 1):
@@ -79,28 +81,31 @@ class ScanConfig:
 # hold one or two warps a program and a few programs an SM): the segments' summary pass costs less than
 # the idle SMs would.
 SPLIT_BELOW_PROGRAMS = 512
-FWD_SPLIT_PROGRAMS, BWD_SPLIT_PROGRAMS = 3072, 6144
+FWD_SPLIT_PROGRAMS, BWD_SPLIT_PROGRAMS = 3072, 3072
+# Backward programs that run in one wave: 132 SMs (H100, H200) x 8 one-warp programs at 255 registers. Past
+# it, the 16-channel tile leaves a nearly empty second wave (M 8f b16: 1152 programs) and 8 channels win.
+ONE_WAVE_BWD_PROGRAMS = 132 * 8
 # Each program folds the summaries of the segments before (after) it: keep that loop short.
 MAX_SEGMENTS = 64
 
 
 def default_config(d_state: int, rows: int, time_major: bool = False) -> ScanConfig:
-    """Launch shape measured best on an H200 for d_state 16 (benchmarks/results/sweep_round4.txt), `rows`
-    being batch x channels (B E).
+    """Launch shape measured best on an H200 and an H100 for d_state 16 (benchmarks/results/sweep_round4.txt,
+    sweep_round5.txt, sweep_round6.txt), `rows` being batch x channels (B E).
 
     Forward: 8-step tiles, 1 warp, 8 channels a program with many rows (S 8f b16: 0.40 ms against 0.80 ms
     for round 3's time-last kernel), 16 with few rows, whose L is then split into segments up to ~3072
-    programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05 for round 3's time-last kernel).
-    Backward: 16 channels x 4 steps on 2 warps; few rows split L up to ~6144 programs (Ti 64f b4: 64
-    segments, 3.28 ms against 4.96 for round 3's time-last backward).
-    Saved states: one every 64 steps with many rows (then walked forward to 4-step sub-chunk starts: +1-2%
-    time against one every 16, and fwd+bwd peak memory below mamba-ssm's: S 8f b16 0.178 GiB against 0.186),
-    one every 32 with few rows (the walk's per-program scratch grows with the segments).
-    Time-major inputs (u, delta, z stored (B, L, E), channels contiguous, as the mixer makes them): the
-    forward takes 16 channels a program at any row count; the backward runs 8 channels x 8 steps on 1 warp
-    (sweep_round5.txt: backward 0.95x / 1.06x / 1.12x / 1.13x the (B, E, L) kernel's time on S 8f / M 8f /
-    Ti 64f / S 64f).
-    Larger state sizes get fewer channels and steps a program, to keep the fp32 tiles in registers."""
+    programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05 for round 3's time-last kernel). Time-major
+    inputs (u, delta, z stored (B, L, E), channels contiguous, as the mixer makes them): 16 channels a
+    program at any row count.
+    Backward, either layout (round 6): 16 channels x 4 steps on 1 warp with dB/dC summed as a
+    reduce-scatter, when those programs fit in one wave; otherwise 8 channels x 8 steps with tl.sum
+    (sweep_round6.txt, H100, backward ms: S 8f 1.56 against 1.71 for 8 x 8; M 8f 2.56 against 2.98 for
+    16 x 4). Few rows split L up to ~3072 programs (Ti 64f b4: 32 segments).
+    Saved states: one every 64 steps with many rows (then walked forward to the backward's tile starts: +1-2%
+    time against one every 16, and fwd+bwd peak memory below mamba-ssm's), one every 32 with few rows (the
+    walk's per-program scratch grows with the segments).
+    Larger state sizes get fewer channels a program, to keep the fp32 tiles in registers."""
     block_n = max(2, triton.next_power_of_2(d_state))
     # Tiles of T x block_n x channels: at most 64 fp32 values a thread (forward, 1 warp) and 16 (backward,
     # 2 warps: it holds more tiles at once).
@@ -112,19 +117,20 @@ def default_config(d_state: int, rows: int, time_major: bool = False) -> ScanCon
         fwd_e //= 2
     while fwd_steps * block_n * fwd_e > 64 * 32 and fwd_steps > 2:
         fwd_steps //= 2
-    # Backward tiles: 16 channels x 4 steps on 2 warps, or (time-major) 8 x 8 on 1 warp.
-    bwd_e, bwd_steps, bwd_warps = (max(1, min(8, 128 // block_n)), 8, 1) if time_major else \
-        (max(1, min(16, 512 // block_n)), 4, 2)
+    # Backward tiles of 32 fp32 values a thread on 1 warp: 16 channels x 4 steps, or 8 x 8 past one wave.
+    bwd_e, bwd_steps, scatter = max(1, min(16, 256 // block_n)), 4, True
+    if triton.cdiv(rows, bwd_e) > ONE_WAVE_BWD_PROGRAMS:
+        bwd_e, bwd_steps, scatter = max(1, min(8, 128 // block_n)), 8, False
     fwd_programs, bwd_programs = triton.cdiv(rows, fwd_e), triton.cdiv(rows, bwd_e)
 
     def segments(programs: int, target: int) -> int:
         return min(MAX_SEGMENTS, triton.cdiv(target, programs)) if programs < SPLIT_BELOW_PROGRAMS else 1
 
     chunk = 64 if bwd_programs >= SPLIT_BELOW_PROGRAMS else 32
-    return ScanConfig(block_e_fwd=fwd_e, block_e_bwd=bwd_e, chunk=chunk, num_warps_fwd=1, num_warps_bwd=bwd_warps,
+    return ScanConfig(block_e_fwd=fwd_e, block_e_bwd=bwd_e, chunk=chunk, num_warps_fwd=1, num_warps_bwd=1,
                       fwd_steps=fwd_steps, bwd_sub_chunks=chunk // bwd_steps,
                       fwd_segments=segments(fwd_programs, FWD_SPLIT_PROGRAMS),
-                      bwd_segments=segments(bwd_programs, BWD_SPLIT_PROGRAMS))
+                      bwd_segments=segments(bwd_programs, BWD_SPLIT_PROGRAMS), bwd_scatter_sums=scatter)
 
 
 @triton.jit
@@ -153,6 +159,36 @@ def _reverse_affine_scan(a, b, carry):
         r = tl.where(pick, r_row, r)
         carry = tl.sum(tl.where(pick, a, -0.0), axis=0, keep_dims=True) * r_row
     return r, carry
+
+
+@triton.jit
+def _channel_sum_scattered(x, e_local):
+    """Sums a (T, N, E) tile over its channels E as a reduce-scatter. Returns the sums (R, N, E), R = T / E
+    rows (1 when T <= E), column e holding rows `rows` (R, 1, E); and `owner` (1, 1, E), False on the columns
+    that repeat another column's rows (T < E). e_local is arange(E).
+
+    With channels on lanes, tl.sum is an all-reduce: log2(E) shuffles and adds for each of a thread's T x N
+    values, every lane ending with all of them. Here each level halves the rows a column keeps: it keeps one
+    half, sends the other to its partner channel (a lane shuffle, through tl.gather) and adds what it
+    receives (8 x 16 x 8 tile on one warp: 28 shuffles a thread instead of 96). The atomics that follow
+    then carry no repeated values."""
+    T: tl.constexpr = x.shape[0]
+    E: tl.constexpr = x.shape[2]
+    rows = tl.zeros((1, 1, E), tl.int32)
+    for k in tl.static_range(6):  # channel blocks up to 64
+        if (1 << k) < E:
+            bit = ((e_local >> k) & 1)[None, None, :]
+            if x.shape[0] > 1:
+                lo, hi = tl.split(tl.permute(tl.reshape(x, (2, x.shape[0] // 2, x.shape[1], E)), (1, 2, 3, 0)))
+                send = tl.where(bit == 1, lo, hi)
+                rows += bit * lo.shape[0]
+                x = tl.where(bit == 1, hi, lo) + tl.gather(
+                    send, (e_local ^ (1 << k))[None, None, :] + tl.zeros(send.shape, tl.int32), axis=2)
+            else:
+                x += tl.gather(x, (e_local ^ (1 << k))[None, None, :] + tl.zeros(x.shape, tl.int32), axis=2)
+    rows = rows + tl.arange(0, x.shape[0])[:, None, None]
+    # With T < E the last levels were all-reduces: columns e and e + T hold the same rows.
+    return x, rows, (e_local < T)[None, None, :]
 
 
 @triton.jit
@@ -376,7 +412,7 @@ def _scan_bwd_kernel(
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
     s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_Gb, s_Ge, s_Gl, s_dBb, s_dBg, s_dBn, s_dBl,
     REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT: tl.constexpr,
+    SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT: tl.constexpr, SCATTER_SUMS: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, SUB: tl.constexpr,
 ):
     """Gradients of one direction on a time-major (T, N, E) state tile: each thread holds a tile's T steps,
@@ -397,6 +433,7 @@ def _scan_bwd_kernel(
                                                          BLOCK_N)
     A2 = A * 1.4426950408889634
     col = tl.arange(0, T)
+    e_local = tl.arange(0, BLOCK_E)
     if HAS_D:
         D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
     st_plane = state_ptr + n[:, None] + ((b64 * E + e) * n_chunks * BLOCK_N)[None, :]
@@ -461,7 +498,6 @@ def _scan_bwd_kernel(
             u, dt, raw, Bt, x, a, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h0, s_ue,
                                                   s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
             grad_offs = grad_base + t[:, None] * s_Gl + e[None, :] * s_Ge
-            dBC_offs = dBC_base + t[:, None] * s_dBl + n[None, :] * s_dBn
             dtu = dt * u
 
             # Gate.
@@ -495,10 +531,20 @@ def _scan_bwd_kernel(
             dbias_acc += tl.sum(ddt, axis=0)
             tl.store(du_ptr + grad_offs, du.to(du_ptr.dtype.element_ty), mask=m)
             tl.store(ddelta_ptr + grad_offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=m)
-            dB = tl.sum(r * dtu[:, None, :], axis=2)
-            dC = tl.sum(hs * gy[:, None, :], axis=2)
-            tl.atomic_add(dB_ptr + dBC_offs, dB, mask=mn, sem="relaxed")
-            tl.atomic_add(dC_ptr + dBC_offs, dC, mask=mn, sem="relaxed")
+            if SCATTER_SUMS:
+                dB, rows, owner = _channel_sum_scattered(r * dtu[:, None, :], e_local)
+                dC, _, _ = _channel_sum_scattered(hs * gy[:, None, :], e_local)
+                s_row = (c * SUB + j) * T + rows  # (R, 1, E)
+                t_row = (L - 1 - s_row) if REVERSE else s_row
+                dBC_offs = dBC_base + t_row * s_dBl + n[None, :, None] * s_dBn
+                dBC_ok = owner & (s_row < L) & n_ok[None, :, None]
+            else:
+                dB = tl.sum(r * dtu[:, None, :], axis=2)
+                dC = tl.sum(hs * gy[:, None, :], axis=2)
+                dBC_offs = dBC_base + t[:, None] * s_dBl + n[None, :] * s_dBn
+                dBC_ok = mn
+            tl.atomic_add(dB_ptr + dBC_offs, dB, mask=dBC_ok, sem="relaxed")
+            tl.atomic_add(dC_ptr + dBC_offs, dC, mask=dBC_ok, sem="relaxed")
         if SUB > 1:
             # The next saved chunk's forward walk must not overwrite slots this one still reads.
             tl.debug_barrier()
@@ -668,7 +714,7 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
         scratch = torch.empty(grid[0] * Bsz * n_seg * sub * block_e * block_n, **f32) if sub > 1 else dA
         _scan_bwd_kernel[(*grid, n_seg)](*ptrs, scratch, seg_r, *outs, E, L, N, E // G, n_chunks,
                                                     seg_chunks, n_seg, *strides, T=cfg.chunk // sub, SUB=sub,
-                                                    SPLIT=n_seg > 1, **flags)
+                                                    SPLIT=n_seg > 1, SCATTER_SUMS=cfg.bwd_scatter_sums, **flags)
         grads.append(_Direction(du, ddelta, dA, dB.to(d.B.dtype), dC.to(d.C.dtype),
                                 None if dD is None else dD.to(d.D.dtype),
                                 None if dbias is None else dbias.to(d.bias.dtype)))
