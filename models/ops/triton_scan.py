@@ -107,8 +107,7 @@ def default_config(d_state: int, rows: int, time_major: bool = False) -> ScanCon
     walk's per-program scratch grows with the segments).
     Larger state sizes get fewer channels a program, to keep the fp32 tiles in registers."""
     block_n = max(2, triton.next_power_of_2(d_state))
-    # Tiles of T x block_n x channels: at most 64 fp32 values a thread (forward, 1 warp) and 16 (backward,
-    # 2 warps: it holds more tiles at once).
+    # Forward tiles of T x block_n x channels: at most 64 fp32 values a thread (1 warp).
     # Time-major: 16 channels (a 32-byte bf16 row a step) at any row count; M 8f b16 0.480 ms against 0.532
     # for 8 (sweep_round5.txt run 8).
     fwd_e = 16 if time_major or rows < 8192 else 8
