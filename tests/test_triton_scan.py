@@ -451,3 +451,5 @@ def test_default_config_keeps_tiles_small():
         ScanConfig(1, 4, chunk=16, fwd_steps=6)
     with pytest.raises(ValueError, match="segments"):
         ScanConfig(1, 4, chunk=16, bwd_sub_chunks=4, fwd_segments=0)
+    with pytest.raises(ValueError, match="bwd_scatter_sums"):
+        ScanConfig(1, 128, chunk=16, bwd_sub_chunks=4, bwd_scatter_sums=True)

@@ -11,7 +11,8 @@ Scan: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,  y_t = C_t . h_t + D u_t, 
 Kernel layout. One program owns BLOCK_E channels of one batch row and walks L (or one segment of it) in
 tiles of T steps. Tiles are time-major, (T, N, E): Triton's default layout spreads the trailing axes (E,
 then N) over lanes and repeats the leading one in registers, so each thread holds a tile's T steps and the
-recurrence inside a tile, a `tl.associative_scan` on affine maps, runs serially in-thread with no shuffles.
+recurrence inside a tile (forward: a `tl.associative_scan` on affine maps; backward: T unrolled steps) runs
+serially in-thread with no shuffles.
 The state is carried between tiles in registers, fp32 throughout. Out-of-range steps get delta = 0, i.e.
 decay 1 and input 0, so any L works. A direction flag makes the program walk L backwards (t = L-1-s): the
 backward scan of the bidirectional mixer reads and writes the original tensors, with no flipped copies.
@@ -22,8 +23,9 @@ sub-tile start states (kept in a per-program scratch slot), then per sub-tile in
 states and solves the adjoint recurrence r_t = C_t g_t + a_{t+1} r_{t+1} (a_t = exp(delta_t A)) in-thread,
 last step first, carrying the decayed adjoint a_t r_t between tiles in registers: no shifted delta is
 needed. With a_t h_{t-1} = h_t - delta_t B_t u_t no shifted state is needed either. Gradients for B and C
-are sums over channels, so programs add them into fp32 buffers atomically (as mamba-ssm's CUDA kernel
-does); dA, dD and d delta_bias are summed in registers over L, then added atomically over the batch.
+are sums over channels (an all-reduce across lanes, or with `bwd_scatter_sums` a reduce-scatter), so
+programs add them into fp32 buffers atomically (as mamba-ssm's CUDA kernel does); dA, dD and d delta_bias are
+summed in registers over L, then added atomically over the batch.
 
 Few rows (long clips at small batch) give too few programs: then L is split into segments. A summary pass
 gives each segment's end state (or decayed start adjoint) from zero and its delta sum, a fold kernel chains
@@ -75,6 +77,9 @@ class ScanConfig:
                              "backward tiles; use a divisor such as 1, 2 or 4")
         if self.fwd_segments < 1 or self.bwd_segments < 1:
             raise ValueError("fwd_segments and bwd_segments count pieces of L: use 1 (no split) or more")
+        if self.bwd_scatter_sums and self.block_e_bwd > 64:
+            raise ValueError(f"bwd_scatter_sums covers up to 64 channels a program; got block_e_bwd="
+                             f"{self.block_e_bwd}: lower it or set bwd_scatter_sums=False")
 
 
 # Programs below which a kernel splits L into segments (an H200 has 132 SMs; these kernels
@@ -173,8 +178,9 @@ def _channel_sum_scattered(x, e_local):
     then carry no repeated values."""
     T: tl.constexpr = x.shape[0]
     E: tl.constexpr = x.shape[2]
+    tl.static_assert(E <= 64, "the reduce-scatter covers channel blocks of up to 64")
     rows = tl.zeros((1, 1, E), tl.int32)
-    for k in tl.static_range(6):  # channel blocks up to 64
+    for k in tl.static_range(6):
         if (1 << k) < E:
             bit = ((e_local >> k) & 1)[None, None, :]
             if x.shape[0] > 1:
