@@ -162,27 +162,36 @@ def bidirectional(mamba: Callable | None, x: dict[str, torch.Tensor], x_b: dict[
     return row
 
 
-def sweep_configs(rows: int) -> list[ScanConfig]:
-    """Launch shapes around default_config for `rows` (batch x channels): forward channels a program and
-    L segments, backward L segments (segments matter only when rows give few programs)."""
+def sweep_configs(rows: int, time_major: bool = False) -> list[ScanConfig]:
+    """Launch shapes around default_config for `rows` (batch x channels) and the inputs' layout: the forward's
+    channels a program and L segments; the backward's tile (16 channels x 4 steps with the dB/dC
+    reduce-scatter, or 8 x 8 with tl.sum) and L segments (sweep_round6.txt: the best tile depends on how many
+    programs fill the GPU's waves)."""
     from dataclasses import replace
 
-    base = default_config(D_STATE, rows)
+    base = default_config(D_STATE, rows, time_major)
     few = rows < 8192
     configs = [base]
-    fwd_segments, bwd_segments = ((16, 32, 64), (16, 32, 64)) if few else ((1, 2), (2, 4))
+    fwd_segments = (16, 32, 64) if few else (1, 2)
     configs += [replace(base, block_e_fwd=be, fwd_segments=sg) for be in (8, 16) for sg in fwd_segments
                 if (be, sg) != (base.block_e_fwd, base.fwd_segments)]
-    configs += [replace(base, bwd_segments=sg) for sg in bwd_segments if sg != base.bwd_segments]
+    for be, steps, scatter in ((16, 4, True), (8, 8, False)):
+        for sg in (16, 32, 64) if few else (1, 2, 4):
+            cfg = replace(base, block_e_bwd=be, bwd_sub_chunks=base.chunk // steps, bwd_segments=sg,
+                          bwd_scatter_sums=scatter)
+            if cfg != base:
+                configs.append(cfg)
     return configs
 
 
-def sweep(shapes: list[tuple]) -> None:
+def sweep(shapes: list[tuple], time_major: bool = False) -> None:
     """Time launch shapes of ours per shape (fwd, fwd+bwd); print them and each shape's best by fwd+bwd."""
     for name, Bsz, E, L, _ in shapes:
         x = make_inputs(Bsz, E, L)
+        if time_major:
+            x = as_time_major(x)
         results = []
-        for cfg in sweep_configs(Bsz * E):
+        for cfg in sweep_configs(Bsz * E, time_major):
             fwd, fwd_bwd = time_scan(lambda *a, cfg=cfg: selective_scan_triton(*a, config=cfg), x)
             print(f"sweep {name}: {cfg}: fwd {fwd:.3f} ms, fwd+bwd {fwd_bwd:.3f} ms", flush=True)
             results.append((fwd_bwd, cfg))
@@ -200,7 +209,7 @@ def main() -> None:
     args = parser.parse_args()
     shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes]
     if args.sweep:
-        sweep(shapes)
+        sweep(shapes, args.time_major)
         return
     mamba = load_mamba_selective_scan()
     print(f"mamba-ssm selective_scan_fn: {'loaded' if mamba else 'not available (set MAMBA_SRC)'}")

@@ -51,7 +51,9 @@ fi
 
 if [ -n "${SWEEP:-}" ]; then
     # Bounded, so that the comparison below still runs inside a 10-minute lease.
-    timeout "${SWEEP_S:-400}" "$PY" benchmarks/bench_scan.py --sweep 2>&1 | tee "$OUT/sweep.txt" | tee -a "$LOG"
+    # Time-major inputs first (the mixer's layout), then (B, E, L).
+    timeout "${SWEEP_S:-400}" bash -c "\"$PY\" benchmarks/bench_scan.py --sweep --time-major; \
+        \"$PY\" benchmarks/bench_scan.py --sweep" 2>&1 | tee "$OUT/sweep.txt" | tee -a "$LOG"
 fi
 
 if [ -n "${MAMBA_SDIST:-}" ]; then
