@@ -434,17 +434,21 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_default_config_keeps_tiles_small():
-    for n, rows, time_major in itertools.product((1, 4, 16, 32, 64, 128), (4, 1536, 12288), (False, True)):
-            cfg = default_config(n, rows, time_major)
-            block_n = max(2, 1 << (n - 1).bit_length())
-            assert 4 <= cfg.chunk <= 64 and cfg.chunk & (cfg.chunk - 1) == 0
-            # fp32 tiles of at most 64 values a thread (forward) and 32 (backward, which holds more at once).
-            assert cfg.block_e_fwd * block_n * cfg.fwd_steps <= 64 * 32 * cfg.num_warps_fwd, (n, cfg)
-            per_thread = cfg.block_e_bwd * block_n * (cfg.chunk // cfg.bwd_sub_chunks) // (32 * cfg.num_warps_bwd)
-            assert per_thread <= 32, (n, rows, cfg)
-            # L is split only when rows give few programs, into a bounded number of segments.
-            assert 1 <= cfg.fwd_segments <= 64 and 1 <= cfg.bwd_segments <= 64
-            assert (cfg.bwd_segments > 1) == (rows // cfg.block_e_bwd < 512)
+    for n, rows, time_major in itertools.product((1, 4, 16, 32, 64, 128), (4, 1536, 12288, 24576), (False, True)):
+        cfg = default_config(n, rows, time_major)
+        block_n = max(2, 1 << (n - 1).bit_length())
+        assert 4 <= cfg.chunk <= 64 and cfg.chunk & (cfg.chunk - 1) == 0
+        # fp32 tiles of at most 64 values a thread (forward) and 32 (backward, which holds more at once).
+        assert cfg.block_e_fwd * block_n * cfg.fwd_steps <= 64 * 32 * cfg.num_warps_fwd, (n, cfg)
+        per_thread = cfg.block_e_bwd * block_n * (cfg.chunk // cfg.bwd_sub_chunks) // (32 * cfg.num_warps_bwd)
+        assert per_thread <= 32, (n, rows, cfg)
+        # L is split only when rows give few programs, into a bounded number of segments.
+        assert 1 <= cfg.fwd_segments <= 64 and 1 <= cfg.bwd_segments <= 64
+        assert (cfg.bwd_segments > 1) == (rows // cfg.block_e_bwd < 512)
+        # The dB/dC reduce-scatter goes with the 4-step backward tile (it was slower with 8 x 8).
+        assert cfg.bwd_scatter_sums == (cfg.chunk // cfg.bwd_sub_chunks == 4), cfg
+    # Past one wave of 16-channel programs (132 SMs x 8) the backward takes 8 x 8 tiles with tl.sum.
+    assert not default_config(16, 24576, True).bwd_scatter_sums and default_config(16, 12288, True).bwd_scatter_sums
     with pytest.raises(ValueError, match="bwd_sub_chunks"):
         ScanConfig(1, 4, chunk=16, bwd_sub_chunks=3)
     with pytest.raises(ValueError, match="fwd_steps"):

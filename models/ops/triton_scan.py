@@ -317,7 +317,7 @@ def _fold_segments_kernel(seg_v_ptr, seg_dt_ptr, A_ptr, E, N, n_seg, BACKWARD: t
 
 @triton.jit
 def _load_carry(seg_v_ptr, b64, n_seg, seg, n, e, ne_ok, E, BLOCK_N: tl.constexpr):
-    """The state (adjoint) flowing into segment `seg`, written by _fold_segments_kernel."""
+    """The state (decayed adjoint) flowing into segment `seg`, written by _fold_segments_kernel."""
     return tl.load(seg_v_ptr + ((b64 * n_seg + seg) * E + e[None, :]) * BLOCK_N + n[:, None], mask=ne_ok, other=0.0)
 
 
@@ -452,7 +452,7 @@ def _scan_bwd_kernel(
     program = (pid_s * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_e
     scratch = scratch_ptr + program.to(tl.int64) * (SUB * BLOCK_E * BLOCK_N)
 
-    # Adjoint at the first step of the following chunk.
+    # The decayed adjoint flowing in from after this segment (0 at the end of L).
     if SPLIT:
         w_next = _load_carry(seg_r_ptr, b64, n_seg, pid_s, n, e, ne_ok, E, BLOCK_N)[None, :, :]
         c_begin = pid_s * seg_chunks
@@ -474,9 +474,9 @@ def _scan_bwd_kernel(
             for j in range(SUB - 1):
                 s = (c * SUB + j) * T + col
                 t = (L - 1 - s) if REVERSE else s
-                _, _, _, _, _, _, hs = _chunk_states(u_base, d_base, B_base, t, e, n, (s < L)[:, None] & e_ok[None, :],
-                                                  (s < L)[:, None] & n_ok[None, :], bias, A2, h, s_ue, s_ul, s_de,
-                                                  s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
+                _, _, _, _, _, _, hs = _chunk_states(
+                    u_base, d_base, B_base, t, e, n, (s < L)[:, None] & e_ok[None, :], (s < L)[:, None] & n_ok[None, :],
+                    bias, A2, h, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
                 h = tl.sum(tl.where(last, hs, -0.0), axis=0, keep_dims=True)
                 tl.store(scratch + (j + 1) * BLOCK_E * BLOCK_N + slot, tl.sum(h, axis=0))
             tl.debug_barrier()
@@ -501,7 +501,7 @@ def _scan_bwd_kernel(
                 zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m,
                              other=0.0).to(tl.float32)
             u, dt, raw, Bt, x, a, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h0, s_ue,
-                                                  s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
+                                                     s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
             grad_offs = grad_base + t[:, None] * s_Gl + e[None, :] * s_Ge
             dtu = dt * u
 
@@ -630,7 +630,7 @@ def _segments(n_units: int, pieces: int, multiple: int = 1) -> tuple[int, int]:
 
 
 def _summary_buffers(Bsz: int, n_seg: int, E: int, block_n: int, device) -> tuple[Tensor, Tensor]:
-    """Per-segment local end state (or adjoint), (B, S, E, block_n), and delta sum, (B, S, E); fp32."""
+    """Per-segment local end state (or decayed adjoint), (B, S, E, block_n), and delta sum, (B, S, E); fp32."""
     f32 = dict(device=device, dtype=torch.float32)
     return torch.empty(Bsz, n_seg, E, block_n, **f32), torch.empty(Bsz, n_seg, E, **f32)
 
