@@ -25,14 +25,22 @@ SHAPES = [
 D_STATE = 16
 
 
-def scan_config(rows: int, time_major: bool = False):
-    """default_config for `rows` (batch x channels) and the inputs' layout, with the ScanConfig fields named in
-    SCAN_CONFIG overridden, e.g. SCAN_CONFIG="block_e_fwd=16,fwd_segments=2,chunk=32,bwd_sub_chunks=8"."""
+def default_scan_config(rows: int, length: int, time_major: bool = False):
+    """default_config for `rows` (batch x channels), the sequence length, the inputs' layout and this GPU."""
+    from models.ops.triton_scan import default_config
+
+    return default_config(D_STATE, rows, time_major, length=length,
+                          sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
+
+
+def scan_config(rows: int, length: int, time_major: bool = False):
+    """default_scan_config with the ScanConfig fields named in SCAN_CONFIG overridden, e.g.
+    SCAN_CONFIG="block_e_fwd=16,fwd_segments=2,chunk=32,bwd_sub_chunks=8"."""
     from dataclasses import fields, replace
 
-    from models.ops.triton_scan import ScanConfig, default_config
+    from models.ops.triton_scan import ScanConfig
 
-    cfg = default_config(D_STATE, rows, time_major)
+    cfg = default_scan_config(rows, length, time_major)
     spec = os.environ.get("SCAN_CONFIG", "")
     if not spec:
         return cfg

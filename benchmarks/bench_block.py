@@ -94,7 +94,7 @@ def main() -> None:
         z = torch.randn(Bsz, E, L, device="cuda", dtype=torch.bfloat16)
         x_t, z_t = torch.cat([x, z], dim=1).transpose(1, 2).contiguous().transpose(1, 2).chunk(2, dim=1)
         fwd, bwd = make_weights(E, R), make_weights(E, R)
-        cfg = scan_config(Bsz * E, time_major=True)
+        cfg = scan_config(Bsz * E, L, time_major=True)
         ours = lambda x, z, f, b, cfg=cfg: bimamba_inner_triton(x, z, f, b, config=cfg)
         row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg)}
         row["ours fwd ms"], row["ours fwd+bwd ms"] = time_block(ours, x_t, z_t, fwd, bwd)

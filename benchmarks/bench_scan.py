@@ -23,6 +23,7 @@ from _common import (
     D_STATE,
     SHAPES,
     bench_ms,
+    default_scan_config,
     load_mamba_selective_scan,
     log_uniform_dt,
     rel_err,
@@ -31,7 +32,7 @@ from _common import (
 )
 
 from models.ops.ref import selective_scan_ref
-from models.ops.triton_scan import ScanConfig, bidirectional_scan_triton, default_config, selective_scan_triton
+from models.ops.triton_scan import ScanConfig, bidirectional_scan_triton, selective_scan_triton
 
 
 def make_inputs(Bsz: int, E: int, L: int, N: int = D_STATE) -> dict[str, torch.Tensor]:
@@ -162,14 +163,14 @@ def bidirectional(mamba: Callable | None, x: dict[str, torch.Tensor], x_b: dict[
     return row
 
 
-def sweep_configs(rows: int, time_major: bool = False) -> list[ScanConfig]:
+def sweep_configs(rows: int, length: int, time_major: bool = False) -> list[ScanConfig]:
     """Launch shapes around default_config for `rows` (batch x channels) and the inputs' layout: the forward's
     channels a program and L segments; the backward's tile (16 channels x 4 steps with the dB/dC
     reduce-scatter, or 8 x 8 with tl.sum) and L segments (sweep_round6.txt: the best tile depends on how many
     programs fill the GPU's waves)."""
     from dataclasses import replace
 
-    base = default_config(D_STATE, rows, time_major)
+    base = default_scan_config(rows, length, time_major)
     few = rows < 8192
     configs = [base]
     fwd_segments = (16, 32, 64) if few else (1, 2)
@@ -191,7 +192,7 @@ def sweep(shapes: list[tuple], time_major: bool = False) -> None:
         if time_major:
             x = as_time_major(x)
         results = []
-        for cfg in sweep_configs(Bsz * E, time_major):
+        for cfg in sweep_configs(Bsz * E, L, time_major):
             fwd, fwd_bwd = time_scan(lambda *a, cfg=cfg: selective_scan_triton(*a, config=cfg), x)
             print(f"sweep {name}: {cfg}: fwd {fwd:.3f} ms, fwd+bwd {fwd_bwd:.3f} ms", flush=True)
             results.append((fwd_bwd, cfg))
@@ -220,7 +221,7 @@ def main() -> None:
         x, x_b = make_inputs(Bsz, E, L), make_inputs(Bsz, E, L)
         x_ours = as_time_major(x) if args.time_major else x
         b_fwd, b_fb = min_bytes(Bsz, E, L)
-        cfg = scan_config(Bsz * E, args.time_major)
+        cfg = scan_config(Bsz * E, L, args.time_major)
         ours = lambda *a, cfg=cfg: selective_scan_triton(*a, config=cfg)
         row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg)}
         row["ours fwd ms"], row["ours fwd+bwd ms"] = time_scan(ours, x_ours)

@@ -17,9 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from models.ops import DirectionWeights, bimamba_inner
+from models.ops import DirectionWeights, bimamba_inner, triton_scan
 from models.ops.ref import selective_scan_ref
 from models.ops.triton_scan import (
+    BWD_MAX_WAVES,
+    BWD_PROGRAMS_PER_SM,
     ScanConfig,
     _channel_sum_scattered,
     bidirectional_scan_triton,
@@ -250,6 +252,18 @@ def _split(fwd_steps: int, fwd_segments: int, bwd_segments: int, sub: int = 4, b
 
 @pytest.mark.gpu
 @needs_kernel_device
+@pytest.mark.parametrize("slots", [1, 0])
+def test_scan_backward_shares_sm_scratch_slots(slots, monkeypatch):
+    """More backward programs than the GPU holds at once (512 and 2048 here): they take turns on the SMs'
+    scratch slots through locks. One slot an SM forces programs to wait for one; 0 gives each SM as many
+    slots as it holds programs (here with the scratch budget that switches slots on lowered to 0)."""
+    monkeypatch.setattr(triton_scan, "BWD_SCRATCH_BUDGET", 0)
+    config = ScanConfig(4, 4, chunk=16, fwd_steps=8, bwd_sub_chunks=4, bwd_segments=4, bwd_sm_slots=slots)
+    _check_scan(2 if slots else 8, 256, 301, 16, torch.bfloat16, config=config)
+
+
+@pytest.mark.gpu
+@needs_kernel_device
 @pytest.mark.parametrize("E,L,N,groups,dtype,config", [
     # Odd E and L; more segments than saved chunks (L = 37 has 3): the surplus segments are dropped.
     pytest.param(6, 37, 4, 0, torch.float32, _split(4, 5, 5, sub=2, block_e=4), marks=pytest.mark.interp),
@@ -442,13 +456,36 @@ def test_default_config_keeps_tiles_small():
         assert cfg.block_e_fwd * block_n * cfg.fwd_steps <= 64 * 32 * cfg.num_warps_fwd, (n, cfg)
         per_thread = cfg.block_e_bwd * block_n * (cfg.chunk // cfg.bwd_sub_chunks) // (32 * cfg.num_warps_bwd)
         assert per_thread <= 32, (n, rows, cfg)
-        # L is split only when rows give few programs, into a bounded number of segments.
+        # L is split into a bounded number of segments, only as far as BWD_MAX_WAVES waves of programs.
         assert 1 <= cfg.fwd_segments <= 64 and 1 <= cfg.bwd_segments <= 64
-        assert (cfg.bwd_segments > 1) == (rows // cfg.block_e_bwd < 512)
+        wave = 132 * BWD_PROGRAMS_PER_SM
+        programs = -(-rows // cfg.block_e_bwd)
+        assert cfg.bwd_segments == 1 or -(-programs * cfg.bwd_segments // wave) <= BWD_MAX_WAVES, (rows, cfg)
         # The dB/dC reduce-scatter goes with the 4-step backward tile (it was slower with 8 x 8).
         assert cfg.bwd_scatter_sums == (cfg.chunk // cfg.bwd_sub_chunks == 4), cfg
-    # Past one wave of 16-channel programs (132 SMs x 8) the backward takes 8 x 8 tiles with tl.sum.
-    assert not default_config(16, 24576, True).bwd_scatter_sums and default_config(16, 12288, True).bwd_scatter_sums
+
+
+def _bwd_launch(rows: int, length: int) -> tuple[int, int, int]:
+    cfg = default_config(16, rows, True, length=length)
+    return cfg.block_e_bwd, cfg.chunk // cfg.bwd_sub_chunks, cfg.bwd_segments
+
+
+def test_default_config_backward_model_picks_the_measured_best():
+    """The wave model against sweep_round6.txt and sweep_round7.txt (H100, bwd ms): M 8f b16, where 16 x 4 in 4
+    segments beat 8 x 8 unsplit by 18% (2.11 against 2.58); Ti 8f b64, where 8 x 8 unsplit won (2.63 against
+    2.77 for 16 x 4 in 2); S 8f b16, where a split gained 3% for 5 MB more scratch; Ti 64f b4, whose 96
+    programs in one full wave of 132 x 8 (11 segments) took 1.62 ms against 1.43 for 22 segments."""
+    assert _bwd_launch(16 * 1152, 1569) == (16, 4, 4)
+    assert _bwd_launch(64 * 384, 1569) == (8, 8, 1)
+    assert _bwd_launch(16 * 768, 1569) == (16, 4, 1)
+    assert _bwd_launch(4 * 384, 12545) == (16, 4, 22)
+    # Segments are whole saved chunks: a short L is split only as far as its chunks go.
+    assert _bwd_launch(4 * 384, 100)[2] <= 2
+    # A GPU with fewer SMs needs fewer segments to fill its waves.
+    assert default_config(16, 4 * 384, True, length=12545, sm_count=66).bwd_segments < 22
+
+
+def test_scan_config_rejects_bad_fields():
     with pytest.raises(ValueError, match="bwd_sub_chunks"):
         ScanConfig(1, 4, chunk=16, bwd_sub_chunks=3)
     with pytest.raises(ValueError, match="fwd_steps"):
@@ -457,3 +494,5 @@ def test_default_config_keeps_tiles_small():
         ScanConfig(1, 4, chunk=16, bwd_sub_chunks=4, fwd_segments=0)
     with pytest.raises(ValueError, match="bwd_scatter_sums"):
         ScanConfig(1, 128, chunk=16, bwd_sub_chunks=4, bwd_scatter_sums=True)
+    with pytest.raises(ValueError, match="bwd_sm_slots"):
+        ScanConfig(1, 4, chunk=16, bwd_sub_chunks=4, bwd_sm_slots=-1)

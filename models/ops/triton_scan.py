@@ -17,15 +17,15 @@ The state is carried between tiles in registers, fp32 throughout. Out-of-range s
 decay 1 and input 0, so any L works. A direction flag makes the program walk L backwards (t = L-1-s): the
 backward scan of the bidirectional mixer reads and writes the original tensors, with no flipped copies.
 
-Backward (chunked recompute, as mamba-ssm does). The forward saves only the state at every `chunk`-th
-step, (B, E, L/chunk, N) fp32. The backward walks the saved chunks in reverse: it walks each forward to its
-sub-tile start states (kept in a per-program scratch slot), then per sub-tile in reverse recomputes the
-states and solves the adjoint recurrence r_t = C_t g_t + a_{t+1} r_{t+1} (a_t = exp(delta_t A)) in-thread,
-last step first, carrying the decayed adjoint a_t r_t between tiles in registers: no shifted delta is
-needed. With a_t h_{t-1} = h_t - delta_t B_t u_t no shifted state is needed either. Gradients for B and C
-are sums over channels (an all-reduce across lanes, or with `bwd_scatter_sums` a reduce-scatter), so
-programs add them into fp32 buffers atomically (as mamba-ssm's CUDA kernel does); dA, dD and d delta_bias are
-summed in registers over L, then added atomically over the batch.
+Backward (chunked recompute, as mamba-ssm does). The forward saves only the state at every `chunk`-th step,
+(B, E, L/chunk, N) fp32. The backward walks the saved chunks in reverse: it walks each forward to its sub-tile
+start states (kept in a scratch slot: the program's own, or with many programs one of its SM's, taken through a
+lock), then per sub-tile in reverse recomputes the states and solves the adjoint recurrence r_t = C_t g_t +
+a_{t+1} r_{t+1} (a_t = exp(delta_t A)) in-thread, last step first, carrying the decayed adjoint a_t r_t between
+tiles in registers: no shifted delta is needed. With a_t h_{t-1} = h_t - delta_t B_t u_t no shifted state is
+needed either. Gradients for B and C are sums over channels (an all-reduce across lanes, or with
+`bwd_scatter_sums` a reduce-scatter), so programs add them into fp32 buffers atomically (as mamba-ssm's CUDA
+kernel does); dA, dD and d delta_bias are summed in registers over L, then added atomically over the batch.
 
 Few rows (long clips at small batch) give too few programs: then L is split into segments. A summary pass
 gives each segment's end state (or decayed start adjoint) from zero and its delta sum, a fold kernel chains
@@ -37,6 +37,7 @@ output (and its share of dz) to what the first wrote.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -55,7 +56,10 @@ class ScanConfig:
     the forward saves for the backward; fwd_steps, the forward's tile; the backward walks each saved chunk
     in bwd_sub_chunks tiles of chunk / bwd_sub_chunks steps; fwd_segments / bwd_segments split L into that
     many pieces run by separate programs (1: no split); bwd_scatter_sums sums dB and dC over a program's
-    channels as a reduce-scatter (`_channel_sum_scattered`) rather than with tl.sum."""
+    channels as a reduce-scatter (`_channel_sum_scattered`) rather than with tl.sum; bwd_sm_slots: 0 lets
+    the backward's programs share scratch slots, as many an SM as it holds programs, only when a slot each
+    would take more than BWD_SCRATCH_BUDGET; n > 0 makes them share n slots an SM whenever the grid is
+    larger (fewer slots than programs an SM bound the scratch further: the others wait for a slot)."""
 
     block_e_fwd: int
     block_e_bwd: int
@@ -67,6 +71,7 @@ class ScanConfig:
     fwd_segments: int = 1
     bwd_segments: int = 1
     bwd_scatter_sums: bool = False
+    bwd_sm_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.chunk % self.fwd_steps or self.fwd_steps & (self.fwd_steps - 1):
@@ -77,39 +82,53 @@ class ScanConfig:
                              "backward tiles; use a divisor such as 1, 2 or 4")
         if self.fwd_segments < 1 or self.bwd_segments < 1:
             raise ValueError("fwd_segments and bwd_segments count pieces of L: use 1 (no split) or more")
+        if self.bwd_sm_slots < 0:
+            raise ValueError(f"bwd_sm_slots={self.bwd_sm_slots}: use 0 (as many as an SM holds) or a count")
         if self.bwd_scatter_sums and self.block_e_bwd > 64:
             raise ValueError(f"bwd_scatter_sums covers up to 64 channels a program; got block_e_bwd="
                              f"{self.block_e_bwd}: lower it or set bwd_scatter_sums=False")
 
 
-# Programs below which a kernel splits L into segments (an H200 has 132 SMs; these kernels
-# hold one or two warps a program and a few programs an SM): the segments' summary pass costs less than
-# the idle SMs would.
+# Programs below which the forward splits L into segments (an H100/H200 has 132 SMs; its programs hold one
+# warp and a few run on an SM): the segments' summary pass costs less than the idle SMs would.
 SPLIT_BELOW_PROGRAMS = 512
-FWD_SPLIT_PROGRAMS, BWD_SPLIT_PROGRAMS = 3072, 3072
-# Backward programs that run in one wave: 132 SMs (H100, H200) x 8 one-warp programs at 255 registers. Past
-# it, the 16-channel tile leaves a nearly empty second wave (M 8f b16: 1152 programs) and 8 channels win.
-ONE_WAVE_BWD_PROGRAMS = 132 * 8
+FWD_SPLIT_PROGRAMS = 3072
+# Programs an SM holds at once (one warp each): the backward at 255 registers a thread, 65536 / (256 x 32);
+# the adjoint summary pass at 128.
+BWD_PROGRAMS_PER_SM, SUMMARY_PROGRAMS_PER_SM = 8, 16
+# The backward's launch model (default_config): the tiles as (channels at d_state 16, steps, reduce-scatter
+# sums, time of a program step relative to 16 x 4's), and the time of a summary step relative to the
+# backward's. Fitted to sweep_round6.txt and sweep_round7.txt (H100): M 8f b16 unsplit, 8 x 8 2.58 ms in 3
+# waves against 16 x 4 2.89 in 2; the summary share 0.24-0.33 at M 8f, Ti 16f, S 8f and Ti 8f.
+BWD_TILES = ((16, 4, True, 1.0), (8, 8, False, 0.6))
+BWD_SUMMARY_STEP_COST = 0.3
+# Splits that would make more waves than this were slower than the model says (M 8f b16: 7 waves of 16 x 4
+# 2.24 ms against 2.18 for 5): they are not considered.
+BWD_MAX_WAVES = 5
+# A split must beat the best unsplit launch by this much in the model (whose error is ~5-10%): splitting S 8f
+# b16 (8% in the model) gained 3% and would have added 5 MB of scratch.
+BWD_SPLIT_MIN_GAIN = 0.1
+# Scratch (bytes) the backward may take as one slot a program; past it the programs share the SMs' slots.
+BWD_SCRATCH_BUDGET = 16 << 20
 # Each program folds the summaries of the segments before (after) it: keep that loop short.
 MAX_SEGMENTS = 64
 
 
-def default_config(d_state: int, rows: int, time_major: bool = False) -> ScanConfig:
-    """Launch shape measured best on an H200 and an H100 for d_state 16 (benchmarks/results/sweep_round4.txt,
-    sweep_round5.txt, sweep_round6.txt), `rows` being batch x channels (B E).
+def default_config(d_state: int, rows: int, time_major: bool = False, *, length: int | None = None,
+                   sm_count: int = 132) -> ScanConfig:
+    """Launch shape for d_state, `rows` = batch x channels (B E), the inputs' layout, the sequence length if
+    known and the GPU's SM count; measured best for d_state 16 on an H200 and an H100 (sweep_round4-7.txt).
 
     Forward: 8-step tiles, 1 warp, 8 channels a program with many rows (S 8f b16: 0.40 ms against 0.80 ms
     for round 3's time-last kernel), 16 with few rows, whose L is then split into segments up to ~3072
     programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05 for round 3's time-last kernel). Time-major
     inputs (u, delta, z stored (B, L, E), channels contiguous, as the mixer makes them): 16 channels a
     program at any row count.
-    Backward, either layout (round 6): 16 channels x 4 steps on 1 warp with dB/dC summed as a
-    reduce-scatter, when those programs fit in one wave; otherwise 8 channels x 8 steps with tl.sum
-    (sweep_round6.txt, H100, backward ms: S 8f 1.56 against 1.71 for 8 x 8; M 8f 2.56 against 2.98 for
-    16 x 4). Few rows split L up to ~3072 programs (Ti 64f b4: 32 segments).
-    Saved states: one every 64 steps with many rows (then walked forward to the backward's tile starts: +1-2%
-    time against one every 16, and fwd+bwd peak memory below mamba-ssm's), one every 32 with few rows (the
-    walk's per-program scratch grows with the segments).
+    Backward, either layout: 16 channels x 4 steps with dB/dC summed as a reduce-scatter, or 8 x 8 with
+    tl.sum, on 1 warp, L split into segments, whichever a model in waves of programs gives the least time
+    (`_backward_launch`). A state is saved every 64 steps; the backward walks each saved chunk forward to its
+    tile starts, through scratch slots that scale with the programs resident at once (round 7), so neither
+    the split nor the spacing costs memory with the grid.
     Larger state sizes get fewer channels a program, to keep the fp32 tiles in registers."""
     block_n = max(2, triton.next_power_of_2(d_state))
     # Forward tiles of T x block_n x channels: at most 64 fp32 values a thread (1 warp).
@@ -121,20 +140,51 @@ def default_config(d_state: int, rows: int, time_major: bool = False) -> ScanCon
         fwd_e //= 2
     while fwd_steps * block_n * fwd_e > 64 * 32 and fwd_steps > 2:
         fwd_steps //= 2
-    # Backward tiles of 32 fp32 values a thread on 1 warp: 16 channels x 4 steps, or 8 x 8 past one wave.
-    bwd_e, bwd_steps, scatter = max(1, min(16, 256 // block_n)), 4, True
-    if triton.cdiv(rows, bwd_e) > ONE_WAVE_BWD_PROGRAMS:
-        bwd_e, bwd_steps, scatter = max(1, min(8, 128 // block_n)), 8, False
-    fwd_programs, bwd_programs = triton.cdiv(rows, fwd_e), triton.cdiv(rows, bwd_e)
-
-    def segments(programs: int, target: int) -> int:
-        return min(MAX_SEGMENTS, triton.cdiv(target, programs)) if programs < SPLIT_BELOW_PROGRAMS else 1
-
-    chunk = 64 if bwd_programs >= SPLIT_BELOW_PROGRAMS else 32
+    fwd_programs = triton.cdiv(rows, fwd_e)
+    fwd_segments = 1
+    if fwd_programs < SPLIT_BELOW_PROGRAMS:
+        fwd_segments = min(MAX_SEGMENTS, triton.cdiv(FWD_SPLIT_PROGRAMS, fwd_programs))
+    chunk = 64
+    n_chunks = None if length is None else triton.cdiv(length, chunk)
+    bwd_e, bwd_steps, scatter, bwd_segments = _backward_launch(block_n, rows, sm_count, n_chunks, chunk)
     return ScanConfig(block_e_fwd=fwd_e, block_e_bwd=bwd_e, chunk=chunk, num_warps_fwd=1, num_warps_bwd=1,
-                      fwd_steps=fwd_steps, bwd_sub_chunks=chunk // bwd_steps,
-                      fwd_segments=segments(fwd_programs, FWD_SPLIT_PROGRAMS),
-                      bwd_segments=segments(bwd_programs, BWD_SPLIT_PROGRAMS), bwd_scatter_sums=scatter)
+                      fwd_steps=fwd_steps, bwd_sub_chunks=chunk // bwd_steps, fwd_segments=fwd_segments,
+                      bwd_segments=bwd_segments, bwd_scatter_sums=scatter)
+
+
+def _backward_launch(block_n: int, rows: int, sm_count: int, n_chunks: int | None, chunk: int
+                     ) -> tuple[int, int, bool, int]:
+    """(channels, steps a tile, reduce-scatter, segments) of the backward with the least modelled time.
+
+    A program walks a segment of L; sm_count x BWD_PROGRAMS_PER_SM programs run at once, so the main pass
+    takes ceil(programs x segments / that) waves of a segment's steps; the summary pass a split needs does the
+    same for segments - 1, in waves of SUMMARY_PROGRAMS_PER_SM an SM. Segments are whole saved chunks: with
+    n_chunks known only the counts `_segments` makes are tried, and a segment's steps are its chunks'. Ties
+    go to fewer segments; a split must gain BWD_SPLIT_MIN_GAIN over the best unsplit launch."""
+    unsplit, split = None, None
+    for channels, steps, scatter, step_time in BWD_TILES:
+        block_e = max(1, min(channels, channels * 16 // block_n))
+        programs = triton.cdiv(rows, block_e)
+        for segments in range(1, MAX_SEGMENTS + 1):
+            waves = triton.cdiv(programs * segments, sm_count * BWD_PROGRAMS_PER_SM)
+            if segments > 1 and waves > BWD_MAX_WAVES:
+                break
+            seg_steps = 1 / segments
+            if n_chunks is not None:
+                per, count = _segments(n_chunks, segments)
+                if count != segments:
+                    continue
+                seg_steps = per * chunk
+            summary_waves = triton.cdiv(programs * (segments - 1), sm_count * SUMMARY_PROGRAMS_PER_SM)
+            time = step_time * seg_steps * (waves + BWD_SUMMARY_STEP_COST * summary_waves)
+            launch = (time, block_e, steps, scatter, segments)
+            if segments == 1 and (unsplit is None or time < unsplit[0]):
+                unsplit = launch
+            if segments > 1 and (split is None or time < split[0] * (1 - 1e-9)):
+                split = launch
+    if split is not None and split[0] < unsplit[0] * (1 - BWD_SPLIT_MIN_GAIN):
+        return split[1:]
+    return unsplit[1:]
 
 
 @triton.jit
@@ -409,25 +459,54 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _take_sm_slot(scratch_ptr, program, n_sm, slots_per_sm, SLOT: tl.constexpr, LOCK: tl.constexpr):
+    """A free scratch slot among the slots_per_sm of the SM this program runs on (its %smid, folded into
+    n_sm groups), SLOT floats each with a lock word at offset LOCK: the lock goes 0 -> 1 by compare-and-swap,
+    probing from program % slots_per_sm. With slots_per_sm at least the programs an SM holds at once, a
+    program finds a slot in a few probes: it started because one on its SM ended and gave its slot back.
+    With fewer, the extra programs wait for a slot, which only costs time. Returns the slot's start; the
+    program gives it back with _give_back_slot. The lock lives in the slot, so only the slot's pointer stays
+    live through the kernel (with a separate lock array, the slot index and that array's pointer did too)."""
+    sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+    first = (sm % n_sm) * slots_per_sm
+    k = program % slots_per_sm
+    while tl.atomic_cas(_slot_lock(scratch_ptr + (first + k).to(tl.int64) * SLOT, LOCK), 0, 1, sem="acquire") != 0:
+        k = (k + 1) % slots_per_sm
+    return scratch_ptr + (first + k).to(tl.int64) * SLOT
+
+
+@triton.jit
+def _slot_lock(slot_ptr, LOCK: tl.constexpr):
+    return (slot_ptr + LOCK).to(tl.pointer_type(tl.int32), bitcast=True)
+
+
+@triton.jit
+def _give_back_slot(slot_ptr, LOCK: tl.constexpr):
+    tl.atomic_xchg(_slot_lock(slot_ptr, LOCK), 0, sem="release")
+
+
+@triton.jit(do_not_specialize=["n_sm", "slots_per_sm"])
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, state_ptr, scratch_ptr,
     seg_r_ptr, du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr,
-    E, L, N, group_E, n_chunks, seg_chunks, n_seg,
+    E, L, N, group_E, n_chunks, seg_chunks, n_seg, n_sm, slots_per_sm,
     s_ub, s_ue, s_ul, s_db, s_de, s_dl,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
     s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_Gb, s_Ge, s_Gl, s_dBb, s_dBg, s_dBn, s_dBl,
     REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT: tl.constexpr, SCATTER_SUMS: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, SUB: tl.constexpr,
+    SM_SLOTS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, SUB: tl.constexpr,
 ):
     """Gradients of one direction on a time-major (T, N, E) state tile: each thread holds a tile's T steps,
     so both scans run serially in-thread (no shuffles) and the sums over N are mostly in-thread (~2.4x fewer
     instructions per element than round 2's time-last tile, whose scans shuffled across lanes).
 
     The forward saved a state every SUB * T steps. With SUB > 1 each saved chunk is first walked forward
-    to get its SUB sub-tile start states, which go to a per-program scratch slot (L2-resident); then its
-    sub-tiles are differentiated in reverse. Saved states far apart cost little memory (default_config)
-    for a partial second recompute.
+    to get its SUB sub-tile start states, which go to a scratch slot (L2-resident); then its sub-tiles are
+    differentiated in reverse. Saved states far apart cost little memory (default_config) for a partial
+    second recompute. The slot is the program's own, or with SM_SLOTS one of slots_per_sm slots of the SM
+    it runs on, taken and given back through a lock (_take_sm_slot): the scratch then scales with the
+    programs resident at once, not with the grid.
 
     Program (pid_e, pid_b, pid_s) differentiates segment pid_s of L (seg_chunks saved chunks); its incoming
     adjoint comes from the summaries of the segments after it (_adjoint_summary_kernel, then
@@ -450,7 +529,13 @@ def _scan_bwd_kernel(
     B_base = B_ptr + b64 * s_Bb + g * s_Bg
     slot = n[:, None] + tl.arange(0, BLOCK_E)[None, :] * BLOCK_N
     program = (pid_s * tl.num_programs(1) + pid_b) * tl.num_programs(0) + pid_e
-    scratch = scratch_ptr + program.to(tl.int64) * (SUB * BLOCK_E * BLOCK_N)
+    # A slot: the SUB sub-tile start states, then (SM_SLOTS) a lock word, padded to 128 bytes.
+    SLOT_LOCK: tl.constexpr = SUB * BLOCK_E * BLOCK_N
+    SLOT: tl.constexpr = SLOT_LOCK + 32 if SM_SLOTS else SLOT_LOCK
+    if SM_SLOTS:
+        scratch = _take_sm_slot(scratch_ptr, program, n_sm, slots_per_sm, SLOT, SLOT_LOCK)
+    else:
+        scratch = scratch_ptr + program.to(tl.int64) * SLOT
 
     # The decayed adjoint flowing in from after this segment (0 at the end of L).
     if SPLIT:
@@ -554,6 +639,9 @@ def _scan_bwd_kernel(
             # The next saved chunk's forward walk must not overwrite slots this one still reads.
             tl.debug_barrier()
 
+    if SM_SLOTS:
+        # After the last chunk's barrier no thread touches the slot any more.
+        _give_back_slot(scratch, SLOT_LOCK)
     tl.atomic_add(dA_ptr + n[None, :, None] + e[None, None, :] * N, dA_acc, mask=ne_ok[None, :, :], sem="relaxed")
     if HAS_D:
         tl.atomic_add(dD_ptr + e, dD_acc, mask=e_ok, sem="relaxed")
@@ -622,10 +710,9 @@ def _block_e(block_e: int, group_E: int) -> int:
     return block_e
 
 
-def _segments(n_units: int, pieces: int, multiple: int = 1) -> tuple[int, int]:
-    """Split n_units (tiles or saved chunks) into at most `pieces` runs of a multiple of `multiple` units:
-    (units per segment, number of segments)."""
-    per = triton.cdiv(triton.cdiv(n_units, max(1, pieces)), multiple) * multiple
+def _segments(n_units: int, pieces: int) -> tuple[int, int]:
+    """Split n_units (tiles or saved chunks) into at most `pieces` runs: (units per segment, segments)."""
+    per = triton.cdiv(n_units, max(1, pieces))
     return per, triton.cdiv(n_units, per)
 
 
@@ -657,7 +744,9 @@ def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None,
                      SOFTPLUS=softplus, ACCUMULATE=i > 0, STORE_STATES=store_states, BLOCK_E=block_e,
                      BLOCK_N=block_n, num_warps=cfg.num_warps_fwd)
         save_every = cfg.chunk // cfg.fwd_steps
-        seg_tiles, n_seg = _segments(triton.cdiv(L, cfg.fwd_steps), cfg.fwd_segments, save_every)
+        # Segments need not start on a saved state: a program saves those that fall in its tiles (c % SAVE_EVERY
+        # is global), and whole tiles balance the programs better than whole chunks.
+        seg_tiles, n_seg = _segments(triton.cdiv(L, cfg.fwd_steps), cfg.fwd_segments)
         seg_h, seg_dt = _summary_buffers(Bsz, n_seg, E, block_n, u0.device) if n_seg > 1 else (out, out)
         sizes = [E, L, N, E // G, n_chunks, seg_tiles, n_seg, *strides]
         grid = (triton.cdiv(E, block_e), Bsz)
@@ -716,14 +805,54 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
                 BLOCK_N=block_n, T=cfg.chunk // sub, num_warps=cfg.num_warps_bwd)
             _fold_segments_kernel[grid](seg_r, seg_dt, d.A, E, N, n_seg, BACKWARD=True, BLOCK_E=block_e,
                                         BLOCK_N=block_n)
-        scratch = torch.empty(grid[0] * Bsz * n_seg * sub * block_e * block_n, **f32) if sub > 1 else dA
-        _scan_bwd_kernel[(*grid, n_seg)](*ptrs, scratch, seg_r, *outs, E, L, N, E // G, n_chunks,
-                                                    seg_chunks, n_seg, *strides, T=cfg.chunk // sub, SUB=sub,
-                                                    SPLIT=n_seg > 1, SCATTER_SUMS=cfg.bwd_scatter_sums, **flags)
+        bwd_grid = (*grid, n_seg)
+        tiles = dict(T=cfg.chunk // sub, SUB=sub, SPLIT=n_seg > 1, SCATTER_SUMS=cfg.bwd_scatter_sums, **flags)
+        sizes = [E, L, N, E // G, n_chunks, seg_chunks, n_seg]
+        scratch, n_sm, per_sm, sm_slots = dA, 0, 0, False
+        if sub > 1:
+            if u0.is_cuda:
+                n_sm, per_sm = _sm_occupancy([*ptrs, dA, seg_r, *outs, *sizes, 0, 0, *strides], bwd_grid, tiles)
+                per_sm = min(per_sm, cfg.bwd_sm_slots or per_sm)
+            # More programs than the GPU holds at once share the SMs' scratch slots, each with a lock word, when
+            # a slot a program would take more than BWD_SCRATCH_BUDGET: the locks cost 1-2.4% (sweep_round7.txt).
+            states = sub * block_e * block_n
+            sm_slots = 0 < n_sm * per_sm < math.prod(bwd_grid) and (
+                cfg.bwd_sm_slots > 0 or math.prod(bwd_grid) * states * 4 > BWD_SCRATCH_BUDGET)
+            if sm_slots:
+                scratch = torch.empty(n_sm * per_sm, states + 32, **f32)
+                scratch[:, states].zero_()  # the lock words (0.0 and int 0 share their bits)
+            else:
+                scratch = torch.empty(math.prod(bwd_grid) * states, **f32)
+        _scan_bwd_kernel[bwd_grid](*ptrs, scratch, seg_r, *outs, *sizes, n_sm, per_sm, *strides,
+                                   SM_SLOTS=sm_slots, **tiles)
         grads.append(_Direction(du, ddelta, dA, dB.to(d.B.dtype), dC.to(d.C.dtype),
                                 None if dD is None else dD.to(d.D.dtype),
                                 None if dbias is None else dbias.to(d.bias.dtype)))
     return grads, dz
+
+
+# (device, backward variant) -> (SMs, programs an SM holds at once).
+_OCCUPANCY: dict[tuple, tuple[int, int]] = {}
+
+
+def _sm_occupancy(args: list, grid: tuple[int, ...], constexprs: dict) -> tuple[int, int]:
+    """The SM count and how many programs of the backward variant these arguments select one SM holds at
+    once, from its compiled registers and shared memory. Cached per variant: `warmup` costs a launch's
+    host time."""
+    key = (args[0].device, *sorted(constexprs.items()), *(a.dtype for a in args if isinstance(a, Tensor)))
+    if key not in _OCCUPANCY:
+        kernel = _scan_bwd_kernel.warmup(*args, grid=grid, SM_SLOTS=True, **constexprs)
+        kernel._init_handles()  # loads the binary: n_regs is known only then
+        props = torch.cuda.get_device_properties(args[0].device)
+        warps = kernel.metadata.num_warps
+        # Registers go to warps in units of 256, 64K an SM; an SM holds at most 32 programs (sm_80+), each
+        # with its shared memory plus the 1 KB the runtime reserves.
+        regs_per_warp = -(-kernel.n_regs * 32 // 256) * 256
+        per_sm = min(32, 65536 // (regs_per_warp * warps),
+                     props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024),
+                     props.max_threads_per_multi_processor // (32 * warps))
+        _OCCUPANCY[key] = props.multi_processor_count, max(1, per_sm)
+    return _OCCUPANCY[key]
 
 
 class _ScanFn(torch.autograd.Function):
@@ -771,6 +900,12 @@ def _as_grouped(BC: Tensor, name: str, Bsz: int, E: int, L: int, N: int) -> Tens
     return BC
 
 
+def _default_config_for(u: Tensor, A: Tensor) -> ScanConfig:
+    Bsz, E, L = u.shape
+    sm_count = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 132
+    return default_config(A.shape[1], Bsz * E, is_time_major(u), length=L, sm_count=sm_count)
+
+
 def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, z: Tensor | None) -> None:
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (B, E, L); got {tuple(u.shape)} and {tuple(delta.shape)}")
@@ -815,7 +950,7 @@ def selective_scan_triton(
     _check_inputs(u, delta, A, z)
     d = _direction(u, delta, A, B, C, D, delta_bias)
     _check_device(u)
-    cfg = config or default_config(A.shape[1], u.shape[0] * u.shape[1], is_time_major(u))
+    cfg = config or _default_config_for(u, A)
     return _apply((False,), delta_softplus, cfg, z, [d])
 
 
@@ -841,7 +976,7 @@ def bidirectional_scan_triton(
     if dirs[0].u.shape != dirs[1].u.shape or dirs[0].A.shape != dirs[1].A.shape:
         raise ValueError("forward and backward must have the same (B, E, L) and (E, N) shapes")
     _check_device(z)
-    cfg = config or default_config(dirs[0].A.shape[1], z.shape[0] * z.shape[1], is_time_major(dirs[0].u))
+    cfg = config or _default_config_for(dirs[0].u, dirs[0].A)
     return _apply((False, True), delta_softplus, cfg, z, dirs)
 
 
@@ -872,5 +1007,5 @@ def bimamba_inner_triton(x_BEL: Tensor, z_BEL: Tensor, fwd, bwd, *, config: Scan
             delta_BEL = torch.matmul(dt_proj, dt_BLR.transpose(1, 2))
         dirs.append(_direction(u_BEL, delta_BEL, -torch.exp(w.A_log_EN.float()), B_BLN.transpose(1, 2),
                                C_BLN.transpose(1, 2), w.D_E, w.dt_proj_bias))
-    cfg = config or default_config(dirs[0].A.shape[1], x_BEL.shape[0] * x_BEL.shape[1], is_time_major(u_f))
+    cfg = config or _default_config_for(u_f, dirs[0].A)
     return _apply((False, True), True, cfg, z_BEL, dirs)
