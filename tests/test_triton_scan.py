@@ -19,6 +19,7 @@ import triton.language as tl
 
 from models.ops import DirectionWeights, bimamba_inner, triton_scan
 from models.ops.ref import selective_scan_ref
+from models.ops.triton_conv import conv1d_silu_bidirectional
 from models.ops.triton_scan import (
     BWD_MAX_WAVES,
     BWD_PROGRAMS_PER_SM,
@@ -405,7 +406,7 @@ def test_videomamba_bf16_masked_grads_match_fp32_reference():
 
 def test_kernels_under_triton_interpreter():
     """CPU CI: the `interp` subset above, run by Triton's interpreter in a fresh interpreter process."""
-    run_interp_subset(__file__, expected_passed=11, timeout_s=600)
+    run_interp_subset(__file__, expected_passed=12, timeout_s=600)
 
 
 @triton.jit
@@ -416,6 +417,40 @@ def _channel_sum_kernel(x_ptr, out_ptr, T: tl.constexpr, N: tl.constexpr, E: tl.
     x = tl.load(x_ptr + (t * N + n) * E + e[None, None, :])
     sums, rows, owner = _channel_sum_scattered(x, e)
     tl.store(out_ptr + rows * N + n, sums, mask=owner & (n < N))
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("W,time_major", [pytest.param(2, True, marks=pytest.mark.interp), (3, False), (4, True)])
+def test_conv_bidirectional_matches_torch_conv(W, time_major):
+    """Both directions' conv + SiLU and all their gradients against torch's conv1d in float64: the backward
+    kernel takes narrower convs as 4-tap ones with zero oldest taps. E = 20 and L = 37 fill neither a channel
+    block nor a tile; NaN lies past x."""
+    gen = torch.Generator(DEVICE).manual_seed(W)
+    Bsz, E, L = 2, 20, 37
+    x = torch.randn(Bsz, E, L, device=DEVICE, generator=gen)
+    if time_major:
+        x = _nan_padded(x.transpose(1, 2).contiguous()).transpose(1, 2)
+    else:
+        x = _nan_padded(x)
+    weights = [torch.randn(*shape, device=DEVICE, generator=gen) * 0.5 for shape in ((E, W), (E,), (E, W), (E,))]
+    dout = [torch.randn(Bsz, E, L, device=DEVICE, generator=gen) for _ in range(2)]
+    leaves = [x.requires_grad_(), *(w.requires_grad_() for w in weights)]
+    outs = conv1d_silu_bidirectional(*leaves)
+    grads = torch.autograd.grad(outs, leaves, dout)
+
+    def torch_conv(x, w, b):  # causal depthwise conv + SiLU
+        return torch.nn.functional.silu(torch.nn.functional.conv1d(x, w[:, None, :], b, padding=W - 1,
+                                                                   groups=E)[..., :L])
+
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = (torch_conv(l64[0], l64[1], l64[2]), torch_conv(l64[0].flip(-1), l64[3], l64[4]).flip(-1))
+    grads64 = torch.autograd.grad(ref, l64, [d.double() for d in dout])
+    for name, got, want in zip(("u_f", "u_b"), outs, ref, strict=True):
+        assert _rel(got, want, name) < 1e-5, name
+    for name, g, g64 in zip(("x", "w_f", "b_f", "w_b", "b_b"), grads, grads64, strict=True):
+        assert g.shape == g64.shape, name
+        assert _rel(g, g64, name) < 1e-5, f"grad {name}: rel err {_rel(g, g64, name):.2e}"
 
 
 @pytest.mark.gpu
@@ -445,6 +480,9 @@ def test_bad_inputs_raise_clear_errors():
     if not INTERPRET:
         with pytest.raises(ValueError, match="CUDA"):
             selective_scan_triton(u, u, A, B, B)
+    wide = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="conv width 5"):
+        conv1d_silu_bidirectional(u, wide, None, wide, None)
 
 
 def test_default_config_keeps_tiles_small():

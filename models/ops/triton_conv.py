@@ -5,7 +5,9 @@ Legend: B batch, E channels, L sequence length, W conv width (4).
 The forward direction is causal: u_f[t] = silu(b_f + sum_k w_f[k] x[t - (W-1) + k]). The backward direction
 is the same causal conv applied to x reversed along L; expressed in the original positions it is
 anti-causal: u_b[t] = silu(b_b + sum_k w_b[k] x[t + (W-1) - k]). Both are computed from one read of x and
-no flipped copy is made. The backward pass recomputes the pre-activations instead of saving them.
+no flipped copy is made. The backward pass recomputes the pre-activations instead of saving them, and is one
+kernel (`_conv_bi_bwd_kernel`) that writes only dx and per-program weight and bias gradient sums; widths up to
+4 (as causal-conv1d's CUDA kernel).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from torch import Tensor
 
 _BLOCK_E = 16
 _BLOCK_L = 128
+# The backward: (T, E) tiles of 16 steps x 16 channels on one warp, L split until ~4096 programs; 4 taps.
+_BWD_BLOCK_E, _BWD_STEPS, _BWD_PROGRAMS, _BWD_TAPS = 16, 16, 4096, 4
 
 
 @triton.jit
@@ -60,77 +64,104 @@ def _conv_bi_fwd_kernel(
 
 
 @triton.jit
-def _conv_bi_bwd_pre_kernel(
-    x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, duf_ptr, dub_ptr, dcf_ptr, dcb_ptr, part_ptr,
-    E, L, s_xb, s_xe, s_xl, s_b, s_e, s_l,
-    HAS_BIAS: tl.constexpr, W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    """Gradients at the conv outputs (through SiLU), and this program's share of the weight and bias
-    gradients: part[program, d, k, e] for direction d, tap k < W, bias at k = W (summed by the caller).
-    Partial sums, not atomics: every program of a channel block would add into the same few addresses."""
-    pid_l, pid_e, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    e_ok = e < E
-    ok = e_ok[:, None] & (t < L)[None, :]
-    x_row = pid_b.to(tl.int64) * s_xb + e[:, None] * s_xe
-    offs = pid_b.to(tl.int64) * s_b + e[:, None] * s_e + t[None, :] * s_l  # du_f, du_b, dc_f, dc_b
-    acc_f = tl.zeros((BLOCK_E, BLOCK_L), tl.float32)
-    acc_b = tl.zeros((BLOCK_E, BLOCK_L), tl.float32)
-    if HAS_BIAS:
-        acc_f += tl.load(bf_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[:, None]
-        acc_b += tl.load(bb_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[:, None]
-    for k in tl.static_range(W):
-        tf = t - (W - 1) + k
-        tb = t + (W - 1) - k
-        xf = _load_shifted(x_ptr, x_row, e_ok, tf, L, s_xl)
-        xb = _load_shifted(x_ptr, x_row, e_ok, tb, L, s_xl)
-        acc_f += tl.load(wf_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xf
-        acc_b += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xb
-    sf = tl.sigmoid(acc_f)
-    sb = tl.sigmoid(acc_b)
-    duf = tl.load(duf_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    dub = tl.load(dub_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    dcf = tl.where(ok, duf * sf * (1.0 + acc_f * (1.0 - sf)), 0.0)
-    dcb = tl.where(ok, dub * sb * (1.0 + acc_b * (1.0 - sb)), 0.0)
-    tl.store(dcf_ptr + offs, dcf, mask=ok)
-    tl.store(dcb_ptr + offs, dcb, mask=ok)
-    part_f = part_ptr + (pid_b.to(tl.int64) * tl.num_programs(0) + pid_l) * 2 * (W + 1) * E + e
-    part_b = part_f + (W + 1) * E
-    tl.store(part_f + W * E, tl.sum(dcf, axis=1), mask=e_ok)
-    tl.store(part_b + W * E, tl.sum(dcb, axis=1), mask=e_ok)
-    for k in tl.static_range(W):
-        tf = t - (W - 1) + k
-        tb = t + (W - 1) - k
-        xf = _load_shifted(x_ptr, x_row, e_ok, tf, L, s_xl)
-        xb = _load_shifted(x_ptr, x_row, e_ok, tb, L, s_xl)
-        tl.store(part_f + k * E, tl.sum(dcf * xf, axis=1), mask=e_ok)
-        tl.store(part_b + k * E, tl.sum(dcb * xb, axis=1), mask=e_ok)
+def _x_at(x_ptr, x_row, e_ok, p, L, s_l):
+    """x at steps p (T,) of a program's channels (x_row: their (1, E) offsets) as a (T, E) fp32 tile, 0 outside
+    [0, L) (the convs' zero padding)."""
+    ok = ((p >= 0) & (p < L))[:, None] & e_ok[None, :]
+    return tl.load(x_ptr + x_row + p[:, None] * s_l, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _conv_bi_bwd_dx_kernel(
-    dcf_ptr, dcb_ptr, wf_ptr, wb_ptr, dx_ptr,
-    E, L, s_b, s_e, s_l,
-    W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+def _conv_out_grad(du_ptr, row, e_ok, p, L, s_l, bias, w0, w1, w2, w3, x0, x1, x2, x3):
+    """Gradient at the pre-activation of one direction's conv at steps p: du[p] silu'(pre[p]), with
+    pre = bias + w0 x0 + w1 x1 + w2 x2 + w3 x3 (the four taps' x tiles, oldest first in that direction)."""
+    pre = bias[None, :] + w0[None, :] * x0 + w1[None, :] * x1 + w2[None, :] * x2 + w3[None, :] * x3
+    s = tl.sigmoid(pre)
+    return _x_at(du_ptr, row, e_ok, p, L, s_l) * s * (1.0 + pre * (1.0 - s))
+
+
+@triton.jit
+def _conv_bi_bwd_kernel(
+    x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, duf_ptr, dub_ptr, dx_ptr, part_ptr,
+    E, L, seg_tiles, s_xb, s_xe, s_xl, s_b, s_e, s_l,
+    HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, T: tl.constexpr,
 ):
-    """dx[t] = sum_k w_f[k] dc_f[t + (W-1) - k] + w_b[k] dc_b[t - (W-1) + k] (transposed convs); dc_f, dc_b
-    and dx share strides."""
-    pid_l, pid_e, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """The whole conv backward in one pass, 4 taps (narrower convs come zero-padded at the oldest taps).
+
+    Program (e block, batch, segment) walks its segment of L in (T, E) tiles. Nothing is stored between
+    passes: dx[t] = sum_j wf[3-j] dc_f[t+j] + wb[3-j] dc_b[t-j] needs the output gradients (dc) at 3 steps
+    either side, and each dc is pointwise in x and du, so the tile recomputes them from x at t-3..t+3 (7
+    tiles, cached loads) instead of writing fp32 dc buffers and reading them back (round 6: 0.48 ms of the
+    S 8f mixer step). The weight and bias gradients, sums over L of dc times x, are accumulated elementwise
+    over the walk and reduced once at its end: part[(batch, segment), direction, tap or bias (4), e]."""
+    pid_e, pid_b, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     e_ok = e < E
-    row = pid_b.to(tl.int64) * s_b + e[:, None] * s_e
-    acc = tl.zeros((BLOCK_E, BLOCK_L), tl.float32)
-    for k in tl.static_range(W):
-        tf = t + (W - 1) - k
-        tb = t - (W - 1) + k
-        dcf = _load_shifted(dcf_ptr, row, e_ok, tf, L, s_l)
-        dcb = _load_shifted(dcb_ptr, row, e_ok, tb, L, s_l)
-        acc += tl.load(wf_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * dcf
-        acc += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * dcb
-    ok = e_ok[:, None] & (t < L)[None, :]
-    tl.store(dx_ptr + row + t[None, :] * s_l, acc.to(dx_ptr.dtype.element_ty), mask=ok)
+    b64 = pid_b.to(tl.int64)
+    x_row = (b64 * s_xb + e * s_xe)[None, :]
+    row = (b64 * s_b + e * s_e)[None, :]  # du_f, du_b and dx
+    wf0, wf1 = tl.load(wf_ptr + e * 4, mask=e_ok, other=0.0), tl.load(wf_ptr + e * 4 + 1, mask=e_ok, other=0.0)
+    wf2, wf3 = tl.load(wf_ptr + e * 4 + 2, mask=e_ok, other=0.0), tl.load(wf_ptr + e * 4 + 3, mask=e_ok, other=0.0)
+    wb0, wb1 = tl.load(wb_ptr + e * 4, mask=e_ok, other=0.0), tl.load(wb_ptr + e * 4 + 1, mask=e_ok, other=0.0)
+    wb2, wb3 = tl.load(wb_ptr + e * 4 + 2, mask=e_ok, other=0.0), tl.load(wb_ptr + e * 4 + 3, mask=e_ok, other=0.0)
+    if HAS_BIAS:
+        bf = tl.load(bf_ptr + e, mask=e_ok, other=0.0)
+        bb = tl.load(bb_ptr + e, mask=e_ok, other=0.0)
+    else:
+        bf = tl.zeros((BLOCK_E,), tl.float32)
+        bb = tl.zeros((BLOCK_E,), tl.float32)
+    zero = tl.zeros((T, BLOCK_E), tl.float32)
+    gf0, gf1, gf2, gf3, gfb = zero, zero, zero, zero, zero  # d wf[k], d bf (before the sum over steps)
+    gb0, gb1, gb2, gb3, gbb = zero, zero, zero, zero, zero
+    c_end = tl.minimum((pid_s + 1) * seg_tiles, tl.cdiv(L, T))
+    for c in range(pid_s * seg_tiles, c_end):
+        t = c * T + tl.arange(0, T)
+        xm3 = _x_at(x_ptr, x_row, e_ok, t - 3, L, s_xl)
+        xm2 = _x_at(x_ptr, x_row, e_ok, t - 2, L, s_xl)
+        xm1 = _x_at(x_ptr, x_row, e_ok, t - 1, L, s_xl)
+        x0 = _x_at(x_ptr, x_row, e_ok, t, L, s_xl)
+        xp1 = _x_at(x_ptr, x_row, e_ok, t + 1, L, s_xl)
+        xp2 = _x_at(x_ptr, x_row, e_ok, t + 2, L, s_xl)
+        xp3 = _x_at(x_ptr, x_row, e_ok, t + 3, L, s_xl)
+        # The forward direction's taps at step p read x[p-3..p]; the backward's x[p+3..p].
+        dcf = _conv_out_grad(duf_ptr, row, e_ok, t, L, s_l, bf, wf0, wf1, wf2, wf3, xm3, xm2, xm1, x0)
+        dcb = _conv_out_grad(dub_ptr, row, e_ok, t, L, s_l, bb, wb0, wb1, wb2, wb3, xp3, xp2, xp1, x0)
+        gf0 += dcf * xm3
+        gf1 += dcf * xm2
+        gf2 += dcf * xm1
+        gf3 += dcf * x0
+        gfb += dcf
+        gb0 += dcb * xp3
+        gb1 += dcb * xp2
+        gb2 += dcb * xp1
+        gb3 += dcb * x0
+        gbb += dcb
+        dx = wf3[None, :] * dcf + wb3[None, :] * dcb
+        dx += wf2[None, :] * _conv_out_grad(duf_ptr, row, e_ok, t + 1, L, s_l, bf, wf0, wf1, wf2, wf3, xm2, xm1,
+                                            x0, xp1)
+        dx += wb2[None, :] * _conv_out_grad(dub_ptr, row, e_ok, t - 1, L, s_l, bb, wb0, wb1, wb2, wb3, xp2, xp1,
+                                            x0, xm1)
+        dx += wf1[None, :] * _conv_out_grad(duf_ptr, row, e_ok, t + 2, L, s_l, bf, wf0, wf1, wf2, wf3, xm1, x0,
+                                            xp1, xp2)
+        dx += wb1[None, :] * _conv_out_grad(dub_ptr, row, e_ok, t - 2, L, s_l, bb, wb0, wb1, wb2, wb3, xp1, x0,
+                                            xm1, xm2)
+        dx += wf0[None, :] * _conv_out_grad(duf_ptr, row, e_ok, t + 3, L, s_l, bf, wf0, wf1, wf2, wf3, x0, xp1,
+                                            xp2, xp3)
+        dx += wb0[None, :] * _conv_out_grad(dub_ptr, row, e_ok, t - 3, L, s_l, bb, wb0, wb1, wb2, wb3, x0, xm1,
+                                            xm2, xm3)
+        ok = (t < L)[:, None] & e_ok[None, :]
+        tl.store(dx_ptr + row + t[:, None] * s_l, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    part = part_ptr + (b64 * tl.num_programs(2) + pid_s) * 10 * E + e
+    tl.store(part, tl.sum(gf0, axis=0), mask=e_ok)
+    tl.store(part + E, tl.sum(gf1, axis=0), mask=e_ok)
+    tl.store(part + 2 * E, tl.sum(gf2, axis=0), mask=e_ok)
+    tl.store(part + 3 * E, tl.sum(gf3, axis=0), mask=e_ok)
+    tl.store(part + 4 * E, tl.sum(gfb, axis=0), mask=e_ok)
+    tl.store(part + 5 * E, tl.sum(gb0, axis=0), mask=e_ok)
+    tl.store(part + 6 * E, tl.sum(gb1, axis=0), mask=e_ok)
+    tl.store(part + 7 * E, tl.sum(gb2, axis=0), mask=e_ok)
+    tl.store(part + 8 * E, tl.sum(gb3, axis=0), mask=e_ok)
+    tl.store(part + 9 * E, tl.sum(gbb, axis=0), mask=e_ok)
 
 
 def _grid(x_BEL: Tensor) -> tuple[int, int, int]:
@@ -186,24 +217,25 @@ class _ConvBiSiluFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, duf, dub):
         x_BEL, wf32, bf32, wb32, bb32 = ctx.saved_tensors
-        E, L = x_BEL.shape[1:]
+        Bsz, E, L = x_BEL.shape
         W = wf32.shape[1]
-        dcf = empty_like_layout(x_BEL, torch.float32)
-        dcb = empty_like_layout(x_BEL, torch.float32)
-        duf = torch.zeros_like(dcf) if duf is None else _in_layout(duf, dcf)
-        dub = torch.zeros_like(dcf) if dub is None else _in_layout(dub, dcf)
-        grid = _grid(x_BEL)
-        part = torch.empty(grid[2], grid[0], 2, W + 1, E, device=x_BEL.device, dtype=torch.float32)
-        _conv_bi_bwd_pre_kernel[grid](
-            x_BEL, wf32, bf32, wb32, bb32, duf, dub, dcf, dcb, part, E, L, *x_BEL.stride(), *dcf.stride(),
-            HAS_BIAS=ctx.has_bias, W=W, BLOCK_E=_BLOCK_E, BLOCK_L=_BLOCK_L,
-        )
-        sums = part.sum(dim=(0, 1))  # (2, W + 1, E)
-        dwf, dwb = sums[0, :W].t().contiguous(), sums[1, :W].t().contiguous()
-        dbf, dbb = sums[0, W], sums[1, W]
         dx = empty_like_layout(x_BEL)
-        _conv_bi_bwd_dx_kernel[grid](dcf, dcb, wf32, wb32, dx, E, L, *dx.stride(), W=W, BLOCK_E=_BLOCK_E,
-                                     BLOCK_L=_BLOCK_L)
+        # The incoming gradients in dx's layout (the kernel takes one set of strides for the three).
+        duf = torch.zeros_like(dx) if duf is None else _in_layout(duf, dx)
+        dub = torch.zeros_like(dx) if dub is None else _in_layout(dub, dx)
+        # Narrower convs as 4-tap ones whose oldest taps are 0 (their gradients are dropped below).
+        wf4, wb4 = (torch.nn.functional.pad(w, (_BWD_TAPS - W, 0)).contiguous() for w in (wf32, wb32))
+        e_blocks, tiles = triton.cdiv(E, _BWD_BLOCK_E), triton.cdiv(L, _BWD_STEPS)
+        seg_tiles = triton.cdiv(tiles, min(tiles, triton.cdiv(_BWD_PROGRAMS, e_blocks * Bsz)))
+        n_seg = triton.cdiv(tiles, seg_tiles)
+        part = torch.empty(Bsz * n_seg, 2, _BWD_TAPS + 1, E, device=x_BEL.device, dtype=torch.float32)
+        _conv_bi_bwd_kernel[(e_blocks, Bsz, n_seg)](
+            x_BEL, wf4, bf32, wb4, bb32, duf, dub, dx, part, E, L, seg_tiles, *x_BEL.stride(), *dx.stride(),
+            HAS_BIAS=ctx.has_bias, BLOCK_E=_BWD_BLOCK_E, T=_BWD_STEPS, num_warps=1,
+        )
+        sums = part.sum(dim=0)  # (direction, taps then bias, E)
+        dwf, dwb = (sums[d, _BWD_TAPS - W:_BWD_TAPS].t().contiguous() for d in (0, 1))
+        dbf, dbb = sums[0, _BWD_TAPS], sums[1, _BWD_TAPS]
         twf, tbf, twb, tbb = ctx.dtypes
         return (dx, dwf.to(twf), dbf.to(tbf) if ctx.has_bias else None,
                 dwb.to(twb), dbb.to(tbb) if ctx.has_bias else None)
@@ -228,4 +260,7 @@ def conv1d_silu_bidirectional(
                          f"and {tuple(wb_EW.shape)}")
     if (bf_E is None) != (bb_E is None):
         raise ValueError("give a conv bias for both directions or for neither")
+    if not 1 <= wf_EW.shape[1] <= _BWD_TAPS:
+        raise ValueError(f"conv width {wf_EW.shape[1]}: the kernels take widths 1 to {_BWD_TAPS} (causal-conv1d's "
+                         "CUDA kernel takes 2 to 4); use the 'ref' backend for wider convs")
     return _ConvBiSiluFn.apply(x_BEL, wf_EW, bf_E, wb_EW, bb_E)
