@@ -162,6 +162,29 @@ def test_scan_grouped_and_padded_state(groups, N):
 
 @pytest.mark.gpu
 @needs_kernel_device
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("param_dtype", [pytest.param(torch.bfloat16, marks=pytest.mark.interp), torch.float16])
+def test_scan_reads_low_precision_parameters(param_dtype):
+    """A, D and delta_bias as a bf16/fp16 model stores them go into the kernels uncast (read into fp32 there):
+    output and gradients match the float64 reference on the same rounded values, each gradient in its
+    parameter's dtype."""
+    gen = torch.Generator(DEVICE).manual_seed(7)
+    u, delta, A, B, C, D, z, bias = _scan_inputs(2, 6, 37, 4, torch.float32, gen=gen)
+    A, D, bias = (t.to(param_dtype) for t in (A, D, bias))
+    leaves = [t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
+    out = selective_scan_triton(*leaves, delta_softplus=True, config=SMALL_CHUNKS)
+    dout = torch.randn(out.shape, device=DEVICE, generator=gen)
+    grads = torch.autograd.grad(out, leaves, dout)
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = selective_scan_ref(*l64, delta_softplus=True)
+    grads64 = torch.autograd.grad(ref, l64, dout.double())
+    assert _rel(out, ref) < TOL[torch.float32]
+    for name, g, g64, t in zip("u delta A B C D z delta_bias".split(), grads, grads64, leaves, strict=True):
+        assert g.dtype == t.dtype, name
+        assert _rel(g, g64, name) < (TOL[param_dtype] if t.dtype == param_dtype else 1e-4), name
+
+
 def test_scan_inference_matches_training_forward():
     u, delta, A, B, C, D, z, bias = _scan_inputs(2, 8, 130, 16, torch.bfloat16)
     with torch.no_grad():
@@ -406,7 +429,7 @@ def test_videomamba_bf16_masked_grads_match_fp32_reference():
 
 def test_kernels_under_triton_interpreter():
     """CPU CI: the `interp` subset above, run by Triton's interpreter in a fresh interpreter process."""
-    run_interp_subset(__file__, expected_passed=12, timeout_s=600)
+    run_interp_subset(__file__, expected_passed=13, timeout_s=600)
 
 
 @triton.jit

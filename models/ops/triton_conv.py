@@ -55,8 +55,8 @@ def _conv_bi_fwd_kernel(
         tb = t + (W - 1) - k
         xf = _load_shifted(x_ptr, x_row, e_ok, tf, L, s_xl)
         xb = _load_shifted(x_ptr, x_row, e_ok, tb, L, s_xl)
-        acc_f += tl.load(wf_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xf
-        acc_b += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0)[:, None] * xb
+        acc_f += tl.load(wf_ptr + e * W + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * xf
+        acc_b += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * xb
     ok = e_ok[:, None] & (t < L)[None, :]
     offs = row + t[None, :] * s_l
     tl.store(uf_ptr + offs, (acc_f * tl.sigmoid(acc_f)).to(uf_ptr.dtype.element_ty), mask=ok)
@@ -69,6 +69,14 @@ def _x_at(x_ptr, x_row, e_ok, p, L, s_l):
     [0, L) (the convs' zero padding)."""
     ok = ((p >= 0) & (p < L))[:, None] & e_ok[None, :]
     return tl.load(x_ptr + x_row + p[:, None] * s_l, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _taps(w_ptr, e, e_ok):
+    """A 4-tap (E, 4) weight's columns as fp32 (E,) vectors."""
+    w = w_ptr + e * 4
+    return (tl.load(w, mask=e_ok, other=0.0).to(tl.float32), tl.load(w + 1, mask=e_ok, other=0.0).to(tl.float32),
+            tl.load(w + 2, mask=e_ok, other=0.0).to(tl.float32), tl.load(w + 3, mask=e_ok, other=0.0).to(tl.float32))
 
 
 @triton.jit
@@ -100,13 +108,11 @@ def _conv_bi_bwd_kernel(
     b64 = pid_b.to(tl.int64)
     x_row = (b64 * s_xb + e * s_xe)[None, :]
     row = (b64 * s_b + e * s_e)[None, :]  # du_f, du_b and dx
-    wf0, wf1 = tl.load(wf_ptr + e * 4, mask=e_ok, other=0.0), tl.load(wf_ptr + e * 4 + 1, mask=e_ok, other=0.0)
-    wf2, wf3 = tl.load(wf_ptr + e * 4 + 2, mask=e_ok, other=0.0), tl.load(wf_ptr + e * 4 + 3, mask=e_ok, other=0.0)
-    wb0, wb1 = tl.load(wb_ptr + e * 4, mask=e_ok, other=0.0), tl.load(wb_ptr + e * 4 + 1, mask=e_ok, other=0.0)
-    wb2, wb3 = tl.load(wb_ptr + e * 4 + 2, mask=e_ok, other=0.0), tl.load(wb_ptr + e * 4 + 3, mask=e_ok, other=0.0)
+    wf0, wf1, wf2, wf3 = _taps(wf_ptr, e, e_ok)
+    wb0, wb1, wb2, wb3 = _taps(wb_ptr, e, e_ok)
     if HAS_BIAS:
-        bf = tl.load(bf_ptr + e, mask=e_ok, other=0.0)
-        bb = tl.load(bb_ptr + e, mask=e_ok, other=0.0)
+        bf = tl.load(bf_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+        bb = tl.load(bb_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
     else:
         bf = tl.zeros((BLOCK_E,), tl.float32)
         bb = tl.zeros((BLOCK_E,), tl.float32)
@@ -198,47 +204,45 @@ class _ConvBiSiluFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_BEL, wf_EW, bf_E, wb_EW, bb_E):
-        wf32, wb32 = wf_EW.float().contiguous(), wb_EW.float().contiguous()
+        # Weights and biases as stored (the kernels read them into fp32): no per-call casts.
+        wf, wb = wf_EW.contiguous(), wb_EW.contiguous()
         has_bias = bf_E is not None
-        bf32 = bf_E.float().contiguous() if has_bias else wf32  # placeholder pointer, never read
-        bb32 = bb_E.float().contiguous() if has_bias else wb32
+        bf = bf_E.contiguous() if has_bias else wf  # placeholder pointer, never read
+        bb = bb_E.contiguous() if has_bias else wb
         uf, ub = empty_like_layout(x_BEL), empty_like_layout(x_BEL)
         E, L = x_BEL.shape[1:]
         _conv_bi_fwd_kernel[_grid(x_BEL)](
-            x_BEL, wf32, bf32, wb32, bb32, uf, ub, E, L, *x_BEL.stride(), *uf.stride(),
-            HAS_BIAS=has_bias, W=wf32.shape[1], BLOCK_E=_BLOCK_E, BLOCK_L=_BLOCK_L,
+            x_BEL, wf, bf, wb, bb, uf, ub, E, L, *x_BEL.stride(), *uf.stride(),
+            HAS_BIAS=has_bias, W=wf.shape[1], BLOCK_E=_BLOCK_E, BLOCK_L=_BLOCK_L,
         )
-        ctx.save_for_backward(x_BEL, wf32, bf32, wb32, bb32)
+        ctx.save_for_backward(x_BEL, wf, bf, wb, bb)
         ctx.has_bias = has_bias
-        ctx.dtypes = (wf_EW.dtype, None if bf_E is None else bf_E.dtype, wb_EW.dtype,
-                      None if bb_E is None else bb_E.dtype)
         return uf, ub
 
     @staticmethod
     def backward(ctx, duf, dub):
-        x_BEL, wf32, bf32, wb32, bb32 = ctx.saved_tensors
+        x_BEL, wf, bf, wb, bb = ctx.saved_tensors
         Bsz, E, L = x_BEL.shape
-        W = wf32.shape[1]
+        W = wf.shape[1]
         dx = empty_like_layout(x_BEL)
         # The incoming gradients in dx's layout (the kernel takes one set of strides for the three).
         duf = torch.zeros_like(dx) if duf is None else _in_layout(duf, dx)
         dub = torch.zeros_like(dx) if dub is None else _in_layout(dub, dx)
         # Narrower convs as 4-tap ones whose oldest taps are 0 (their gradients are dropped below).
-        wf4, wb4 = (torch.nn.functional.pad(w, (_BWD_TAPS - W, 0)).contiguous() for w in (wf32, wb32))
+        wf4, wb4 = (w if W == _BWD_TAPS else torch.nn.functional.pad(w, (_BWD_TAPS - W, 0)) for w in (wf, wb))
         e_blocks, tiles = triton.cdiv(E, _BWD_BLOCK_E), triton.cdiv(L, _BWD_STEPS)
         seg_tiles = triton.cdiv(tiles, min(tiles, triton.cdiv(_BWD_PROGRAMS, e_blocks * Bsz)))
         n_seg = triton.cdiv(tiles, seg_tiles)
         part = torch.empty(Bsz * n_seg, 2, _BWD_TAPS + 1, E, device=x_BEL.device, dtype=torch.float32)
         _conv_bi_bwd_kernel[(e_blocks, Bsz, n_seg)](
-            x_BEL, wf4, bf32, wb4, bb32, duf, dub, dx, part, E, L, seg_tiles, *x_BEL.stride(), *dx.stride(),
+            x_BEL, wf4, bf, wb4, bb, duf, dub, dx, part, E, L, seg_tiles, *x_BEL.stride(), *dx.stride(),
             HAS_BIAS=ctx.has_bias, BLOCK_E=_BWD_BLOCK_E, T=_BWD_STEPS, num_warps=1,
         )
         sums = part.sum(dim=0)  # (direction, taps then bias, E)
         dwf, dwb = (sums[d, _BWD_TAPS - W:_BWD_TAPS].t().contiguous() for d in (0, 1))
         dbf, dbb = sums[0, _BWD_TAPS], sums[1, _BWD_TAPS]
-        twf, tbf, twb, tbb = ctx.dtypes
-        return (dx, dwf.to(twf), dbf.to(tbf) if ctx.has_bias else None,
-                dwb.to(twb), dbb.to(tbb) if ctx.has_bias else None)
+        return (dx, dwf.to(wf.dtype), dbf.to(bf.dtype) if ctx.has_bias else None,
+                dwb.to(wb.dtype), dbb.to(bb.dtype) if ctx.has_bias else None)
 
 
 def conv1d_silu_bidirectional(

@@ -272,18 +272,28 @@ def _delta(loaded, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
-    """This program's channels e and states n with their masks, the (N, E) mask, its B/C group, A as an
-    (N, E) plane and delta_bias (0 without one)."""
+def _load_A(A_ptr, n, e, ne_ok, N, A_IS_LOG: tl.constexpr):
+    """A as an fp32 (N, E) plane, from A itself or (A_IS_LOG) from A_log, A = -exp(A_log): the mixer passes its
+    parameter as stored (bf16 under a bf16 model), sparing the casts and their autograd nodes each call."""
+    A = tl.load(A_ptr + n[:, None] + e[None, :] * N, mask=ne_ok, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
+    return A
+
+
+@triton.jit
+def _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's channels e and states n with their masks, the (N, E) mask, its B/C group, A as an fp32
+    (N, E) plane and delta_bias in fp32 (0 without one)."""
     pid_e = tl.program_id(0)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
     e_ok, n_ok = e < E, n < N
     ne_ok = n_ok[:, None] & e_ok[None, :]
-    A = tl.load(A_ptr + n[:, None] + e[None, :] * N, mask=ne_ok, other=0.0)
+    A = _load_A(A_ptr, n, e, ne_ok, N, A_IS_LOG)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0)
+        bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros((BLOCK_E,), tl.float32)
     return e, n, e_ok, n_ok, ne_ok, (pid_e * BLOCK_E) // group_E, A, bias
@@ -339,7 +349,7 @@ def _fwd_tile_loads(c, L, u_ptr, d_ptr, B_ptr, C_ptr, z_ptr, e, n, e_ok, n_ok, s
 
 @triton.jit
 def _fold_segments_kernel(seg_v_ptr, seg_dt_ptr, A_ptr, E, N, n_seg, BACKWARD: tl.constexpr,
-                          BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+                          A_IS_LOG: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
     """When L is split into segments: replaces, in place, each segment's summary (its local end state, or
     start adjoint, from zero (N, E), and its delta sum (E,)) with what flows into it from the segments before
     it in scan order (after it, BACKWARD): carry = exp2(A2 dt_sum) carry + v, folded sequentially. The
@@ -350,7 +360,7 @@ def _fold_segments_kernel(seg_v_ptr, seg_dt_ptr, A_ptr, E, N, n_seg, BACKWARD: t
     n = tl.arange(0, BLOCK_N)
     e_ok = e < E
     ne_ok = (n < N)[:, None] & e_ok[None, :]
-    A2 = tl.load(A_ptr + n[:, None] + e[None, :] * N, mask=ne_ok, other=0.0) * 1.4426950408889634
+    A2 = _load_A(A_ptr, n, e, ne_ok, N, A_IS_LOG) * 1.4426950408889634
     carry = tl.zeros_like(A2)
     # The segment that is last in fold order has no summary (nothing follows it): it only receives.
     for i in range(n_seg):
@@ -386,7 +396,7 @@ def _scan_fwd_kernel(
     s_ub, s_ue, s_ul, s_db, s_de, s_dl,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
     s_zb, s_ze, s_zl, s_ob, s_oe, s_ol,
-    REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr,
     SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_STATES: tl.constexpr, SUMMARY: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, SAVE_EVERY: tl.constexpr,
 ):
@@ -398,12 +408,12 @@ def _scan_fwd_kernel(
     backward."""
     pid_s = tl.program_id(2)
     b64 = tl.program_id(1).to(tl.int64)
-    e, n, e_ok, n_ok, ne_ok, g, A, bias = _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS, BLOCK_E,
-                                                         BLOCK_N)
+    e, n, e_ok, n_ok, ne_ok, g, A, bias = _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS, A_IS_LOG,
+                                                         BLOCK_E, BLOCK_N)
     A2 = A * 1.4426950408889634  # exp(x) = exp2(x log2 e)
     col = tl.arange(0, T)
     if HAS_D:
-        D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
+        D = tl.load(D_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
     u_base, d_base = u_ptr + b64 * s_ub, delta_ptr + b64 * s_db
     B_base = B_ptr + b64 * s_Bb + g * s_Bg
     st_plane = state_ptr + n[:, None] + ((b64 * E + e) * n_saved * BLOCK_N)[None, :]
@@ -493,7 +503,7 @@ def _scan_bwd_kernel(
     s_ub, s_ue, s_ul, s_db, s_de, s_dl,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl,
     s_zb, s_ze, s_zl, s_gb, s_ge, s_gl, s_Gb, s_Ge, s_Gl, s_dBb, s_dBg, s_dBn, s_dBl,
-    REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr,
     SOFTPLUS: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT: tl.constexpr, SCATTER_SUMS: tl.constexpr,
     SM_SLOTS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr, SUB: tl.constexpr,
 ):
@@ -513,13 +523,13 @@ def _scan_bwd_kernel(
     _fold_segments_kernel) when SPLIT."""
     pid_e, pid_b, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = pid_b.to(tl.int64)
-    e, n, e_ok, n_ok, ne_ok, g, A, bias = _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS, BLOCK_E,
-                                                         BLOCK_N)
+    e, n, e_ok, n_ok, ne_ok, g, A, bias = _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS, A_IS_LOG,
+                                                         BLOCK_E, BLOCK_N)
     A2 = A * 1.4426950408889634
     col = tl.arange(0, T)
     e_local = tl.arange(0, BLOCK_E)
     if HAS_D:
-        D = tl.load(D_ptr + e, mask=e_ok, other=0.0)
+        D = tl.load(D_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
     st_plane = state_ptr + n[:, None] + ((b64 * E + e) * n_chunks * BLOCK_N)[None, :]
     # du/ddelta/dz share strides (s_G*), as do dB/dC (s_dB*): _scan_backward picks them.
     dBC_base = b64 * s_dBb + g * s_dBg
@@ -642,6 +652,8 @@ def _scan_bwd_kernel(
     if SM_SLOTS:
         # After the last chunk's barrier no thread touches the slot any more.
         _give_back_slot(scratch, SLOT_LOCK)
+    if A_IS_LOG:
+        dA_acc *= A[None, :, :]  # d A_log = dA * dA/dA_log = dA * A
     tl.atomic_add(dA_ptr + n[None, :, None] + e[None, None, :] * N, dA_acc, mask=ne_ok[None, :, :], sem="relaxed")
     if HAS_D:
         tl.atomic_add(dD_ptr + e, dD_acc, mask=e_ok, sem="relaxed")
@@ -654,16 +666,16 @@ def _adjoint_summary_kernel(
     delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, seg_r_ptr, seg_dt_ptr,
     E, L, N, group_E, seg_steps, n_seg,
     s_db, s_de, s_dl, s_Cb, s_Cg, s_Cn, s_Cl, s_zb, s_ze, s_zl, s_gb, s_ge, s_gl,
-    REVERSE: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, A_IS_LOG: tl.constexpr,
+    SOFTPLUS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, T: tl.constexpr,
 ):
     """For segment seg = pid_s + 1 of L: the decayed adjoint a_t r_t at its first step from a zero one after
     it, and the sum of delta over its steps (the decayed adjoint crosses the segment scaled by exp(A sum
     delta)). It needs no state: r_t = C_t g_t + a_{t+1} r_{t+1} with g_t = dout_t silu(z_t)."""
     seg = tl.program_id(2) + 1
     b64 = tl.program_id(1).to(tl.int64)
-    e, n, e_ok, n_ok, ne_ok, g, A, bias = _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS, BLOCK_E,
-                                                         BLOCK_N)
+    e, n, e_ok, n_ok, ne_ok, g, A, bias = _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS, A_IS_LOG,
+                                                         BLOCK_E, BLOCK_N)
     A2 = A * 1.4426950408889634
     col = tl.arange(0, T)
 
@@ -722,7 +734,7 @@ def _summary_buffers(Bsz: int, n_seg: int, E: int, block_n: int, device) -> tupl
     return torch.empty(Bsz, n_seg, E, block_n, **f32), torch.empty(Bsz, n_seg, E, **f32)
 
 
-def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None, softplus: bool,
+def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None, softplus: bool, a_is_log: bool,
                   cfg: ScanConfig, store_states: bool) -> tuple[Tensor, list[Tensor]]:
     u0 = dirs[0].u
     Bsz, E, L = u0.shape
@@ -741,6 +753,7 @@ def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None,
         args = [d.u, d.delta, d.A, d.B, d.C, Dp, zz, bp, out, st]
         strides = [*d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *out.stride()]
         flags = dict(REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
+                     A_IS_LOG=a_is_log,
                      SOFTPLUS=softplus, ACCUMULATE=i > 0, STORE_STATES=store_states, BLOCK_E=block_e,
                      BLOCK_N=block_n, num_warps=cfg.num_warps_fwd)
         save_every = cfg.chunk // cfg.fwd_steps
@@ -753,14 +766,15 @@ def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None,
         tm = dict(T=cfg.fwd_steps, SAVE_EVERY=save_every, SPLIT=n_seg > 1, **flags)
         if n_seg > 1:
             _scan_fwd_kernel[(*grid, n_seg - 1)](*args, seg_h, seg_dt, *sizes, SUMMARY=True, **tm)
-            _fold_segments_kernel[grid](seg_h, seg_dt, d.A, E, N, n_seg, BACKWARD=False, BLOCK_E=block_e,
+            _fold_segments_kernel[grid](seg_h, seg_dt, d.A, E, N, n_seg, BACKWARD=False, A_IS_LOG=a_is_log,
+                                        BLOCK_E=block_e,
                                         BLOCK_N=block_n)
         _scan_fwd_kernel[(*grid, n_seg)](*args, seg_h, seg_dt, *sizes, SUMMARY=False, **tm)
         states.append(st)
     return out, states
 
 
-def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None, softplus: bool,
+def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None, softplus: bool, a_is_log: bool,
                    cfg: ScanConfig, states: list[Tensor], dout: Tensor):
     u0 = dirs[0].u
     Bsz, E, L = u0.shape
@@ -792,6 +806,7 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
         strides = [*d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *dout.stride(),
                    *du.stride(), *dB.stride()]
         flags = dict(REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
+                     A_IS_LOG=a_is_log,
                      SOFTPLUS=softplus, ACCUMULATE=i > 0, BLOCK_E=block_e, BLOCK_N=block_n,
                      num_warps=cfg.num_warps_bwd)
         sub = cfg.bwd_sub_chunks
@@ -801,9 +816,10 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
             _adjoint_summary_kernel[(*grid, n_seg - 1)](
                 d.delta, d.A, d.C, zz, ptrs[7], dout, seg_r, seg_dt, E, L, N, E // G, seg_chunks * cfg.chunk,
                 n_seg, *d.delta.stride(), *d.C.stride(), *zz.stride(), *dout.stride(), REVERSE=rev,
-                HAS_Z=z is not None, HAS_BIAS=d.bias is not None, SOFTPLUS=softplus, BLOCK_E=block_e,
+                HAS_Z=z is not None, HAS_BIAS=d.bias is not None, A_IS_LOG=a_is_log, SOFTPLUS=softplus, BLOCK_E=block_e,
                 BLOCK_N=block_n, T=cfg.chunk // sub, num_warps=cfg.num_warps_bwd)
-            _fold_segments_kernel[grid](seg_r, seg_dt, d.A, E, N, n_seg, BACKWARD=True, BLOCK_E=block_e,
+            _fold_segments_kernel[grid](seg_r, seg_dt, d.A, E, N, n_seg, BACKWARD=True, A_IS_LOG=a_is_log,
+                                        BLOCK_E=block_e,
                                         BLOCK_N=block_n)
         bwd_grid = (*grid, n_seg)
         tiles = dict(T=cfg.chunk // sub, SUB=sub, SPLIT=n_seg > 1, SCATTER_SUMS=cfg.bwd_scatter_sums, **flags)
@@ -825,7 +841,7 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
                 scratch = torch.empty(math.prod(bwd_grid) * states, **f32)
         _scan_bwd_kernel[bwd_grid](*ptrs, scratch, seg_r, *outs, *sizes, n_sm, per_sm, *strides,
                                    SM_SLOTS=sm_slots, **tiles)
-        grads.append(_Direction(du, ddelta, dA, dB.to(d.B.dtype), dC.to(d.C.dtype),
+        grads.append(_Direction(du, ddelta, dA.to(d.A.dtype), dB.to(d.B.dtype), dC.to(d.C.dtype),
                                 None if dD is None else dD.to(d.D.dtype),
                                 None if dbias is None else dbias.to(d.bias.dtype)))
     return grads, dz
@@ -859,12 +875,12 @@ class _ScanFn(torch.autograd.Function):
     """Autograd over one or two scan directions sharing z and a summed, gated output."""
 
     @staticmethod
-    def forward(ctx, reverse, softplus, cfg, z, *flat):
+    def forward(ctx, reverse, softplus, a_is_log, cfg, z, *flat):
         dirs = [_Direction(*flat[i:i + 7]) for i in range(0, len(flat), 7)]
         # Chunk states are only needed by a backward: skip writing them in inference.
         needs_grad = any(t is not None and t.requires_grad for t in (z, *flat))
-        out, states = _scan_forward(dirs, reverse, z, softplus, cfg, store_states=needs_grad)
-        ctx.reverse, ctx.softplus, ctx.cfg, ctx.n_dirs = reverse, softplus, cfg, len(dirs)
+        out, states = _scan_forward(dirs, reverse, z, softplus, a_is_log, cfg, store_states=needs_grad)
+        ctx.reverse, ctx.softplus, ctx.a_is_log, ctx.cfg, ctx.n_dirs = reverse, softplus, a_is_log, cfg, len(dirs)
         ctx.has_z = z is not None
         ctx.present = [t is not None for t in flat]
         ctx.save_for_backward(*(t for t in flat if t is not None), *states, *([z] if z is not None else []))
@@ -878,16 +894,17 @@ class _ScanFn(torch.autograd.Function):
         it = iter(saved[: len(saved) - ctx.n_dirs])
         flat = [next(it) if p else None for p in ctx.present]
         dirs = [_Direction(*flat[i:i + 7]) for i in range(0, len(flat), 7)]
-        grads, dz = _scan_backward(dirs, ctx.reverse, z, ctx.softplus, ctx.cfg, states, dout)
-        return (None, None, None, dz, *(t for gr in grads for t in gr))
+        grads, dz = _scan_backward(dirs, ctx.reverse, z, ctx.softplus, ctx.a_is_log, ctx.cfg, states, dout)
+        return (None, None, None, None, dz, *(t for gr in grads for t in gr))
 
 
 def _apply(reverse: tuple[bool, ...], softplus: bool, cfg: ScanConfig, z: Tensor | None,
-           dirs: list[_Direction]) -> Tensor:
+           dirs: list[_Direction], a_is_log: bool = False) -> Tensor:
+    """a_is_log: each direction's A holds A_log (A = -exp(A_log)), and its gradient is A_log's."""
     flat = [t for d in dirs for t in d]
     if torch.is_grad_enabled():
-        return _ScanFn.apply(reverse, softplus, cfg, z, *flat)
-    return _scan_forward(dirs, list(reverse), z, softplus, cfg, store_states=False)[0]
+        return _ScanFn.apply(reverse, softplus, a_is_log, cfg, z, *flat)
+    return _scan_forward(dirs, list(reverse), z, softplus, a_is_log, cfg, store_states=False)[0]
 
 
 def _as_grouped(BC: Tensor, name: str, Bsz: int, E: int, L: int, N: int) -> Tensor:
@@ -927,9 +944,10 @@ def _direction(u, delta, A, B, C, D, bias) -> _Direction:
     for name, v in (("D", D), ("delta_bias", bias)):
         if v is not None and v.shape != (E,):
             raise ValueError(f"{name} must be (E={E},); got {tuple(v.shape)}")
-    return _Direction(u, delta, A.float().contiguous(), _as_grouped(B, "B", Bsz, E, L, N),
-                      _as_grouped(C, "C", Bsz, E, L, N), None if D is None else D.float().contiguous(),
-                      None if bias is None else bias.float().contiguous())
+    # A, D and delta_bias go in as stored (the kernels read them into fp32): no cast, no autograd node.
+    return _Direction(u, delta, A.contiguous(), _as_grouped(B, "B", Bsz, E, L, N),
+                      _as_grouped(C, "C", Bsz, E, L, N), None if D is None else D.contiguous(),
+                      None if bias is None else bias.contiguous())
 
 
 def selective_scan_triton(
@@ -1005,7 +1023,7 @@ def bimamba_inner_triton(x_BEL: Tensor, z_BEL: Tensor, fwd, bwd, *, config: Scan
             delta_BEL = torch.matmul(dt_BLR, dt_proj.t()).transpose(1, 2)
         else:
             delta_BEL = torch.matmul(dt_proj, dt_BLR.transpose(1, 2))
-        dirs.append(_direction(u_BEL, delta_BEL, -torch.exp(w.A_log_EN.float()), B_BLN.transpose(1, 2),
-                               C_BLN.transpose(1, 2), w.D_E, w.dt_proj_bias))
+        dirs.append(_direction(u_BEL, delta_BEL, w.A_log_EN, B_BLN.transpose(1, 2), C_BLN.transpose(1, 2), w.D_E,
+                               w.dt_proj_bias))
     cfg = config or _default_config_for(u_f, dirs[0].A)
-    return _apply((False, True), True, cfg, z_BEL, dirs)
+    return _apply((False, True), True, cfg, z_BEL, dirs, a_is_log=True)
