@@ -37,6 +37,7 @@ output (and its share of dz) to what the first wrote.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -114,6 +115,7 @@ BWD_SCRATCH_BUDGET = 16 << 20
 MAX_SEGMENTS = 64
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of its arguments, called by every mixer call
 def default_config(d_state: int, rows: int, time_major: bool = False, *, length: int | None = None,
                    sm_count: int = 132) -> ScanConfig:
     """Launch shape for d_state, `rows` = batch x channels (B E), the inputs' layout, the sequence length if
@@ -792,11 +794,12 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
         f32 = dict(device=u0.device, dtype=torch.float32)
         du = empty_like_layout(u0, d.u.dtype)
         ddelta = empty_like_layout(u0, d.delta.dtype)
-        dA = torch.zeros(E, N, **f32)
-        dB = torch.zeros(Bsz, G, N, L, **f32)
-        dC = torch.zeros(Bsz, G, N, L, **f32)
-        dD = torch.zeros(E, **f32) if d.D is not None else None
-        dbias = torch.zeros(E, **f32) if d.bias is not None else None
+        # The fp32 accumulators the kernel adds into, as views of two zeroed buffers, one for B and C and one
+        # for the parameters (a parameter's gradient keeps its buffer alive: it must not hold dB and dC too).
+        dB, dC = _views(torch.zeros(2 * Bsz * G * N * L, **f32), [(Bsz, G, N, L)] * 2)
+        params = [t for t in (d.A, d.D, d.bias) if t is not None]
+        param_acc = torch.zeros(sum(t.numel() for t in params), **f32)
+        dA, dD, dbias = _param_grads(param_acc, d)
         zz = z if z is not None else dout
         grid = (triton.cdiv(E, block_e), Bsz)
         ptrs = [d.u, d.delta, d.A, d.B, d.C, d.D if dD is not None else dA, zz, d.bias if dbias is not None else dA,
@@ -841,10 +844,31 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
                 scratch = torch.empty(math.prod(bwd_grid) * states, **f32)
         _scan_bwd_kernel[bwd_grid](*ptrs, scratch, seg_r, *outs, *sizes, n_sm, per_sm, *strides,
                                    SM_SLOTS=sm_slots, **tiles)
-        grads.append(_Direction(du, ddelta, dA.to(d.A.dtype), dB.to(d.B.dtype), dC.to(d.C.dtype),
-                                None if dD is None else dD.to(d.D.dtype),
-                                None if dbias is None else dbias.to(d.bias.dtype)))
+        dB, dC = dB.to(d.B.dtype), dC.to(d.C.dtype)
+        if len({t.dtype for t in params}) == 1:  # the usual case: one cast for the three
+            dA, dD, dbias = _param_grads(param_acc.to(params[0].dtype), d)
+        else:
+            dA, dD, dbias = (None if g is None else g.to(t.dtype) for g, t in zip((dA, dD, dbias), (d.A, d.D, d.bias),
+                                                                               strict=True))
+        grads.append(_Direction(du, ddelta, dA, dB, dC, dD, dbias))
     return grads, dz
+
+
+def _param_grads(flat: Tensor, d: _Direction) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """dA, dD and d delta_bias as consecutive views of `flat` (None for an absent D or delta_bias)."""
+    present = [t for t in (d.A, d.D, d.bias) if t is not None]
+    views = iter(_views(flat, [tuple(t.shape) for t in present]))
+    return next(views), next(views) if d.D is not None else None, next(views) if d.bias is not None else None
+
+
+def _views(flat: Tensor, shapes: list[tuple[int, ...]]) -> list[Tensor]:
+    """Consecutive views of a flat tensor in the given shapes."""
+    views, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        views.append(flat[start:start + size].view(shape))
+        start += size
+    return views
 
 
 # (device, backward variant) -> (SMs, programs an SM holds at once).
