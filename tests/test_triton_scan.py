@@ -162,8 +162,6 @@ def test_scan_grouped_and_padded_state(groups, N):
 
 @pytest.mark.gpu
 @needs_kernel_device
-@pytest.mark.gpu
-@needs_kernel_device
 @pytest.mark.parametrize("param_dtype", [pytest.param(torch.bfloat16, marks=pytest.mark.interp), torch.float16])
 def test_scan_reads_low_precision_parameters(param_dtype):
     """A, D and delta_bias as a bf16/fp16 model stores them go into the kernels uncast (read into fp32 there):
@@ -185,6 +183,8 @@ def test_scan_reads_low_precision_parameters(param_dtype):
         assert _rel(g, g64, name) < (TOL[param_dtype] if t.dtype == param_dtype else 1e-4), name
 
 
+@pytest.mark.gpu
+@needs_kernel_device
 def test_scan_inference_matches_training_forward():
     u, delta, A, B, C, D, z, bias = _scan_inputs(2, 8, 130, 16, torch.bfloat16)
     with torch.no_grad():

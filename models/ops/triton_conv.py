@@ -19,8 +19,10 @@ from torch import Tensor
 
 _BLOCK_E = 16
 _BLOCK_L = 128
-# The backward: (T, E) tiles of 16 steps x 16 channels on one warp, L split until ~4096 programs; 4 taps.
-_BWD_BLOCK_E, _BWD_STEPS, _BWD_PROGRAMS, _BWD_TAPS = 16, 16, 4096, 4
+# The backward: (T, E) tiles of 16 steps x 16 channels on two warps, L split until ~4096 programs; 4 taps. On
+# one warp the 10 accumulators and 7 x tiles spill (708 bytes a thread at sm_90): mixer fwd+bwd 3-4% slower
+# (sweep_round7.txt run 10; 8 steps on one warp, or 4 warps, are as fast as two).
+_BWD_BLOCK_E, _BWD_STEPS, _BWD_WARPS, _BWD_PROGRAMS, _BWD_TAPS = 16, 16, 2, 4096, 4
 
 
 @triton.jit
@@ -236,7 +238,7 @@ class _ConvBiSiluFn(torch.autograd.Function):
         part = torch.empty(Bsz * n_seg, 2, _BWD_TAPS + 1, E, device=x_BEL.device, dtype=torch.float32)
         _conv_bi_bwd_kernel[(e_blocks, Bsz, n_seg)](
             x_BEL, wf4, bf, wb4, bb, duf, dub, dx, part, E, L, seg_tiles, *x_BEL.stride(), *dx.stride(),
-            HAS_BIAS=ctx.has_bias, BLOCK_E=_BWD_BLOCK_E, T=_BWD_STEPS, num_warps=1,
+            HAS_BIAS=ctx.has_bias, BLOCK_E=_BWD_BLOCK_E, T=_BWD_STEPS, num_warps=_BWD_WARPS,
         )
         sums = part.sum(dim=0)  # (direction, taps then bias, E)
         dwf, dwb = (sums[d, _BWD_TAPS - W:_BWD_TAPS].t().contiguous() for d in (0, 1))
