@@ -829,7 +829,7 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
         sizes = [E, L, N, E // G, n_chunks, seg_chunks, n_seg]
         scratch, n_sm, per_sm, sm_slots = dA, 0, 0, False
         if sub > 1:
-            if u0.is_cuda:
+            if u0.is_cuda and torch.version.hip is None:  # %smid is NVIDIA PTX; ROCm keeps a slot a program
                 n_sm, per_sm = _sm_occupancy([*ptrs, dA, seg_r, *outs, *sizes, 0, 0, *strides], bwd_grid, tiles)
                 per_sm = min(per_sm, cfg.bwd_sm_slots or per_sm)
             # More programs than the GPU holds at once share the SMs' scratch slots, each with a lock word, when
