@@ -755,9 +755,8 @@ def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None,
         args = [d.u, d.delta, d.A, d.B, d.C, Dp, zz, bp, out, st]
         strides = [*d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *out.stride()]
         flags = dict(REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
-                     A_IS_LOG=a_is_log,
-                     SOFTPLUS=softplus, ACCUMULATE=i > 0, STORE_STATES=store_states, BLOCK_E=block_e,
-                     BLOCK_N=block_n, num_warps=cfg.num_warps_fwd)
+                     A_IS_LOG=a_is_log, SOFTPLUS=softplus, ACCUMULATE=i > 0, STORE_STATES=store_states,
+                     BLOCK_E=block_e, BLOCK_N=block_n, num_warps=cfg.num_warps_fwd)
         save_every = cfg.chunk // cfg.fwd_steps
         # Segments need not start on a saved state: a program saves those that fall in its tiles (c % SAVE_EVERY
         # is global), and whole tiles balance the programs better than whole chunks.
@@ -769,8 +768,7 @@ def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None,
         if n_seg > 1:
             _scan_fwd_kernel[(*grid, n_seg - 1)](*args, seg_h, seg_dt, *sizes, SUMMARY=True, **tm)
             _fold_segments_kernel[grid](seg_h, seg_dt, d.A, E, N, n_seg, BACKWARD=False, A_IS_LOG=a_is_log,
-                                        BLOCK_E=block_e,
-                                        BLOCK_N=block_n)
+                                        BLOCK_E=block_e, BLOCK_N=block_n)
         _scan_fwd_kernel[(*grid, n_seg)](*args, seg_h, seg_dt, *sizes, SUMMARY=False, **tm)
         states.append(st)
     return out, states
@@ -809,8 +807,7 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
         strides = [*d.u.stride(), *d.delta.stride(), *d.B.stride(), *d.C.stride(), *zz.stride(), *dout.stride(),
                    *du.stride(), *dB.stride()]
         flags = dict(REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
-                     A_IS_LOG=a_is_log,
-                     SOFTPLUS=softplus, ACCUMULATE=i > 0, BLOCK_E=block_e, BLOCK_N=block_n,
+                     A_IS_LOG=a_is_log, SOFTPLUS=softplus, ACCUMULATE=i > 0, BLOCK_E=block_e, BLOCK_N=block_n,
                      num_warps=cfg.num_warps_bwd)
         sub = cfg.bwd_sub_chunks
         seg_chunks, n_seg = _segments(n_chunks, cfg.bwd_segments)
@@ -819,11 +816,10 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
             _adjoint_summary_kernel[(*grid, n_seg - 1)](
                 d.delta, d.A, d.C, zz, ptrs[7], dout, seg_r, seg_dt, E, L, N, E // G, seg_chunks * cfg.chunk,
                 n_seg, *d.delta.stride(), *d.C.stride(), *zz.stride(), *dout.stride(), REVERSE=rev,
-                HAS_Z=z is not None, HAS_BIAS=d.bias is not None, A_IS_LOG=a_is_log, SOFTPLUS=softplus, BLOCK_E=block_e,
-                BLOCK_N=block_n, T=cfg.chunk // sub, num_warps=cfg.num_warps_bwd)
+                HAS_Z=z is not None, HAS_BIAS=d.bias is not None, A_IS_LOG=a_is_log, SOFTPLUS=softplus,
+                BLOCK_E=block_e, BLOCK_N=block_n, T=cfg.chunk // sub, num_warps=cfg.num_warps_bwd)
             _fold_segments_kernel[grid](seg_r, seg_dt, d.A, E, N, n_seg, BACKWARD=True, A_IS_LOG=a_is_log,
-                                        BLOCK_E=block_e,
-                                        BLOCK_N=block_n)
+                                        BLOCK_E=block_e, BLOCK_N=block_n)
         bwd_grid = (*grid, n_seg)
         tiles = dict(T=cfg.chunk // sub, SUB=sub, SPLIT=n_seg > 1, SCATTER_SUMS=cfg.bwd_scatter_sums, **flags)
         sizes = [E, L, N, E // G, n_chunks, seg_chunks, n_seg]
@@ -833,15 +829,16 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
                 n_sm, per_sm = _sm_occupancy([*ptrs, dA, seg_r, *outs, *sizes, 0, 0, *strides], bwd_grid, tiles)
                 per_sm = min(per_sm, cfg.bwd_sm_slots or per_sm)
             # More programs than the GPU holds at once share the SMs' scratch slots, each with a lock word, when
-            # a slot a program would take more than BWD_SCRATCH_BUDGET: the locks cost 1-2.4% (sweep_round7.txt).
-            states = sub * block_e * block_n
-            sm_slots = 0 < n_sm * per_sm < math.prod(bwd_grid) and (
-                cfg.bwd_sm_slots > 0 or math.prod(bwd_grid) * states * 4 > BWD_SCRATCH_BUDGET)
+            # a slot a program would take more than BWD_SCRATCH_BUDGET: the locks cost 0.5-2.4% (sweep_round7.txt).
+            slot_floats = sub * block_e * block_n  # the sub-tile start states
+            programs = math.prod(bwd_grid)
+            sm_slots = 0 < n_sm * per_sm < programs and (
+                cfg.bwd_sm_slots > 0 or programs * slot_floats * 4 > BWD_SCRATCH_BUDGET)
             if sm_slots:
-                scratch = torch.empty(n_sm * per_sm, states + 32, **f32)
-                scratch[:, states].zero_()  # the lock words (0.0 and int 0 share their bits)
+                scratch = torch.empty(n_sm * per_sm, slot_floats + 32, **f32)
+                scratch[:, slot_floats].zero_()  # the lock words (0.0 and int 0 share their bits)
             else:
-                scratch = torch.empty(math.prod(bwd_grid) * states, **f32)
+                scratch = torch.empty(programs * slot_floats, **f32)
         _scan_bwd_kernel[bwd_grid](*ptrs, scratch, seg_r, *outs, *sizes, n_sm, per_sm, *strides,
                                    SM_SLOTS=sm_slots, **tiles)
         dB, dC = dB.to(d.B.dtype), dC.to(d.C.dtype)
