@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from models.ops import triton_math as fm
 from models.ops.triton_conv import conv1d_silu_bidirectional, empty_like_layout, is_time_major
 
 
@@ -249,28 +250,24 @@ def _channel_sum_scattered(x, e_local):
 
 
 @triton.jit
-def _softplus(x):
-    # mamba-ssm's threshold: softplus(x) = x above 20, where exp would overflow nothing but adds nothing.
-    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
-
-
-@triton.jit
 def _load_delta(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """delta as the recurrence uses it (bias, broadcast to offs; softplus) and the pre-softplus value; 0
-    outside `mask`."""
+    """delta as the recurrence uses it (bias, broadcast to offs; softplus), 0 outside `mask`, and d delta /
+    d(pre-softplus delta)."""
     return _delta(tl.load(delta_ptr + offs, mask=mask, other=0.0), mask, bias, HAS_BIAS, SOFTPLUS)
 
 
 @triton.jit
 def _delta(loaded, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """_load_delta on an already loaded tile."""
-    raw = loaded.to(tl.float32)
+    dt = loaded.to(tl.float32)
     if HAS_BIAS:
-        raw += bias
-    dt = raw
+        dt += bias
+    slope = tl.full(dt.shape, 1.0, tl.float32)
     if SOFTPLUS:
-        dt = _softplus(raw)
-    return tl.where(mask, dt, 0.0), raw
+        # softplus' derivative is sigmoid = e^x / (1 + e^x), from the e^x softplus took (dead in the forward).
+        dt, e = fm.softplus_and_exp(dt)
+        slope = e / (1.0 + e)
+    return tl.where(mask, dt, 0.0), slope
 
 
 @triton.jit
@@ -279,7 +276,7 @@ def _load_A(A_ptr, n, e, ne_ok, N, A_IS_LOG: tl.constexpr):
     parameter as stored (bf16 under a bf16 model), sparing the casts and their autograd nodes each call."""
     A = tl.load(A_ptr + n[:, None] + e[None, :] * N, mask=ne_ok, other=0.0).to(tl.float32)
     if A_IS_LOG:
-        A = -tl.exp(A)
+        A = -fm.exp(A)
     return A
 
 
@@ -304,13 +301,15 @@ def _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS: tl.constexpr, A_IS_
 @triton.jit
 def _chunk_states(u_ptr, delta_ptr, B_ptr, t, e, n, m, mn, bias, A2, h0, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
                   HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Time-major: recompute one chunk's states from its start state h0 (1, N, E). Returns u, delta and the
-    pre-softplus delta (T, E), B (T, N), and the inputs x = delta u B, decays a and states, all (T, N, E)."""
+    """Time-major: recompute one chunk's states from its start state h0 (1, N, E). Returns u, delta and
+    d delta / d(pre-softplus delta) (T, E), B (T, N), and the inputs x = delta u B, decays a and states, all
+    (T, N, E)."""
     u = tl.load(u_ptr + t[:, None] * s_ul + e[None, :] * s_ue, mask=m, other=0.0).to(tl.float32)
-    dt, raw = _load_delta(delta_ptr, t[:, None] * s_dl + e[None, :] * s_de, m, bias[None, :], HAS_BIAS, SOFTPLUS)
+    dt, slope = _load_delta(delta_ptr, t[:, None] * s_dl + e[None, :] * s_de, m, bias[None, :], HAS_BIAS,
+                            SOFTPLUS)
     Bt = tl.load(B_ptr + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=mn, other=0.0).to(tl.float32)
     x, a, hs = _tile_states(u, dt, Bt, A2, h0)
-    return u, dt, raw, Bt, x, a, hs
+    return u, dt, slope, Bt, x, a, hs
 
 
 @triton.jit
@@ -460,7 +459,7 @@ def _scan_fwd_kernel(
                 y += D[None, :] * u
             if HAS_Z:
                 zt = z_c.to(tl.float32)
-                y *= zt * tl.sigmoid(zt)
+                y *= zt * fm.sigmoid(zt)
             o_offs = out_ptr + b64 * s_ob + t[:, None] * s_ol + e[None, :] * s_oe
             if ACCUMULATE:
                 y += tl.load(o_offs, mask=m, other=0.0).to(tl.float32)
@@ -597,14 +596,14 @@ def _scan_bwd_kernel(
             if HAS_Z:
                 zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m,
                              other=0.0).to(tl.float32)
-            u, dt, raw, Bt, x, a, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h0, s_ue,
+            u, dt, slope, Bt, x, a, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h0, s_ue,
                                                      s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
             grad_offs = grad_base + t[:, None] * s_Gl + e[None, :] * s_Ge
             dtu = dt * u
 
             # Gate.
             if HAS_Z:
-                sig = tl.sigmoid(zt)
+                sig = fm.sigmoid(zt)
                 y = tl.sum(hs * Ct[:, :, None], axis=1)
                 if HAS_D:
                     y += D[None, :] * u
@@ -628,7 +627,7 @@ def _scan_bwd_kernel(
             ddt = u * rB + tl.sum(r_ah * A[None, :, :], axis=1)
             dA_acc += tl.sum(r_ah * dt[:, None, :], axis=0, keep_dims=True)
             if SOFTPLUS:
-                ddt = ddt * tl.sigmoid(raw)
+                ddt = ddt * slope
             ddt = tl.where(m, ddt, 0.0)
             dbias_acc += tl.sum(ddt, axis=0)
             tl.store(du_ptr + grad_offs, du.to(du_ptr.dtype.element_ty), mask=m)
@@ -697,7 +696,7 @@ def _adjoint_summary_kernel(
         gy = tl.load(dout_ptr + b64 * s_gb + t[:, None] * s_gl + e[None, :] * s_ge, mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
             zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m, other=0.0).to(tl.float32)
-            gy = gy * zt * tl.sigmoid(zt)
+            gy = gy * zt * fm.sigmoid(zt)
         _, w_next = _reverse_affine_scan(tl.exp2(dt[:, None, :] * A2[None, :, :]), Ct[:, :, None] * gy[:, None, :],
                                          w_next)
         dt_sum += tl.sum(dt, axis=0)
