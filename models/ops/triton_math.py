@@ -66,3 +66,20 @@ def softplus(x):
 def sigmoid(x):
     """1 / (1 + e^-x), its exponential as one MUFU.EX2."""
     return 1.0 / (1.0 + exp(-x))
+
+
+
+@triton.jit
+def upcast(x):
+    """x in fp32. From bf16/fp16 as inline PTX on the GPU: Triton moves a plain upcast after any layout
+    conversion that follows it, so each lane then converts the 16-bit values it gathered (a tile of B
+    broadcast over 16 channels: 64 values a lane a tile, 1.5 instructions each); an opaque upcast keeps the
+    conversion before, and the shared-memory exchange carries fp32."""
+    if _PTX and x.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("cvt.f32.bf16 $0, $1;", "=r,h", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    elif _PTX and x.dtype == tl.float16:
+        return tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return x.to(tl.float32)

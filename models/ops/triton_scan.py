@@ -61,7 +61,9 @@ class ScanConfig:
     channels as a reduce-scatter (`_channel_sum_scattered`) rather than with tl.sum; bwd_sm_slots: 0 lets
     the backward's programs share scratch slots, as many an SM as it holds programs, only when a slot each
     would take more than BWD_SCRATCH_BUDGET; n > 0 makes them share n slots an SM whenever the grid is
-    larger (fewer slots than programs an SM bound the scratch further: the others wait for a slot)."""
+    larger (fewer slots than programs an SM bound the scratch further: the others wait for a slot);
+    fwd_max_registers caps the forward's registers a thread (ptxas' maxnreg, NVIDIA only; 0: the compiler's
+    choice)."""
 
     block_e_fwd: int
     block_e_bwd: int
@@ -74,6 +76,7 @@ class ScanConfig:
     bwd_segments: int = 1
     bwd_scatter_sums: bool = False
     bwd_sm_slots: int = 0
+    fwd_max_registers: int = 0
 
     def __post_init__(self) -> None:
         if self.chunk % self.fwd_steps or self.fwd_steps & (self.fwd_steps - 1):
@@ -95,6 +98,11 @@ class ScanConfig:
 # warp and a few run on an SM): the segments' summary pass costs less than the idle SMs would.
 SPLIT_BELOW_PROGRAMS = 512
 FWD_SPLIT_PROGRAMS = 3072
+# The time-major forward's register cap (ptxas' maxnreg; it compiles to ~245 registers a thread, 8 warps an SM).
+# With at least 8 programs an SM, 168 (12 warps an SM) is 1.05-1.35x faster than no cap; with fewer, 224 is
+# 1.02-1.15x faster and 168 up to 1.1x slower (sweep_round8.txt, H100). The (B, E, L) forward gains nothing.
+FWD_MANY_PROGRAMS_PER_SM = 8
+FWD_REGISTERS_MANY_PROGRAMS, FWD_REGISTERS_FEW_PROGRAMS = 168, 224
 # Programs an SM holds at once (one warp each): the backward at 255 registers a thread, 65536 / (256 x 32);
 # the adjoint summary pass at 128.
 BWD_PROGRAMS_PER_SM, SUMMARY_PROGRAMS_PER_SM = 8, 16
@@ -126,7 +134,7 @@ def default_config(d_state: int, rows: int, time_major: bool = False, *, length:
     for round 3's time-last kernel), 16 with few rows, whose L is then split into segments up to ~3072
     programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05 for round 3's time-last kernel). Time-major
     inputs (u, delta, z stored (B, L, E), channels contiguous, as the mixer makes them): 16 channels a
-    program at any row count.
+    program at any row count, registers capped (FWD_REGISTERS_*: 168 with many programs, else 224).
     Backward, either layout: 16 channels x 4 steps with dB/dC summed as a reduce-scatter, or 8 x 8 with
     tl.sum, on 1 warp, L split into segments, whichever a model in waves of programs gives the least time
     (`_backward_launch`). A state is saved every 64 steps; the backward walks each saved chunk forward to its
@@ -147,12 +155,16 @@ def default_config(d_state: int, rows: int, time_major: bool = False, *, length:
     fwd_segments = 1
     if fwd_programs < SPLIT_BELOW_PROGRAMS:
         fwd_segments = min(MAX_SEGMENTS, triton.cdiv(FWD_SPLIT_PROGRAMS, fwd_programs))
+    fwd_registers = 0
+    if time_major:
+        many = fwd_programs * fwd_segments >= FWD_MANY_PROGRAMS_PER_SM * sm_count
+        fwd_registers = FWD_REGISTERS_MANY_PROGRAMS if many else FWD_REGISTERS_FEW_PROGRAMS
     chunk = 64
     n_chunks = None if length is None else triton.cdiv(length, chunk)
     bwd_e, bwd_steps, scatter, bwd_segments = _backward_launch(block_n, rows, sm_count, n_chunks, chunk)
     return ScanConfig(block_e_fwd=fwd_e, block_e_bwd=bwd_e, chunk=chunk, num_warps_fwd=1, num_warps_bwd=1,
                       fwd_steps=fwd_steps, bwd_sub_chunks=chunk // bwd_steps, fwd_segments=fwd_segments,
-                      bwd_segments=bwd_segments, bwd_scatter_sums=scatter)
+                      bwd_segments=bwd_segments, bwd_scatter_sums=scatter, fwd_max_registers=fwd_registers)
 
 
 def _backward_launch(block_n: int, rows: int, sm_count: int, n_chunks: int | None, chunk: int
@@ -259,7 +271,7 @@ def _load_delta(delta_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: t
 @triton.jit
 def _delta(loaded, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """_load_delta on an already loaded tile."""
-    dt = loaded.to(tl.float32)
+    dt = fm.upcast(loaded)
     if HAS_BIAS:
         dt += bias
     slope = tl.full(dt.shape, 1.0, tl.float32)
@@ -307,7 +319,7 @@ def _chunk_states(u_ptr, delta_ptr, B_ptr, t, e, n, m, mn, bias, A2, h0, s_ue, s
     u = tl.load(u_ptr + t[:, None] * s_ul + e[None, :] * s_ue, mask=m, other=0.0).to(tl.float32)
     dt, slope = _load_delta(delta_ptr, t[:, None] * s_dl + e[None, :] * s_de, m, bias[None, :], HAS_BIAS,
                             SOFTPLUS)
-    Bt = tl.load(B_ptr + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=mn, other=0.0).to(tl.float32)
+    Bt = fm.upcast(tl.load(B_ptr + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=mn, other=0.0))
     x, a, hs = _tile_states(u, dt, Bt, A2, h0)
     return u, dt, slope, Bt, x, a, hs
 
@@ -449,12 +461,12 @@ def _scan_fwd_kernel(
         m = (s < L)[:, None] & e_ok[None, :]  # (T, E)
         u = u_c.to(tl.float32)
         dt, _ = _delta(d_c, m, bias[None, :], HAS_BIAS, SOFTPLUS)
-        _, _, hs = _tile_states(u, dt, B_c.to(tl.float32), A2, h)
+        _, _, hs = _tile_states(u, dt, fm.upcast(B_c), A2, h)
         h = tl.sum(tl.where(last, hs, -0.0), axis=0, keep_dims=True)
         if SUMMARY:
             dt_sum += tl.sum(dt, axis=0)
         else:
-            y = tl.sum(hs * C_c.to(tl.float32)[:, :, None], axis=1)
+            y = tl.sum(hs * fm.upcast(C_c)[:, :, None], axis=1)
             if HAS_D:
                 y += D[None, :] * u
             if HAS_Z:
@@ -589,8 +601,8 @@ def _scan_bwd_kernel(
             mn = s_ok[:, None] & n_ok[None, :]  # (T, N)
             # All of the chunk's loads before its first scan: each program walks L serially, so their
             # latency is only hidden when they are in flight together.
-            Ct = tl.load(C_ptr + b64 * s_Cb + g * s_Cg + t[:, None] * s_Cl + n[None, :] * s_Cn, mask=mn,
-                         other=0.0).to(tl.float32)
+            Ct = fm.upcast(tl.load(C_ptr + b64 * s_Cb + g * s_Cg + t[:, None] * s_Cl + n[None, :] * s_Cn,
+                                   mask=mn, other=0.0))
             dout = tl.load(dout_ptr + b64 * s_gb + t[:, None] * s_gl + e[None, :] * s_ge, mask=m,
                            other=0.0).to(tl.float32)
             if HAS_Z:
@@ -691,8 +703,8 @@ def _adjoint_summary_kernel(
         m = s_ok[:, None] & e_ok[None, :]
         dt, _ = _load_delta(delta_ptr + b64 * s_db, t[:, None] * s_dl + e[None, :] * s_de, m, bias[None, :],
                             HAS_BIAS, SOFTPLUS)
-        Ct = tl.load(C_ptr + b64 * s_Cb + g * s_Cg + t[:, None] * s_Cl + n[None, :] * s_Cn,
-                     mask=s_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        Ct = fm.upcast(tl.load(C_ptr + b64 * s_Cb + g * s_Cg + t[:, None] * s_Cl + n[None, :] * s_Cn,
+                               mask=s_ok[:, None] & n_ok[None, :], other=0.0))
         gy = tl.load(dout_ptr + b64 * s_gb + t[:, None] * s_gl + e[None, :] * s_ge, mask=m, other=0.0).to(tl.float32)
         if HAS_Z:
             zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m, other=0.0).to(tl.float32)
@@ -756,6 +768,8 @@ def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None,
         flags = dict(REVERSE=rev, HAS_D=d.D is not None, HAS_Z=z is not None, HAS_BIAS=d.bias is not None,
                      A_IS_LOG=a_is_log, SOFTPLUS=softplus, ACCUMULATE=i > 0, STORE_STATES=store_states,
                      BLOCK_E=block_e, BLOCK_N=block_n, num_warps=cfg.num_warps_fwd)
+        if cfg.fwd_max_registers and u0.is_cuda and torch.version.hip is None:
+            flags["maxnreg"] = cfg.fwd_max_registers
         save_every = cfg.chunk // cfg.fwd_steps
         # Segments need not start on a saved state: a program saves those that fall in its tiles (c % SAVE_EVERY
         # is global), and whole tiles balance the programs better than whole chunks.
