@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from models.ops import triton_math as fm
+
 _BLOCK_E = 16
 _BLOCK_L = 128
 # The backward: (T, E) tiles of 16 steps x 16 channels on two warps, L split until ~4096 programs; 4 taps. On
@@ -61,8 +63,8 @@ def _conv_bi_fwd_kernel(
         acc_b += tl.load(wb_ptr + e * W + k, mask=e_ok, other=0.0).to(tl.float32)[:, None] * xb
     ok = e_ok[:, None] & (t < L)[None, :]
     offs = row + t[None, :] * s_l
-    tl.store(uf_ptr + offs, (acc_f * tl.sigmoid(acc_f)).to(uf_ptr.dtype.element_ty), mask=ok)
-    tl.store(ub_ptr + offs, (acc_b * tl.sigmoid(acc_b)).to(ub_ptr.dtype.element_ty), mask=ok)
+    tl.store(uf_ptr + offs, (acc_f * fm.sigmoid(acc_f)).to(uf_ptr.dtype.element_ty), mask=ok)
+    tl.store(ub_ptr + offs, (acc_b * fm.sigmoid(acc_b)).to(ub_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -86,7 +88,7 @@ def _conv_out_grad(du_ptr, row, e_ok, p, L, s_l, bias, w0, w1, w2, w3, x0, x1, x
     """Gradient at the pre-activation of one direction's conv at steps p: du[p] silu'(pre[p]), with
     pre = bias + w0 x0 + w1 x1 + w2 x2 + w3 x3 (the four taps' x tiles, oldest first in that direction)."""
     pre = bias[None, :] + w0[None, :] * x0 + w1[None, :] * x1 + w2[None, :] * x2 + w3[None, :] * x3
-    s = tl.sigmoid(pre)
+    s = fm.sigmoid(pre)
     return _x_at(du_ptr, row, e_ok, p, L, s_l) * s * (1.0 + pre * (1.0 - s))
 
 

@@ -1,4 +1,4 @@
-"""Cheap elementwise math for the scan kernels: e^x, softplus and sigmoid in the instructions they need.
+"""Cheap elementwise math for the scan and conv kernels: e^x, softplus and sigmoid in the instructions they need.
 
 The scan forward is bound by instruction issue, and per (step, channel) it evaluates softplus(delta) and the
 gate's sigmoid; the backward also softplus' derivative. Triton's generic lowering makes these dear on sm_90
@@ -6,12 +6,13 @@ gate's sigmoid; the backward also softplus' derivative. Triton's generic lowerin
 - `tl.exp(x)` is x * log2(e), then ex2 *without* flush-to-zero, which ptxas guards with a compare and two
   predicated multiplies for denormal results: 4 instructions. `tl.exp2` is one MUFU.EX2 (flushing, as
   mamba-ssm's --use_fast_math build does).
+- `1 / x` is a division with range fix-ups around MUFU.RCP: ~5 instructions; rcp.approx is one (1 ulp).
 - `tl.log` is libdevice's accurate logf: ~22 instructions. Softplus is log1p(e^x), so we take log1p's series
   where e^x is small and the hardware's lg2 (one MUFU.LG2) where it is not. 1 + e^x >= 1.125 there, so
   lg2's absolute error (2^-22) is < 1.5e-6 relative; the series' cut-off error is < 6e-7 relative.
 
-The hardware lg2 is inline PTX, so it is only emitted on NVIDIA GPUs; Triton's CPU interpreter (the CPU tests)
-and ROCm use tl.log2.
+The hardware lg2 and rcp (and `upcast`'s cvt) are inline PTX, so they are only emitted on NVIDIA GPUs; Triton's
+CPU interpreter (the CPU tests) and ROCm use the plain operations.
 """
 
 from __future__ import annotations
@@ -63,9 +64,19 @@ def softplus(x):
 
 
 @triton.jit
+def reciprocal(x):
+    if _PTX:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
 def sigmoid(x):
-    """1 / (1 + e^-x), its exponential as one MUFU.EX2."""
-    return 1.0 / (1.0 + exp(-x))
+    """1 / (1 + e^-x) as two MUFU ops (ex2, rcp) and two FP32 ones: tl.sigmoid's exp fix-up and division
+    take ~12 (the conv backward evaluates 8 sigmoids an element)."""
+    return reciprocal(1.0 + exp(-x))
 
 
 
