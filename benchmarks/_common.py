@@ -60,11 +60,13 @@ def log_uniform_dt(E: int, device: str) -> torch.Tensor:
     return dt + torch.log(-torch.expm1(-dt))
 
 
-def bench_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds over ~200 ms of repeats after warm-up (CUDA events, triton.testing.do_bench)."""
+def bench_ms(fn: Callable[[], object], windows: int = 1) -> float:
+    """Median milliseconds over ~200 ms of repeats after warm-up (CUDA events, triton.testing.do_bench); with
+    windows > 1, the least of that many medians: now and then a whole window ran 20-33% slow on the H100
+    (bench_block's forward, benchmarks/results/sweep_round8.txt run 8)."""
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=50, rep=200, return_mode="median"))
+    return min(float(do_bench(fn, warmup=50, rep=200, return_mode="median")) for _ in range(windows))
 
 
 def load_mamba_selective_scan() -> Callable | None:

@@ -68,7 +68,7 @@ def baseline_block(scan):
 
 def time_block(fn, x, z, fwd, bwd) -> tuple[float, float]:
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-        t_fwd = bench_ms(lambda: fn(x, z, fwd, bwd))
+        t_fwd = bench_ms(lambda: fn(x, z, fwd, bwd), windows=3)
     leaves = [x.detach().requires_grad_(), z.detach().requires_grad_(),
               *(t.detach().requires_grad_() for t in (*fwd, *bwd))]
     f, b = DirectionWeights(*leaves[2:9]), DirectionWeights(*leaves[9:])
@@ -79,7 +79,7 @@ def time_block(fn, x, z, fwd, bwd) -> tuple[float, float]:
             out = fn(leaves[0], leaves[1], f, b)
         return torch.autograd.grad(out, leaves, dout)
 
-    return t_fwd, bench_ms(step)
+    return t_fwd, bench_ms(step, windows=3)
 
 
 def main() -> None:
