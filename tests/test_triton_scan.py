@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from models.ops import DirectionWeights, bimamba_inner, triton_scan
+from models.ops import triton_math as fm
 from models.ops.ref import selective_scan_ref
 from models.ops.triton_conv import conv1d_silu_bidirectional
 from models.ops.triton_scan import (
@@ -429,7 +430,7 @@ def test_videomamba_bf16_masked_grads_match_fp32_reference():
 
 def test_kernels_under_triton_interpreter():
     """CPU CI: the `interp` subset above, run by Triton's interpreter in a fresh interpreter process."""
-    run_interp_subset(__file__, expected_passed=13, timeout_s=600)
+    run_interp_subset(__file__, expected_passed=14, timeout_s=600)
 
 
 @triton.jit
@@ -546,6 +547,15 @@ def test_default_config_backward_model_picks_the_measured_best():
     assert default_config(16, 4 * 384, True, length=12545, sm_count=66).bwd_segments < 22
 
 
+def test_default_config_caps_time_major_forward_registers():
+    """sweep_round8.txt runs 3-4 (H100): the time-major forward at 168 registers with >= 8 programs an SM (M 8f
+    b16: 1152 programs), else at 224 (S 8f b16: 768); the (B, E, L) forward uncapped."""
+    assert default_config(16, 16 * 1152, True, length=1569, sm_count=132).fwd_max_registers == 168
+    assert default_config(16, 16 * 768, True, length=1569, sm_count=132).fwd_max_registers == 224
+    assert default_config(16, 4 * 384, True, length=12545, sm_count=132).fwd_max_registers == 168  # split L
+    assert default_config(16, 16 * 768, False, length=1569, sm_count=132).fwd_max_registers == 0
+
+
 def test_scan_config_rejects_bad_fields():
     with pytest.raises(ValueError, match="bwd_sub_chunks"):
         ScanConfig(1, 4, chunk=16, bwd_sub_chunks=3)
@@ -557,3 +567,36 @@ def test_scan_config_rejects_bad_fields():
         ScanConfig(1, 128, chunk=16, bwd_sub_chunks=4, bwd_scatter_sums=True)
     with pytest.raises(ValueError, match="bwd_sm_slots"):
         ScanConfig(1, 4, chunk=16, bwd_sub_chunks=4, bwd_sm_slots=-1)
+
+
+@triton.jit
+def _fast_math_kernel(x_ptr, softplus_ptr, slope_ptr, sigmoid_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    x = fm.upcast(tl.load(x_ptr + i, mask=ok, other=0.0))
+    softplus, e = fm.softplus_and_exp(x)
+    tl.store(softplus_ptr + i, softplus, mask=ok)
+    tl.store(slope_ptr + i, e / (1.0 + e), mask=ok)
+    tl.store(sigmoid_ptr + i, fm.sigmoid(x), mask=ok)
+
+
+@pytest.mark.gpu
+@needs_kernel_device
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=pytest.mark.interp), torch.float16,
+                                   torch.float32])
+def test_fast_math_matches_torch(dtype):
+    """triton_math's softplus (log1p's series below e^x = 1/8, the hardware lg2 above, x itself above 20), its
+    e^x-derived slope, sigmoid (hardware ex2 and rcp) and 16-bit upcast, elementwise against torch in float64
+    over the range delta and the gate take, both sides of the series' switch (x = ln 1/8) and of 20."""
+    edges = torch.tensor([math.log(0.125), 20.0])
+    x = torch.cat([torch.linspace(-30, 30, 6001), edges, edges.nextafter(torch.tensor(-math.inf)),
+                   edges.nextafter(torch.tensor(math.inf))]).to(dtype).to(DEVICE)
+    outs = [torch.full(x.shape, float("nan"), device=DEVICE) for _ in range(3)]
+    _fast_math_kernel[(triton.cdiv(x.numel(), 1024),)](x, *outs, x.numel(), BLOCK=1024)
+    x64 = x.double()
+    want_sp = torch.where(x64 <= 20, torch.nn.functional.softplus(x64, threshold=1000), x64)
+    for name, got, want in (("softplus", outs[0], want_sp), ("slope", outs[1], torch.sigmoid(x64.clamp(max=20))),
+                            ("sigmoid", outs[2], torch.sigmoid(x64))):
+        rel = ((got.double() - want).abs() / want.abs()).max().item()
+        # H100: 1.7e-6 at most for all three, at x near -30 (ex2.approx's error grows with |x log2 e|).
+        assert rel < 3e-6, f"{name}: max relative error {rel:.2e}"
