@@ -41,10 +41,15 @@ def exp(x):
 
 
 @triton.jit
+def _ptx(instruction: tl.constexpr, constraints: tl.constexpr, x):
+    """One PTX instruction on each element of x, an fp32 result."""
+    return tl.inline_asm_elementwise(instruction, constraints, [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _log2(x):
     if _PTX:
-        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx("lg2.approx.ftz.f32 $0, $1;", "=f,f", x)
     else:
         return tl.log2(x)
 
@@ -68,8 +73,7 @@ def softplus(x):
 @triton.jit
 def reciprocal(x):
     if _PTX:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx("rcp.approx.ftz.f32 $0, $1;", "=f,f", x)
     else:
         return 1.0 / x
 
@@ -81,7 +85,6 @@ def sigmoid(x):
     return reciprocal(1.0 + exp(-x))
 
 
-
 @triton.jit
 def upcast(x):
     """x in fp32. From bf16/fp16 as inline PTX on the GPU: Triton moves a plain upcast after any layout
@@ -89,10 +92,8 @@ def upcast(x):
     broadcast over 16 channels: 64 values a lane a tile, 1.5 instructions each); an opaque upcast keeps the
     conversion before, and the shared-memory exchange carries fp32."""
     if _PTX and x.dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise("cvt.f32.bf16 $0, $1;", "=r,h", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
+        return _ptx("cvt.f32.bf16 $0, $1;", "=r,h", x)
     elif _PTX and x.dtype == tl.float16:
-        return tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
+        return _ptx("cvt.f32.f16 $0, $1;", "=r,h", x)
     else:
         return x.to(tl.float32)
