@@ -548,12 +548,16 @@ def test_default_config_backward_model_picks_the_measured_best():
 
 
 def test_default_config_caps_time_major_forward_registers():
-    """sweep_round8.txt runs 3-4 (H100): the time-major forward at 168 registers with >= 8 programs an SM (M 8f
-    b16: 1152 programs), else at 224 (S 8f b16: 768); the (B, E, L) forward uncapped."""
+    """sweep_round8.txt runs 3-4 and 10 (H100): the time-major forward at 168 registers with >= 8 programs an SM
+    (M 8f b16: 1152 programs), else at 224 (S 8f b16: 768); the (B, E, L) forward uncapped."""
     assert default_config(16, 16 * 1152, True, length=1569, sm_count=132).fwd_max_registers == 168
     assert default_config(16, 16 * 768, True, length=1569, sm_count=132).fwd_max_registers == 224
     assert default_config(16, 4 * 384, True, length=12545, sm_count=132).fwd_max_registers == 168  # split L
     assert default_config(16, 16 * 768, False, length=1569, sm_count=132).fwd_max_registers == 0
+    # Split time-major forwards fill one wave of 12 programs an SM (run 10): Ti 64f b4 16 segments, S 64f b4 8.
+    assert default_config(16, 4 * 384, True, length=12545, sm_count=132).fwd_segments == 16
+    assert default_config(16, 4 * 768, True, length=12545, sm_count=132).fwd_segments == 8
+    assert default_config(16, 4 * 384, False, length=12545, sm_count=132).fwd_segments == 32
 
 
 def test_scan_config_rejects_bad_fields():

@@ -97,12 +97,17 @@ class ScanConfig:
 # Programs below which the forward splits L into segments (an H100/H200 has 132 SMs; its programs hold one
 # warp and a few run on an SM): the segments' summary pass costs less than the idle SMs would.
 SPLIT_BELOW_PROGRAMS = 512
+# Split (B, E, L) forwards aim at this many programs (sweep_round4.txt).
 FWD_SPLIT_PROGRAMS = 3072
 # The time-major forward's register cap (ptxas' maxnreg; it compiles to ~245 registers a thread, 8 warps an SM).
 # With at least 8 programs an SM, 168 (12 warps an SM) is 1.05-1.35x faster than no cap; with fewer, 224 is
 # 1.02-1.15x faster and 168 up to 1.1x slower (sweep_round8.txt, H100). The (B, E, L) forward gains nothing.
 FWD_MANY_PROGRAMS_PER_SM = 8
 FWD_REGISTERS_MANY_PROGRAMS, FWD_REGISTERS_FEW_PROGRAMS = 168, 224
+# A split time-major forward fills one wave at the 168 cap, 65536 / (168 x 32) = 12 programs an SM: Ti 64f b4
+# in 16 segments (1536 programs) 0.310 ms against 0.334 in 32, S 64f b4 in 8 0.596 against 0.611 in 16
+# (sweep_round8.txt run 10).
+FWD_SPLIT_PROGRAMS_PER_SM_TIME_MAJOR = 12
 # Programs an SM holds at once (one warp each): the backward at 255 registers a thread, 65536 / (256 x 32);
 # the adjoint summary pass at 128.
 BWD_PROGRAMS_PER_SM, SUMMARY_PROGRAMS_PER_SM = 8, 16
@@ -134,7 +139,8 @@ def default_config(d_state: int, rows: int, time_major: bool = False, *, length:
     for round 3's time-last kernel), 16 with few rows, whose L is then split into segments up to ~3072
     programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05 for round 3's time-last kernel). Time-major
     inputs (u, delta, z stored (B, L, E), channels contiguous, as the mixer makes them): 16 channels a
-    program at any row count, registers capped (FWD_REGISTERS_*: 168 with many programs, else 224).
+    program at any row count, registers capped (FWD_REGISTERS_*: 168 with many programs, else 224), L split
+    to fill one wave of 12 programs an SM.
     Backward, either layout: 16 channels x 4 steps with dB/dC summed as a reduce-scatter, or 8 x 8 with
     tl.sum, on 1 warp, L split into segments, whichever a model in waves of programs gives the least time
     (`_backward_launch`). A state is saved every 64 steps; the backward walks each saved chunk forward to its
@@ -154,7 +160,11 @@ def default_config(d_state: int, rows: int, time_major: bool = False, *, length:
     fwd_programs = triton.cdiv(rows, fwd_e)
     fwd_segments = 1
     if fwd_programs < SPLIT_BELOW_PROGRAMS:
-        fwd_segments = min(MAX_SEGMENTS, triton.cdiv(FWD_SPLIT_PROGRAMS, fwd_programs))
+        if time_major:  # whole segments within one wave: a partial second one costs more than it gains
+            fwd_segments = max(1, FWD_SPLIT_PROGRAMS_PER_SM_TIME_MAJOR * sm_count // fwd_programs)
+        else:
+            fwd_segments = triton.cdiv(FWD_SPLIT_PROGRAMS, fwd_programs)
+        fwd_segments = min(MAX_SEGMENTS, fwd_segments)
     fwd_registers = 0
     if time_major:
         many = fwd_programs * fwd_segments >= FWD_MANY_PROGRAMS_PER_SM * sm_count
