@@ -27,10 +27,9 @@ D_STATE = 16
 
 def default_scan_config(rows: int, length: int, time_major: bool = False):
     """default_config for `rows` (batch x channels), the sequence length, the inputs' layout and this GPU."""
-    from models.ops.triton_scan import default_config
+    from models.ops.triton_scan import default_config, sm_count
 
-    return default_config(D_STATE, rows, time_major, length=length,
-                          sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
+    return default_config(D_STATE, rows, time_major, length=length, sm_count=sm_count("cuda"))
 
 
 def scan_config(rows: int, length: int, time_major: bool = False):

@@ -3,7 +3,7 @@
 #   1. build mamba-ssm's selective_scan_cuda from its sdist for sm_90 only, in the background (~3 min);
 #   2. run tests/test_triton_scan.py (GPU kernels vs the float64 reference);
 #   3. time our scan (inputs (B, E, L), then time-major) and mixer core against mamba-ssm once it is built.
-# Results land in benchmarks/results/ and are copied to $OUT with the logs.
+# Results land in benchmarks/results/ and in $OUT/results.tgz (unpack it at the repository root), beside the logs.
 # Usage, from the repository root on a machine with an H100/H200, nvcc and torch:
 #   MAMBA_SDIST=path/mamba_ssm-2.3.2.post1.tar.gz [SWEEP=1] OUT=/tmp/out bash scripts/gpu_bench.sh
 # SWEEP=1 first times several launch configs per shape (to $OUT/sweep.txt); the benchmarks then use
@@ -67,4 +67,5 @@ fi
 "$PY" benchmarks/bench_scan.py 2>&1 | tee -a "$LOG" | grep -v "^{"
 "$PY" benchmarks/bench_scan.py --time-major 2>&1 | tee -a "$LOG" | grep -v "^{"
 "$PY" benchmarks/bench_block.py 2>&1 | tee -a "$LOG" | grep -v "^{"
-cp benchmarks/results/scan.* benchmarks/results/scan_time_major.* benchmarks/results/block.* "$OUT"/
+# One archive: the device tool returns a limited number of files from $OUT (round 8 lost four of them).
+tar czf "$OUT/results.tgz" benchmarks/results/scan.* benchmarks/results/scan_time_major.* benchmarks/results/block.*

@@ -961,10 +961,15 @@ def _as_grouped(BC: Tensor, name: str, Bsz: int, E: int, L: int, N: int) -> Tens
     return BC
 
 
+def sm_count(device: torch.device | str) -> int:
+    """The SM count default_config plans for: the GPU's, or an H100's 132 off CUDA (the CPU interpreter)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def _default_config_for(u: Tensor, A: Tensor) -> ScanConfig:
     Bsz, E, L = u.shape
-    sm_count = torch.cuda.get_device_properties(u.device).multi_processor_count if u.is_cuda else 132
-    return default_config(A.shape[1], Bsz * E, is_time_major(u), length=L, sm_count=sm_count)
+    return default_config(A.shape[1], Bsz * E, is_time_major(u), length=L, sm_count=sm_count(u.device))
 
 
 def _check_inputs(u: Tensor, delta: Tensor, A: Tensor, z: Tensor | None) -> None:
