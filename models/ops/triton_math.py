@@ -66,11 +66,6 @@ def softplus_and_exp(x):
 
 
 @triton.jit
-def softplus(x):
-    return softplus_and_exp(x)[0]
-
-
-@triton.jit
 def reciprocal(x):
     if _PTX:
         return _ptx("rcp.approx.ftz.f32 $0, $1;", "=f,f", x)

@@ -107,7 +107,7 @@ FWD_REGISTERS_MANY_PROGRAMS, FWD_REGISTERS_FEW_PROGRAMS = 168, 224
 # A split time-major forward fills one wave at the 168 cap, 65536 / (168 x 32) = 12 programs an SM: Ti 64f b4
 # in 16 segments (1536 programs) 0.310 ms against 0.334 in 32, S 64f b4 in 8 0.596 against 0.611 in 16
 # (sweep_round8.txt run 10).
-FWD_SPLIT_PROGRAMS_PER_SM_TIME_MAJOR = 12
+FWD_SPLIT_PROGRAMS_PER_SM_TIME_MAJOR = 65536 // (FWD_REGISTERS_MANY_PROGRAMS * 32)
 # Programs an SM holds at once (one warp each): the backward at 255 registers a thread, 65536 / (256 x 32);
 # the adjoint summary pass at 128.
 BWD_PROGRAMS_PER_SM, SUMMARY_PROGRAMS_PER_SM = 8, 16
@@ -618,8 +618,8 @@ def _scan_bwd_kernel(
             if HAS_Z:
                 zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m,
                              other=0.0).to(tl.float32)
-            u, dt, slope, Bt, x, a, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h0, s_ue,
-                                                     s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
+            u, dt, slope, Bt, x, a, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h0,
+                                                       s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
             grad_offs = grad_base + t[:, None] * s_Gl + e[None, :] * s_Ge
             dtu = dt * u
 
