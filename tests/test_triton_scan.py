@@ -571,6 +571,9 @@ def test_scan_config_rejects_bad_fields():
         ScanConfig(1, 128, chunk=16, bwd_sub_chunks=4, bwd_scatter_sums=True)
     with pytest.raises(ValueError, match="bwd_sm_slots"):
         ScanConfig(1, 4, chunk=16, bwd_sub_chunks=4, bwd_sm_slots=-1)
+    for cap in (-1, 16, 300):
+        with pytest.raises(ValueError, match="fwd_max_registers"):
+            ScanConfig(1, 4, chunk=16, bwd_sub_chunks=4, fwd_max_registers=cap)
 
 
 @triton.jit

@@ -87,6 +87,9 @@ class ScanConfig:
                              "backward tiles; use a divisor such as 1, 2 or 4")
         if self.fwd_segments < 1 or self.bwd_segments < 1:
             raise ValueError("fwd_segments and bwd_segments count pieces of L: use 1 (no split) or more")
+        if self.fwd_max_registers and not 32 <= self.fwd_max_registers <= 255:
+            raise ValueError(f"fwd_max_registers={self.fwd_max_registers}: use 0 (the compiler's choice) or a cap "
+                             "between 32 and 255 registers a thread (ptxas allows at most 255)")
         if self.bwd_sm_slots < 0:
             raise ValueError(f"bwd_sm_slots={self.bwd_sm_slots}: use 0 (as many as an SM holds) or a count")
         if self.bwd_scatter_sums and self.block_e_bwd > 64:
