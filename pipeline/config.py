@@ -256,10 +256,20 @@ class TrackingConfig:
     """Nest this run under a parent run (set by the recipe runner)."""
     log_interval: int = 10
     """Log metrics and print progress every N steps."""
+    profile_start: int = 0
+    """Profile `profile_steps` steps from this step on rank 0 and log the communication fractions
+    (pipeline.profiling; a Chrome trace lands in <output_dir>/profile/); 0 = never."""
+    profile_steps: int = 3
+    """Length of the profiled window in steps."""
 
     def __post_init__(self) -> None:
         if self.log_interval < 1:
             raise ConfigError(f"tracking.log_interval: must be >= 1, got {self.log_interval}")
+        if self.profile_start < 0 or self.profile_steps < 1:
+            raise ConfigError(
+                f"tracking.profile_start must be >= 0 (0 = off) and tracking.profile_steps >= 1, got "
+                f"{self.profile_start} and {self.profile_steps}"
+            )
 
 
 @dataclass

@@ -35,6 +35,7 @@ from pipeline.checkpointing import CheckpointStore, LocalCheckpointStore, run_st
 from pipeline.config import Config, to_yaml
 from pipeline.distributed import all_reduce_mean, ensure_process_group, get_rank, get_world_size, local_rank
 from pipeline.optim import build_optimizer, peak_lr
+from pipeline.profiling import StepProfiler
 from pipeline.tasks import build_task
 
 # Dense bf16 peak TFLOP/s per GPU for MFU (NVIDIA datasheets, SXM parts, without sparsity).
@@ -205,6 +206,7 @@ class Trainer:
         self.skipped_batches = 0
         self.resumed_from_step: int | None = None
         self.last_metrics: dict[str, float] = {}
+        self.profile_metrics: dict[str, float] = {}
         self.eval_metrics: dict[str, float] = {}
         self.evaluated_at: int | None = None
         self.loader_state: dict[str, Any] | None = None
@@ -215,6 +217,9 @@ class Trainer:
             self.train_loader.load_state_dict(self.loader_state)
         self.batches: Iterator[dict[str, Any]] = iter(self.train_loader)
         self.tracker = self.start_tracking(run_id) if self.is_main and cfg.tracking.enabled else None
+        t = cfg.tracking
+        self.profiler = StepProfiler(t.profile_start if self.is_main else 0, t.profile_steps, self.device,
+                                     Path(cfg.output_dir) / "profile")  # fmt: skip
         self._reset_window()
 
     # ------------------------------------------------------------------ building
@@ -232,6 +237,8 @@ class Trainer:
 
         tracker = RunTracker(self.cfg)
         tracker.start(resume_run_id=run_id)
+        if self.resumed_from_step is not None:  # the latest attempt's start, e.g. after Ray restarted the workers
+            tracker.set_tag("resumed_from_step", str(self.resumed_from_step))
         return tracker
 
     @property
@@ -454,6 +461,16 @@ class Trainer:
                 metrics["train/mfu"] = tflops / self.peak_tflops
         return metrics
 
+    def log_profile(self, metrics: dict[str, float]) -> None:
+        """Log and print a closed profiling window's communication fractions (rank 0 only has any)."""
+        if not metrics:
+            return
+        self.profile_metrics = metrics
+        if self.tracker:
+            self.tracker.log_metrics(metrics, self.step)
+        print(f"[{self.cfg.run_name}] profile at step {self.step}: "
+              + " ".join(f"{k.removeprefix('profile/')} {v:.3g}" for k, v in metrics.items()), flush=True)
+
     def log_metrics(self, force: bool = False) -> None:
         """Every `log_interval` steps: reduce the window's metrics, log them from rank 0, print progress."""
         if not self.window["steps"] or (not force and self.step % self.cfg.tracking.log_interval):
@@ -525,7 +542,9 @@ class Trainer:
         try:
             start_step = self.step
             while self.step < self.cfg.optim.max_steps:
+                self.profiler.before_step(self.step + 1)
                 self.train_step()
+                self.log_profile(self.profiler.after_step(self.step))
                 self.log_metrics()
                 self.maybe_eval()
                 self.maybe_checkpoint()
@@ -543,7 +562,7 @@ class Trainer:
             self.tracker.end("FINISHED")
         result = TrainResult(
             step=self.step,
-            metrics={**self.last_metrics, **self.eval_metrics},
+            metrics={**self.last_metrics, **self.profile_metrics, **self.eval_metrics},
             mlflow_run_id=self.mlflow_run_id,
             export_path=export_path,
             resumed_from_step=self.resumed_from_step,

@@ -43,8 +43,20 @@ def is_secret_key(name: str, parent: str = "") -> bool:
     return words == ["key"] and parent.lower().endswith(_FS_OPTION_SECTIONS)
 
 
+def environ_snapshot(attempts: int = 20) -> dict[str, str]:
+    """A copy of os.environ that tolerates other threads changing it: iterating os.environ while a thread unsets a
+    variable raises KeyError (MLflow's telemetry thread does so in Ray workers), so copy again until one is clean."""
+    for _ in range(attempts - 1):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return dict(os.environ)
+
+
 def _secret_env_values() -> list[str]:
-    values = {v for k, v in os.environ.items() if is_secret_key(k) and len(v) >= _MIN_ENV_SECRET_CHARS}
+    env = environ_snapshot()
+    values = {v for k, v in env.items() if is_secret_key(k) and len(v) >= _MIN_ENV_SECRET_CHARS}
     return sorted(values, key=len, reverse=True)  # longest first: a secret containing another is masked whole
 
 

@@ -48,6 +48,7 @@ def test_worker_loss_restart_and_resubmit_resume(tmp_path, monkeypatch, moto_s3)
         first = launch(load_config(None, [*overrides, "optim.max_steps=30"]))
         assert marker.exists(), "the injected worker exit did not happen"
         assert (first.step, first.resumed_from_step) == (30, 10)  # the restarted group resumed from checkpoint 10
+        assert MlflowClient(uri).get_run(first.mlflow_run_id).data.tags["resumed_from_step"] == "10"
         # steps 11-15 ran twice (before the crash and after the restart) but are logged once
         assert metric_steps(uri, first.mlflow_run_id, "train/loss") == [5, 10, 15, 20, 25, 30]
 
