@@ -49,6 +49,8 @@ tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall(sys.argv[1], filt
     # console scripts were written on the build machine: point them at this machine's python3
     sed -i "1s|^#!.*python.*|#!$(command -v python3)|" "$SITE"/bin/* && touch "$SITE/.complete"
   fi
+  # a job's entrypoint says `python`: make sure it names this python3
+  command -v python >/dev/null || ln -sf "$(command -v python3)" "$SITE/bin/python"
   python3 -c "import ray, deepspeed, mlflow, s3fs, webdataset, av, open_clip, moto; print('stack: ray', ray.__version__,
 'deepspeed', deepspeed.__version__, 'mlflow', mlflow.__version__)" || return 1
   step "moto S3 server and Ray head ($GPUS GPUs, $(nproc) CPUs)"
