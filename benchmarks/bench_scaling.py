@@ -246,6 +246,7 @@ def fault_run(args: argparse.Namespace, stamp: str) -> list[dict]:
         f"optim.max_steps={args.steps}",
         f"tracking.log_interval={args.log_interval}",
         f"tracking.run_name={name}",
+        f"optim.warmup_steps={min(args.steps, 10)}",
         "scaling.max_failures=1",
         f"tracking.experiment={args.experiment}",
         f"checkpoint.interval_steps={every}",

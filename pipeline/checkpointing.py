@@ -6,7 +6,8 @@ data state) and finds the latest one to resume from; these two stores decide whe
 - `RayCheckpointStore`: every rank writes into a private temp dir and calls `ray.train.report`; Ray merges the
   ranks' files into one checkpoint under `<storage_path>/<run name>/checkpoint_<step>` and keeps `checkpoint.keep`
   of them. `ray.train.get_checkpoint()` returns the latest after a worker restart, and after a resubmission of the
-  same run (Ray Train V2 reloads its checkpoint manager's snapshot from the run's storage folder).
+  same run (Ray Train V2 reloads its checkpoint manager's snapshot from the run's storage folder). Each rank
+  restores from its own download of a remote checkpoint (`private_checkpoint_dir`).
 - `LocalCheckpointStore`: the no-Ray path (one process or torchrun on one node): `<path>/<run name>/checkpoint_<step>`,
   written into a temp folder and renamed when every rank is done, so a crash never leaves a half checkpoint.
 """
@@ -95,8 +96,8 @@ class RayCheckpointStore:
         if checkpoint is None:
             yield None
             return
-        with checkpoint.as_directory() as local_dir:  # downloads from s3://, a no-op for local storage
-            yield Path(local_dir)
+        with private_checkpoint_dir(checkpoint) as local_dir:
+            yield local_dir
 
     def save(self, step: int, write: WriteFn, metrics: dict[str, Any]) -> None:
         import ray.train
@@ -108,6 +109,24 @@ class RayCheckpointStore:
         # Block until the controller has registered it: otherwise a worker lost soon after this point can make
         # Ray restart the group from an older checkpoint (it may not have processed this report yet).
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+@contextmanager
+def private_checkpoint_dir(checkpoint) -> Iterator[Path]:
+    """A Ray checkpoint as a local directory that no other process writes to while this one reads it.
+
+    Local storage is read in place. Remote storage is downloaded into this process's own temp dir:
+    `Checkpoint.as_directory()` shares one download dir among a node's processes, and a rank that arrives after
+    another rank's download has finished downloads again into it, rewriting the files that rank is still loading
+    (seen on 4 GPUs: torch.load's "EOFError: Ran out of input" on ZeRO shards after a restart).
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="restore_") as tmp:
+        yield Path(checkpoint.to_directory(tmp))
 
 
 class LocalCheckpointStore:

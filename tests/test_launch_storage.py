@@ -60,3 +60,57 @@ def test_storage_options_reach_s3fs_and_ray(moto_s3, monkeypatch):
     with storage["storage_filesystem"].open_output_stream("ckpts-opts/runs/probe/x") as f:
         f.write(b"via pyarrow")
     assert s3fs.S3FileSystem(**cfg.checkpoint.storage_options).cat("ckpts-opts/runs/probe/x") == b"via pyarrow"
+
+
+def _read_while_others_restore(checkpoint, digest: str, ready, stop, result) -> None:
+    """A rank that holds its restored checkpoint open and rereads it until told to stop."""
+    import hashlib
+
+    from pipeline.checkpointing import private_checkpoint_dir
+
+    bad = reads = 0
+    with private_checkpoint_dir(checkpoint) as local:
+        ready.set()
+        while not stop.is_set():
+            bad += hashlib.sha256((local / "shard.pt").read_bytes()).hexdigest() != digest
+            reads += 1
+    result.put((reads, bad))
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_restoring_late_does_not_rewrite_another_ranks_files(moto_s3):
+    """Ranks of one node restore the same s3:// checkpoint at different moments: each reads its own copy.
+    Ray hands every rank the same pickled Checkpoint, whose `as_directory()` download dir is shared by the node's
+    processes and was rewritten under a reading rank by a later one (this test fails that way with it)."""
+    import hashlib
+    import multiprocessing as mp
+    import os
+
+    import ray.train
+    import s3fs
+
+    from pipeline.checkpointing import private_checkpoint_dir
+
+    data = os.urandom(32 * 2**20)
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("ckpts-restore")
+    fs.pipe({"ckpts-restore/run/checkpoint_00000010/shard.pt": data})
+    checkpoint = ray.train.Checkpoint("s3://ckpts-restore/run/checkpoint_00000010")
+    digest = hashlib.sha256(data).hexdigest()
+    ctx = mp.get_context("spawn")
+    ready, stop, result = ctx.Event(), ctx.Event(), ctx.Queue()
+    reader = ctx.Process(target=_read_while_others_restore, args=(checkpoint, digest, ready, stop, result))
+    reader.start()
+    try:
+        assert ready.wait(60), "the reading rank did not restore"
+        for _ in range(3):  # later ranks restore while the first one reads
+            with private_checkpoint_dir(checkpoint) as local:
+                assert hashlib.sha256((local / "shard.pt").read_bytes()).hexdigest() == digest
+        stop.set()
+        reads, bad = result.get(timeout=60)
+    finally:
+        stop.set()
+        reader.join(30)
+        if reader.is_alive():
+            reader.kill()
+    assert reads > 0 and bad == 0, f"{bad} of {reads} reads saw a rewritten file"
