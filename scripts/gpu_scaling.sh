@@ -97,7 +97,8 @@ fault() {
 
 vtc() {
   step "video-text stage (VideoMamba-M, 5M recipe) at 1 and $GPUS GPUs"
-  bench --config configs/stages/pretrain_vtc_m_5m.yaml --workers 1 "$GPUS" --zero 1 --tag "VTC M 8f b${VTC_BATCH:-64}" \
+  # shellcheck disable=SC2046  # one or two worker counts
+  bench --config configs/stages/pretrain_vtc_m_5m.yaml --workers $(printf '%s\n' 1 "$GPUS" | sort -un) --zero 1 --tag "VTC M 8f b${VTC_BATCH:-64}" \
     --set model.pretrained=null task.text.pretrained=null task.teacher.pretrained=null \
     "data.train_shards=$DATA/shards/train" \
     data.samples_per_epoch=null "scaling.cpus_per_worker=$CPUS_PER_WORKER" "data.num_workers=$(( CPUS_PER_WORKER - 2 ))" \
