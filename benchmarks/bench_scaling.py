@@ -177,13 +177,17 @@ def summarize(run_name: str, experiment: str, measured_steps: set[int]) -> dict:
     }
 
 
+def timed_window_ends(steps: int, skip: int, log_interval: int, profile_steps: int) -> set[int]:
+    """Steps whose logged window is timed: windows end at multiples of the log interval; keep those wholly after
+    the first `skip` steps and wholly before the profiled last `profile_steps` steps."""
+    profile_start = steps - profile_steps + 1
+    return {end for end in range(log_interval, profile_start, log_interval) if end - log_interval >= skip}
+
+
 def scaling_runs(args: argparse.Namespace, stamp: str) -> list[dict]:
     job = job_for(args.config)
     profile_start = args.steps - args.profile_steps + 1
-    # Windows end at multiples of the log interval; keep those wholly after --skip and before the profile.
-    measured = {
-        s for s in range(args.log_interval, profile_start, args.log_interval) if s - args.log_interval >= args.skip
-    }
+    measured = timed_window_ends(args.steps, args.skip, args.log_interval, args.profile_steps)
     if not measured:
         raise SystemExit(
             f"--steps {args.steps} leaves no timed window after --skip {args.skip} "

@@ -48,6 +48,12 @@ TABLES = {
                ["model", "batch", "tokens (masked / all)", "step ms", "clips/s", "peak GiB", "teacher share",
                 "student share", "student clips/s (masked)", "student clips/s (no mask)",
                 "masked / unmasked clips/s"]),
+    "scaling": ("Data-parallel scaling: Stage 1 VideoMamba-S as Ray Jobs on 1-4 H100s (DeepSpeed ZeRO, bf16, NCCL)",
+                ["zero", "workers", "global batch", "clips/s", "per worker", "efficiency", "comm busy",
+                 "comm exposed", "compute busy", "peak GiB", "data wait", "step s"]),
+    "scaling_vtc_1gpu": ("Stage 3 (video-text, VideoMamba-M) as a Ray Job on one H100",
+                         ["zero", "workers", "global batch", "clips/s", "compute busy", "peak GiB", "data wait",
+                          "step s"]),
 }
 TITLES = {"data": "Data loading (CPU): decoded clips/s",
           "eval": "Retrieval evaluation of 1k videos: where the time goes",
