@@ -12,15 +12,17 @@ against the running cluster (`ray start --head` on the GPU host), with `scaling.
   (start-up, kernel compilation and the loader's warm-up excluded) and before the profiled steps;
 - `per worker` and `efficiency`: clips/s divided by the workers, and that over the 1-worker run's per-worker
   figure with the same ZeRO stage (per-worker batch fixed: weak scaling, as data-parallel training scales);
+- `compute busy`: the fraction of a step some other GPU kernel ran (1 - this is host, loader and launch time);
 - `comm busy` / `comm exposed`: the fraction of a step some NCCL kernel ran / ran with no compute kernel beside it
   (pipeline.profiling, rank 0, the last `--profile-steps` steps);
 - `peak GiB`: rank 0's peak allocated GPU memory (`train/memory_gib`);
 - `data wait`: the fraction of step time spent waiting for the loader (1 = data-bound, 0 = GPU-bound).
 
 `--fault` instead runs one job of the largest worker count with checkpoints every `--fault-checkpoint` steps,
-kills one training worker's process (SIGKILL) once the first checkpoint is complete, and checks that Ray restarted
+kills one training worker's process (SIGKILL) once Ray has committed the first checkpoint, and checks that Ray restarted
 the worker group, that the run resumed from that checkpoint (MLflow tag `resumed_from_step`) and finished with
-each step logged once.
+each step logged once. It reports when the kill happened and how long the restarted workers took to resume, and
+stops the job (`ray job stop`) if the whole run outlasts `--fault-timeout`.
 
 Results: `<out>/scaling.{json,md}` (or `scaling_fault.*`), merged with rows already there for other settings.
 """
@@ -118,11 +120,12 @@ class Job:
             raise RuntimeError(f"the job failed (exit {self.proc.returncode}); its output is in {self.log}")
 
 
-def submit(job: str, config: Path, overrides: list[str], log: Path, wait: bool = True) -> Job:
+def submit(job: str, config: Path, overrides: list[str], log: Path, wait: bool = True, job_id: str = "") -> Job:
     """`ray job submit` of one run; its output goes to `log` and to this process's stdout, line by line."""
-    cmd = ["ray", "job", "submit", "--runtime-env-json", runtime_env(), "--", "python", job, "--config",
+    ids = ["--submission-id", job_id] if job_id else []
+    cmd = ["ray", "job", "submit", *ids, "--runtime-env-json", runtime_env(), "--", "python", job, "--config",
            str(config.resolve().relative_to(REPO)), *overrides]  # fmt: skip
-    print("$ " + " ".join(shlex.quote(c) for c in cmd[:3] + cmd[5:]), flush=True)
+    print("$ " + " ".join(shlex.quote(c) for c in cmd if not c.startswith("{")), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def pump() -> None:
@@ -237,10 +240,33 @@ def worker_pids() -> list[int]:
     return sorted(actor.pid for actor in actors)
 
 
+def _committed_checkpoint(cfg, run_name: str, experiment: str, every: int) -> bool:
+    """True once checkpoint `every` is in storage and Ray has registered it. A checkpoint's files land before Ray
+    commits it; a worker lost in between restarts from the previous committed checkpoint (here: from scratch).
+    The engine's save blocks until the commit, so a step logged after the checkpoint's proves it."""
+    from pipeline.launch import latest_checkpoint
+
+    if not latest_checkpoint(cfg):
+        return False
+    try:
+        client, run = mlflow_run(run_name, experiment)
+    except RuntimeError:
+        return False
+    return any(m.step > every for m in client.get_metric_history(run.info.run_id, "train/loss"))
+
+
+def _resumed_tag(run_name: str, experiment: str) -> str | None:
+    """The run's `resumed_from_step` tag, or None (also while the run does not exist yet)."""
+    try:
+        return mlflow_run(run_name, experiment)[1].data.tags.get("resumed_from_step")
+    except RuntimeError:
+        return None
+
+
 def fault_run(args: argparse.Namespace, stamp: str) -> list[dict]:
     """One run of the largest worker count; SIGKILL one worker after the first checkpoint; check the recovery."""
     from pipeline.config import load_config
-    from pipeline.launch import latest_checkpoint, resolve_paths
+    from pipeline.launch import resolve_paths
 
     workers, every = max(args.workers), args.fault_checkpoint
     name = f"fault_{stamp}_w{workers}"
@@ -260,21 +286,28 @@ def fault_run(args: argparse.Namespace, stamp: str) -> list[dict]:
     ]
     cfg = resolve_paths(load_config(str(args.config), overrides))
     log = args.logs / f"{name}.log"
-    running = submit(job_for(args.config), args.config, overrides, log, wait=False)
-    killed = None
+    running = submit(job_for(args.config), args.config, overrides, log, wait=False, job_id=name)
     start = time.time()
+    killed = killed_at = resumed_at = None
     while running.proc.poll() is None:
-        if killed is None and latest_checkpoint(cfg):
+        if time.time() - start > args.fault_timeout:
+            subprocess.run(["ray", "job", "stop", name], check=False)
+            running.proc.wait()
+            when = f"at {killed_at - start:.0f} s" if killed_at else "never"
+            raise RuntimeError(
+                f"the fault run did not finish in {args.fault_timeout} s (worker killed {when}); stopped it; see {log}"
+            )
+        if killed is None and _committed_checkpoint(cfg, name, args.experiment, every):
             pids = worker_pids()
             if len(pids) != workers:
                 raise RuntimeError(f"expected {workers} RayTrainWorker processes, found {pids}")
-            killed = pids[-1]
-            print(
-                f"\n>>> checkpoint {latest_checkpoint(cfg)} is complete; SIGKILL worker pid {killed} "
-                f"after {time.time() - start:.0f} s\n",
-                flush=True,
-            )
+            killed, killed_at = pids[-1], time.time()
+            print(f"\n>>> checkpoint {every} is committed; SIGKILL worker pid {killed} at {killed_at - start:.0f} s\n",
+                  flush=True)  # fmt: skip
             os.kill(killed, signal.SIGKILL)
+        elif killed is not None and resumed_at is None and _resumed_tag(name, args.experiment) is not None:
+            resumed_at = time.time()  # the restarted group's rank 0 has restored and reopened the MLflow run
+            print(f"\n>>> the restarted workers resumed {resumed_at - killed_at:.0f} s after the kill\n", flush=True)
         time.sleep(2)
     running.finish()
     if killed is None:
@@ -286,7 +319,8 @@ def fault_run(args: argparse.Namespace, stamp: str) -> list[dict]:
     row = {
         "workers": workers,
         "zero": args.zero[0],
-        "killed pid": killed,
+        "killed at s": round(killed_at - start),
+        "resumed after kill s": round(resumed_at - killed_at) if resumed_at else None,
         "resumed from": resumed,
         "final step": max(steps),
         "logged steps": len(steps),
@@ -339,6 +373,7 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, default=Path("/tmp/bench_scaling/logs"))
     parser.add_argument("--fault", action="store_true", help="the worker-kill recovery run instead")
     parser.add_argument("--fault-checkpoint", type=int, default=10, help="checkpoint interval of the fault run")
+    parser.add_argument("--fault-timeout", type=float, default=900, help="stop the fault run after this many s")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tag", default="", help="a label for this set of runs in the results")
     args = parser.parse_args()
