@@ -45,19 +45,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import RESULTS, write_result_files  # noqa: E402
 
+from pipeline.config import Config, load_config  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 STAGE_JOBS = {
     "masked_alignment": "jobs/pretrain_mask.py",
     "video_text": "jobs/pretrain_vtc.py",
     "self_distill": "jobs/self_distill.py",
 }
-# Environment the jobs must see: tracking, object storage, and the GPU host's NCCL settings (NVLink multicast
-# stays off on shared hosts; set by the caller, passed on explicitly since a job can start with its own env).
+# Environment the jobs must see: tracking, the object store's endpoint, and the GPU host's NCCL settings (NVLink
+# multicast stays off on shared hosts; passed on explicitly since a job can start with its own env). Credentials
+# are not passed: they would land in the submit command line and Ray's job records; the cluster's env has them.
 PASS_ENV = (
     "MLFLOW_TRACKING_URI",
     "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
     "AWS_DEFAULT_REGION",
     "HF_HUB_OFFLINE",
     "RAY_AUTH_MODE",
@@ -95,11 +96,9 @@ COLUMNS = [
 ]
 
 
-def job_for(config: Path) -> str:
-    import yaml
-
-    task = (yaml.safe_load(config.read_text()).get("task") or {}).get("name", "masked_alignment")
-    return STAGE_JOBS.get(task, "jobs/pretrain_mask.py")
+def job_for(cfg: Config) -> str:
+    """The stage's entry point (all share pipeline.jobs_common; the name is what a user would submit)."""
+    return STAGE_JOBS.get(cfg.task.name, "jobs/pretrain_mask.py")
 
 
 def runtime_env() -> str:
@@ -180,23 +179,22 @@ def summarize(run_name: str, experiment: str, measured_steps: set[int]) -> dict:
     }
 
 
-def timed_window_ends(steps: int, skip: int, log_interval: int, profile_steps: int) -> set[int]:
+def timed_window_ends(skip: int, log_interval: int, profile_start: int) -> set[int]:
     """Steps whose logged window is timed: windows end at multiples of the log interval; keep those wholly after
-    the first `skip` steps and wholly before the profiled last `profile_steps` steps."""
-    profile_start = steps - profile_steps + 1
+    the first `skip` steps and wholly before the profiled steps."""
     return {end for end in range(log_interval, profile_start, log_interval) if end - log_interval >= skip}
 
 
-def scaling_runs(args: argparse.Namespace, stamp: str) -> list[dict]:
-    job = job_for(args.config)
+def scaling_runs(args: argparse.Namespace, cfg: Config, stamp: str) -> list[dict]:
+    job = job_for(cfg)
     profile_start = args.steps - args.profile_steps + 1
-    measured = timed_window_ends(args.steps, args.skip, args.log_interval, args.profile_steps)
+    measured = timed_window_ends(args.skip, args.log_interval, profile_start)
     if not measured:
         raise SystemExit(
             f"--steps {args.steps} leaves no timed window after --skip {args.skip} "
             f"before the {args.profile_steps} profiled steps"
         )
-    per_worker_batch = _per_worker_batch(args)
+    per_worker_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum_steps
     rows = []
     for zero in args.zero:
         for workers in args.workers:
@@ -240,14 +238,10 @@ def worker_pids() -> list[int]:
     return sorted(actor.pid for actor in actors)
 
 
-def _committed_checkpoint(cfg, run_name: str, experiment: str, every: int) -> bool:
-    """True once checkpoint `every` is in storage and Ray has registered it. A checkpoint's files land before Ray
-    commits it; a worker lost in between restarts from the previous committed checkpoint (here: from scratch).
-    The engine's save blocks until the commit, so a step logged after the checkpoint's proves it."""
-    from pipeline.launch import latest_checkpoint
-
-    if not latest_checkpoint(cfg):
-        return False
+def _committed_checkpoint(run_name: str, experiment: str, every: int) -> bool:
+    """True once Ray has committed checkpoint `every`. A checkpoint's files land in storage before Ray commits it,
+    and a worker lost in between restarts from the previous committed checkpoint (here: from scratch). The
+    engine's save returns only after the commit, so a step logged past the checkpoint's proves it."""
     try:
         client, run = mlflow_run(run_name, experiment)
     except RuntimeError:
@@ -263,11 +257,8 @@ def _resumed_tag(run_name: str, experiment: str) -> str | None:
         return None
 
 
-def fault_run(args: argparse.Namespace, stamp: str) -> list[dict]:
+def fault_run(args: argparse.Namespace, cfg: Config, stamp: str) -> list[dict]:
     """One run of the largest worker count; SIGKILL one worker after the first checkpoint; check the recovery."""
-    from pipeline.config import load_config
-    from pipeline.launch import resolve_paths
-
     workers, every = max(args.workers), args.fault_checkpoint
     name = f"fault_{stamp}_w{workers}"
     overrides = [
@@ -284,9 +275,8 @@ def fault_run(args: argparse.Namespace, stamp: str) -> list[dict]:
         f"output_dir={args.outputs}/{name}",
         *args.set,
     ]
-    cfg = resolve_paths(load_config(str(args.config), overrides))
     log = args.logs / f"{name}.log"
-    running = submit(job_for(args.config), args.config, overrides, log, wait=False, job_id=name)
+    running = submit(job_for(cfg), args.config, overrides, log, wait=False, job_id=name)
     start = time.time()
     killed = killed_at = resumed_at = None
     while running.proc.poll() is None:
@@ -297,7 +287,7 @@ def fault_run(args: argparse.Namespace, stamp: str) -> list[dict]:
             raise RuntimeError(
                 f"the fault run did not finish in {args.fault_timeout} s (worker killed {when}); stopped it; see {log}"
             )
-        if killed is None and _committed_checkpoint(cfg, name, args.experiment, every):
+        if killed is None and _committed_checkpoint(name, args.experiment, every):
             pids = worker_pids()
             if len(pids) != workers:
                 raise RuntimeError(f"expected {workers} RayTrainWorker processes, found {pids}")
@@ -381,6 +371,7 @@ def main() -> None:
         raise SystemExit("set MLFLOW_TRACKING_URI (the jobs log there and this script reads their metrics back)")
     args.logs.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%H%M%S")
+    cfg = load_config(str(args.config), args.set)  # checked here, before any job is submitted
     meta = {
         **gpu_meta(),
         "config": str(args.config),
@@ -392,7 +383,7 @@ def main() -> None:
         "tag": args.tag,
     }
     if args.fault:
-        rows = fault_run(args, stamp)
+        rows = fault_run(args, cfg, stamp)
         write_result_files(
             args.out,
             "scaling_fault",
@@ -402,7 +393,7 @@ def main() -> None:
             [f"# Worker loss at scale ({meta['device']}, {args.config.name})"],
         )
         return
-    rows = scaling_runs(args, stamp)
+    rows = scaling_runs(args, cfg, stamp)
     rows = merge_rows(args.out / "scaling.json", [{**r, "tag": args.tag} for r in rows], ("tag", "zero", "workers"))
     header = [
         f"# Data-parallel scaling ({meta['device']}, {args.config.name}, {' '.join(args.set)})",
@@ -410,13 +401,6 @@ def main() -> None:
         "Weak scaling (fixed per-worker batch); efficiency = per-worker clips/s over the 1-worker run's.",
     ]
     write_result_files(args.out, "scaling", meta, rows, ["tag", *COLUMNS], header)
-
-
-def _per_worker_batch(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-
-    cfg = load_config(str(args.config), args.set)
-    return cfg.data.batch_size * cfg.deepspeed.grad_accum_steps
 
 
 if __name__ == "__main__":

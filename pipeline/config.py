@@ -302,6 +302,15 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        last_profiled = self.tracking.profile_start + self.tracking.profile_steps - 1
+        if self.tracking.profile_start and last_profiled > self.optim.max_steps:
+            raise ConfigError(
+                f"tracking.profile_start={self.tracking.profile_start} with profile_steps="
+                f"{self.tracking.profile_steps} profiles up to step {last_profiled}, past optim.max_steps="
+                f"{self.optim.max_steps}; start the window earlier"
+            )
+
     @property
     def run_name(self) -> str:
         """The run's name in MLflow and its checkpoint folder under `checkpoint.path`."""

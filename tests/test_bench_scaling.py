@@ -12,10 +12,10 @@ from bench_scaling import merge_rows, timed_window_ends  # noqa: E402
 
 def test_timed_windows_skip_the_start_and_the_profile():
     # 30 steps logged every 5: windows end at 5..30; the first 10 steps and the profiled 28-30 are left out
-    assert timed_window_ends(30, skip=10, log_interval=5, profile_steps=3) == {15, 20, 25}
+    assert timed_window_ends(skip=10, log_interval=5, profile_start=28) == {15, 20, 25}
     # the CPU rehearsal's settings: 14 steps every 3, profile 13-14
-    assert timed_window_ends(14, skip=2, log_interval=3, profile_steps=2) == {6, 9, 12}
-    assert timed_window_ends(10, skip=10, log_interval=5, profile_steps=3) == set()
+    assert timed_window_ends(skip=2, log_interval=3, profile_start=13) == {6, 9, 12}
+    assert timed_window_ends(skip=10, log_interval=5, profile_start=8) == set()
 
 
 def test_new_rows_replace_old_rows_of_the_same_setting(tmp_path):

@@ -58,6 +58,9 @@ def test_fractions_of_the_wall_time():
 def test_profile_settings_are_checked():
     with pytest.raises(ConfigError, match="tracking.profile_start must be >= 0"):
         load_config(None, ["task.name=toy", "tracking.profile_start=-1"])
+    with pytest.raises(ConfigError, match="profiles up to step 12, past optim.max_steps=10"):
+        window = ["tracking.profile_start=10", "tracking.profile_steps=3"]
+        load_config(None, ["task.name=toy", "optim.max_steps=10", *window])
 
 
 def _free_port() -> int:
