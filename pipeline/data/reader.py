@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import distributed
 from pipeline.config import DataConfig
+from pipeline.data import loader_workers
 from pipeline.data.decode import decode_clip
 from pipeline.data.keys import sample_id
 from pipeline.data.manifest import read_manifest, shard_sample_counts
@@ -230,10 +231,6 @@ class ClipStream(IterableDataset):
         return {"video": video, "text": text, "index": sample_id(key), "key": key}
 
 
-def _set_worker_threads(_: int) -> None:
-    torch.set_num_threads(1)  # one core per loader worker: processes, not threads, give the parallelism
-
-
 class VideoLoader:
     """Iterates the torch DataLoader, gathers worker counters, enforces the bad-sample limit,
     for eval re-batches so every rank yields `num_batches` batches of exactly `batch_size`, and adds
@@ -260,7 +257,8 @@ class VideoLoader:
             stream,
             batch_size=None,
             num_workers=self.cfg.num_workers,
-            worker_init_fn=_set_worker_threads if self.cfg.num_workers else None,
+            # Workers die with this process (a killed rank's orphans would hold Ray's restart back) and use one thread.
+            worker_init_fn=loader_workers.init_fn(one_thread=True) if self.cfg.num_workers else None,
             prefetch_factor=2 if self.cfg.num_workers else None,
             # Starting an iteration draws the workers' base seed (unused: ClipStream seeds itself) from this
             # generator instead of the global torch RNG, so dropout / drop-path randomness does not depend on

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from pipeline.data import loader_workers
 from pipeline.data.decode import VideoDecodeError, decode_clip
 from pipeline.data.keys import make_key
 from pipeline.data.manifest import iter_shard
@@ -153,8 +154,9 @@ def map_clips(
     timer = timer or PhaseTimer()
     mine = rank_slice(len(videos))
     wanted = {videos[i]: i for i in mine}
-    loader = DataLoader(_ClipStream(source, wanted, spec), batch_size=batch_size,
-                        num_workers=min(num_workers, len(wanted)))
+    workers = min(num_workers, len(wanted))
+    loader = DataLoader(_ClipStream(source, wanted, spec), batch_size=batch_size, num_workers=workers,
+                        worker_init_fn=loader_workers.init_fn() if workers else None)
     indices, rows = [], []
     with tqdm(total=len(wanted), desc=desc, unit="clip", disable=get_rank() != 0) as bar:
         for index_B, clip_BCTHW in timer.iterate(loader, f"{desc}_decode"):
