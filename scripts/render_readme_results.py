@@ -54,6 +54,12 @@ TABLES = {
     "scaling_vtc_1gpu": ("Stage 3 (video-text, VideoMamba-M) as a Ray Job on one H100",
                          ["zero", "workers", "global batch", "clips/s", "compute busy", "peak GiB", "data wait",
                           "step s"]),
+    "scaling_vtc_2gpu": ("Stage 3 (video-text, VideoMamba-M) as Ray Jobs on 1 and 2 H100s",
+                         ["zero", "workers", "global batch", "clips/s", "per worker", "efficiency", "comm busy",
+                          "peak GiB", "data wait", "step s"]),
+    "scaling_fault": ("Worker loss: one of 2 H100 ranks SIGKILLed after a committed checkpoint, Ray restarts the group",
+                      ["workers", "zero", "killed at s", "resumed after kill s", "resumed from", "final step",
+                       "steps unique", "recovered", "wall s"]),
 }
 TITLES = {"data": "Data loading (CPU): decoded clips/s",
           "eval": "Retrieval evaluation of 1k videos: where the time goes",
