@@ -174,12 +174,13 @@ def _format_eta(seconds: float) -> str:
 
 
 class Trainer:
-    """One worker's view of a training run. Build, then `fit()`."""
+    """One worker's view of a training run. Build, then `fit()`. `launch_id` is the same for every attempt of
+    one launch (Ray restarts the worker group after a failure): they all log into one MLflow run."""
 
-    def __init__(self, cfg: Config, store: CheckpointStore) -> None:
+    def __init__(self, cfg: Config, store: CheckpointStore, launch_id: str | None = None) -> None:
         import deepspeed
 
-        self.cfg, self.store = cfg, store
+        self.cfg, self.store, self.launch_id = cfg, store, launch_id
         self.device = device_for_worker()
         on_gpu = self.device.type == "cuda"
         if on_gpu:
@@ -236,7 +237,7 @@ class Trainer:
         from pipeline.tracking import RunTracker
 
         tracker = RunTracker(self.cfg)
-        tracker.start(resume_run_id=run_id)
+        tracker.start(resume_run_id=run_id, launch_id=self.launch_id)
         if self.resumed_from_step is not None:  # the latest attempt's start, e.g. after Ray restarted the workers
             tracker.set_tag("resumed_from_step", str(self.resumed_from_step))
         return tracker

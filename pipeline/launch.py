@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = from_dict(Config, loop_config["config"], "")
     try:
-        Trainer(cfg, RayCheckpointStore(fallback=loop_config["resume_from"])).fit()
+        Trainer(cfg, RayCheckpointStore(fallback=loop_config["resume_from"]), loop_config["launch_id"]).fit()
     except NonFiniteError as err:
         # Every rank raises at the same step (the check is all-reduced). Returning instead of raising keeps Ray
         # from restarting the workers: a deterministic NaN would only recur from the same checkpoint.
@@ -143,7 +144,9 @@ def launch(cfg: Config) -> TrainResult:
         _ray_worker,
         # Ray Train V2 reloads its checkpoint list from <storage>/<name> by itself; the checkpoint found by
         # scanning is the workers' fallback when that list is missing (e.g. lost with a crashed driver).
-        train_loop_config={"config": to_dict(cfg), "resume_from": latest},
+        # launch_id: a worker group Ray restarts before the first committed checkpoint continues the MLflow run
+        # its first attempt created, instead of starting a second one of the same name.
+        train_loop_config={"config": to_dict(cfg), "resume_from": latest, "launch_id": uuid.uuid4().hex},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),

@@ -80,19 +80,27 @@ class RunTracker:
         self._pending: list[Any] = []
         self._last_logged_step = -1
 
-    def start(self, resume_run_id: str | None = None) -> str:
-        """Create the run, or continue `resume_run_id` (a checkpoint's run). Returns the run id."""
+    def start(self, resume_run_id: str | None = None, launch_id: str | None = None) -> str:
+        """Create the run, or continue one: `resume_run_id` (a checkpoint's run), else the run an earlier attempt
+        of the same launch created (`launch_id`, tagged on the run: Ray restarted the workers before any
+        checkpoint was committed, so there is no checkpoint to name it). Returns the run id."""
+        experiment = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
+        experiment_id = (
+            experiment.experiment_id if experiment else self.client.create_experiment(self.cfg.tracking.experiment)
+        )
+        if resume_run_id is None and launch_id is not None:
+            earlier = self.client.search_runs([experiment_id], filter_string=f"tags.launch_id = '{launch_id}'",
+                                              max_results=1)
+            resume_run_id = earlier[0].info.run_id if earlier else None
         if resume_run_id is not None:
             self.run_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
             self._last_logged_step = self._max_logged_step()
             self.client.set_tag(resume_run_id, "resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
             return resume_run_id
-        experiment = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
-        experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(self.cfg.tracking.experiment)
-        )
         tags = {"stage": self.cfg.stage, "task": self.cfg.task.name}
+        if launch_id is not None:
+            tags["launch_id"] = launch_id
         if self.cfg.tracking.parent_run_id:
             tags["mlflow.parentRunId"] = self.cfg.tracking.parent_run_id
         if sha := git_sha(Path(__file__).parent):

@@ -67,11 +67,22 @@ def test_worker_loss_restart_and_resubmit_resume(tmp_path, monkeypatch, moto_s3)
         kept = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("ckpts-ray/runs/toy") if "checkpoint_0" in p)
         assert kept == ["checkpoint_00000030", "checkpoint_00000040"]  # checkpoint.keep=2
 
+        # A worker lost before the first committed checkpoint: the group restarts from scratch into the same
+        # MLflow run (not a second run of the same name), each step logged once.
+        early_marker = tmp_path / "rank1_exited_early"
+        early = [*overrides[:-3], "optim.max_steps=10", "task.exit_at_batch=6", "task.exit_rank=1",
+                 f"task.exit_marker={early_marker}", "tracking.run_name=early"]
+        result = launch(load_config(None, early))
+        assert early_marker.exists() and (result.step, result.resumed_from_step) == (10, None)
+        experiment = MlflowClient(uri).get_experiment_by_name("videomamba").experiment_id
+        (run,) = MlflowClient(uri).search_runs([experiment], filter_string="attributes.run_name = 'early'")
+        assert run.info.run_id == result.mlflow_run_id and run.info.status == "FINISHED"
+        assert metric_steps(uri, run.info.run_id, "train/loss") == [5, 10]
+
         # nonfinite=stop under Ray: the driver gets NonFiniteError and Ray does not retry (same MLflow run, once)
         nan_run = [*overrides[:-3], "optim.max_steps=10", "task.nan_at_batches=[3]", "tracking.run_name=nan"]
         with pytest.raises(NonFiniteError, match=r"step 4: non-finite loss parts"):
             launch(load_config(None, nan_run))
-        experiment = MlflowClient(uri).get_experiment_by_name("videomamba").experiment_id
         (nan,) = MlflowClient(uri).search_runs([experiment], filter_string="attributes.run_name = 'nan'")
         assert nan.info.status == "FAILED"
     finally:

@@ -45,6 +45,32 @@ def test_run_lifecycle_nested_and_resumed(tmp_path, monkeypatch):
         assert yaml.safe_load(f)["optim"]["lr"] == 0.25
 
 
+@pytest.mark.timeout(120)
+def test_attempts_of_one_launch_share_a_run(tmp_path, monkeypatch):
+    """Ray restarted the workers before any checkpoint: the new attempt finds its launch's run by tag."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, ["task.name=toy", f"output_dir={tmp_path}", "stage=unit"])
+    first = RunTracker(cfg)
+    run_id = first.start(launch_id="launch-a")
+    first.log_metrics({"train/loss": 1.0}, 5)
+    first.flush()  # then the workers die, with no checkpoint
+
+    again = RunTracker(cfg)
+    assert again.start(launch_id="launch-a") == run_id
+    for step in (5, 10):  # the restart replays step 5 from scratch: logged once
+        again.log_metrics({"train/loss": 2.0}, step)
+    again.end("FINISHED")
+    other = RunTracker(cfg).start(launch_id="launch-b")  # another launch of the same run name: its own run
+
+    client = MlflowClient(tracking_uri(cfg))
+    assert other != run_id and client.get_run(other).data.tags["launch_id"] == "launch-b"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")) == [(5, 1.0),
+                                                                                                  (10, 2.0)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_manifest_hash_tag(tmp_path, monkeypatch):
     from pipeline.tracking import manifest_hash
 

@@ -8,6 +8,9 @@ dead process's sockets, Ray does not see its connection close and does not resta
 H100s a killed rank's three orphaned loader workers held the restart back 6.5 minutes; once they were killed it
 took 16 s (benchmarks/results/scaling_fault.md, docs/operations.md). Linux's parent-death signal makes the
 kernel kill each worker the moment its parent goes.
+
+Linux sends it when the *thread* that forked the worker ends: start iterating a loader on a thread that outlives
+its use (the training thread, as the engine and the retrieval encoder do), not on a short-lived helper thread.
 """
 
 from __future__ import annotations
