@@ -374,6 +374,25 @@ def _fwd_tile_loads(c, L, u_ptr, d_ptr, B_ptr, C_ptr, z_ptr, e, n, e_ok, n_ok, s
 
 
 @triton.jit
+def _bwd_tile_loads(s, L, u_base, d_base, B_base, C_base, g_base, z_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl,
+                    s_Bn, s_Bl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE: tl.constexpr, HAS_Z: tl.constexpr):
+    """Steps s' u, delta, B, C, dout and z (u stands in for z without one) as stored, 0 outside [0, L)."""
+    s_ok = (s >= 0) & (s < L)
+    t = (L - 1 - s) if REVERSE else s
+    m = s_ok[:, None] & e_ok[None, :]
+    mn = s_ok[:, None] & n_ok[None, :]
+    u = tl.load(u_base + t[:, None] * s_ul + e[None, :] * s_ue, mask=m, other=0.0)
+    d = tl.load(d_base + t[:, None] * s_dl + e[None, :] * s_de, mask=m, other=0.0)
+    Bt = tl.load(B_base + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=mn, other=0.0)
+    Ct = tl.load(C_base + t[:, None] * s_Cl + n[None, :] * s_Cn, mask=mn, other=0.0)
+    dout = tl.load(g_base + t[:, None] * s_gl + e[None, :] * s_ge, mask=m, other=0.0)
+    zt = u
+    if HAS_Z:
+        zt = tl.load(z_base + t[:, None] * s_zl + e[None, :] * s_ze, mask=m, other=0.0)
+    return u, d, Bt, Ct, dout, zt
+
+
+@triton.jit
 def _fold_segments_kernel(seg_v_ptr, seg_dt_ptr, A_ptr, E, N, n_seg, BACKWARD: tl.constexpr,
                           A_IS_LOG: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
     """When L is split into segments: replaces, in place, each segment's summary (its local end state, or
@@ -585,6 +604,13 @@ def _scan_bwd_kernel(
     dA_acc = tl.zeros((1, BLOCK_N, BLOCK_E), tl.float32)
     dD_acc = tl.zeros((BLOCK_E,), tl.float32)
     dbias_acc = tl.zeros((BLOCK_E,), tl.float32)
+    C_base, g_base, z_base = C_ptr + b64 * s_Cb + g * s_Cg, dout_ptr + b64 * s_gb, z_ptr + b64 * s_zb
+    # Software pipelining by hand, as in the forward: each sub-tile's loads are issued one sub-tile ahead. The
+    # sub-tile after the last of a chunk (in this reverse walk) is the first of the chunk before it, so the
+    # prefetch runs on across chunks and the forward walk between them.
+    nxt = _bwd_tile_loads(((c_end - 1) * SUB + SUB - 1) * T + col, L, u_base, d_base, B_base, C_base, g_base,
+                          z_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ge,
+                          s_gl, s_ze, s_zl, REVERSE, HAS_Z)
     for ci in range(c_end - c_begin):
         c = c_end - 1 - ci
         # States are carried as (1, N, E) planes in the tiles' own layout; memory sees (N, E).
@@ -612,17 +638,16 @@ def _scan_bwd_kernel(
             t = (L - 1 - s) if REVERSE else s
             m = s_ok[:, None] & e_ok[None, :]  # (T, E)
             mn = s_ok[:, None] & n_ok[None, :]  # (T, N)
-            # All of the chunk's loads before its first scan: each program walks L serially, so their
-            # latency is only hidden when they are in flight together.
-            Ct = fm.upcast(tl.load(C_ptr + b64 * s_Cb + g * s_Cg + t[:, None] * s_Cl + n[None, :] * s_Cn,
-                                   mask=mn, other=0.0))
-            dout = tl.load(dout_ptr + b64 * s_gb + t[:, None] * s_gl + e[None, :] * s_ge, mask=m,
-                           other=0.0).to(tl.float32)
-            if HAS_Z:
-                zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m,
-                             other=0.0).to(tl.float32)
-            u, dt, slope, Bt, x, a, hs = _chunk_states(u_base, d_base, B_base, t, e, n, m, mn, bias, A2, h0,
-                                                       s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
+            u_c, d_c, B_c, C_c, g_c, z_c = nxt
+            nxt = _bwd_tile_loads(s - T, L, u_base, d_base, B_base, C_base, g_base, z_base, e, n, e_ok, n_ok, s_ue,
+                                  s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE, HAS_Z)
+            Ct = fm.upcast(C_c)
+            dout = g_c.to(tl.float32)
+            zt = z_c.to(tl.float32)
+            u = u_c.to(tl.float32)
+            dt, slope = _delta(d_c, m, bias[None, :], HAS_BIAS, SOFTPLUS)
+            Bt = fm.upcast(B_c)
+            x, a, hs = _tile_states(u, dt, Bt, A2, h0)
             grad_offs = grad_base + t[:, None] * s_Gl + e[None, :] * s_Ge
             dtu = dt * u
 
