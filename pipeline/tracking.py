@@ -84,10 +84,7 @@ class RunTracker:
         """Create the run, or continue one: `resume_run_id` (a checkpoint's run), else the run an earlier attempt
         of the same launch created (`launch_id`, tagged on the run: Ray restarted the workers before any
         checkpoint was committed, so there is no checkpoint to name it). Returns the run id."""
-        experiment = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
-        experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(self.cfg.tracking.experiment)
-        )
+        experiment_id = None if resume_run_id else self._experiment_id()
         if resume_run_id is None and launch_id is not None:
             earlier = self.client.search_runs([experiment_id], filter_string=f"tags.launch_id = '{launch_id}'",
                                               max_results=1)
@@ -112,6 +109,11 @@ class RunTracker:
         self._log_params(flatten(public_dict(self.cfg)))  # credentials masked
         self.client.log_text(self.run_id, to_yaml(self.cfg), "config.yaml")
         return self.run_id
+
+    def _experiment_id(self) -> str:
+        """The configured experiment's id, created on first use."""
+        experiment = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
+        return experiment.experiment_id if experiment else self.client.create_experiment(self.cfg.tracking.experiment)
 
     def _log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
