@@ -324,17 +324,15 @@ def _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS: tl.constexpr, A_IS_
 
 
 @triton.jit
-def _chunk_states(u_ptr, delta_ptr, B_ptr, t, e, n, m, mn, bias, A2, h0, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
-                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Time-major: recompute one chunk's states from its start state h0 (1, N, E). Returns u, delta and
-    d delta / d(pre-softplus delta) (T, E), B (T, N), and the inputs x = delta u B, decays a and states, all
-    (T, N, E)."""
-    u = tl.load(u_ptr + t[:, None] * s_ul + e[None, :] * s_ue, mask=m, other=0.0).to(tl.float32)
-    dt, slope = _load_delta(delta_ptr, t[:, None] * s_dl + e[None, :] * s_de, m, bias[None, :], HAS_BIAS,
-                            SOFTPLUS)
-    Bt = fm.upcast(tl.load(B_ptr + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=mn, other=0.0))
-    x, a, hs = _tile_states(u, dt, Bt, A2, h0)
-    return u, dt, slope, Bt, x, a, hs
+def _walk_loads(s, s_stop, L, u_base, d_base, B_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
+                REVERSE: tl.constexpr):
+    """Steps s' u, delta and B as stored, for the backward's forward walk: 0 where s >= s_stop."""
+    s_ok = s < s_stop
+    t = (L - 1 - s) if REVERSE else s
+    u = tl.load(u_base + t[:, None] * s_ul + e[None, :] * s_ue, mask=s_ok[:, None] & e_ok[None, :], other=0.0)
+    d = tl.load(d_base + t[:, None] * s_dl + e[None, :] * s_de, mask=s_ok[:, None] & e_ok[None, :], other=0.0)
+    Bt = tl.load(B_base + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+    return u, d, Bt
 
 
 @triton.jit
@@ -613,26 +611,35 @@ def _scan_bwd_kernel(
                           s_gl, s_ze, s_zl, REVERSE, HAS_Z)
     for ci in range(c_end - c_begin):
         c = c_end - 1 - ci
+        if SUB > 1:
+            # Walk the saved chunk forward to its sub-tile start states, each sub-tile's loads issued one sub-tile
+            # ahead (unpipelined, every step of the walk waited a full memory latency). It stops before the
+            # chunk's last sub-tile, whose start state stays in registers for the reverse pass to begin with.
+            s = c * SUB * T + col
+            s_stop = tl.minimum(L, (c * SUB + SUB - 1) * T)
+            walk = _walk_loads(s, s_stop, L, u_base, d_base, B_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl,
+                               s_Bn, s_Bl, REVERSE)
         # States are carried as (1, N, E) planes in the tiles' own layout; memory sees (N, E).
         h = tl.load(st_plane + c * BLOCK_N, mask=ne_ok, other=0.0)[None, :, :]
         if SUB > 1:
-            # Walk the saved chunk forward to its sub-chunk start states.
             tl.store(scratch + slot, tl.sum(h, axis=0))
             for j in range(SUB - 1):
-                s = (c * SUB + j) * T + col
-                t = (L - 1 - s) if REVERSE else s
-                _, _, _, _, _, _, hs = _chunk_states(
-                    u_base, d_base, B_base, t, e, n, (s < L)[:, None] & e_ok[None, :], (s < L)[:, None] & n_ok[None, :],
-                    bias, A2, h, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, HAS_BIAS, SOFTPLUS)
+                u_w, d_w, B_w = walk
+                walk = _walk_loads(s + T, s_stop, L, u_base, d_base, B_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de,
+                                   s_dl, s_Bn, s_Bl, REVERSE)
+                dt_w, _ = _delta(d_w, (s < L)[:, None] & e_ok[None, :], bias[None, :], HAS_BIAS, SOFTPLUS)
+                _, _, hs = _tile_states(u_w.to(tl.float32), dt_w, fm.upcast(B_w), A2, h)
                 h = tl.sum(tl.where(last, hs, -0.0), axis=0, keep_dims=True)
                 tl.store(scratch + (j + 1) * BLOCK_E * BLOCK_N + slot, tl.sum(h, axis=0))
+                s += T
             tl.debug_barrier()
+        h0_next = h  # the start state of the chunk's last sub-tile
         for jj in range(SUB):
             j = SUB - 1 - jj
+            h0 = h0_next
             if SUB > 1:
-                h0 = tl.load(scratch + j * BLOCK_E * BLOCK_N + slot)[None, :, :]
-            else:
-                h0 = h
+                # The start state of the sub-tile before, loaded one sub-tile ahead (none before sub-tile 0).
+                h0_next = tl.load(scratch + (j - 1) * BLOCK_E * BLOCK_N + slot, mask=j > 0, other=0.0)[None, :, :]
             s = (c * SUB + j) * T + col
             s_ok = s < L
             t = (L - 1 - s) if REVERSE else s
