@@ -373,16 +373,22 @@ def _fwd_tile_loads(c, L, u_ptr, d_ptr, B_ptr, C_ptr, z_ptr, e, n, e_ok, n_ok, s
 
 @triton.jit
 def _bwd_tile_loads(s, L, u_base, d_base, B_base, C_base, g_base, z_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl,
-                    s_Bn, s_Bl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE: tl.constexpr, HAS_Z: tl.constexpr):
-    """Steps s' u, delta, B, C, dout and z (u stands in for z without one) as stored, 0 outside [0, L)."""
+                    s_Bn, s_Bl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
+                    NEED_STATES: tl.constexpr):
+    """Steps s' u, delta, B, C, dout and z (u stands in for z without one) as stored, 0 outside [0, L).
+    Without NEED_STATES (the adjoint alone needs no state) u and B are not loaded: delta and C stand in."""
     s_ok = (s >= 0) & (s < L)
     t = (L - 1 - s) if REVERSE else s
     m = s_ok[:, None] & e_ok[None, :]
     mn = s_ok[:, None] & n_ok[None, :]
-    u = tl.load(u_base + t[:, None] * s_ul + e[None, :] * s_ue, mask=m, other=0.0)
     d = tl.load(d_base + t[:, None] * s_dl + e[None, :] * s_de, mask=m, other=0.0)
-    Bt = tl.load(B_base + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=mn, other=0.0)
+    u = d
+    if NEED_STATES:
+        u = tl.load(u_base + t[:, None] * s_ul + e[None, :] * s_ue, mask=m, other=0.0)
     Ct = tl.load(C_base + t[:, None] * s_Cl + n[None, :] * s_Cn, mask=mn, other=0.0)
+    Bt = Ct
+    if NEED_STATES:
+        Bt = tl.load(B_base + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=mn, other=0.0)
     dout = tl.load(g_base + t[:, None] * s_gl + e[None, :] * s_ge, mask=m, other=0.0)
     zt = u
     if HAS_Z:
@@ -608,7 +614,7 @@ def _scan_bwd_kernel(
     # prefetch runs on across chunks and the forward walk between them.
     nxt = _bwd_tile_loads(((c_end - 1) * SUB + SUB - 1) * T + col, L, u_base, d_base, B_base, C_base, g_base,
                           z_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ge,
-                          s_gl, s_ze, s_zl, REVERSE, HAS_Z)
+                          s_gl, s_ze, s_zl, REVERSE, HAS_Z, True)
     for ci in range(c_end - c_begin):
         c = c_end - 1 - ci
         if SUB > 1:
@@ -647,7 +653,8 @@ def _scan_bwd_kernel(
             mn = s_ok[:, None] & n_ok[None, :]  # (T, N)
             u_c, d_c, B_c, C_c, g_c, z_c = nxt
             nxt = _bwd_tile_loads(s - T, L, u_base, d_base, B_base, C_base, g_base, z_base, e, n, e_ok, n_ok, s_ue,
-                                  s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE, HAS_Z)
+                                  s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE, HAS_Z,
+                                  True)
             Ct = fm.upcast(C_c)
             dout = g_c.to(tl.float32)
             zt = z_c.to(tl.float32)
@@ -741,22 +748,27 @@ def _adjoint_summary_kernel(
     dt_sum = tl.zeros((BLOCK_E,), tl.float32)
     s_begin = seg * seg_steps
     n_tiles = tl.cdiv(tl.minimum(s_begin + seg_steps, L) - s_begin, T)
-    for k in range(n_tiles):
-        s = s_begin + (n_tiles - 1 - k) * T + col
-        s_ok = s < L
-        t = (L - 1 - s) if REVERSE else s
-        m = s_ok[:, None] & e_ok[None, :]
-        dt, _ = _load_delta(delta_ptr + b64 * s_db, t[:, None] * s_dl + e[None, :] * s_de, m, bias[None, :],
-                            HAS_BIAS, SOFTPLUS)
-        Ct = fm.upcast(tl.load(C_ptr + b64 * s_Cb + g * s_Cg + t[:, None] * s_Cl + n[None, :] * s_Cn,
-                               mask=s_ok[:, None] & n_ok[None, :], other=0.0))
-        gy = tl.load(dout_ptr + b64 * s_gb + t[:, None] * s_gl + e[None, :] * s_ge, mask=m, other=0.0).to(tl.float32)
+    d_base, C_base = delta_ptr + b64 * s_db, C_ptr + b64 * s_Cb + g * s_Cg
+    g_base, z_base = dout_ptr + b64 * s_gb, z_ptr + b64 * s_zb
+    # Each tile's loads are issued one tile ahead, as in the backward (the last prefetch reads the
+    # tile before the segment for nothing).
+    s = s_begin + (n_tiles - 1) * T + col
+    nxt = _bwd_tile_loads(s, L, d_base, d_base, C_base, C_base, g_base, z_base, e, n, e_ok, n_ok, s_de, s_dl,
+                          s_de, s_dl, s_Cn, s_Cl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE, HAS_Z, False)
+    for _ in range(n_tiles):
+        _, d_c, _, C_c, g_c, z_c = nxt
+        nxt = _bwd_tile_loads(s - T, L, d_base, d_base, C_base, C_base, g_base, z_base, e, n, e_ok, n_ok, s_de,
+                              s_dl, s_de, s_dl, s_Cn, s_Cl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE, HAS_Z, False)
+        m = (s < L)[:, None] & e_ok[None, :]
+        dt, _ = _delta(d_c, m, bias[None, :], HAS_BIAS, SOFTPLUS)
+        gy = g_c.to(tl.float32)
         if HAS_Z:
-            zt = tl.load(z_ptr + b64 * s_zb + t[:, None] * s_zl + e[None, :] * s_ze, mask=m, other=0.0).to(tl.float32)
+            zt = z_c.to(tl.float32)
             gy = gy * zt * fm.sigmoid(zt)
-        _, w_next = _reverse_affine_scan(tl.exp2(dt[:, None, :] * A2[None, :, :]), Ct[:, :, None] * gy[:, None, :],
-                                         w_next)
+        _, w_next = _reverse_affine_scan(tl.exp2(dt[:, None, :] * A2[None, :, :]),
+                                         fm.upcast(C_c)[:, :, None] * gy[:, None, :], w_next)
         dt_sum += tl.sum(dt, axis=0)
+        s -= T
     _store_summary(seg_r_ptr, seg_dt_ptr, b64, n_seg, seg, tl.reshape(w_next, (BLOCK_N, BLOCK_E)), dt_sum, n, e,
                    ne_ok, e_ok, E, BLOCK_N)
 
