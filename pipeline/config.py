@@ -261,10 +261,16 @@ class TrackingConfig:
     (pipeline.profiling; a Chrome trace lands in <output_dir>/profile/); 0 = never."""
     profile_steps: int = 3
     """Length of the profiled window in steps."""
+    system_metrics_interval_s: float = 10.0
+    """Sample rank 0's node every N seconds into the run as system/* metrics (MLflow's system metrics monitor:
+    CPU, memory, disk, network; GPUs too when nvidia-ml-py is installed); 0 = off."""
 
     def __post_init__(self) -> None:
         if self.log_interval < 1:
             raise ConfigError(f"tracking.log_interval: must be >= 1, got {self.log_interval}")
+        if self.system_metrics_interval_s < 0:
+            raise ConfigError(f"tracking.system_metrics_interval_s: must be >= 0 (0 = off), got "
+                              f"{self.system_metrics_interval_s}")
         if self.profile_start < 0 or self.profile_steps < 1:
             raise ConfigError(
                 f"tracking.profile_start must be >= 0 (0 = off) and tracking.profile_steps >= 1, got "

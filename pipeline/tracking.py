@@ -4,8 +4,9 @@
 the flattened config as params, the resolved config as an artifact (both with credentials masked), and tags
 (git sha, stage, data manifest hash). Metrics are buffered and written in batches. A resumed run continues the
 same MLflow run: steps that were already logged before the crash are not logged a second time (the run's
-history keeps one value per step). The default store is a sqlite file under the output directory, so nothing
-needs a server.
+history keeps one value per step). While the run is open, MLflow's system metrics monitor samples the node
+(`tracking.system_metrics_interval_s`) into system/* metrics, whose steps count samples, not training steps.
+The default store is a sqlite file under the output directory, so nothing needs a server.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class RunTracker:
         self.run_id: str | None = None
         self._pending: list[Any] = []
         self._last_logged_step = -1
+        self._system_metrics = None  # MLflow's SystemMetricsMonitor while the run is open
 
     def start(self, resume_run_id: str | None = None, launch_id: str | None = None) -> str:
         """Create the run, or continue one: `resume_run_id` (a checkpoint's run), else the run an earlier attempt
@@ -94,6 +96,7 @@ class RunTracker:
             self.client.update_run(resume_run_id, status="RUNNING")
             self._last_logged_step = self._max_logged_step()
             self.client.set_tag(resume_run_id, "resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self._start_system_metrics(resumed=True)
             return resume_run_id
         tags = {"stage": self.cfg.stage, "task": self.cfg.task.name}
         if launch_id is not None:
@@ -108,7 +111,19 @@ class RunTracker:
         self.run_id = run.info.run_id
         self._log_params(flatten(public_dict(self.cfg)))  # credentials masked
         self.client.log_text(self.run_id, to_yaml(self.cfg), "config.yaml")
+        self._start_system_metrics(resumed=False)
         return self.run_id
+
+    def _start_system_metrics(self, resumed: bool) -> None:
+        """Sample the node into the run in a daemon thread until `end` (resumed: continue its sample count)."""
+        interval = self.cfg.tracking.system_metrics_interval_s
+        if interval <= 0:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_metrics = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                                    resume_logging=resumed, tracking_uri=self.uri)
+        self._system_metrics.start()
 
     def _experiment_id(self) -> str:
         """The configured experiment's id, created on first use."""
@@ -124,9 +139,12 @@ class RunTracker:
             self.client.log_batch(self.run_id, params=items[i : i + _PARAMS_PER_BATCH])
 
     def _max_logged_step(self) -> int:
+        """The last training step an earlier attempt logged (system/* metrics count samples: left out)."""
         run = self.client.get_run(self.run_id)
         steps = [-1]
         for key in run.data.metrics:
+            if key.startswith("system/"):
+                continue
             steps.extend(m.step for m in self.client.get_metric_history(self.run_id, key))
         return max(steps)
 
@@ -153,5 +171,8 @@ class RunTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush and close the run with `status` (FINISHED, FAILED or KILLED)."""
+        if self._system_metrics is not None:
+            self._system_metrics.finish()  # wakes the sampler and writes its last samples
+            self._system_metrics = None
         self.flush()
         self.client.set_terminated(self.run_id, status=status)

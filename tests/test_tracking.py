@@ -14,7 +14,9 @@ def test_run_lifecycle_nested_and_resumed(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_config(None, ["task.name=toy", f"output_dir={tmp_path}", "stage=unit", "optim.lr=0.25"])
+    # No system metrics sampler here: the trackers left open (a crash) would keep its thread polling.
+    cfg = load_config(None, ["task.name=toy", f"output_dir={tmp_path}", "stage=unit", "optim.lr=0.25",
+                             "tracking.system_metrics_interval_s=0"])
     assert tracking_uri(cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri(cfg))
     parent = client.create_run(client.create_experiment("videomamba")).info.run_id
@@ -51,7 +53,8 @@ def test_attempts_of_one_launch_share_a_run(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_config(None, ["task.name=toy", f"output_dir={tmp_path}", "stage=unit"])
+    cfg = load_config(None, ["task.name=toy", f"output_dir={tmp_path}", "stage=unit",
+                             "tracking.system_metrics_interval_s=0"])  # trackers left open, as above
     first = RunTracker(cfg)
     run_id = first.start(launch_id="launch-a")
     first.log_metrics({"train/loss": 1.0}, 5)
@@ -80,3 +83,65 @@ def test_manifest_hash_tag(tmp_path, monkeypatch):
 
     assert manifest_hash(cfg.data) == hashlib.sha256(b'{"samples": 8}').hexdigest()[:16]
     assert manifest_hash(load_config(None, [f"data.train_shards={tmp_path}/sub"]).data) is None
+
+
+def _wait_for(predicate, timeout_s: float = 30.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out waiting for system metrics"
+        time.sleep(0.05)
+    return value
+
+
+@pytest.mark.timeout(120)
+def test_system_metrics_sampled_while_the_run_is_open(tmp_path, monkeypatch):
+    """MLflow's monitor samples the node into system/* metrics until `end`, continues its sample count on a
+    resume, and its sample steps do not count as logged training steps."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    cfg = load_config(None, ["task.name=toy", f"output_dir={tmp_path}", "stage=unit",
+                             "tracking.system_metrics_interval_s=0.1"])
+    client = MlflowClient(tracking_uri(cfg))
+    key = "system/cpu_utilization_percentage"
+
+    def samples(run_id):
+        return client.get_metric_history(run_id, key)
+
+    tracker = RunTracker(cfg)
+    run_id = tracker.start()
+    sampler = tracker._system_metrics._process
+    try:
+        tracker.log_metrics({"train/loss": 1.0}, 1)
+        tracker.flush()
+        _wait_for(lambda: len(samples(run_id)) >= 3)  # sample steps 0..2+: past training step 2
+    finally:
+        tracker.end("FAILED")
+    before = len(samples(run_id))
+    assert isinstance(sampler, threading.Thread) and not sampler.is_alive()
+
+    resumed = RunTracker(cfg)
+    assert resumed.start(resume_run_id=run_id) == run_id
+    try:
+        _wait_for(lambda: len(samples(run_id)) > before)
+        resumed.log_metrics({"train/loss": 2.0}, 2)
+    finally:
+        resumed.end("FINISHED")
+
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
+    steps = sorted(m.step for m in samples(run_id))
+    assert steps == list(range(len(steps))), steps  # one sample count across both attempts
+    assert all(0.0 <= m.value <= 100.0 for m in samples(run_id))
+    assert any(k.startswith("system/system_memory") for k in client.get_run(run_id).data.metrics)
+
+
+def test_system_metrics_interval_is_checked():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="system_metrics_interval_s"):
+        load_config(None, ["tracking.system_metrics_interval_s=-1"])
