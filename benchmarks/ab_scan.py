@@ -7,6 +7,12 @@ forward + backward, on the gpu-baseline shapes; plus the bf16 error of every out
 fp32 reference at the first shape.
 
     PYTHONPATH=.:benchmarks python benchmarks/ab_scan.py --base HEAD [--reps 3] [--shapes "S 8f b16" ...]
+
+--base also takes a folder holding the base's triton_scan.py (and triton_conv.py, else the working copy's): the
+device machine's copy of the repository may carry older git data than the working tree (round 10: its HEAD was
+the session's first commit), so save the version to compare against there, e.g.
+    mkdir -p .gpu/base && git show HEAD:models/ops/triton_scan.py > .gpu/base/triton_scan.py
+and pass --base .gpu/base (carried with the run).
 """
 
 from __future__ import annotations
@@ -30,8 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_revision(rev: str, folder: Path):
-    """models/ops/triton_scan.py at `rev`, importing triton_conv at `rev` too (both may have changed)."""
+    """models/ops/triton_scan.py at `rev`, importing triton_conv at `rev` too (both may have changed). `rev` may
+    also be a folder holding triton_scan.py and, optionally, triton_conv.py."""
+    saved = Path(rev)
+
     def source(path: str) -> str:
+        if saved.is_dir():
+            copy = saved / Path(path).name
+            return (copy if copy.exists() else REPO / path).read_text()
         return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, check=True, capture_output=True,
                               text=True).stdout
 
@@ -97,7 +109,8 @@ def _mixer(mod, cfg, x, z, fwd, bwd):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="HEAD", help="git revision to compare the working copy against")
+    parser.add_argument("--base", default="HEAD", help="git revision (or folder of kernel files) to compare the "
+                        "working copy against")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--shapes", nargs="*", help="subset of shape names")
     args = parser.parse_args()
