@@ -27,7 +27,8 @@ D_STATE = 16
 
 def default_scan_config(rows: int, length: int, time_major: bool = False):
     """default_config for `rows` (batch x channels), the sequence length, the inputs' layout and this GPU."""
-    from models.ops.triton_scan import default_config, sm_count
+    from models.ops.scan_launch import default_config
+    from models.ops.triton_scan import sm_count
 
     return default_config(D_STATE, rows, time_major, length=length, sm_count=sm_count("cuda"))
 
@@ -37,7 +38,7 @@ def scan_config(rows: int, length: int, time_major: bool = False):
     SCAN_CONFIG="block_e_fwd=16,fwd_segments=2,chunk=32,bwd_sub_chunks=8"."""
     from dataclasses import fields, replace
 
-    from models.ops.triton_scan import ScanConfig
+    from models.ops.scan_launch import ScanConfig
 
     cfg = default_scan_config(rows, length, time_major)
     spec = os.environ.get("SCAN_CONFIG", "")

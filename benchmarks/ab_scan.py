@@ -35,29 +35,43 @@ import models.ops.triton_scan as working
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The kernel modules an A/B takes from the base, in import order. A revision without one (scan_launch.py is newer
+# than round 10) imports nothing from it.
+BASE_MODULES = ("triton_conv", "scan_launch", "triton_scan")
+
+
 def load_revision(rev: str, folder: Path):
-    """models/ops/triton_scan.py at `rev`, importing triton_conv at `rev` too (both may have changed). `rev` may
-    also be a folder holding triton_scan.py and, optionally, triton_conv.py."""
+    """models/ops/triton_scan.py at `rev`, with the triton_conv and scan_launch it imports at `rev` too (any may
+    have changed). `rev` may also be a folder holding triton_scan.py and, optionally, the others (the working
+    copy's stand in for missing ones)."""
     saved = Path(rev)
 
-    def source(path: str) -> str:
+    def source(name: str) -> str | None:
+        path = f"models/ops/{name}.py"
         if saved.is_dir():
-            copy = saved / Path(path).name
+            copy = saved / f"{name}.py"
             return (copy if copy.exists() else REPO / path).read_text()
-        return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, check=True, capture_output=True,
-                              text=True).stdout
+        out = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True, text=True)
+        if out.returncode and name != "triton_scan":
+            return None
+        out.check_returncode()
+        return out.stdout
 
-    modules = {}
-    for name, text in (("triton_conv_base", source("models/ops/triton_conv.py")),
-                       ("triton_scan_base", source("models/ops/triton_scan.py").replace(
-                           "from models.ops.triton_conv import", "from models.ops.triton_conv_base import"))):
-        path = folder / f"{name}.py"
+    loaded, module = [], None
+    for name in BASE_MODULES:
+        text = source(name)
+        if text is None:
+            continue
+        for dep in loaded:
+            text = text.replace(f"from models.ops.{dep} import", f"from models.ops.{dep}_base import")
+        path = folder / f"{name}_base.py"
         path.write_text(text)
-        spec = importlib.util.spec_from_file_location(f"models.ops.{name}", path)
-        modules[name] = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = modules[name]
-        spec.loader.exec_module(modules[name])
-    return modules["triton_scan_base"]
+        spec = importlib.util.spec_from_file_location(f"models.ops.{name}_base", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        loaded.append(name)
+    return module
 
 
 def best_of(reps: int, timers: dict) -> dict[str, tuple[float, float]]:

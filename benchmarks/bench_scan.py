@@ -32,7 +32,8 @@ from _common import (
 )
 
 from models.ops.ref import selective_scan_ref
-from models.ops.triton_scan import ScanConfig, bidirectional_scan_triton, selective_scan_triton
+from models.ops.scan_launch import ScanConfig
+from models.ops.triton_scan import bidirectional_scan_triton, selective_scan_triton
 
 
 def make_inputs(Bsz: int, E: int, L: int, N: int = D_STATE) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from models.ops import triton_conv, triton_scan
+from models.ops import scan_launch, triton_conv, triton_scan
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _SIXTEEN_BIT = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
@@ -48,7 +48,7 @@ def variants() -> dict[str, Variant]:
     bwd = dict(_FLAGS, SPLIT=False, SM_SLOTS=False, BLOCK_N=16)
     summary = {k: v for k, v in _FLAGS.items() if k in ("REVERSE", "HAS_Z", "HAS_BIAS", "SOFTPLUS", "A_IS_LOG")}
     return {
-        "fwd": Variant(triton_scan._scan_fwd_kernel, fwd, maxnreg=triton_scan.FWD_REGISTERS_FEW_PROGRAMS),
+        "fwd": Variant(triton_scan._scan_fwd_kernel, fwd, maxnreg=scan_launch.FWD_REGISTERS_FEW_PROGRAMS),
         "bwd_16x4": Variant(triton_scan._scan_bwd_kernel, dict(bwd, SCATTER_SUMS=True, BLOCK_E=16, T=4, SUB=16)),
         "bwd_8x8": Variant(triton_scan._scan_bwd_kernel, dict(bwd, SCATTER_SUMS=False, BLOCK_E=8, T=8, SUB=8)),
         "summary": Variant(triton_scan._adjoint_summary_kernel, dict(summary, BLOCK_E=16, BLOCK_N=16, T=4)),

@@ -20,15 +20,12 @@ import triton.language as tl
 from models.ops import DirectionWeights, bimamba_inner, triton_scan
 from models.ops import triton_math as fm
 from models.ops.ref import selective_scan_ref
+from models.ops.scan_launch import BWD_MAX_WAVES, BWD_PROGRAMS_PER_SM, ScanConfig, default_config
 from models.ops.triton_conv import conv1d_silu_bidirectional
 from models.ops.triton_scan import (
-    BWD_MAX_WAVES,
-    BWD_PROGRAMS_PER_SM,
-    ScanConfig,
     _channel_sum_scattered,
     bidirectional_scan_triton,
     bimamba_inner_triton,
-    default_config,
     selective_scan_triton,
 )
 from tests._interpreter import run_interp_subset
