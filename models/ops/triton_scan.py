@@ -161,14 +161,17 @@ def _channel_block(A_ptr, bias_ptr, E, N, group_E, HAS_BIAS: tl.constexpr, A_IS_
 
 
 @triton.jit
-def _walk_loads(s, s_stop, L, u_base, d_base, B_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
-                REVERSE: tl.constexpr):
-    """Steps s' u, delta and B as stored, for the backward's forward walk: 0 where s >= s_stop."""
-    s_ok = s < s_stop
+def _state_loads(s, s_stop, L, u_base, d_base, B_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
+                 REVERSE: tl.constexpr, NEED_STATES: tl.constexpr):
+    """Steps s' u, delta and B as stored (what recomputing the states needs), 0 outside [0, s_stop). Without
+    NEED_STATES only delta is loaded, and stands in for u and B."""
+    s_ok = (s >= 0) & (s < s_stop)
     t = (L - 1 - s) if REVERSE else s
-    u = tl.load(u_base + t[:, None] * s_ul + e[None, :] * s_ue, mask=s_ok[:, None] & e_ok[None, :], other=0.0)
     d = tl.load(d_base + t[:, None] * s_dl + e[None, :] * s_de, mask=s_ok[:, None] & e_ok[None, :], other=0.0)
-    Bt = tl.load(B_base + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=s_ok[:, None] & n_ok[None, :], other=0.0)
+    u, Bt = d, d
+    if NEED_STATES:
+        u = tl.load(u_base + t[:, None] * s_ul + e[None, :] * s_ue, mask=s_ok[:, None] & e_ok[None, :], other=0.0)
+        Bt = tl.load(B_base + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=s_ok[:, None] & n_ok[None, :], other=0.0)
     return u, d, Bt
 
 
@@ -213,19 +216,13 @@ def _bwd_tile_loads(s, L, u_base, d_base, B_base, C_base, g_base, z_base, e, n, 
                     s_Bn, s_Bl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
                     NEED_STATES: tl.constexpr):
     """Steps s' u, delta, B, C, dout and z (u stands in for z without one) as stored, 0 outside [0, L).
-    Without NEED_STATES (the adjoint alone needs no state) u and B are not loaded: delta and C stand in."""
+    Without NEED_STATES (the adjoint alone needs no state) u and B are not loaded (_state_loads)."""
+    u, d, Bt = _state_loads(s, L, L, u_base, d_base, B_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
+                            REVERSE, NEED_STATES)
     s_ok = (s >= 0) & (s < L)
     t = (L - 1 - s) if REVERSE else s
     m = s_ok[:, None] & e_ok[None, :]
-    mn = s_ok[:, None] & n_ok[None, :]
-    d = tl.load(d_base + t[:, None] * s_dl + e[None, :] * s_de, mask=m, other=0.0)
-    u = d
-    if NEED_STATES:
-        u = tl.load(u_base + t[:, None] * s_ul + e[None, :] * s_ue, mask=m, other=0.0)
-    Ct = tl.load(C_base + t[:, None] * s_Cl + n[None, :] * s_Cn, mask=mn, other=0.0)
-    Bt = Ct
-    if NEED_STATES:
-        Bt = tl.load(B_base + t[:, None] * s_Bl + n[None, :] * s_Bn, mask=mn, other=0.0)
+    Ct = tl.load(C_base + t[:, None] * s_Cl + n[None, :] * s_Cn, mask=s_ok[:, None] & n_ok[None, :], other=0.0)
     dout = tl.load(g_base + t[:, None] * s_gl + e[None, :] * s_ge, mask=m, other=0.0)
     zt = u
     if HAS_Z:
@@ -460,19 +457,21 @@ def _scan_bwd_kernel(
             # chunk's last sub-tile, whose start state stays in registers for the reverse pass to begin with.
             s = c * SUB * T + col
             s_stop = tl.minimum(L, (c * SUB + SUB - 1) * T)
-            walk = _walk_loads(s, s_stop, L, u_base, d_base, B_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl,
-                               s_Bn, s_Bl, REVERSE)
+            walk = _state_loads(s, s_stop, L, u_base, d_base, B_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl,
+                                s_Bn, s_Bl, REVERSE, True)
         # States are carried as (1, N, E) planes in the tiles' own layout; memory sees (N, E).
         h = tl.load(st_plane + c * BLOCK_N, mask=ne_ok, other=0.0)[None, :, :]
         if SUB > 1:
             tl.store(scratch + slot, tl.sum(h, axis=0))
             for j in range(SUB - 1):
                 u_w, d_w, B_w = walk
-                walk = _walk_loads(s + T, s_stop, L, u_base, d_base, B_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de,
-                                   s_dl, s_Bn, s_Bl, REVERSE)
+                walk = _state_loads(s + T, s_stop, L, u_base, d_base, B_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de,
+                                    s_dl, s_Bn, s_Bl, REVERSE, True)
                 dt_w, _ = _delta(d_w, (s < L)[:, None] & e_ok[None, :], bias[None, :], HAS_BIAS, SOFTPLUS)
                 _, _, hs = _tile_states(u_w.to(tl.float32), dt_w, fm.upcast(B_w), A2, h)
                 h = tl.sum(tl.where(last, hs, -0.0), axis=0, keep_dims=True)
+                # The last sub-tile's start state is stored but never read back (it stays in registers): masking
+                # that one store off costs more instructions a sub-tile than it saves (local sm_90 compile).
                 tl.store(scratch + (j + 1) * BLOCK_E * BLOCK_N + slot, tl.sum(h, axis=0))
                 s += T
             tl.debug_barrier()
