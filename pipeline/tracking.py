@@ -119,8 +119,12 @@ class RunTracker:
         interval = self.cfg.tracking.system_metrics_interval_s
         if interval <= 0:
             return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as err:  # optional: training goes on without it
+            print(f"[tracking] system metrics off: {err}. Install psutil (requirements/lock.txt pins it) or set "
+                  "tracking.system_metrics_interval_s=0", flush=True)
+            return
         self._system_metrics = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
                                                     resume_logging=resumed, tracking_uri=self.uri)
         self._system_metrics.start()

@@ -145,3 +145,23 @@ def test_system_metrics_interval_is_checked():
 
     with pytest.raises(ConfigError, match="system_metrics_interval_s"):
         load_config(None, ["tracking.system_metrics_interval_s=-1"])
+
+
+@pytest.mark.timeout(120)
+def test_missing_system_metrics_dependency_leaves_tracking_on(tmp_path, monkeypatch, capsys):
+    """Without psutil (MLflow's monitor cannot import) the run is still tracked; the log says why no system/*."""
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setitem(sys.modules, "mlflow.system_metrics.system_metrics_monitor", None)  # import fails
+    cfg = load_config(None, ["task.name=toy", f"output_dir={tmp_path}", "stage=unit"])
+    tracker = RunTracker(cfg)
+    run_id = tracker.start()
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.end("FINISHED")
+
+    assert "system metrics off" in capsys.readouterr().out
+    run = MlflowClient(tracking_uri(cfg)).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"train/loss": 1.0}
