@@ -69,6 +69,46 @@ def bench_ms(fn: Callable[[], object], windows: int = 1) -> float:
     return min(float(do_bench(fn, warmup=50, rep=200, return_mode="median")) for _ in range(windows))
 
 
+def graph_replay(step: Callable[[], object]) -> Callable[[], None]:
+    """`step` captured in a CUDA graph (after warm-up on a side stream, as torch.cuda.graph asks); returns the
+    replay. The backward is captured too: autograd runs it inside the capture, as make_graphed_callables does."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def gpu_ms(step: Callable[[], object], windows: int = 1) -> float:
+    """Device milliseconds of `step`: bench_ms of its CUDA-graph replay. Plain calls time the host instead
+    whenever Python and the launches take longer than the kernels: the mixer's fwd+bwd needs ~4-5 ms of host
+    time on the device machine, about its GPU time at Ti 64f b4 and S 8f b16 (docs/performance.md, round 11)."""
+    return bench_ms(graph_replay(step), windows)
+
+
+def host_ms(step: Callable[[], object], calls: int = 5) -> float:
+    """Host milliseconds of one plain call of `step` (median of `calls`): each call is timed while a sleep
+    kernel keeps the GPU busy, so no launch waits for the GPU and the launch queue never fills."""
+    import statistics
+    import time
+
+    step()
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time: longer than any call's host time
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def load_mamba_selective_scan() -> Callable | None:
     """mamba-ssm's own `selective_scan_fn` from a source tree whose CUDA extension was built in place.
 

@@ -23,6 +23,8 @@ from _common import (
     D_STATE,
     SHAPES,
     bench_ms,
+    gpu_ms,
+    host_ms,
     load_mamba_selective_scan,
     log_uniform_dt,
     rel_err,
@@ -66,20 +68,30 @@ def baseline_block(scan):
     return block
 
 
-def time_block(fn, x, z, fwd, bwd) -> tuple[float, float]:
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-        t_fwd = bench_ms(lambda: fn(x, z, fwd, bwd), windows=3)
+def block_steps(fn, x, z, fwd, bwd):
+    """(forward, forward + backward) of the mixer `fn` as argument-free calls, under bf16 autocast."""
+    def forward() -> None:
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            fn(x, z, fwd, bwd)
+
     leaves = [x.detach().requires_grad_(), z.detach().requires_grad_(),
               *(t.detach().requires_grad_() for t in (*fwd, *bwd))]
     f, b = DirectionWeights(*leaves[2:9]), DirectionWeights(*leaves[9:])
     dout = empty_like_layout(x).normal_()  # in the output's layout, as out_proj's backward hands it over
 
-    def step():
+    def step() -> None:
         with torch.autocast("cuda", torch.bfloat16):
             out = fn(leaves[0], leaves[1], f, b)
-        return torch.autograd.grad(out, leaves, dout)
+        torch.autograd.grad(out, leaves, dout)
 
-    return t_fwd, bench_ms(step, windows=3)
+    return forward, step
+
+
+def time_block(fn, x, z, fwd, bwd, eager: bool = False) -> tuple[float, float]:
+    """(fwd, fwd+bwd) ms: device time from CUDA-graph replay, or (`eager`) of plain calls, which time the host
+    instead when it is the slower of the two."""
+    timer = bench_ms if eager else gpu_ms
+    return tuple(timer(step, windows=3) for step in block_steps(fn, x, z, fwd, bwd))
 
 
 def main() -> None:
@@ -97,14 +109,18 @@ def main() -> None:
         cfg = scan_config(Bsz * E, L, time_major=True)
         ours = lambda x, z, f, b, cfg=cfg: bimamba_inner_triton(x, z, f, b, config=cfg)
         row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg)}
-        row["ours fwd ms"], row["ours fwd+bwd ms"] = time_block(ours, x_t, z_t, fwd, bwd)
-        row["ours peak GiB (fwd+bwd)"] = _peak_gib(ours, x_t, z_t, fwd, bwd)
+        impls = {"ours": (ours, x_t, z_t)}
         if mamba is not None:
-            base = baseline_block(mamba)
-            row["base fwd ms"], row["base fwd+bwd ms"] = time_block(base, x, z, fwd, bwd)
-            row["base peak GiB (fwd+bwd)"] = _peak_gib(base, x, z, fwd, bwd)
-            row["speedup fwd"] = row["base fwd ms"] / row["ours fwd ms"]
-            row["speedup fwd+bwd"] = row["base fwd+bwd ms"] / row["ours fwd+bwd ms"]
+            impls["base"] = (baseline_block(mamba), x, z)
+        for tag, (fn, xi, zi) in impls.items():
+            row[f"{tag} fwd ms"], row[f"{tag} fwd+bwd ms"] = time_block(fn, xi, zi, fwd, bwd)
+            row[f"{tag} eager fwd ms"], row[f"{tag} eager fwd+bwd ms"] = time_block(fn, xi, zi, fwd, bwd, eager=True)
+            row[f"{tag} host ms (fwd+bwd call)"] = host_ms(block_steps(fn, xi, zi, fwd, bwd)[1])
+            row[f"{tag} peak GiB (fwd+bwd)"] = _peak_gib(fn, xi, zi, fwd, bwd)
+        if mamba is not None:
+            base = impls["base"][0]
+            for kind in ("fwd", "fwd+bwd", "eager fwd", "eager fwd+bwd"):
+                row[f"speedup {kind}"] = row[f"base {kind} ms"] / row[f"ours {kind} ms"]
             with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
                 row["out rel diff vs base"] = rel_err(ours(x_t, z_t, fwd, bwd), base(x, z, fwd, bwd))
         rows.append(row)
@@ -112,10 +128,14 @@ def main() -> None:
         del x, z, x_t, z_t
         torch.cuda.empty_cache()
     columns = ["shape", "B,E,L", "ours fwd ms", "base fwd ms", "speedup fwd", "ours fwd+bwd ms",
-               "base fwd+bwd ms", "speedup fwd+bwd", "ours peak GiB (fwd+bwd)", "base peak GiB (fwd+bwd)",
-               "out rel diff vs base"]
+               "base fwd+bwd ms", "speedup fwd+bwd", "ours eager fwd+bwd ms", "base eager fwd+bwd ms",
+               "speedup eager fwd+bwd", "ours host ms (fwd+bwd call)", "base host ms (fwd+bwd call)",
+               "ours peak GiB (fwd+bwd)", "base peak GiB (fwd+bwd)", "out rel diff vs base"]
     write_results("block", rows, columns,
-                  "Bidirectional mixer core: fused Triton (ours) vs mamba-ssm scan + unfused PyTorch glue")
+                  "Bidirectional mixer core: fused Triton (ours) vs mamba-ssm scan + unfused PyTorch glue",
+                  notes=["fwd / fwd+bwd ms: median device time of CUDA-graph replays (least of 3 windows); eager: "
+                         "plain calls, which time the host instead when Python and the launches take longer than "
+                         "the kernels; host ms: one plain fwd+bwd call's host time, the GPU kept busy."])
 
 
 def _peak_gib(fn, x, z, fwd, bwd) -> float:

@@ -17,7 +17,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
-from _common import bench_ms, rel_err, write_results
+from _common import bench_ms, gpu_ms, rel_err, write_results
 
 from models.ops.ref import rms_norm_ref
 from models.ops.triton_norm import add_rms_norm_triton
@@ -53,21 +53,6 @@ def run_fwd_bwd(fn: Callable, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return out, res, *torch.autograd.grad((out, res), leaves, (t["dout"], t["dresidual"]))
 
 
-def graph_replay(step: Callable[[], object]) -> Callable[[], None]:
-    """`step` captured in a CUDA graph (after warm-up on a side stream, as torch.cuda.graph asks); returns the
-    replay. The backward is captured too: autograd runs it inside the capture, as make_graphed_callables does."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def time_norm(fn: Callable, t: dict[str, torch.Tensor]) -> dict[str, float]:
     """gpu/eager x fwd/fwd+bwd milliseconds."""
     def fwd() -> None:
@@ -80,7 +65,7 @@ def time_norm(fn: Callable, t: dict[str, torch.Tensor]) -> dict[str, float]:
     times = {}
     for label, step in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
         times[f"eager {label}"] = bench_ms(step)
-        times[f"gpu {label}"] = bench_ms(graph_replay(step))
+        times[f"gpu {label}"] = gpu_ms(step)
     return times
 
 

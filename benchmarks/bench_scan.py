@@ -1,9 +1,10 @@
 """Selective scan on the gpu-baseline shapes: our Triton kernel vs mamba-ssm's CUDA `selective_scan_fn`.
 
 bf16 u/delta/B/C/z, fp32 A/D/delta_bias, d_state 16, delta_softplus, with z (as VideoMamba calls it).
-Reports fwd and fwd+bwd milliseconds (median), effective GB/s over the minimum bytes, and the relative
-difference between the two kernels' outputs and input gradients. mamba-ssm is used when MAMBA_SRC names
-a source tree with its extension built in place (scripts/gpu_bench.sh); otherwise only ours is timed.
+Reports fwd and fwd+bwd milliseconds (median device time, from CUDA-graph replay: `_common.gpu_ms`), effective
+GB/s over the minimum bytes, and the relative difference between the two kernels' outputs and input gradients.
+mamba-ssm is used when MAMBA_SRC names a source tree with its extension built in place (scripts/gpu_bench.sh);
+otherwise only ours is timed.
 
 --time-major hands our kernel u, delta, z, B and C stored time-major ((B, L, E) / (B, L, N) storage, the
 layout in_proj and x_proj produce and the mixer keeps) and writes scan_time_major.{json,md}; mamba-ssm
@@ -24,6 +25,7 @@ from _common import (
     SHAPES,
     bench_ms,
     default_scan_config,
+    gpu_ms,
     load_mamba_selective_scan,
     log_uniform_dt,
     rel_err,
@@ -64,16 +66,23 @@ def min_bytes(Bsz: int, E: int, L: int, N: int = D_STATE) -> tuple[int, int]:
     return 4 * bel + 2 * bnl, 11 * bel + 6 * bnl
 
 
-def time_scan(fn: Callable, x: dict[str, torch.Tensor], with_bwd: bool = True) -> tuple[float, float]:
+def time_scan(fn: Callable, x: dict[str, torch.Tensor], with_bwd: bool = True, eager: bool = False
+              ) -> tuple[float, float]:
+    """(fwd, fwd+bwd) milliseconds of `fn` on x: device time from CUDA-graph replay (gpu_ms), or with `eager`
+    plain calls (bench_ms; the PyTorch reference, whose thousands of small kernels make a graph impractical)."""
+    timer = bench_ms if eager else gpu_ms
     args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    with torch.no_grad():
-        fwd = bench_ms(lambda: fn(*args, True))
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(*args, True)
+
+    t_fwd = timer(fwd)
     if not with_bwd:
-        return fwd, float("nan")
+        return t_fwd, float("nan")
     leaves = [t.detach().requires_grad_() for t in args]
     dout = torch.randn_like(x["u"])
-    fwd_bwd = bench_ms(lambda: torch.autograd.grad(fn(*leaves, True), leaves, dout))
-    return fwd, fwd_bwd
+    return t_fwd, timer(lambda: torch.autograd.grad(fn(*leaves, True), leaves, dout))
 
 
 def compare(ours: Callable, theirs: Callable, x: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -154,9 +163,13 @@ def bidirectional(mamba: Callable | None, x: dict[str, torch.Tensor], x_b: dict[
     row = {}
     for name, fn in (("ours", ours), ("mamba", theirs)) if mamba is not None else (("ours", ours),):
         args, leaves, dout = inputs(as_time_major if time_major and name == "ours" else dict)
-        with torch.no_grad():
-            row[f"bidir {name} fwd ms"] = bench_ms(lambda fn=fn, args=args: fn(*args))
-        row[f"bidir {name} fwd+bwd ms"] = bench_ms(
+
+        def fwd(fn=fn, args=args) -> None:
+            with torch.no_grad():
+                fn(*args)
+
+        row[f"bidir {name} fwd ms"] = gpu_ms(fwd)
+        row[f"bidir {name} fwd+bwd ms"] = gpu_ms(
             lambda fn=fn, leaves=leaves, dout=dout: torch.autograd.grad(fn(*leaves), leaves, dout))
     if mamba is not None:
         row["bidir speedup fwd"] = row["bidir mamba fwd ms"] / row["bidir ours fwd ms"]
@@ -245,7 +258,7 @@ def main() -> None:
         if name == shapes[0][0] and not args.time_major:
             # The PyTorch reference once (it is slow): its time, and each kernel's bf16 error against it in fp32.
             ref = lambda *a: selective_scan_ref(*a)  # noqa: E731
-            row["ref fwd ms"], row["ref fwd+bwd ms"] = time_scan(ref, x)
+            row["ref fwd ms"], row["ref fwd+bwd ms"] = time_scan(ref, x, eager=True)
             for kernel, err in error_vs_fp32_reference(kernels, x).items():
                 row[f"{kernel} max rel err vs fp32 ref"] = err
         rows.append(row)
@@ -262,7 +275,8 @@ def report(rows: list[dict], copy_gbs: float, setup: dict | None = None, stem: s
                "speedup fwd+bwd", "bidir ours fwd+bwd ms", "bidir mamba fwd+bwd ms", "bidir speedup fwd",
                "bidir speedup fwd+bwd", "ours fwd GB/s", "ours fwd % of copy bw", "ours peak GiB", "mamba peak GiB",
                "max rel diff vs mamba"]
-    notes = [f"Measured copy bandwidth: {copy_gbs:.0f} GB/s (read + write). GB/s counts each input read once and "
+    notes = ["ms: median device time of CUDA-graph replays (the host's Python and launch overhead not timed).",
+             f"Measured copy bandwidth: {copy_gbs:.0f} GB/s (read + write). GB/s counts each input read once and "
              "each output written once (2 B per element).",
              "bidir: both directions of the mixer's scan; ours in one call without flipped copies, mamba-ssm as two "
              "calls with flips of the backward direction's inputs and output."]
