@@ -31,7 +31,7 @@ _SIXTEEN_BIT = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dou
                 "dz_ptr", "x_ptr", "duf_ptr", "dub_ptr", "dx_ptr", "uf_ptr", "ub_ptr"}
 _FLAGS = dict(A_IS_LOG=True, REVERSE=False, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, ACCUMULATE=False)
 # Time-major channel strides, and B/C's state stride (x_proj's output is (B, L, R + 2N)).
-_UNIT_STRIDES = ("s_ue", "s_de", "s_ze", "s_oe", "s_ge", "s_Ge", "s_Bn", "s_Cn")
+_UNIT_STRIDES = ("s_ue", "s_de", "s_ze", "s_oe", "s_ge", "s_Ge", "s_Bn", "s_Cn", "s_xe", "s_e")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ def variants() -> dict[str, Variant]:
         "bwd_16x4": Variant(triton_scan._scan_bwd_kernel, dict(bwd, SCATTER_SUMS=True, BLOCK_E=16, T=4, SUB=16)),
         "bwd_8x8": Variant(triton_scan._scan_bwd_kernel, dict(bwd, SCATTER_SUMS=False, BLOCK_E=8, T=8, SUB=8)),
         "summary": Variant(triton_scan._adjoint_summary_kernel, dict(summary, BLOCK_E=16, BLOCK_N=16, T=4)),
-        "conv_bwd": Variant(triton_conv._conv_bi_bwd_kernel, dict(HAS_BIAS=True, BLOCK_E=16, T=16), num_warps=2),
+        "conv_bwd": Variant(triton_conv._conv_bi_bwd_kernel,
+                            dict(HAS_BIAS=True, BLOCK_E=triton_conv._BWD_BLOCK_E, U=triton_conv._BWD_UNROLL),
+                            num_warps=triton_conv._BWD_WARPS),
     }
 
 

@@ -6,8 +6,8 @@ The forward direction is causal: u_f[t] = silu(b_f + sum_k w_f[k] x[t - (W-1) + 
 is the same causal conv applied to x reversed along L; expressed in the original positions it is
 anti-causal: u_b[t] = silu(b_b + sum_k w_b[k] x[t + (W-1) - k]). Both are computed from one read of x and
 no flipped copy is made. The backward pass recomputes the pre-activations instead of saving them, and is one
-kernel (`_conv_bi_bwd_kernel`) that writes only dx and per-program weight and bias gradient sums; widths up to
-4 (as causal-conv1d's CUDA kernel).
+kernel (`_conv_bi_bwd_kernel`), streaming along L, that writes only dx and per-program weight and bias gradient
+sums; widths up to 4 (as causal-conv1d's CUDA kernel).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from torch import Tensor
 
 from models.ops import triton_math as fm
 
-_BLOCK_E = 16
-_BLOCK_L = 128
-# The backward: (T, E) tiles of 16 steps x 16 channels on two warps, L split until ~4096 programs; 4 taps. On
-# one warp the 10 accumulators and 7 x tiles spill (708 bytes a thread at sm_90): mixer fwd+bwd 3-4% slower
-# (sweep_round7.txt run 10; 8 steps on one warp, or 4 warps, are as fast as two).
-_BWD_BLOCK_E, _BWD_STEPS, _BWD_WARPS, _BWD_PROGRAMS, _BWD_TAPS = 16, 16, 2, 4096, 4
+# The forward: (E, L) tiles of 128 channels x 32 steps (a 256-byte time-major row a step). 1.4-1.5x faster than
+# round 2's 16 x 128 at every mixer shape (sweep_round11.txt run 10: S 8f b16 0.087 -> 0.062 ms).
+_BLOCK_E = 128
+_BLOCK_L = 32
+# The backward: 128 channels a program on two warps, a step's row of them at a time, 4 steps unrolled an
+# iteration, L split until ~4096 programs; 4 taps. Within 0.5% of the best of 21 launches at every mixer shape
+# (32-128 channels, 1-2 warps, 4-16 steps, 2048-16384 programs: sweep_round11.txt).
+_BWD_BLOCK_E, _BWD_UNROLL, _BWD_WARPS, _BWD_PROGRAMS, _BWD_TAPS = 128, 4, 2, 4096, 4
 
 
 @triton.jit
@@ -68,11 +70,10 @@ def _conv_bi_fwd_kernel(
 
 
 @triton.jit
-def _x_at(x_ptr, x_row, e_ok, p, L, s_l):
-    """x at steps p (T,) of a program's channels (x_row: their (1, E) offsets) as a (T, E) fp32 tile, 0 outside
-    [0, L) (the convs' zero padding)."""
-    ok = ((p >= 0) & (p < L))[:, None] & e_ok[None, :]
-    return tl.load(x_ptr + x_row + p[:, None] * s_l, mask=ok, other=0.0).to(tl.float32)
+def _row_at(ptr, row, e_ok, i, L, s_l):
+    """Step i of a program's channels (row: their (E,) offsets) as fp32, 0 outside [0, L) (the convs' zero
+    padding, and no gradient flows from steps past L)."""
+    return tl.load(ptr + row + i * s_l, mask=e_ok & (i >= 0) & (i < L), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -84,34 +85,34 @@ def _taps(w_ptr, e, e_ok):
 
 
 @triton.jit
-def _conv_out_grad(du_ptr, row, e_ok, p, L, s_l, bias, w0, w1, w2, w3, x0, x1, x2, x3):
-    """Gradient at the pre-activation of one direction's conv at steps p: du[p] silu'(pre[p]), with
-    pre = bias + w0 x0 + w1 x1 + w2 x2 + w3 x3 (the four taps' x tiles, oldest first in that direction)."""
-    pre = bias[None, :] + w0[None, :] * x0 + w1[None, :] * x1 + w2[None, :] * x2 + w3[None, :] * x3
+def _silu_grad(pre):
+    """d silu / d pre."""
     s = fm.sigmoid(pre)
-    return _x_at(du_ptr, row, e_ok, p, L, s_l) * s * (1.0 + pre * (1.0 - s))
+    return s * (1.0 + pre * (1.0 - s))
 
 
 @triton.jit
 def _conv_bi_bwd_kernel(
     x_ptr, wf_ptr, bf_ptr, wb_ptr, bb_ptr, duf_ptr, dub_ptr, dx_ptr, part_ptr,
-    E, L, seg_tiles, s_xb, s_xe, s_xl, s_b, s_e, s_l,
-    HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, T: tl.constexpr,
+    E, L, seg_len, s_xb, s_xe, s_xl, s_b, s_e, s_l,
+    HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, U: tl.constexpr,
 ):
-    """The whole conv backward in one pass, 4 taps (narrower convs come zero-padded at the oldest taps).
+    """The whole conv backward in one streaming pass, 4 taps (narrower convs come zero-padded at the oldest taps).
 
-    Program (e block, batch, segment) walks its segment of L in (T, E) tiles. Nothing is stored between
-    passes: dx[t] = sum_j wf[3-j] dc_f[t+j] + wb[3-j] dc_b[t-j] needs the output gradients (dc) at 3 steps
-    either side, and each dc is pointwise in x and du, so the tile recomputes them from x at t-3..t+3 (7
-    tiles, cached loads) instead of writing fp32 dc buffers and reading them back (round 6: 0.48 ms of the
-    S 8f mixer step). The weight and bias gradients, sums over L of dc times x, are accumulated elementwise
-    over the walk and reduced once at its end: part[(batch, segment), direction, tap or bias (4), e]."""
+    Program (e block, batch, segment) walks steps i = s0 .. s1 + 2 of its segment [s0, s1), U steps an iteration,
+    keeping sliding windows in registers: x[i-3..i], the forward direction's pre-activation gradients
+    dc_f[i-3..i] and the backward direction's dc_b[i-6..i-3]. Step i computes dc_f[i] and dc_b[i-3] (both read
+    x[i-3..i]), once each, and then dx[i-3] = sum_j wf[3-j] dc_f[i-3+j] + wb[3-j] dc_b[i-3-j]. (A tiled kernel
+    recomputed each dc at the 4 steps that need it: 16 exponentials an element instead of 4.) The weight and
+    bias gradients, sums over the segment's steps of dc times x, are accumulated per channel and stored once:
+    part[(batch, segment), direction, tap or bias (4), e]. The 3 steps either side of a segment are computed
+    by both neighbours (for dx), and counted in the sums by the one that owns them."""
     pid_e, pid_b, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
     b64 = pid_b.to(tl.int64)
-    x_row = (b64 * s_xb + e * s_xe)[None, :]
-    row = (b64 * s_b + e * s_e)[None, :]  # du_f, du_b and dx
+    x_row = b64 * s_xb + e * s_xe
+    row = b64 * s_b + e * s_e  # du_f, du_b and dx
     wf0, wf1, wf2, wf3 = _taps(wf_ptr, e, e_ok)
     wb0, wb1, wb2, wb3 = _taps(wb_ptr, e, e_ok)
     if HAS_BIAS:
@@ -120,58 +121,52 @@ def _conv_bi_bwd_kernel(
     else:
         bf = tl.zeros((BLOCK_E,), tl.float32)
         bb = tl.zeros((BLOCK_E,), tl.float32)
-    zero = tl.zeros((T, BLOCK_E), tl.float32)
-    gf0, gf1, gf2, gf3, gfb = zero, zero, zero, zero, zero  # d wf[k], d bf (before the sum over steps)
+    s0 = pid_s * seg_len
+    s1 = tl.minimum(s0 + seg_len, L)
+    x3 = _row_at(x_ptr, x_row, e_ok, s0 - 3, L, s_xl)  # x[i-3], x[i-2], x[i-1] at i = s0
+    x2 = _row_at(x_ptr, x_row, e_ok, s0 - 2, L, s_xl)
+    x1 = _row_at(x_ptr, x_row, e_ok, s0 - 1, L, s_xl)
+    zero = tl.zeros((BLOCK_E,), tl.float32)
+    f3, f2, f1 = zero, zero, zero  # dc_f[i-3], dc_f[i-2], dc_f[i-1] (read only once i >= s0 + 3)
+    b4, b5, b6 = zero, zero, zero  # dc_b[i-4], dc_b[i-5], dc_b[i-6]
+    gf0, gf1, gf2, gf3, gfb = zero, zero, zero, zero, zero  # d wf[k], d bf
     gb0, gb1, gb2, gb3, gbb = zero, zero, zero, zero, zero
-    c_end = tl.minimum((pid_s + 1) * seg_tiles, tl.cdiv(L, T))
-    for c in range(pid_s * seg_tiles, c_end):
-        t = c * T + tl.arange(0, T)
-        xm3 = _x_at(x_ptr, x_row, e_ok, t - 3, L, s_xl)
-        xm2 = _x_at(x_ptr, x_row, e_ok, t - 2, L, s_xl)
-        xm1 = _x_at(x_ptr, x_row, e_ok, t - 1, L, s_xl)
-        x0 = _x_at(x_ptr, x_row, e_ok, t, L, s_xl)
-        xp1 = _x_at(x_ptr, x_row, e_ok, t + 1, L, s_xl)
-        xp2 = _x_at(x_ptr, x_row, e_ok, t + 2, L, s_xl)
-        xp3 = _x_at(x_ptr, x_row, e_ok, t + 3, L, s_xl)
-        # The forward direction's taps at step p read x[p-3..p]; the backward's x[p+3..p].
-        dcf = _conv_out_grad(duf_ptr, row, e_ok, t, L, s_l, bf, wf0, wf1, wf2, wf3, xm3, xm2, xm1, x0)
-        dcb = _conv_out_grad(dub_ptr, row, e_ok, t, L, s_l, bb, wb0, wb1, wb2, wb3, xp3, xp2, xp1, x0)
-        gf0 += dcf * xm3
-        gf1 += dcf * xm2
-        gf2 += dcf * xm1
-        gf3 += dcf * x0
-        gfb += dcf
-        gb0 += dcb * xp3
-        gb1 += dcb * xp2
-        gb2 += dcb * xp1
-        gb3 += dcb * x0
-        gbb += dcb
-        dx = wf3[None, :] * dcf + wb3[None, :] * dcb
-        dx += wf2[None, :] * _conv_out_grad(duf_ptr, row, e_ok, t + 1, L, s_l, bf, wf0, wf1, wf2, wf3, xm2, xm1,
-                                            x0, xp1)
-        dx += wb2[None, :] * _conv_out_grad(dub_ptr, row, e_ok, t - 1, L, s_l, bb, wb0, wb1, wb2, wb3, xp2, xp1,
-                                            x0, xm1)
-        dx += wf1[None, :] * _conv_out_grad(duf_ptr, row, e_ok, t + 2, L, s_l, bf, wf0, wf1, wf2, wf3, xm1, x0,
-                                            xp1, xp2)
-        dx += wb1[None, :] * _conv_out_grad(dub_ptr, row, e_ok, t - 2, L, s_l, bb, wb0, wb1, wb2, wb3, xp1, x0,
-                                            xm1, xm2)
-        dx += wf0[None, :] * _conv_out_grad(duf_ptr, row, e_ok, t + 3, L, s_l, bf, wf0, wf1, wf2, wf3, x0, xp1,
-                                            xp2, xp3)
-        dx += wb0[None, :] * _conv_out_grad(dub_ptr, row, e_ok, t - 3, L, s_l, bb, wb0, wb1, wb2, wb3, x0, xm1,
-                                            xm2, xm3)
-        ok = (t < L)[:, None] & e_ok[None, :]
-        tl.store(dx_ptr + row + t[:, None] * s_l, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    for i0 in range(s0, s1 + 3, U):
+        for k in tl.static_range(U):
+            i = i0 + k
+            x0 = _row_at(x_ptr, x_row, e_ok, i, L, s_xl)
+            dcf = _row_at(duf_ptr, row, e_ok, i, L, s_l) * _silu_grad(bf + wf0 * x3 + wf1 * x2 + wf2 * x1 + wf3 * x0)
+            dcb = _row_at(dub_ptr, row, e_ok, i - 3, L, s_l) * _silu_grad(bb + wb0 * x0 + wb1 * x1 + wb2 * x2
+                                                                         + wb3 * x3)
+            cf = tl.where(i < s1, dcf, 0.0)  # dc_f[i] and dc_b[i-3] in this segment's sums
+            cb = tl.where((i - 3 >= s0) & (i - 3 < s1), dcb, 0.0)
+            gf0 += cf * x3
+            gf1 += cf * x2
+            gf2 += cf * x1
+            gf3 += cf * x0
+            gfb += cf
+            gb0 += cb * x0
+            gb1 += cb * x1
+            gb2 += cb * x2
+            gb3 += cb * x3
+            gbb += cb
+            dx = wf3 * f3 + wf2 * f2 + wf1 * f1 + wf0 * dcf + wb3 * dcb + wb2 * b4 + wb1 * b5 + wb0 * b6
+            t = i - 3
+            tl.store(dx_ptr + row + t * s_l, dx.to(dx_ptr.dtype.element_ty), mask=e_ok & (t >= s0) & (t < s1))
+            x3, x2, x1 = x2, x1, x0
+            f3, f2, f1 = f2, f1, dcf
+            b6, b5, b4 = b5, b4, dcb
     part = part_ptr + (b64 * tl.num_programs(2) + pid_s) * 10 * E + e
-    tl.store(part, tl.sum(gf0, axis=0), mask=e_ok)
-    tl.store(part + E, tl.sum(gf1, axis=0), mask=e_ok)
-    tl.store(part + 2 * E, tl.sum(gf2, axis=0), mask=e_ok)
-    tl.store(part + 3 * E, tl.sum(gf3, axis=0), mask=e_ok)
-    tl.store(part + 4 * E, tl.sum(gfb, axis=0), mask=e_ok)
-    tl.store(part + 5 * E, tl.sum(gb0, axis=0), mask=e_ok)
-    tl.store(part + 6 * E, tl.sum(gb1, axis=0), mask=e_ok)
-    tl.store(part + 7 * E, tl.sum(gb2, axis=0), mask=e_ok)
-    tl.store(part + 8 * E, tl.sum(gb3, axis=0), mask=e_ok)
-    tl.store(part + 9 * E, tl.sum(gbb, axis=0), mask=e_ok)
+    tl.store(part, gf0, mask=e_ok)
+    tl.store(part + E, gf1, mask=e_ok)
+    tl.store(part + 2 * E, gf2, mask=e_ok)
+    tl.store(part + 3 * E, gf3, mask=e_ok)
+    tl.store(part + 4 * E, gfb, mask=e_ok)
+    tl.store(part + 5 * E, gb0, mask=e_ok)
+    tl.store(part + 6 * E, gb1, mask=e_ok)
+    tl.store(part + 7 * E, gb2, mask=e_ok)
+    tl.store(part + 8 * E, gb3, mask=e_ok)
+    tl.store(part + 9 * E, gbb, mask=e_ok)
 
 
 def _grid(x_BEL: Tensor) -> tuple[int, int, int]:
@@ -234,13 +229,13 @@ class _ConvBiSiluFn(torch.autograd.Function):
         dub = torch.zeros_like(dx) if dub is None else _in_layout(dub, dx)
         # Narrower convs as 4-tap ones whose oldest taps are 0 (their gradients are dropped below).
         wf4, wb4 = (w if W == _BWD_TAPS else torch.nn.functional.pad(w, (_BWD_TAPS - W, 0)) for w in (wf, wb))
-        e_blocks, tiles = triton.cdiv(E, _BWD_BLOCK_E), triton.cdiv(L, _BWD_STEPS)
-        seg_tiles = triton.cdiv(tiles, min(tiles, triton.cdiv(_BWD_PROGRAMS, e_blocks * Bsz)))
-        n_seg = triton.cdiv(tiles, seg_tiles)
+        e_blocks, steps = triton.cdiv(E, _BWD_BLOCK_E), triton.cdiv(L, _BWD_UNROLL)
+        seg_len = _BWD_UNROLL * triton.cdiv(steps, min(steps, triton.cdiv(_BWD_PROGRAMS, e_blocks * Bsz)))
+        n_seg = triton.cdiv(L, seg_len)
         part = torch.empty(Bsz * n_seg, 2, _BWD_TAPS + 1, E, device=x_BEL.device, dtype=torch.float32)
         _conv_bi_bwd_kernel[(e_blocks, Bsz, n_seg)](
-            x_BEL, wf4, bf, wb4, bb, duf, dub, dx, part, E, L, seg_tiles, *x_BEL.stride(), *dx.stride(),
-            HAS_BIAS=ctx.has_bias, BLOCK_E=_BWD_BLOCK_E, T=_BWD_STEPS, num_warps=_BWD_WARPS,
+            x_BEL, wf4, bf, wb4, bb, duf, dub, dx, part, E, L, seg_len, *x_BEL.stride(), *dx.stride(),
+            HAS_BIAS=ctx.has_bias, BLOCK_E=_BWD_BLOCK_E, U=_BWD_UNROLL, num_warps=_BWD_WARPS,
         )
         sums = part.sum(dim=0)  # (direction, taps then bias, E)
         dwf, dwb = (sums[d, _BWD_TAPS - W:_BWD_TAPS].t().contiguous() for d in (0, 1))
