@@ -86,27 +86,9 @@ def graph_replay(step: Callable[[], object]) -> Callable[[], None]:
 
 def gpu_ms(step: Callable[[], object], windows: int = 1) -> float:
     """Device milliseconds of `step`: bench_ms of its CUDA-graph replay. Plain calls time the host instead
-    whenever Python and the launches take longer than the kernels: the mixer's fwd+bwd needs ~4-5 ms of host
-    time on the device machine, about its GPU time at Ti 64f b4 and S 8f b16 (docs/performance.md, round 11)."""
+    whenever Python and the launches take longer than the kernels: the mixer's fwd+bwd at Ti 64f b4 took
+    3.6-4.5 ms in plain calls across runs, for 3.56 ms of kernels (docs/performance.md, round 11)."""
     return bench_ms(graph_replay(step), windows)
-
-
-def host_ms(step: Callable[[], object], calls: int = 5) -> float:
-    """Host milliseconds of one plain call of `step` (median of `calls`): each call is timed while a sleep
-    kernel keeps the GPU busy, so no launch waits for the GPU and the launch queue never fills."""
-    import statistics
-    import time
-
-    step()
-    times = []
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time: longer than any call's host time
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 def load_mamba_selective_scan() -> Callable | None:

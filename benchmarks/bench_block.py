@@ -24,7 +24,6 @@ from _common import (
     SHAPES,
     bench_ms,
     gpu_ms,
-    host_ms,
     load_mamba_selective_scan,
     log_uniform_dt,
     rel_err,
@@ -66,6 +65,10 @@ def baseline_block(scan):
         return direction(x, z, fwd) + direction(x.flip(-1), z.flip(-1), bwd).flip(-1)
 
     return block
+
+
+BLOCK_NOTE = ("fwd / fwd+bwd ms: median device time of CUDA-graph replays (least of 3 windows); eager: plain "
+              "calls, which time the host instead when Python and the launches take longer than the kernels.")
 
 
 def block_steps(fn, x, z, fwd, bwd):
@@ -115,7 +118,6 @@ def main() -> None:
         for tag, (fn, xi, zi) in impls.items():
             row[f"{tag} fwd ms"], row[f"{tag} fwd+bwd ms"] = time_block(fn, xi, zi, fwd, bwd)
             row[f"{tag} eager fwd ms"], row[f"{tag} eager fwd+bwd ms"] = time_block(fn, xi, zi, fwd, bwd, eager=True)
-            row[f"{tag} host ms (fwd+bwd call)"] = host_ms(block_steps(fn, xi, zi, fwd, bwd)[1])
             row[f"{tag} peak GiB (fwd+bwd)"] = _peak_gib(fn, xi, zi, fwd, bwd)
         if mamba is not None:
             base = impls["base"][0]
@@ -129,13 +131,10 @@ def main() -> None:
         torch.cuda.empty_cache()
     columns = ["shape", "B,E,L", "ours fwd ms", "base fwd ms", "speedup fwd", "ours fwd+bwd ms",
                "base fwd+bwd ms", "speedup fwd+bwd", "ours eager fwd+bwd ms", "base eager fwd+bwd ms",
-               "speedup eager fwd+bwd", "ours host ms (fwd+bwd call)", "base host ms (fwd+bwd call)",
-               "ours peak GiB (fwd+bwd)", "base peak GiB (fwd+bwd)", "out rel diff vs base"]
+               "speedup eager fwd+bwd", "ours peak GiB (fwd+bwd)", "base peak GiB (fwd+bwd)", "out rel diff vs base"]
     write_results("block", rows, columns,
                   "Bidirectional mixer core: fused Triton (ours) vs mamba-ssm scan + unfused PyTorch glue",
-                  notes=["fwd / fwd+bwd ms: median device time of CUDA-graph replays (least of 3 windows); eager: "
-                         "plain calls, which time the host instead when Python and the launches take longer than "
-                         "the kernels; host ms: one plain fwd+bwd call's host time, the GPU kept busy."])
+                  notes=[BLOCK_NOTE])
 
 
 def _peak_gib(fn, x, z, fwd, bwd) -> float:
