@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from models.ops import DirectionWeights, bimamba_inner, triton_scan
+from models.ops import DirectionWeights, bimamba_inner, triton_conv, triton_scan
 from models.ops import triton_math as fm
 from models.ops.ref import selective_scan_ref
 from models.ops.scan_launch import BWD_MAX_WAVES, BWD_PROGRAMS_PER_SM, ScanConfig, default_config
@@ -442,13 +442,22 @@ def _channel_sum_kernel(x_ptr, out_ptr, T: tl.constexpr, N: tl.constexpr, E: tl.
 
 @pytest.mark.gpu
 @needs_kernel_device
-@pytest.mark.parametrize("W,time_major", [pytest.param(2, True, marks=pytest.mark.interp), (3, False), (4, True)])
-def test_conv_bidirectional_matches_torch_conv(W, time_major):
+@pytest.mark.parametrize("W,time_major,L,programs", [
+    pytest.param(2, True, 37, None, marks=pytest.mark.interp),
+    pytest.param(4, True, 2, None, marks=pytest.mark.interp),  # L shorter than the taps' reach
+    pytest.param(3, True, 37, 4, marks=pytest.mark.interp),  # 2 segments of 20 steps: several iterations each
+    (3, False, 37, None), (4, True, 37, None), (4, False, 203, 4),
+])
+def test_conv_bidirectional_matches_torch_conv(W, time_major, L, programs, monkeypatch):
     """Both directions' conv + SiLU and all their gradients against torch's conv1d in float64: the backward
     kernel takes narrower convs as 4-tap ones with zero oldest taps. E = 20 and L = 37 fill neither a channel
-    block nor a tile; NaN lies past x."""
+    block nor a tile; NaN lies past x. The backward's L segments (each computing the 3 steps either side for
+    dx, and summing the weight gradients over its own steps) are 4 steps long at the default launch, or
+    longer with `programs` (fewer programs aimed at)."""
+    if programs is not None:
+        monkeypatch.setattr(triton_conv, "_BWD_PROGRAMS", programs)
     gen = torch.Generator(DEVICE).manual_seed(W)
-    Bsz, E, L = 2, 20, 37
+    Bsz, E = 2, 20
     x = torch.randn(Bsz, E, L, device=DEVICE, generator=gen)
     if time_major:
         x = _nan_padded(x.transpose(1, 2).contiguous()).transpose(1, 2)
