@@ -215,10 +215,18 @@ class ScalingConfig:
     """Worker-group restarts Ray attempts before the run fails."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one worker's device for MFU; None = looked up for known GPUs (bf16), none on CPU."""
+    collective_timeout_s: float | None = 600.0
+    """After each worker's first training step, every process group's collective timeout (the launcher's is 30
+    minutes): a rank that waits longer in a collective fails the group, which Ray restarts from the last
+    checkpoint. Raise it if a rank can legitimately lag the others that long (a very slow data source); None
+    keeps the launcher's."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError(f"scaling.num_workers: must be >= 1, got {self.num_workers}")
+        if self.collective_timeout_s is not None and self.collective_timeout_s <= 0:
+            raise ConfigError(f"scaling.collective_timeout_s: must be > 0 seconds or null (the launcher's timeout), "
+                              f"got {self.collective_timeout_s}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ same code runs in a single process, under torchrun, under DeepSpeed and inside R
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,27 @@ def ensure_process_group(backend: str) -> None:
         return
     os.environ.setdefault("LOCAL_RANK", "0")
     dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def set_collective_timeout(seconds: float) -> int:
+    """Give every process group of this process a collective timeout of `seconds`; returns how many groups.
+
+    Every group, not only the default one: DeepSpeed runs its reductions on groups of its own (a clone of the
+    world group for data parallelism). A rank that then waits longer than `seconds` in a collective fails: NCCL's
+    watchdog ends the process, gloo raises. So a hung or stalled rank stops the group in minutes, and Ray restarts
+    it from the last checkpoint, instead of every rank waiting out the launcher's timeout (Ray's TorchConfig: 30
+    minutes). torchtitan shortens its timeouts the same way once the first step is done.
+    """
+    if not is_distributed():
+        return 0
+    from torch.distributed import distributed_c10d as c10d
+
+    # torch has no public list of a process's groups; c10d's registry is what destroy_process_group walks.
+    groups = [pg for pg in c10d._world.pg_map if not c10d._rank_not_in_group(pg)]
+    set_timeout = getattr(dist, "set_timeout", None) or c10d._set_pg_timeout  # the public name is newer (2.12+)
+    for group in groups:
+        set_timeout(timedelta(seconds=seconds), group)
+    return len(groups)
 
 
 def local_rank() -> int:

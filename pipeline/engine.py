@@ -33,7 +33,14 @@ import torch
 
 from pipeline.checkpointing import CheckpointStore, LocalCheckpointStore, run_storage, write_run_record
 from pipeline.config import Config, to_yaml
-from pipeline.distributed import all_reduce_mean, ensure_process_group, get_rank, get_world_size, local_rank
+from pipeline.distributed import (
+    all_reduce_mean,
+    ensure_process_group,
+    get_rank,
+    get_world_size,
+    local_rank,
+    set_collective_timeout,
+)
 from pipeline.optim import build_optimizer, peak_lr
 from pipeline.profiling import StepProfiler
 from pipeline.tasks import build_task
@@ -212,6 +219,7 @@ class Trainer:
         self.evaluated_at: int | None = None
         self.loader_state: dict[str, Any] | None = None
         self.dense_grad_norm: float | None = None
+        self.collective_timeout_set = False
         run_id = self.restore() if cfg.checkpoint.resume else None
         self.train_loader = self.build_loader("train")
         if self.loader_state is not None:
@@ -423,6 +431,21 @@ class Trainer:
         self.window["steps"] += 1
         self.window["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         self.window["step_s"] += time.perf_counter() - start
+        if not self.collective_timeout_set:
+            self.shorten_collective_timeout()
+
+    def shorten_collective_timeout(self) -> None:
+        """After this process's first step, every process group gets `scaling.collective_timeout_s`. Not before:
+        that step builds the NCCL communicators and compiles the kernels, which may take any rank minutes."""
+        self.collective_timeout_set = True
+        seconds = self.cfg.scaling.collective_timeout_s
+        if seconds is None or self.world == 1:
+            return
+        groups = set_collective_timeout(seconds)
+        if self.is_main:
+            print(f"[{self.cfg.run_name}] collective timeout now {seconds:g} s on {groups} process groups "
+                  "(scaling.collective_timeout_s): a rank that waits longer in a collective fails the group",
+                  flush=True)
 
     # ------------------------------------------------------------------ metrics
 
