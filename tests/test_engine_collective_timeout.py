@@ -14,9 +14,8 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.test_engine_zero_ranks import free_port
+from tests._spawn import free_port, run_spawned
 
 TIMEOUT_S = 3.0
 STALL_S = 20.0
@@ -62,17 +61,7 @@ def run_rank(rank: int, out_dir: str, port: int) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_stalled_rank_fails_the_group_within_the_collective_timeout(tmp_path):
-    context = mp.start_processes(run_rank, args=(str(tmp_path), free_port()), nprocs=2, join=False,
-                                 start_method="spawn")  # fmt: skip
-    try:
-        deadline = time.monotonic() + 150
-        while not context.join(timeout=5):
-            assert time.monotonic() < deadline, "ranks did not finish within 150 s"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+    run_spawned(run_rank, (str(tmp_path), free_port()), nprocs=2, deadline_s=150)
 
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     # The launcher's groups (the default one and DeepSpeed's clone of it, at least) keep gloo's 30 minutes until

@@ -9,12 +9,11 @@ norm (both reduced over ranks by the engine) and the exported weights must agree
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from tests._spawn import free_port, run_spawned
 
 GLOBAL_MICRO_BATCH = 8
 ACCUM = 2
@@ -75,26 +74,10 @@ def run_worker(index: int, out_dir: str, port: int) -> None:
     torch.save(results, f"{out_dir}/results_{index}.pt")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_zero_1_2_3_on_two_ranks_equal_one_process(tmp_path):
-    context = mp.start_processes(run_worker, args=(str(tmp_path), free_port()), nprocs=3, join=False,
-                                 start_method="spawn")  # fmt: skip
-    try:
-        deadline = time.monotonic() + 200
-        while not context.join(timeout=5):
-            assert time.monotonic() < deadline, "workers did not finish within 200 s"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+    run_spawned(run_worker, (str(tmp_path), free_port()), nprocs=3, deadline_s=200)
 
     reference = torch.load(tmp_path / "results_2.pt")
     ranks = torch.load(tmp_path / "results_0.pt")
