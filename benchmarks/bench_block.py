@@ -8,6 +8,8 @@ bf16 activations under autocast, fp32 parameters, d_state 16. mamba-ssm is loade
 Each gets x and z in the layout its in_proj produces (one GEMM either way): ours, time-major halves of a
 (B, L, 2E) tensor, as models/bimamba.py passes them (output time-major, read by out_proj without a copy); the
 baseline, (B, E, L) contiguous, as mamba-ssm's Mamba computes W @ x^T.
+Times are device times of CUDA-graph replays (`_common.gpu_ms`), and of plain ("eager") calls beside them: those
+time the host instead when Python and the launches are slower than the kernels (ours at Ti 64f b4, round 11).
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_block.py [--shapes "S 8f b16" ...]
 """

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from models.ops import triton_math as fm
 
-# The forward: (E, L) tiles of 128 channels x 32 steps (a 256-byte time-major row a step). 1.4-1.5x faster than
-# round 2's 16 x 128 at every mixer shape (sweep_round11.txt run 10: S 8f b16 0.087 -> 0.062 ms).
+# The forward: (E, L) tiles of 128 channels x 32 steps (a 256-byte time-major row a step): 1.4-1.5x faster than
+# the former 16 x 128 at every mixer shape (sweep_round11.txt run 10: S 8f b16 0.087 -> 0.062 ms).
 _BLOCK_E = 128
 _BLOCK_L = 32
 # The backward: 128 channels a program on two warps, a step's row of them at a time, 4 steps unrolled an
