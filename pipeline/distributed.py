@@ -62,7 +62,8 @@ def set_collective_timeout(seconds: float) -> int:
 
     # torch has no public list of a process's groups; c10d's registry is what destroy_process_group walks.
     groups = [pg for pg in c10d._world.pg_map if not c10d._rank_not_in_group(pg)]
-    set_timeout = getattr(dist, "set_timeout", None) or c10d._set_pg_timeout  # the public name is newer (2.12+)
+    # The public name is newer than the private one (torchtitan's), which older torch releases have only.
+    set_timeout = getattr(dist, "set_timeout", None) or c10d._set_pg_timeout
     for group in groups:
         set_timeout(timedelta(seconds=seconds), group)
     return len(groups)

@@ -54,6 +54,9 @@ def test_range_checks_name_the_field():
         load_config(None, ["optim.max_steps=10", "optim.warmup_steps=20"])
     with pytest.raises(ConfigError, match=r"tracking\.log_interval"):
         load_config(None, ["tracking.log_interval=0"])
+    with pytest.raises(ConfigError, match=r"scaling\.collective_timeout_s: must be > 0 seconds or null"):
+        load_config(None, ["scaling.collective_timeout_s=0"])
+    assert load_config(None, ["scaling.collective_timeout_s=null"]).scaling.collective_timeout_s is None
 
 
 def test_unknown_task_lists_registered_tasks():
