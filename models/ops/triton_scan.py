@@ -191,11 +191,11 @@ def _tile_states(u, dt, Bt, A2, h0):
 
 
 @triton.jit
-def _fwd_tile_loads(c, L, u_ptr, d_ptr, B_ptr, C_ptr, z_ptr, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
-                    s_Cn, s_Cl, s_ze, s_zl, REVERSE: tl.constexpr, NEED_C: tl.constexpr, NEED_Z: tl.constexpr,
-                    T: tl.constexpr):
-    """Tile c's u, delta, B, C (NEED_C) and z (NEED_Z) as stored (0 past L); B and u stand in for C and z
-    when those are not needed."""
+def _fwd_tile_loads(c, L, u_ptr, d_ptr, B_ptr, C_ptr, z_ptr, o_ptr, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl, s_Bn,
+                    s_Bl, s_Cn, s_Cl, s_ze, s_zl, s_oe, s_ol, REVERSE: tl.constexpr, NEED_C: tl.constexpr,
+                    NEED_Z: tl.constexpr, NEED_OUT: tl.constexpr, T: tl.constexpr):
+    """Tile c's u, delta, B, C (NEED_C), z (NEED_Z) and the output so far (NEED_OUT: the first direction's, which
+    the second adds to) as stored (0 past L); B and u stand in for those not needed."""
     s = c * T + tl.arange(0, T)
     t = (L - 1 - s) if REVERSE else s
     m = (s < L)[:, None] & e_ok[None, :]
@@ -208,15 +208,19 @@ def _fwd_tile_loads(c, L, u_ptr, d_ptr, B_ptr, C_ptr, z_ptr, e, n, e_ok, n_ok, s
         Ct = tl.load(C_ptr + t[:, None] * s_Cl + n[None, :] * s_Cn, mask=mn, other=0.0)
     if NEED_Z:
         zt = tl.load(z_ptr + t[:, None] * s_zl + e[None, :] * s_ze, mask=m, other=0.0)
-    return u, d, Bt, Ct, zt
+    o = u
+    if NEED_OUT:
+        o = tl.load(o_ptr + t[:, None] * s_ol + e[None, :] * s_oe, mask=m, other=0.0)
+    return u, d, Bt, Ct, zt, o
 
 
 @triton.jit
-def _bwd_tile_loads(s, L, u_base, d_base, B_base, C_base, g_base, z_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl,
-                    s_Bn, s_Bl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE: tl.constexpr, HAS_Z: tl.constexpr,
-                    NEED_STATES: tl.constexpr):
-    """Steps s' u, delta, B, C, dout and z (u stands in for z without one) as stored, 0 outside [0, L).
-    Without NEED_STATES (the adjoint alone needs no state) u and B are not loaded (_state_loads)."""
+def _bwd_tile_loads(s, L, u_base, d_base, B_base, C_base, g_base, z_base, dz_base, e, n, e_ok, n_ok, s_ue, s_ul,
+                    s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, s_Ge, s_Gl, REVERSE: tl.constexpr,
+                    HAS_Z: tl.constexpr, NEED_STATES: tl.constexpr, NEED_DZ: tl.constexpr):
+    """Steps s' u, delta, B, C, dout, z and (NEED_DZ: the first direction's, which the second adds to) dz as
+    stored, 0 outside [0, L); u stands in for those not loaded. Without NEED_STATES (the adjoint alone needs no
+    state) u and B are not loaded (_state_loads)."""
     u, d, Bt = _state_loads(s, L, L, u_base, d_base, B_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl,
                             REVERSE, NEED_STATES)
     s_ok = (s >= 0) & (s < L)
@@ -224,10 +228,12 @@ def _bwd_tile_loads(s, L, u_base, d_base, B_base, C_base, g_base, z_base, e, n, 
     m = s_ok[:, None] & e_ok[None, :]
     Ct = tl.load(C_base + t[:, None] * s_Cl + n[None, :] * s_Cn, mask=s_ok[:, None] & n_ok[None, :], other=0.0)
     dout = tl.load(g_base + t[:, None] * s_gl + e[None, :] * s_ge, mask=m, other=0.0)
-    zt = u
+    zt, dz = u, u
     if HAS_Z:
         zt = tl.load(z_base + t[:, None] * s_zl + e[None, :] * s_ze, mask=m, other=0.0)
-    return u, d, Bt, Ct, dout, zt
+    if NEED_DZ:
+        dz = tl.load(dz_base + t[:, None] * s_Gl + e[None, :] * s_Ge, mask=m, other=0.0)
+    return u, d, Bt, Ct, dout, zt, dz
 
 
 @triton.jit
@@ -315,14 +321,18 @@ def _scan_fwd_kernel(
     # before tile c's scan, so their latency overlaps its compute. Past L they are masked off.
     NEED_C: tl.constexpr = not SUMMARY
     NEED_Z: tl.constexpr = HAS_Z and not SUMMARY
-    u_n, d_n, B_n, C_n, z_n = _fwd_tile_loads(c0, L, u_base, d_base, B_base, C_base, z_base, e, n, e_ok, n_ok,
-                                              s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ze, s_zl, REVERSE,
-                                              NEED_C, NEED_Z, T)
+    # The second direction's read of the first's output is prefetched too: loaded right before the add, it
+    # stalled every tile on a full memory latency (the bidirectional forward ran 1.2x the time of two
+    # independent scans at S 8f b16).
+    NEED_OUT: tl.constexpr = ACCUMULATE and not SUMMARY
+    o_base = out_ptr + b64 * s_ob
+    nxt = _fwd_tile_loads(c0, L, u_base, d_base, B_base, C_base, z_base, o_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de,
+                          s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ze, s_zl, s_oe, s_ol, REVERSE, NEED_C, NEED_Z, NEED_OUT, T)
     for c in range(c0, tl.minimum(c0 + seg_tiles, tl.cdiv(L, T))):
-        u_c, d_c, B_c, C_c, z_c = u_n, d_n, B_n, C_n, z_n
-        u_n, d_n, B_n, C_n, z_n = _fwd_tile_loads(c + 1, L, u_base, d_base, B_base, C_base, z_base, e, n, e_ok,
-                                                  n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ze, s_zl,
-                                                  REVERSE, NEED_C, NEED_Z, T)
+        u_c, d_c, B_c, C_c, z_c, o_c = nxt
+        nxt = _fwd_tile_loads(c + 1, L, u_base, d_base, B_base, C_base, z_base, o_base, e, n, e_ok, n_ok, s_ue, s_ul,
+                              s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ze, s_zl, s_oe, s_ol, REVERSE, NEED_C, NEED_Z,
+                              NEED_OUT, T)
         if STORE_STATES and not SUMMARY:
             if c % SAVE_EVERY == 0:
                 tl.store(st_plane[None, :, :] + (c // SAVE_EVERY) * BLOCK_N, h, mask=ne_ok[None, :, :])
@@ -342,10 +352,9 @@ def _scan_fwd_kernel(
             if HAS_Z:
                 zt = z_c.to(tl.float32)
                 y *= zt * fm.sigmoid(zt)
-            o_offs = out_ptr + b64 * s_ob + t[:, None] * s_ol + e[None, :] * s_oe
             if ACCUMULATE:
-                y += tl.load(o_offs, mask=m, other=0.0).to(tl.float32)
-            tl.store(o_offs, y.to(out_ptr.dtype.element_ty), mask=m)
+                y += o_c.to(tl.float32)
+            tl.store(o_base + t[:, None] * s_ol + e[None, :] * s_oe, y.to(out_ptr.dtype.element_ty), mask=m)
     if SUMMARY:
         _store_summary(seg_h_ptr, seg_dt_ptr, b64, n_seg, pid_s, tl.reshape(h, (BLOCK_N, BLOCK_E)), dt_sum, n, e,
                        ne_ok, e_ok, E, BLOCK_N)
@@ -446,9 +455,13 @@ def _scan_bwd_kernel(
     # Software pipelining by hand, as in the forward: each sub-tile's loads are issued one sub-tile ahead. The
     # sub-tile after the last of a chunk (in this reverse walk) is the first of the chunk before it, so the
     # prefetch runs on across chunks and the forward walk between them.
+    # The second direction's read of the first's dz is prefetched as well (read right before the add, it
+    # stalled every sub-tile on a full memory latency).
+    NEED_DZ: tl.constexpr = ACCUMULATE and HAS_Z
+    dz_base = dz_ptr + grad_base
     nxt = _bwd_tile_loads(((c_end - 1) * SUB + SUB - 1) * T + col, L, u_base, d_base, B_base, C_base, g_base,
-                          z_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ge,
-                          s_gl, s_ze, s_zl, REVERSE, HAS_Z, True)
+                          z_base, dz_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ge,
+                          s_gl, s_ze, s_zl, s_Ge, s_Gl, REVERSE, HAS_Z, True, NEED_DZ)
     for ci in range(c_end - c_begin):
         c = c_end - 1 - ci
         if SUB > 1:
@@ -487,10 +500,10 @@ def _scan_bwd_kernel(
             t = (L - 1 - s) if REVERSE else s
             m = s_ok[:, None] & e_ok[None, :]  # (T, E)
             mn = s_ok[:, None] & n_ok[None, :]  # (T, N)
-            u_c, d_c, B_c, C_c, g_c, z_c = nxt
-            nxt = _bwd_tile_loads(s - T, L, u_base, d_base, B_base, C_base, g_base, z_base, e, n, e_ok, n_ok, s_ue,
-                                  s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE, HAS_Z,
-                                  True)
+            u_c, d_c, B_c, C_c, g_c, z_c, dz_c = nxt
+            nxt = _bwd_tile_loads(s - T, L, u_base, d_base, B_base, C_base, g_base, z_base, dz_base, e, n, e_ok, n_ok,
+                                  s_ue, s_ul, s_de, s_dl, s_Bn, s_Bl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, s_Ge, s_Gl,
+                                  REVERSE, HAS_Z, True, NEED_DZ)
             Ct = fm.upcast(C_c)
             dout = g_c.to(tl.float32)
             zt = z_c.to(tl.float32)
@@ -509,7 +522,7 @@ def _scan_bwd_kernel(
                     y += D[None, :] * u
                 dz = dout * y * sig * (1.0 + zt * (1.0 - sig))
                 if ACCUMULATE:
-                    dz += tl.load(dz_ptr + grad_offs, mask=m, other=0.0).to(tl.float32)
+                    dz += dz_c.to(tl.float32)
                 tl.store(dz_ptr + grad_offs, dz.to(dz_ptr.dtype.element_ty), mask=m)
                 gy = dout * zt * sig
             else:
@@ -589,12 +602,14 @@ def _adjoint_summary_kernel(
     # Each tile's loads are issued one tile ahead, as in the backward (the last prefetch reads the
     # tile before the segment for nothing).
     s = s_begin + (n_tiles - 1) * T + col
-    nxt = _bwd_tile_loads(s, L, d_base, d_base, C_base, C_base, g_base, z_base, e, n, e_ok, n_ok, s_de, s_dl,
-                          s_de, s_dl, s_Cn, s_Cl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE, HAS_Z, False)
+    nxt = _bwd_tile_loads(s, L, d_base, d_base, C_base, C_base, g_base, z_base, d_base, e, n, e_ok, n_ok, s_de,
+                          s_dl, s_de, s_dl, s_Cn, s_Cl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, s_de, s_dl, REVERSE, HAS_Z,
+                          False, False)
     for _ in range(n_tiles):
-        _, d_c, _, C_c, g_c, z_c = nxt
-        nxt = _bwd_tile_loads(s - T, L, d_base, d_base, C_base, C_base, g_base, z_base, e, n, e_ok, n_ok, s_de,
-                              s_dl, s_de, s_dl, s_Cn, s_Cl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, REVERSE, HAS_Z, False)
+        _, d_c, _, C_c, g_c, z_c, _ = nxt
+        nxt = _bwd_tile_loads(s - T, L, d_base, d_base, C_base, C_base, g_base, z_base, d_base, e, n, e_ok, n_ok,
+                              s_de, s_dl, s_de, s_dl, s_Cn, s_Cl, s_Cn, s_Cl, s_ge, s_gl, s_ze, s_zl, s_de, s_dl,
+                              REVERSE, HAS_Z, False, False)
         m = (s < L)[:, None] & e_ok[None, :]
         dt, _ = _delta(d_c, m, bias[None, :], HAS_BIAS, SOFTPLUS)
         gy = g_c.to(tl.float32)
