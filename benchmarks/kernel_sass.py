@@ -30,7 +30,7 @@ _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _SIXTEEN_BIT = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
                 "dz_ptr", "x_ptr", "duf_ptr", "dub_ptr", "dx_ptr", "uf_ptr", "ub_ptr"}
 _FLAGS = dict(A_IS_LOG=True, REVERSE=False, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, ACCUMULATE=False,
-              ADD_OUT=False, ATOMIC=True)
+              ATOMIC_ADD=False)
 # Time-major channel strides, and B/C's state stride (x_proj's output is (B, L, R + 2N)).
 _UNIT_STRIDES = ("s_ue", "s_de", "s_ze", "s_oe", "s_ge", "s_Ge", "s_Bn", "s_Cn", "s_xe", "s_e")
 
