@@ -728,7 +728,9 @@ def _launch_directions(launches: list[list[tuple]], device: torch.device, side_b
             launch(kernels)
         return
     main = torch.cuda.current_stream(device)
-    side = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    side = _SIDE_STREAMS.get(device)
+    if side is None:  # created once: setdefault would build a stream every call
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     side.wait_stream(main)
     launch(launches[0])
     with torch.cuda.stream(side):
