@@ -2,9 +2,9 @@
 
 Every kernel change is judged this way (docs/performance.md, sweep_round*.txt): both versions time the same
 inputs alternately, `--reps` times, and the least time of each is kept, so the ratio is free of the drift between
-calls. One direction of the scan (time-major and (B, E, L) inputs) and the bidirectional mixer core, forward and
-forward + backward, on the gpu-baseline shapes; plus the bf16 error of every output and gradient against the
-fp32 reference at the first shape.
+calls. One direction of the scan and both directions in one call (each with time-major and with (B, E, L)
+inputs), and the bidirectional mixer core, forward and forward + backward, on the gpu-baseline shapes; plus the
+bf16 error of every output and gradient against the fp32 reference at the first shape.
 
     PYTHONPATH=.:benchmarks python benchmarks/ab_scan.py --base HEAD [--reps 3] [--shapes "S 8f b16" ...]
 
@@ -28,7 +28,15 @@ from pathlib import Path
 import torch
 from _common import SHAPES
 from bench_block import make_weights, time_block
-from bench_scan import as_time_major, error_vs_fp32_reference, make_inputs, time_scan
+from bench_scan import (
+    as_time_major,
+    bidirectional_args,
+    error_vs_fp32_reference,
+    make_inputs,
+    ours_bidirectional,
+    time_fwd_and_bwd,
+    time_scan,
+)
 
 import models.ops.triton_scan as working
 
@@ -103,6 +111,19 @@ def scan_rows(mods: dict, shape: tuple, time_major: bool, reps: int, sm_count: i
         print(f"    bf16 max rel err vs fp32 ref: base {err['base']:.3e} new {err['new']:.3e}", flush=True)
 
 
+def bidirectional_row(mods: dict, shape: tuple, time_major: bool, reps: int, sm_count: int) -> None:
+    """Both directions in one call: the mixer's scans without its glue, in either layout (round 12's side-by-side
+    forwards made the (B, E, L) call 2x slower while every single-direction and mixer row held)."""
+    name, Bsz, E, L, _ = shape
+    layout = as_time_major if time_major else dict
+    args = bidirectional_args(layout(make_inputs(Bsz, E, L)), layout(make_inputs(Bsz, E, L)))
+    dout = torch.randn_like(args[0])
+    cfg = working.default_config(16, Bsz * E, time_major, length=L, sm_count=sm_count)
+    timers = {tag: functools.partial(time_fwd_and_bwd, ours_bidirectional(mod, cfg), args, dout)
+              for tag, mod in mods.items()}
+    print(line("BI-TM " if time_major else "BI-BEL", name, best_of(reps, timers)), flush=True)
+
+
 def mixer_row(mods: dict, shape: tuple, reps: int, sm_count: int) -> None:
     name, Bsz, E, L, R = shape
     x_t, z_t = torch.randn(Bsz, L, 2 * E, device="cuda", dtype=torch.bfloat16).transpose(1, 2).chunk(2, dim=1)
@@ -139,6 +160,9 @@ def main() -> None:
         for time_major in () if args.mixer_only else (True, False):
             for i, shape in enumerate(shapes):
                 scan_rows(mods, shape, time_major, args.reps, sms, with_error=i == 0)
+                torch.cuda.empty_cache()
+            for shape in shapes:
+                bidirectional_row(mods, shape, time_major, args.reps, sms)
                 torch.cuda.empty_cache()
         for shape in shapes:
             mixer_row(mods, shape, args.reps, sms)

@@ -33,9 +33,10 @@ from _common import (
     write_results,
 )
 
+import models.ops.triton_scan as triton_scan
 from models.ops.ref import selective_scan_ref
 from models.ops.scan_launch import ScanConfig
-from models.ops.triton_scan import bidirectional_scan_triton, selective_scan_triton
+from models.ops.triton_scan import selective_scan_triton
 
 
 def make_inputs(Bsz: int, E: int, L: int, N: int = D_STATE) -> dict[str, torch.Tensor]:
@@ -139,38 +140,50 @@ def error_vs_fp32_reference(fns: dict[str, Callable], x: dict[str, torch.Tensor]
     return errors
 
 
+BIDIR_KEYS = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+def bidirectional_args(x: dict[str, torch.Tensor], x_b: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """bidirectional_scan's arguments as one list: the forward direction's 7 inputs, the backward's, then z."""
+    return [x[k] for k in BIDIR_KEYS] + [x_b[k] for k in BIDIR_KEYS] + [x["z"]]
+
+
+def ours_bidirectional(module, cfg: ScanConfig) -> Callable:
+    """`module`'s bidirectional_scan_triton (the working copy's, or a base revision's in ab_scan.py) over the flat
+    arguments of bidirectional_args."""
+    return lambda *a: module.bidirectional_scan_triton(a[:7], a[7:14], a[14], True, config=cfg)
+
+
+def time_fwd_and_bwd(fn: Callable, args: list[torch.Tensor], dout: torch.Tensor) -> tuple[float, float]:
+    """(fwd, fwd+bwd) device ms of fn(*args): the forward without grad, then the forward and the gradient of
+    every argument."""
+    leaves = [t.detach().requires_grad_() for t in args]
+
+    def fwd() -> None:
+        with torch.no_grad():
+            fn(*args)
+
+    return gpu_ms(fwd), gpu_ms(lambda: torch.autograd.grad(fn(*leaves), leaves, dout))
+
+
 def bidirectional(mamba: Callable | None, x: dict[str, torch.Tensor], x_b: dict[str, torch.Tensor],
                   cfg: ScanConfig, time_major: bool = False) -> dict[str, float]:
     """Both directions of the mixer's scan: ours in one call without flipped copies (inputs time-major if asked),
     against two mamba-ssm calls with flips of the backward direction's inputs and output (as VideoMamba runs
     them)."""
-    keys = ("u", "delta", "A", "B", "C", "D", "delta_bias")
-
-    def ours(*a):
-        return bidirectional_scan_triton(a[:7], a[7:14], a[14], True, config=cfg)
-
     def theirs(*a):
         u, delta, A, B, C, D, bias = a[7:14]
         flip = lambda t: t.flip(-1)  # noqa: E731
         back = mamba(flip(u), flip(delta), A, flip(B), flip(C), D, flip(a[14]), bias, True)
         return mamba(*a[:5], a[5], a[14], a[6], True) + flip(back)
 
-    def inputs(layout: Callable) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        xf, xb = layout(x), layout(x_b)
-        args = [xf[k] for k in keys] + [xb[k] for k in keys] + [xf["z"]]
-        return args, [t.detach().requires_grad_() for t in args], torch.randn_like(xf["u"])
-
     row = {}
+    ours = ours_bidirectional(triton_scan, cfg)
     for name, fn in (("ours", ours), ("mamba", theirs)) if mamba is not None else (("ours", ours),):
-        args, leaves, dout = inputs(as_time_major if time_major and name == "ours" else dict)
-
-        def fwd(fn=fn, args=args) -> None:
-            with torch.no_grad():
-                fn(*args)
-
-        row[f"bidir {name} fwd ms"] = gpu_ms(fwd)
-        row[f"bidir {name} fwd+bwd ms"] = gpu_ms(
-            lambda fn=fn, leaves=leaves, dout=dout: torch.autograd.grad(fn(*leaves), leaves, dout))
+        layout = as_time_major if time_major and name == "ours" else dict
+        args = bidirectional_args(layout(x), layout(x_b))
+        row[f"bidir {name} fwd ms"], row[f"bidir {name} fwd+bwd ms"] = time_fwd_and_bwd(
+            fn, args, torch.randn_like(args[0]))
     if mamba is not None:
         row["bidir speedup fwd"] = row["bidir mamba fwd ms"] / row["bidir ours fwd ms"]
         row["bidir speedup fwd+bwd"] = row["bidir mamba fwd+bwd ms"] / row["bidir ours fwd+bwd ms"]
