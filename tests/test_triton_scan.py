@@ -362,6 +362,24 @@ def test_bimamba_inner_time_major(poison_empty, Bsz, E, L, dtype, tol, config):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side-by-side forwards run on CUDA only")
+def test_bimamba_inner_side_by_side_forward_is_deterministic():
+    """With a time-major output the two directions' forwards run at once and add into it atomically, in whatever
+    order they arrive (_launch_directions). Two 16-bit values added into zero round the same either way, so
+    repeated calls must agree bit for bit, with the model's split 64-frame launch too."""
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    E, L = 64, 3137  # L split into segments by default_config at this row count
+    fwd, bwd = _direction_weights(E, 16, 4, 4, gen), _direction_weights(E, 16, 4, 4, gen)
+    xz = torch.randn(2, L, 2 * E, device=DEVICE, generator=gen).to(torch.bfloat16)
+    x, z = xz.transpose(1, 2).chunk(2, dim=1)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        outs = [bimamba_inner_triton(x, z, DirectionWeights(*fwd), DirectionWeights(*bwd)) for _ in range(5)]
+    assert outs[0].stride(1) == 1, "the output should be time-major, the side-by-side layout"
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+
+
+@pytest.mark.gpu
 @needs_kernel_device
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_bimamba_inner_split_length(poison_empty, dtype, tol):
