@@ -666,8 +666,9 @@ def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None,
     out = empty_like_layout(u0, u0.dtype)
     # Both directions at once only where the output is time-major: there each lane adds 4 adjacent channels in one
     # instruction (REDG.ADD.BF16x4 in the sm_90 SASS). Into (B, E, L) rows the atomic adds made the bidirectional
-    # forward 1.9-2.2x slower (round 12).
-    side_by_side = len(dirs) > 1 and u0.is_cuda and is_time_major(out)
+    # forward 1.9-2.2x slower (round 12). NVIDIA only, where the 16-bit atomics were measured; ROCm keeps the
+    # sequential add, as it keeps a scratch slot a program in the backward.
+    side_by_side = len(dirs) > 1 and u0.is_cuda and torch.version.hip is None and is_time_major(out)
     if side_by_side:
         out.zero_()  # both directions add into it
     zz = z if z is not None else out
