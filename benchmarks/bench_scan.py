@@ -71,19 +71,9 @@ def time_scan(fn: Callable, x: dict[str, torch.Tensor], with_bwd: bool = True, e
               ) -> tuple[float, float]:
     """(fwd, fwd+bwd) milliseconds of `fn` on x: device time from CUDA-graph replay (gpu_ms), or with `eager`
     plain calls (bench_ms; the PyTorch reference, whose thousands of small kernels make a graph impractical)."""
-    timer = bench_ms if eager else gpu_ms
     args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-
-    def fwd() -> None:
-        with torch.no_grad():
-            fn(*args, True)
-
-    t_fwd = timer(fwd)
-    if not with_bwd:
-        return t_fwd, float("nan")
-    leaves = [t.detach().requires_grad_() for t in args]
-    dout = torch.randn_like(x["u"])
-    return t_fwd, timer(lambda: torch.autograd.grad(fn(*leaves, True), leaves, dout))
+    return time_fwd_and_bwd(lambda *a: fn(*a, True), args, torch.randn_like(x["u"]),
+                            timer=bench_ms if eager else gpu_ms, with_bwd=with_bwd)
 
 
 def compare(ours: Callable, theirs: Callable, x: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -154,16 +144,20 @@ def ours_bidirectional(module, cfg: ScanConfig) -> Callable:
     return lambda *a: module.bidirectional_scan_triton(a[:7], a[7:14], a[14], True, config=cfg)
 
 
-def time_fwd_and_bwd(fn: Callable, args: list[torch.Tensor], dout: torch.Tensor) -> tuple[float, float]:
-    """(fwd, fwd+bwd) device ms of fn(*args): the forward without grad, then the forward and the gradient of
-    every argument."""
-    leaves = [t.detach().requires_grad_() for t in args]
-
+def time_fwd_and_bwd(fn: Callable, args: list[torch.Tensor], dout: torch.Tensor, timer: Callable | None = None,
+                     with_bwd: bool = True) -> tuple[float, float]:
+    """(fwd, fwd+bwd) ms of fn(*args) by `timer` (gpu_ms unless given): the forward without grad, then (with_bwd,
+    else nan) the forward and the gradient of every argument."""
+    timer = timer or gpu_ms
     def fwd() -> None:
         with torch.no_grad():
             fn(*args)
 
-    return gpu_ms(fwd), gpu_ms(lambda: torch.autograd.grad(fn(*leaves), leaves, dout))
+    t_fwd = timer(fwd)
+    if not with_bwd:
+        return t_fwd, float("nan")
+    leaves = [t.detach().requires_grad_() for t in args]
+    return t_fwd, timer(lambda: torch.autograd.grad(fn(*leaves), leaves, dout))
 
 
 def bidirectional(mamba: Callable | None, x: dict[str, torch.Tensor], x_b: dict[str, torch.Tensor],
