@@ -6,7 +6,8 @@ bf16 as DeepSpeed's bf16 mode does (the teacher frozen), with the Triton scan an
 - full step: teacher forward + attention-mask sampling + student fwd/bwd at the config's 80% masking + AdamW;
 - the teacher forward alone;
 - the student step (the same step on cached teacher outputs) at 80% masking and unmasked (all 1 + T*P tokens).
-CUDA events, median of --steps after --warmup steps; peak memory of a full step and of an unmasked one.
+CUDA events, median of --steps after --warmup steps; peak memory of a full step and of an unmasked one. On a GPU,
+all of it again with `model.cuda_graph=true` (the student replayed from CUDA graphs), in the same process.
 
     PYTHONPATH=.:benchmarks HF_HUB_OFFLINE=1 python benchmarks/bench_masked.py [--configs ti s]
     # CPU smoke test: --model videomamba_test --img-size 32 --batch 2 --steps 2 --device cpu --backend ref
@@ -87,9 +88,11 @@ def peak_gib(fn: Callable[[], object], device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def bench_config(stem: str, args: argparse.Namespace, device: torch.device) -> dict:
+def build(stem: str, args: argparse.Namespace, device: torch.device, cuda_graph: bool):
+    """The stage config's task (cast as the engine casts it), its optimizer and the config."""
     overrides = [f"model.scan_backend={args.backend}", "task.teacher.pretrained=null",
-                 f"data.batch_size={args.batch}", f"model.img_size={args.img_size}", f"data.img_size={args.img_size}"]
+                 f"data.batch_size={args.batch}", f"model.img_size={args.img_size}", f"data.img_size={args.img_size}",
+                 f"model.cuda_graph={str(cuda_graph).lower()}"]
     if args.model:
         overrides.append(f"model.name={args.model}")
     cfg = load_config(CONFIGS / f"pretrain_mask_{stem}.yaml", overrides)
@@ -97,7 +100,12 @@ def bench_config(stem: str, args: argparse.Namespace, device: torch.device) -> d
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the engine's rule
     task = build_task(cfg).to(device=device, dtype=dtype).train()
     optimizer, _ = build_optimizer(task, cfg.optim, peak_lr(cfg.optim, args.batch))
-    video = torch.randn(args.batch, 3, cfg.data.num_frames, args.img_size, args.img_size, device=device, dtype=dtype)
+    return task, optimizer, cfg
+
+
+def time_steps(task: MaskedAlignmentTask, optimizer, video: torch.Tensor, args: argparse.Namespace,
+               device: torch.device) -> dict[str, float | None]:
+    """The full step, the teacher forward, and the student step masked and unmasked (on cached teacher outputs)."""
     batch = {"video": video}
 
     def step() -> None:
@@ -108,25 +116,46 @@ def bench_config(stem: str, args: argparse.Namespace, device: torch.device) -> d
     def timed(fn: Callable[[], object]) -> float:
         return median_ms(fn, args.warmup, args.steps, device)
 
+    # Peaks from each kind of step's first call: with model.cuda_graph that call captures the graphs, whose memory
+    # pool then holds the activations across replays, which allocate nothing new.
+    times = {"peak GiB": peak_gib(step, device), "step ms": timed(step)}
+    with torch.no_grad():
+        times["teacher fwd ms"] = timed(lambda: task.teacher(video))
+    mask_type = task.mask_type
+    with cached_teacher(task, video):
+        times["student step ms (masked)"] = timed(step)
+        task.mask_type = "none"
+        times["peak GiB (no mask)"] = peak_gib(step, device)
+        times["student step ms (no mask)"] = timed(step)
+        task.mask_type = mask_type
+    return times
+
+
+def bench_config(stem: str, args: argparse.Namespace, device: torch.device) -> dict:
+    task, optimizer, cfg = build(stem, args, device, cuda_graph=False)
+    video = torch.randn(args.batch, 3, cfg.data.num_frames, args.img_size, args.img_size, device=device,
+                        dtype=next(task.parameters()).dtype)
     T, P = task.student.num_frames, task.student.num_patches
     row = {"model": cfg.model.name, "batch": args.batch, "mask ratio": cfg.data.mask.ratio,
            "tokens (masked / all)": f"{1 + T * num_visible(P, cfg.data.mask.ratio)} / {1 + T * P}"}
-    row["step ms"] = timed(step)
-    row["peak GiB"] = peak_gib(step, device)
-    with torch.no_grad():
-        row["teacher fwd ms"] = timed(lambda: task.teacher(video))
-    with cached_teacher(task, video):
-        row["student step ms (masked)"] = timed(step)
-        task.mask_type = "none"
-        row["student step ms (no mask)"] = timed(step)
-        row["peak GiB (no mask)"] = peak_gib(step, device)
-        task.mask_type = cfg.data.mask.type
+    row.update(time_steps(task, optimizer, video, args, device))
     row["clips/s"] = args.batch / row["step ms"] * 1e3
     row["teacher share"] = row["teacher fwd ms"] / row["step ms"]
     row["student share"] = row["student step ms (masked)"] / row["step ms"]
     row["student clips/s (masked)"] = args.batch / row["student step ms (masked)"] * 1e3
     row["student clips/s (no mask)"] = args.batch / row["student step ms (no mask)"] * 1e3
     row["masked / unmasked clips/s"] = row["student clips/s (masked)"] / row["student clips/s (no mask)"]
+    if device.type == "cuda":  # the same steps with the student replayed from CUDA graphs (model.cuda_graph)
+        del task, optimizer
+        torch.cuda.empty_cache()
+        task, optimizer, _ = build(stem, args, device, cuda_graph=True)
+        graphs = time_steps(task, optimizer, video, args, device)
+        row.update({f"{key}, graphs": value for key, value in graphs.items()})
+        row["clips/s, graphs"] = args.batch / graphs["step ms"] * 1e3
+        row["graphs speedup (step)"] = row["step ms"] / graphs["step ms"]
+        row["graphs speedup (student, masked)"] = row["student step ms (masked)"] / graphs["student step ms (masked)"]
+        row["masked / unmasked clips/s, graphs"] = (graphs["student step ms (no mask)"]
+                                                    / graphs["student step ms (masked)"])
     print(row, flush=True)
     return row
 
@@ -154,6 +183,11 @@ def main() -> None:
     notes = [f"Step = teacher forward + mask sampling + student fwd/bwd + AdamW, {args.batch} clips. Shares are "
              "the teacher forward and the student step (on cached teacher outputs) over the full step. "
              f"Target: masked / unmasked student clips/s >= {TARGET_SPEEDUP:g}."]
+    if device.type == "cuda":
+        columns += ["step ms, graphs", "clips/s, graphs", "graphs speedup (step)", "graphs speedup (student, masked)",
+                    "masked / unmasked clips/s, graphs", "peak GiB, graphs"]
+        notes.append("graphs: the same steps with model.cuda_graph=true, the student's forward and backward "
+                     "replayed from CUDA graphs (pipeline/cuda_graph.py); same process, same inputs.")
     write_results("masked", rows, columns, "Stage 1 training step: CLIP teacher + masked VideoMamba student",
                   setup=setup, results_dir=args.results_dir, notes=notes)
 

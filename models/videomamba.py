@@ -34,6 +34,24 @@ class Features:
         return self.tokens_BLD[:, 0]
 
 
+def visible_index(keep_BL: Tensor) -> Tensor:
+    """(B, K) positions of the kept tokens, in order, from a (B, P) bool keep mask that keeps the same K in
+    every row. Checking that costs one host sync: a ragged batch cannot be packed into (B, K, D)."""
+    counts = keep_BL.sum(dim=1)
+    if (counts != counts[0]).any():
+        raise ValueError(f"every clip must keep the same number of tokens; got counts {counts.tolist()}")
+    # A stable sort puts the kept positions first, in their original order.
+    order_BP = torch.sort(keep_BL.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    return order_BP[:, :int(counts[0])]
+
+
+def gather_tokens(x_BLD: Tensor, index_BK: Tensor) -> Tensor:
+    """CLS + the patch tokens at index_BK (positions among the patches, as VideoMamba.visible_index gives them):
+    (..., B, 1 + K, D). x may carry leading dims (e.g. K layers of targets). A gather: no host sync."""
+    index_BKD = index_BK.to(x_BLD.device)[..., None].expand(*x_BLD.shape[:-3], *index_BK.shape, x_BLD.shape[-1])
+    return torch.cat([x_BLD[..., :1, :], x_BLD[..., 1:, :].gather(-2, index_BKD)], dim=-2)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: zero a whole sample's branch with probability p, scale survivors by 1/(1-p)."""
 
@@ -160,12 +178,29 @@ class VideoMamba(nn.Module):
     def forward_features(self, video_BCTHW: Tensor, keep_BL: Tensor | None = None,
                          return_residuals: Iterable[int] = ()) -> Features:
         """Run the backbone on all tokens, or on the visible ones (keep_BL True; CLS always kept)."""
+        index_BK = None if keep_BL is None else self.visible_index(keep_BL)
+        return self.forward_visible(video_BCTHW, index_BK, return_residuals)
+
+    def visible_index(self, keep_BL: Tensor) -> Tensor:
+        """`visible_index` of a (B, T'*P) keep mask, checked against this model's token grid."""
+        patches = self.grid[0] * self.num_patches
+        if keep_BL.dtype != torch.bool or keep_BL.dim() != 2 or keep_BL.shape[1] != patches:
+            raise ValueError(f"keep_BL must be a bool tensor of shape (B, T'*P) = (B, {patches}); "
+                             f"got {keep_BL.dtype} {tuple(keep_BL.shape)}")
+        return visible_index(keep_BL)
+
+    def forward_visible(self, video_BCTHW: Tensor, index_BK: Tensor | None,
+                        return_residuals: Iterable[int] = ()) -> Features:
+        """forward_features on CLS + the patch tokens at index_BK ((B, K) from `visible_index`; None: all). No
+        host sync and no data-dependent shape, so a CUDA graph can capture it (pipeline/cuda_graph.py)."""
         wanted = set(return_residuals)
         if not wanted <= set(range(self.depth + 1)):
             raise ValueError(f"return_residuals must be layer indices in [0, {self.depth}]; got {sorted(wanted)}")
         x_BLD = self.embed(video_BCTHW)
-        if keep_BL is not None:
-            x_BLD = self._gather_visible(x_BLD, keep_BL)
+        if index_BK is not None:
+            if index_BK.shape[0] != x_BLD.shape[0]:
+                raise ValueError(f"index_BK has {index_BK.shape[0]} rows for a batch of {x_BLD.shape[0]} clips")
+            x_BLD = gather_tokens(x_BLD, index_BK)
         hidden_BLD, residual_BLD = self.pos_drop(x_BLD), None
         residuals: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
@@ -186,18 +221,6 @@ class VideoMamba(nn.Module):
         if video.dim() != 5 or tuple(video.shape[1:]) != expected:
             raise ValueError(f"video must be (B, C, T, H, W) = (B, {', '.join(map(str, expected))}) for this "
                              f"model; got {tuple(video.shape)}. Build the model with matching num_frames/img_size.")
-
-    def _gather_visible(self, x_BLD: Tensor, keep_BL: Tensor) -> Tensor:
-        """CLS + the kept patch tokens in their original order: (B, 1 + K, D)."""
-        B, L, D = x_BLD.shape
-        if keep_BL.dtype != torch.bool or tuple(keep_BL.shape) != (B, L - 1):
-            raise ValueError(f"keep_BL must be a bool tensor of shape (B, T'*P) = ({B}, {L - 1}); "
-                             f"got {keep_BL.dtype} {tuple(keep_BL.shape)}")
-        counts = keep_BL.sum(dim=1)
-        if (counts != counts[0]).any():  # a host sync, but a ragged batch cannot be packed into (B, K, D)
-            raise ValueError(f"every clip must keep the same number of tokens; got counts {counts.tolist()}")
-        patches_BKD = x_BLD[:, 1:][keep_BL.to(x_BLD.device)].view(B, -1, D)
-        return torch.cat([x_BLD[:, :1], patches_BKD], dim=1)
 
 
 def _segm_init(m: nn.Module) -> None:

@@ -50,13 +50,19 @@ class ModelConfig:
     drop_path_rate: float | None = None
     """Stochastic-depth rate of the last block (linear schedule)."""
     scan_backend: Literal["auto", "ref", "triton", "cuda"] = "auto"
-    """Selective-scan kernel: auto = mamba-ssm's CUDA kernel on GPU when installed, else triton, else the reference."""
+    """Selective-scan kernel: auto = our Triton kernels on a GPU, the PyTorch reference on CPU; cuda = mamba-ssm's
+    CUDA kernel (installed separately)."""
     use_checkpoint: bool = False
     """Recompute the mixers of the first `checkpoint_num` blocks in backward (saves activation memory)."""
     checkpoint_num: int = 0
     """How many leading blocks' mixers gradient checkpointing covers."""
     pretrained: str | None = None
     """Initial weights: a file (official VideoMamba layout or a stage export), or None for random init."""
+    cuda_graph: Literal["auto", True, False] = "auto"
+    """Replay the student's training forward + backward from CUDA graphs, captured at the first step of each batch
+    shape (pipeline/cuda_graph.py): the masked Stage 1 student is bound by the host without them. auto = wherever
+    they work: the masked_alignment task training on a GPU, without use_checkpoint or ZeRO-3; true = demand them
+    (an error where they cannot work); false = eager."""
 
     def build_kwargs(self) -> dict[str, Any]:
         """The keyword overrides for `models.create_model`, leaving registry defaults where unset."""
@@ -317,6 +323,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        self._check_cuda_graph()
         last_profiled = self.tracking.profile_start + self.tracking.profile_steps - 1
         if self.tracking.profile_start and last_profiled > self.optim.max_steps:
             raise ConfigError(
@@ -324,6 +331,27 @@ class Config:
                 f"{self.tracking.profile_steps} profiles up to step {last_profiled}, past optim.max_steps="
                 f"{self.optim.max_steps}; start the window earlier"
             )
+
+    def _check_cuda_graph(self) -> None:
+        if self.model.cuda_graph is not True:  # auto falls back to eager steps where graphs cannot work
+            return
+        if self.task.name != "masked_alignment":
+            raise ConfigError(f"model.cuda_graph: only the masked_alignment task (Stage 1) replays its student from "
+                              f"CUDA graphs; task {self.task.name!r} runs eagerly: set model.cuda_graph=false")
+        if self.model.use_checkpoint:
+            raise ConfigError("model.cuda_graph with model.use_checkpoint: a graph keeps every activation of the "
+                              "captured step, so recomputing them saves nothing; set one of them false")
+        if self.deepspeed.zero_stage == 3:
+            raise ConfigError("model.cuda_graph with deepspeed.zero_stage=3: ZeRO-3 gathers and frees the parameters "
+                              "with hooks around every module, which a captured graph would skip; use zero_stage "
+                              "1 or 2")
+
+    def cuda_graph_wanted(self) -> bool:
+        """Whether the task should replay its student from CUDA graphs when it trains on a GPU."""
+        if self.model.cuda_graph == "auto":
+            return (self.task.name == "masked_alignment" and not self.model.use_checkpoint
+                    and self.deepspeed.zero_stage != 3)
+        return self.model.cuda_graph
 
     @property
     def run_name(self) -> str:

@@ -30,7 +30,9 @@ from torch import Tensor, nn
 
 from models import Features
 from models.teachers import CLIPTeacher, build_clip_teacher, teacher_patch_size
+from models.videomamba import gather_tokens, visible_index
 from pipeline.config import ConfigError, TaskConfig, register_task_config
+from pipeline.cuda_graph import GraphedTrainingStep
 from pipeline.losses import cosine_alignment_loss
 from pipeline.tasks import Task, register_task
 from pipeline.tasks.attention_mask import AttentionMasker
@@ -112,9 +114,19 @@ def visible_tokens(x_BLC: Tensor, keep_BL: Tensor | None) -> Tensor:
     """
     if keep_BL is None:
         return x_BLC
-    *lead, B, L, C = x_BLC.shape
-    keep_with_cls = torch.cat([keep_BL.new_ones(B, 1), keep_BL], dim=1).to(x_BLC.device)
-    return x_BLC[..., keep_with_cls, :].reshape(*lead, B, -1, C)
+    return gather_tokens(x_BLC, visible_index(keep_BL))
+
+
+class StudentOutputs(nn.Module):
+    """The student's tokens and residual taps on the visible tokens, as the tuple of tensors a CUDA graph captures."""
+
+    def __init__(self, student: nn.Module, residual_indices: list[int]) -> None:
+        super().__init__()
+        self.student, self.residual_indices = student, residual_indices
+
+    def forward(self, video_BCTHW: Tensor, index_BK: Tensor | None = None) -> tuple[Tensor, ...]:
+        features = self.student.forward_visible(video_BCTHW, index_BK, self.residual_indices)
+        return (features.tokens_BLD, *(features.residuals[i] for i in self.residual_indices))
 
 
 class MaskedAlignmentTask(Task):
@@ -122,7 +134,8 @@ class MaskedAlignmentTask(Task):
 
     def __init__(self, student: nn.Module, teacher: CLIPTeacher, align_layers: list[int],
                  student_feature: str = "final_norm", head_pos_embed: bool = True, mask_type: str = "attention",
-                 mask_ratio: float = 0.8, seed: int = 0, export_meta: dict[str, Any] | None = None) -> None:
+                 mask_ratio: float = 0.8, seed: int = 0, export_meta: dict[str, Any] | None = None,
+                 cuda_graph: bool = False, cuda_graph_required: bool = False) -> None:
         super().__init__()
         depth = student.depth
         if any(not -depth <= i < depth for i in align_layers):
@@ -153,17 +166,23 @@ class MaskedAlignmentTask(Task):
             if self.align_layers == [depth - 1]:
                 student.norm_f.requires_grad_(False)
         self._export_meta = dict(export_meta or {})
+        # A plain attribute, not a submodule: it holds no weights of its own, only graphs over the student's.
+        self._graphed_student = None
+        if cuda_graph:
+            self._graphed_student = GraphedTrainingStep(StudentOutputs(student, self._residual_indices()),
+                                                        "the student", required=cuda_graph_required)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         video_BCTHW = batch["video"]
         teacher_out = self.teacher(video_BCTHW)
         keep_BL = self._keep_mask(batch, teacher_out.cls_attn_BTP)
-        features = self.student.forward_features(video_BCTHW, keep_BL=keep_BL,
-                                                 return_residuals=self._residual_indices())
-        targets_KBVC = visible_tokens(teacher_out.targets_KBLC, keep_BL)
-        pos_BVD = None
-        if self.head_pos_LD is not None:
-            pos_BVD = visible_tokens(self.head_pos_LD.expand(len(video_BCTHW), -1, -1), keep_BL)
+        index_BK = None if keep_BL is None else self.student.visible_index(keep_BL).to(video_BCTHW.device)
+        features = self._student_features(video_BCTHW, index_BK)
+        targets_KBVC = teacher_out.targets_KBLC
+        pos_BVD = None if self.head_pos_LD is None else self.head_pos_LD.expand(len(video_BCTHW), -1, -1)
+        if index_BK is not None:
+            targets_KBVC = gather_tokens(targets_KBVC, index_BK)
+            pos_BVD = None if pos_BVD is None else gather_tokens(pos_BVD, index_BK)
         parts = {}
         for k, (layer, head) in enumerate(zip(self.align_layers, self.clip_decoder, strict=True)):
             x_BVD = self._student_tokens(features, layer)
@@ -196,6 +215,14 @@ class MaskedAlignmentTask(Task):
             raise ValueError(f"data.mask.type={self.mask_type!r} is a data-side mask, but the batch has no 'keep' "
                              "entry; build the loader from the same data config (pipeline.data.build_loader)")
         return keep_BL.to(cls_attn_BTP.device)
+
+    def _student_features(self, video_BCTHW: Tensor, index_BK: Tensor | None) -> Features:
+        """The student on the visible tokens: replayed from CUDA graphs when model.cuda_graph is set and training."""
+        if self._graphed_student is None or not self.training:
+            return self.student.forward_visible(video_BCTHW, index_BK, self._residual_indices())
+        inputs = (video_BCTHW,) if index_BK is None else (video_BCTHW, index_BK)
+        tokens_BLD, *residuals = self._graphed_student(*inputs)
+        return Features(tokens_BLD, dict(zip(self._residual_indices(), residuals, strict=True)))
 
     def _residual_indices(self) -> list[int]:
         """Residuals needed: the output of block j is the residual entering block j + 1."""
@@ -255,4 +282,6 @@ def build(cfg) -> MaskedAlignmentTask:
         mask_ratio=cfg.data.mask.ratio,
         seed=cfg.seed,
         export_meta=meta,
+        cuda_graph=cfg.cuda_graph_wanted(),
+        cuda_graph_required=cfg.model.cuda_graph is True,
     )

@@ -1,0 +1,154 @@
+"""Replay a training forward and backward as two CUDA graphs (`model.cuda_graph`, docs/stages.md).
+
+A masked Stage 1 student sees ~20% of the tokens, so each of its kernels is small and the step is bound by the
+host: Python, autograd and a few hundred kernel launches a step, not the GPU (docs/performance.md). Captured once
+per input shape, the forward and the backward each become one graph launch.
+
+`GraphedTrainingStep(module)` wraps a module whose `forward(*inputs)` returns a tuple of tensors, with static
+shapes and no host sync. Called with grad enabled on CUDA tensors, it replays the graphs inside one autograd
+node; otherwise it runs the module eagerly. The capture follows torch.cuda.make_graphed_callables (warm-up on a
+side stream, then both captures in one memory pool), with three differences:
+- the graphs run the module on detached aliases of its parameters, so hooks that a trainer puts on the
+  parameters (DeepSpeed ZeRO-2's gradient reduction) run after the replay, as in an eager step, not inside the
+  capture;
+- the parameter gradients are returned as copies. make_graphed_callables returns views of its static buffers,
+  which autograd may install as `.grad` itself; the next backward replay then overwrites that `.grad` in place,
+  so gradient accumulation over micro-batches would double-count;
+- one capture per input shape (and dtype), so a short last batch gets its own graphs rather than an error.
+
+The parameters are read in place on every replay, so optimizer updates and checkpoint loads that copy into them
+are seen; rebinding a parameter's storage (`p.data = ...`) after the capture is not, and the parameters that get
+gradients are the ones that required grad at the capture. Random ops inside the module (drop path) draw fresh
+numbers on every replay: torch.cuda.graph registers the default CUDA generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+# Eager fwd+bwd passes before a capture, on the capture's side stream: they compile Triton kernels, initialise
+# cuBLAS workspaces and settle the caching allocator (torch's make_graphed_callables uses 3).
+WARMUP_PASSES = 3
+# Each capture holds its own activations; more shapes than this usually means a data pipeline that varies the
+# batch shape, which a graph cannot follow cheaply.
+MAX_CAPTURES = 4
+
+
+@dataclass
+class _Capture:
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    grad_outputs: tuple[Tensor | None, ...]  # None where the output needs no gradient
+    params: tuple[nn.Parameter, ...]  # the trainable parameters at capture: the ones that get gradients
+    param_grads: tuple[Tensor | None, ...]  # None for parameters that the module does not use
+    forward: torch.cuda.CUDAGraph
+    backward: torch.cuda.CUDAGraph
+
+
+class GraphedTrainingStep:
+    """module(*inputs) replayed from CUDA graphs when training on a GPU; see the module docstring."""
+
+    def __init__(self, module: nn.Module, name: str = "model", required: bool = False) -> None:
+        """`required`: on CPU inputs raise (model.cuda_graph=true) rather than run eagerly (auto)."""
+        self.module, self.name, self.required = module, name, required
+        self._captures: dict[tuple, _Capture] = {}
+
+    def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        on_gpu = all(x.is_cuda for x in inputs)
+        if self.required and not on_gpu:
+            raise RuntimeError(f"model.cuda_graph=true: {self.name}'s inputs are on {inputs[0].device}, and CUDA "
+                               "graphs need a GPU; set model.cuda_graph=auto or false for CPU runs")
+        if not torch.is_grad_enabled() or not on_gpu:
+            return tuple(self.module(*inputs))  # evaluation, or a CPU run: eager
+        if any(x.requires_grad for x in inputs):
+            raise ValueError(f"model.cuda_graph: {self.name}'s graphed inputs must not require grad (only its "
+                             "parameters get gradients)")
+        key = tuple((tuple(x.shape), x.dtype, x.device) for x in inputs)
+        capture = self._captures.get(key)
+        if capture is None:
+            capture = self._capture(inputs, key)
+        return _Replay.apply(capture, len(inputs), *inputs, *capture.params)
+
+    @property
+    def num_captures(self) -> int:
+        return len(self._captures)
+
+    def _capture(self, inputs: tuple[Tensor, ...], key: tuple) -> _Capture:
+        if len(self._captures) >= MAX_CAPTURES:
+            raise RuntimeError(f"model.cuda_graph: {self.name} was called with {len(self._captures) + 1} different "
+                               f"input shapes (now {[k[0] for k in key]}); each needs its own graphs and memory. "
+                               "Keep the batch shape fixed (drop the last partial batch) or set model.cuda_graph="
+                               "false")
+        print(f"model.cuda_graph: capturing {self.name}'s forward and backward for inputs "
+              f"{[tuple(x.shape) for x in inputs]}", flush=True)
+        # The graphs run the module on detached aliases of its parameters: the same storage (so they see every
+        # in-place update), but none of the hooks that a trainer such as DeepSpeed ZeRO-2 puts on the parameters
+        # themselves, which would otherwise fire inside the capture. The replay hands the gradients to the
+        # real parameters, where those hooks run as in an eager step.
+        named = dict(self.module.named_parameters())
+        trainable = [n for n, p in named.items() if p.requires_grad]
+        aliases = {n: p.detach().requires_grad_(p.requires_grad) for n, p in named.items()}
+        alias_params = tuple(aliases[n] for n in trainable)
+
+        def run(*args: Tensor) -> tuple[Tensor, ...]:
+            return tuple(torch.func.functional_call(self.module, aliases, args))
+
+        static_inputs = tuple(x.detach().clone() for x in inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_PASSES):
+                self._backward(run(*static_inputs), alias_params, zeros=True)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+
+        pool = torch.cuda.graph_pool_handle()
+        forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(forward, pool=pool, stream=side):
+            outputs = run(*static_inputs)
+        grad_outputs = tuple(torch.empty_like(o) if o.requires_grad else None for o in outputs)
+        with torch.cuda.graph(backward, pool=pool, stream=side):
+            param_grads = self._backward(outputs, alias_params, grad_outputs=grad_outputs)
+        capture = _Capture(static_inputs, outputs, grad_outputs, tuple(named[n] for n in trainable), param_grads,
+                           forward, backward)
+        self._captures[key] = capture
+        return capture
+
+    @staticmethod
+    def _backward(outputs: Sequence[Tensor], params: tuple[Tensor, ...], zeros: bool = False,
+                  grad_outputs: Sequence[Tensor | None] = ()) -> tuple[Tensor | None, ...]:
+        needs = [i for i, o in enumerate(outputs) if o.requires_grad]
+        if not needs:
+            raise RuntimeError("model.cuda_graph: no output of the graphed module requires grad")
+        grads = [torch.zeros_like(outputs[i]) for i in needs] if zeros else [grad_outputs[i] for i in needs]
+        return torch.autograd.grad([outputs[i] for i in needs], params, grads, allow_unused=True)
+
+
+class _Replay(torch.autograd.Function):
+    """One autograd node: the forward graph's replay, whose backward is the backward graph's."""
+
+    @staticmethod
+    def forward(ctx, capture: _Capture, num_inputs: int, *inputs_and_params: Tensor) -> tuple[Tensor, ...]:
+        for static, x in zip(capture.inputs, inputs_and_params[:num_inputs], strict=True):
+            static.copy_(x)
+        capture.forward.replay()
+        ctx.capture, ctx.num_inputs = capture, num_inputs
+        outputs = tuple(o.detach() for o in capture.outputs)
+        ctx.mark_non_differentiable(*(o for o, g in zip(outputs, capture.grad_outputs, strict=True) if g is None))
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        capture: _Capture = ctx.capture
+        for static, grad in zip(capture.grad_outputs, grads, strict=True):
+            if static is not None:
+                static.copy_(grad)
+        capture.backward.replay()
+        # Copies, so that no parameter's .grad aliases a buffer the next replay overwrites.
+        param_grads = tuple(None if g is None else g.clone() for g in capture.param_grads)
+        return (None, None, *([None] * ctx.num_inputs), *param_grads)

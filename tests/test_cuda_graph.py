@@ -1,0 +1,199 @@
+"""CUDA-graph replay of the training step (pipeline/cuda_graph.py, `model.cuda_graph`).
+
+The replay tests need a GPU (marker `gpu`); the config checks and the CPU refusal run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub at import: never try the network
+
+import pytest
+import torch
+from test_masked_alignment import clip, tiny_cfg
+
+from pipeline import cuda_graph
+from pipeline.config import ConfigError, load_config
+from pipeline.cuda_graph import GraphedTrainingStep
+from pipeline.tasks import build_task
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["task.name=toy"], "only the masked_alignment task"),
+    (["task.name=masked_alignment", "model.use_checkpoint=true"], "use_checkpoint"),
+    (["task.name=masked_alignment", "deepspeed.zero_stage=3"], "zero_stage"),
+])
+def test_config_refuses_cuda_graph_where_it_cannot_work(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["model.cuda_graph=true", *overrides])
+
+
+def test_auto_uses_graphs_only_where_they_work():
+    assert tiny_cfg().cuda_graph_wanted()  # the default, auto, for Stage 1
+    assert not tiny_cfg("model.cuda_graph=false").cuda_graph_wanted()
+    assert not tiny_cfg("model.use_checkpoint=true").cuda_graph_wanted()
+    assert not tiny_cfg("deepspeed.zero_stage=3").cuda_graph_wanted()
+    assert not load_config(None, ["task.name=toy"]).cuda_graph_wanted()
+
+
+def test_graphed_task_runs_eagerly_on_cpu_unless_graphs_are_demanded():
+    batch = {"video": clip()}
+    for setting in ("auto", "true"):
+        tasks = []
+        for graphs in (setting, "false"):  # the same init and the same mask draws
+            torch.manual_seed(0)
+            tasks.append(build_task(tiny_cfg(f"model.cuda_graph={graphs}")))
+        task, eager = tasks
+        assert task._graphed_student is not None and eager._graphed_student is None
+        task.eval(), eager.eval()
+        with torch.no_grad():  # evaluation runs eagerly either way
+            torch.testing.assert_close(task(batch)["loss"], eager(batch)["loss"], rtol=0, atol=0)
+        task.train(), eager.train()
+        if setting == "auto":  # a CPU run: the same eager step
+            torch.testing.assert_close(task(batch)["loss"], eager(batch)["loss"], rtol=0, atol=0)
+        else:
+            with pytest.raises(RuntimeError, match="graphs need a GPU; set model.cuda_graph=auto or false"):
+                task(batch)
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+        self.unused = torch.nn.Linear(2, 2)  # gets no gradient: the replay must hand back None for it
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.relu(self.a(x)) * scale[:, None]
+        return self.b(hidden), hidden
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_replay_matches_eager_and_accumulates_over_micro_batches():
+    torch.manual_seed(0)
+    model = _TwoLayers().cuda()
+    step = GraphedTrainingStep(model, "a test model")
+    batches = [(torch.randn(4, 16, device="cuda"), torch.rand(4, device="cuda")) for _ in range(3)]
+
+    def loss(outputs):
+        return outputs[0].square().mean() + outputs[1].mean()
+
+    hook_calls = []  # a trainer's hook on a parameter (DeepSpeed ZeRO-2 reduces gradients in one)
+    hook = model.a.weight.register_hook(lambda grad: hook_calls.append(grad.shape))
+    for p in model.parameters():
+        p.grad = None
+    for x, s in batches[:2]:  # two micro-batches: the second backward replay must not touch the first's grads
+        loss(step(x, s)).backward()
+    assert len(hook_calls) == 2  # once a backward, as eagerly; never inside the warm-up or the capture
+    hook.remove()
+    graphed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for p in model.parameters():
+        p.grad = None
+    for x, s in batches[:2]:
+        loss(model(x, s)).backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert set(graphed) == set(eager) == {"a.weight", "a.bias", "b.weight", "b.bias"}
+    for name in eager:
+        torch.testing.assert_close(graphed[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    with torch.no_grad():  # an optimizer step writes the weights in place; the graphs read them on replay
+        model.a.weight.mul_(0.5)
+    x, s = batches[2]
+    torch.testing.assert_close(step(x, s)[0], model(x, s)[0], rtol=1e-5, atol=1e-6)
+    assert step.num_captures == 1
+
+    step(torch.randn(2, 16, device="cuda"), torch.rand(2, device="cuda"))  # a short last batch: its own capture
+    assert step.num_captures == 2
+    with pytest.raises(RuntimeError, match="different input shapes"):
+        for rows in range(3, 3 + cuda_graph.MAX_CAPTURES):
+            step(torch.randn(rows, 16, device="cuda"), torch.rand(rows, device="cuda"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_replay_draws_fresh_random_numbers():
+    class Dropout(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(64, device="cuda"))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+            return (torch.nn.functional.dropout(x * self.weight, 0.5),)
+
+    step = GraphedTrainingStep(Dropout(), "dropout")
+    x = torch.ones(64, device="cuda")
+    first, second = step(x)[0].clone(), step(x)[0].clone()
+    assert not torch.equal(first, second)
+    assert set(first.unique().tolist()) <= {0.0, 2.0}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mask", ["attention", "none"])
+def test_graphed_stage1_steps_match_eager(mask):
+    """Three AdamW steps of the tiny Stage 1 task on the Triton kernels, graphed and eager, from the same init."""
+    def run(graph: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        cfg = tiny_cfg("model.scan_backend=triton", f"data.mask.type={mask}", f"model.cuda_graph={str(graph).lower()}")
+        task = build_task(cfg).cuda().train()
+        params = [p for p in task.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        losses = []
+        for i in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            loss = task({"video": clip(seed=i, batch=4).cuda()})["loss"]
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        return losses, {n: p.detach().clone() for n, p in task.named_parameters()}
+
+    eager_losses, eager_params = run(graph=False)
+    graphed_losses, graphed_params = run(graph=True)
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-4)
+    for name, value in eager_params.items():
+        torch.testing.assert_close(graphed_params[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_graphed_stage1_under_deepspeed_matches_eager(zero_stage):
+    """The engine's DeepSpeed setup (bf16, ZeRO 1 or 2, 2 micro-batches a step) over the tiny Stage 1 task, graphed
+    and eager: the same losses and gradient norms. Adam's update barely depends on the gradients' scale, so the
+    norms are what would show a gradient counted twice across the micro-batches."""
+    import deepspeed
+
+    from pipeline.distributed import ensure_process_group
+    from pipeline.engine import deepspeed_config
+    from pipeline.optim import build_optimizer, peak_lr
+
+    ensure_process_group("nccl")
+
+    def run(graph: bool) -> tuple[list[float], list[float]]:
+        torch.manual_seed(0)
+        cfg = tiny_cfg("model.scan_backend=triton", f"model.cuda_graph={str(graph).lower()}", "data.batch_size=4",
+                       f"deepspeed.zero_stage={zero_stage}", "deepspeed.grad_accum_steps=2")
+        task = build_task(cfg).cuda()
+        optimizer, scheduler = build_optimizer(task, cfg.optim, peak_lr(cfg.optim, 8))
+        engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
+                                          config=deepspeed_config(cfg, 1, on_gpu=True))
+        losses, norms = [], []
+        for i in range(6):
+            loss = engine({"video": clip(seed=i, batch=4).cuda().bfloat16()})["loss"]
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+            if i % 2:
+                norms.append(float(engine.get_global_grad_norm()))
+        return losses, norms
+
+    eager_losses, eager_norms = run(graph=False)
+    graphed_losses, graphed_norms = run(graph=True)
+    assert graphed_losses == pytest.approx(eager_losses, rel=2e-3)
+    assert graphed_norms == pytest.approx(eager_norms, rel=2e-3)
