@@ -37,6 +37,10 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- sections
 
 
+# Tasks whose trainable VideoMamba can run from CUDA graphs (model.cuda_graph; pipeline/cuda_graph.py).
+CUDA_GRAPH_TASKS = ("masked_alignment", "video_text")
+
+
 @dataclass
 class ModelConfig:
     name: str = "videomamba_test"
@@ -59,10 +63,10 @@ class ModelConfig:
     pretrained: str | None = None
     """Initial weights: a file (official VideoMamba layout or a stage export), or None for random init."""
     cuda_graph: Literal["auto", True, False] = "auto"
-    """Replay the student's training forward + backward from CUDA graphs, captured at the first step of each batch
-    shape (pipeline/cuda_graph.py): the masked Stage 1 student is bound by the host without them. auto = wherever
-    they work: the masked_alignment task training on a GPU, without use_checkpoint or ZeRO-3; true = demand them
-    (an error where they cannot work); false = eager."""
+    """Replay the trainable VideoMamba's forward + backward from CUDA graphs, captured at the first step of each
+    batch shape (pipeline/cuda_graph.py): a masked student is bound by the host without them. auto = wherever
+    they work: the masked_alignment and video_text tasks training on a GPU, below ZeRO-3; true = demand them (an
+    error where they cannot work); false = eager."""
 
     def build_kwargs(self) -> dict[str, Any]:
         """The keyword overrides for `models.create_model`, leaving registry defaults where unset."""
@@ -335,12 +339,9 @@ class Config:
     def _check_cuda_graph(self) -> None:
         if self.model.cuda_graph is not True:  # auto falls back to eager steps where graphs cannot work
             return
-        if self.task.name != "masked_alignment":
-            raise ConfigError(f"model.cuda_graph: only the masked_alignment task (Stage 1) replays its student from "
-                              f"CUDA graphs; task {self.task.name!r} runs eagerly: set model.cuda_graph=false")
-        if self.model.use_checkpoint:
-            raise ConfigError("model.cuda_graph with model.use_checkpoint: a graph keeps every activation of the "
-                              "captured step, so recomputing them saves nothing; set one of them false")
+        if self.task.name not in CUDA_GRAPH_TASKS:
+            raise ConfigError(f"model.cuda_graph: the {' and '.join(CUDA_GRAPH_TASKS)} tasks replay their VideoMamba "
+                              f"from CUDA graphs; task {self.task.name!r} runs eagerly: set model.cuda_graph=false")
         if self.deepspeed.zero_stage == 3:
             raise ConfigError("model.cuda_graph with deepspeed.zero_stage=3: ZeRO-3 gathers and frees the parameters "
                               "with hooks around every module, which a captured graph would skip; use zero_stage "
@@ -349,8 +350,7 @@ class Config:
     def cuda_graph_wanted(self) -> bool:
         """Whether the task should replay its student from CUDA graphs when it trains on a GPU."""
         if self.model.cuda_graph == "auto":
-            return (self.task.name == "masked_alignment" and not self.model.use_checkpoint
-                    and self.deepspeed.zero_stage != 3)
+            return self.task.name in CUDA_GRAPH_TASKS and self.deepspeed.zero_stage != 3
         return self.model.cuda_graph
 
     @property

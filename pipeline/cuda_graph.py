@@ -2,7 +2,8 @@
 
 A masked Stage 1 student sees ~20% of the tokens, so each of its kernels is small and the step is bound by the
 host: Python, autograd and a few hundred kernel launches a step, not the GPU (docs/performance.md). Captured once
-per input shape, the forward and the backward each become one graph launch.
+per input shape, the forward and the backward each become one graph launch. `GraphedBackbone` is what the tasks
+use (Stage 1's student, Stage 3's video encoder); `GraphedTrainingStep` is the mechanism under it.
 
 `GraphedTrainingStep(module)` wraps a module whose `forward(*inputs)` returns a tuple of tensors, with static
 shapes and no host sync. Called with grad enabled on CUDA tensors, it replays the graphs inside one autograd
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from models import Features
 
 # Eager fwd+bwd passes before a capture, on the capture's side stream: they compile Triton kernels, initialise
 # cuBLAS workspaces and settle the caching allocator (torch's make_graphed_callables uses 3).
@@ -152,3 +155,36 @@ class _Replay(torch.autograd.Function):
         # Copies, so that no parameter's .grad aliases a buffer the next replay overwrites.
         param_grads = tuple(None if g is None else g.clone() for g in capture.param_grads)
         return (None, None, *([None] * ctx.num_inputs), *param_grads)
+
+
+class BackboneOutputs(nn.Module):
+    """A VideoMamba's tokens and residual taps on the visible tokens, as the tuple of tensors a graph captures."""
+
+    def __init__(self, backbone: nn.Module, residual_indices: Sequence[int]) -> None:
+        super().__init__()
+        self.backbone, self.residual_indices = backbone, list(residual_indices)
+
+    def forward(self, video_BCTHW: Tensor, index_BK: Tensor | None = None) -> tuple[Tensor, ...]:
+        features = self.backbone.forward_visible(video_BCTHW, index_BK, self.residual_indices)
+        return (features.tokens_BLD, *(features.residuals[i] for i in self.residual_indices))
+
+
+class GraphedBackbone:
+    """`backbone.forward_visible(video, index_BK, residual_indices)` of a task's trainable VideoMamba, replayed from
+    CUDA graphs while the task trains on a GPU (GraphedTrainingStep), run eagerly otherwise. A plain object, not a
+    module: it holds no weights of its own, so the task's state dict is unchanged."""
+
+    def __init__(self, backbone: nn.Module, residual_indices: Sequence[int], name: str, required: bool) -> None:
+        self.backbone, self.residual_indices = backbone, list(residual_indices)
+        self._step = GraphedTrainingStep(BackboneOutputs(backbone, residual_indices), name, required=required)
+
+    def __call__(self, video_BCTHW: Tensor, index_BK: Tensor | None, training: bool) -> Features:
+        if not training:
+            return self.backbone.forward_visible(video_BCTHW, index_BK, self.residual_indices)
+        inputs = (video_BCTHW,) if index_BK is None else (video_BCTHW, index_BK)
+        tokens_BLD, *residuals = self._step(*inputs)
+        return Features(tokens_BLD, dict(zip(self.residual_indices, residuals, strict=True)))
+
+    @property
+    def num_captures(self) -> int:
+        return self._step.num_captures

@@ -19,11 +19,12 @@ from pipeline.cuda_graph import GraphedTrainingStep
 from pipeline.tasks import build_task
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+VTC_CONFIG = "configs/stages/pretrain_vtc_test.yaml"
+VTC_TEACHER = "task.teacher.vision_overrides={layers: 1, width: 64, head_width: 32}"
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["task.name=toy"], "only the masked_alignment task"),
-    (["task.name=masked_alignment", "model.use_checkpoint=true"], "use_checkpoint"),
+    (["task.name=toy"], "task 'toy' runs eagerly"),
     (["task.name=masked_alignment", "deepspeed.zero_stage=3"], "zero_stage"),
 ])
 def test_config_refuses_cuda_graph_where_it_cannot_work(overrides, match):
@@ -34,9 +35,10 @@ def test_config_refuses_cuda_graph_where_it_cannot_work(overrides, match):
 def test_auto_uses_graphs_only_where_they_work():
     assert tiny_cfg().cuda_graph_wanted()  # the default, auto, for Stage 1
     assert not tiny_cfg("model.cuda_graph=false").cuda_graph_wanted()
-    assert not tiny_cfg("model.use_checkpoint=true").cuda_graph_wanted()
+    assert tiny_cfg("model.use_checkpoint=true").cuda_graph_wanted()
     assert not tiny_cfg("deepspeed.zero_stage=3").cuda_graph_wanted()
     assert not load_config(None, ["task.name=toy"]).cuda_graph_wanted()
+    assert load_config(VTC_CONFIG).cuda_graph_wanted()
 
 
 def test_graphed_task_runs_eagerly_on_cpu_unless_graphs_are_demanded():
@@ -135,12 +137,14 @@ def test_replay_draws_fresh_random_numbers():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("mask", ["attention", "none"])
-def test_graphed_stage1_steps_match_eager(mask):
-    """Three AdamW steps of the tiny Stage 1 task on the Triton kernels, graphed and eager, from the same init."""
+@pytest.mark.parametrize("mask,checkpointing", [("attention", False), ("none", False), ("attention", True)])
+def test_graphed_stage1_steps_match_eager(mask, checkpointing):
+    """Three AdamW steps of the tiny Stage 1 task on the Triton kernels, graphed and eager, from the same init; also
+    with gradient checkpointing, whose recomputation the backward graph then holds."""
     def run(graph: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
         torch.manual_seed(0)
-        cfg = tiny_cfg("model.scan_backend=triton", f"data.mask.type={mask}", f"model.cuda_graph={str(graph).lower()}")
+        cfg = tiny_cfg("model.scan_backend=triton", f"data.mask.type={mask}", f"model.cuda_graph={str(graph).lower()}",
+                       f"model.use_checkpoint={str(checkpointing).lower()}", "model.checkpoint_num=2")
         task = build_task(cfg).cuda().train()
         params = [p for p in task.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -158,6 +162,36 @@ def test_graphed_stage1_steps_match_eager(mask):
     assert graphed_losses == pytest.approx(eager_losses, rel=1e-4)
     for name, value in eager_params.items():
         torch.testing.assert_close(graphed_params[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mask", ["attention", "none"])
+def test_graphed_video_text_steps_match_eager(mask):
+    """Three AdamW steps of the tiny Stage 3 task (contrastive + matching losses, and UTA with attention masks):
+    the video encoder graphed and eager, from the same init."""
+    texts = ["a red circle moves left", "two blue squares move up", "a green triangle moves right",
+             "a white square moves down"]
+
+    def run(graph: bool) -> list[float]:
+        torch.manual_seed(0)
+        overrides = ["model.scan_backend=triton", f"model.cuda_graph={str(graph).lower()}", f"data.mask.type={mask}"]
+        if mask == "attention":
+            overrides += ["task.uta_weight=1.0", "task.teacher.pretrained=null", VTC_TEACHER]
+        task = build_task(load_config(VTC_CONFIG, overrides)).cuda().train()
+        optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for i in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            batch = {"video": clip(seed=i, batch=4).cuda(), "text": texts, "index": torch.arange(4)}
+            loss = task(batch)["loss"]
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        assert (task._graphed_video is not None) == graph
+        return losses
+
+    assert run(graph=True) == pytest.approx(run(graph=False), rel=1e-4)
 
 
 @pytest.mark.gpu

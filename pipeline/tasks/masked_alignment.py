@@ -32,7 +32,7 @@ from models import Features
 from models.teachers import CLIPTeacher, build_clip_teacher, teacher_patch_size
 from models.videomamba import gather_tokens, visible_index
 from pipeline.config import ConfigError, TaskConfig, register_task_config
-from pipeline.cuda_graph import GraphedTrainingStep
+from pipeline.cuda_graph import GraphedBackbone
 from pipeline.losses import cosine_alignment_loss
 from pipeline.tasks import Task, register_task
 from pipeline.tasks.attention_mask import AttentionMasker
@@ -117,18 +117,6 @@ def visible_tokens(x_BLC: Tensor, keep_BL: Tensor | None) -> Tensor:
     return gather_tokens(x_BLC, visible_index(keep_BL))
 
 
-class StudentOutputs(nn.Module):
-    """The student's tokens and residual taps on the visible tokens, as the tuple of tensors a CUDA graph captures."""
-
-    def __init__(self, student: nn.Module, residual_indices: list[int]) -> None:
-        super().__init__()
-        self.student, self.residual_indices = student, residual_indices
-
-    def forward(self, video_BCTHW: Tensor, index_BK: Tensor | None = None) -> tuple[Tensor, ...]:
-        features = self.student.forward_visible(video_BCTHW, index_BK, self.residual_indices)
-        return (features.tokens_BLD, *(features.residuals[i] for i in self.residual_indices))
-
-
 class MaskedAlignmentTask(Task):
     """Student VideoMamba + per-layer alignment heads + frozen CLIP teacher; loss = mean over layers of 2 - 2 cos."""
 
@@ -166,11 +154,8 @@ class MaskedAlignmentTask(Task):
             if self.align_layers == [depth - 1]:
                 student.norm_f.requires_grad_(False)
         self._export_meta = dict(export_meta or {})
-        # A plain attribute, not a submodule: it holds no weights of its own, only graphs over the student's.
-        self._graphed_student = None
-        if cuda_graph:
-            self._graphed_student = GraphedTrainingStep(StudentOutputs(student, self._residual_indices()),
-                                                        "the student", required=cuda_graph_required)
+        self._graphed_student = (GraphedBackbone(student, self._residual_indices(), "the student",
+                                                 required=cuda_graph_required) if cuda_graph else None)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         video_BCTHW = batch["video"]
@@ -218,11 +203,9 @@ class MaskedAlignmentTask(Task):
 
     def _student_features(self, video_BCTHW: Tensor, index_BK: Tensor | None) -> Features:
         """The student on the visible tokens: replayed from CUDA graphs when model.cuda_graph is set and training."""
-        if self._graphed_student is None or not self.training:
+        if self._graphed_student is None:
             return self.student.forward_visible(video_BCTHW, index_BK, self._residual_indices())
-        inputs = (video_BCTHW,) if index_BK is None else (video_BCTHW, index_BK)
-        tokens_BLD, *residuals = self._graphed_student(*inputs)
-        return Features(tokens_BLD, dict(zip(self._residual_indices(), residuals, strict=True)))
+        return self._graphed_student(video_BCTHW, index_BK, self.training)
 
     def _residual_indices(self) -> list[int]:
         """Residuals needed: the output of block j is the residual entering block j + 1."""

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from models.teachers import CLIPTeacher
 from models.video_text import VideoTextModel, build_video_text_model, load_video_text_export
 from pipeline.config import ConfigError, TaskConfig, register_task_config
+from pipeline.cuda_graph import GraphedBackbone
 from pipeline.evaluation.metrics import retrieval_metrics
 from pipeline.losses import contrastive_loss, matching_loss, sample_hard_negatives
 from pipeline.tasks import Task, register_task
@@ -100,7 +101,8 @@ class VideoTextTask(Task):
 
     def __init__(self, model: VideoTextModel, vtc_weight: float = 1.0, vtm_weight: float = 0.0,
                  uta_weight: float = 0.0, teacher: CLIPTeacher | None = None, mask_type: str = "none",
-                 mask_ratio: float = 0.8, seed: int = 0, export_meta: dict[str, Any] | None = None) -> None:
+                 mask_ratio: float = 0.8, seed: int = 0, export_meta: dict[str, Any] | None = None,
+                 cuda_graph: bool = False, cuda_graph_required: bool = False) -> None:
         super().__init__()
         if vtm_weight > 0 and model.vtm_head is None:
             raise ValueError("vtm_weight > 0 needs a model with a matching head (vtm_layers > 0)")
@@ -113,6 +115,8 @@ class VideoTextTask(Task):
         self.attention_masks = AttentionMasker(mask_ratio, seed)
         self.uta = ClipTokenAlignment(model.vision_encoder, teacher) if uta_weight > 0 else None
         self._export_meta = dict(export_meta or {})
+        self._graphed_video = (GraphedBackbone(model.vision_encoder, (), "the video encoder",
+                                               required=cuda_graph_required) if cuda_graph else None)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         model = self.model
@@ -122,7 +126,7 @@ class VideoTextTask(Task):
         teacher_out = self.teacher(video_BCTHW) if self.teacher is not None else None
         keep_BL = self._keep_mask(batch, teacher_out)
         tokens_BL = model.tokenize(batch["text"])
-        video_BVD, _ = model.video_tokens(video_BCTHW, keep_BL=keep_BL)
+        video_BVD = self._video_tokens(video_BCTHW, keep_BL)
         video_BE = model.pool_video(video_BVD)
         text_BE, text_BLW, valid_BL = model.text_tokens(tokens_BL)
 
@@ -140,6 +144,14 @@ class VideoTextTask(Task):
         out["temp"] = model.temp.detach().clone().squeeze()
         out["vtc_acc"] = (index_B[sim_v2t_BB.argmax(dim=1)] == index_B).float().mean()
         return out
+
+    def _video_tokens(self, video_BCTHW: Tensor, keep_BL: Tensor | None) -> Tensor:
+        """The video encoder's final visible tokens: replayed from CUDA graphs when model.cuda_graph is on and
+        training (pipeline/cuda_graph.py), as `model.video_tokens` otherwise."""
+        if self._graphed_video is None:
+            return self.model.video_tokens(video_BCTHW, keep_BL=keep_BL)[0]
+        index_BK = None if keep_BL is None else self.model.vision_encoder.visible_index(keep_BL)
+        return self._graphed_video(video_BCTHW, index_BK, self.training).tokens_BLD
 
     def _keep_mask(self, batch: dict[str, Any], teacher_out) -> Tensor | None:
         if self.mask_type == "attention":
@@ -210,4 +222,5 @@ def build(cfg) -> VideoTextTask:
     meta = {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}
     return VideoTextTask(model, task_cfg.vtc_weight, task_cfg.vtm_weight, task_cfg.uta_weight, teacher,
                          mask_type=cfg.data.mask.type, mask_ratio=cfg.data.mask.ratio, seed=cfg.seed,
-                         export_meta=meta)
+                         export_meta=meta, cuda_graph=cfg.cuda_graph_wanted(),
+                         cuda_graph_required=cfg.model.cuda_graph is True)
