@@ -194,6 +194,32 @@ def test_graphed_video_text_steps_match_eager(mask):
     assert run(graph=True) == pytest.approx(run(graph=False), rel=1e-4)
 
 
+def _deepspeed_run(graph: bool, zero_stage: int, world: int, rank: int) -> tuple[list[float], list[float]]:
+    """Six micro-batches (three steps of two) of the tiny Stage 1 task under the engine's DeepSpeed setup (bf16),
+    on this process's GPU: (losses, global gradient norms)."""
+    import deepspeed
+
+    from pipeline.engine import deepspeed_config
+    from pipeline.optim import build_optimizer, peak_lr
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg("model.scan_backend=triton", f"model.cuda_graph={str(graph).lower()}", "data.batch_size=4",
+                   f"deepspeed.zero_stage={zero_stage}", "deepspeed.grad_accum_steps=2")
+    task = build_task(cfg).cuda()
+    optimizer, scheduler = build_optimizer(task, cfg.optim, peak_lr(cfg.optim, 8 * world))
+    engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=deepspeed_config(cfg, world, on_gpu=True))
+    losses, norms = [], []
+    for i in range(6):
+        loss = engine({"video": clip(seed=10 * rank + i, batch=4).cuda().bfloat16()})["loss"]
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss.detach()))
+        if i % 2:
+            norms.append(float(engine.get_global_grad_norm()))
+    return losses, norms
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("zero_stage", [1, 2])
@@ -201,33 +227,46 @@ def test_graphed_stage1_under_deepspeed_matches_eager(zero_stage):
     """The engine's DeepSpeed setup (bf16, ZeRO 1 or 2, 2 micro-batches a step) over the tiny Stage 1 task, graphed
     and eager: the same losses and gradient norms. Adam's update barely depends on the gradients' scale, so the
     norms are what would show a gradient counted twice across the micro-batches."""
-    import deepspeed
-
     from pipeline.distributed import ensure_process_group
-    from pipeline.engine import deepspeed_config
-    from pipeline.optim import build_optimizer, peak_lr
 
     ensure_process_group("nccl")
-
-    def run(graph: bool) -> tuple[list[float], list[float]]:
-        torch.manual_seed(0)
-        cfg = tiny_cfg("model.scan_backend=triton", f"model.cuda_graph={str(graph).lower()}", "data.batch_size=4",
-                       f"deepspeed.zero_stage={zero_stage}", "deepspeed.grad_accum_steps=2")
-        task = build_task(cfg).cuda()
-        optimizer, scheduler = build_optimizer(task, cfg.optim, peak_lr(cfg.optim, 8))
-        engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, lr_scheduler=scheduler,
-                                          config=deepspeed_config(cfg, 1, on_gpu=True))
-        losses, norms = [], []
-        for i in range(6):
-            loss = engine({"video": clip(seed=i, batch=4).cuda().bfloat16()})["loss"]
-            engine.backward(loss)
-            engine.step()
-            losses.append(float(loss.detach()))
-            if i % 2:
-                norms.append(float(engine.get_global_grad_norm()))
-        return losses, norms
-
-    eager_losses, eager_norms = run(graph=False)
-    graphed_losses, graphed_norms = run(graph=True)
+    eager_losses, eager_norms = _deepspeed_run(False, zero_stage, world=1, rank=0)
+    graphed_losses, graphed_norms = _deepspeed_run(True, zero_stage, world=1, rank=0)
     assert graphed_losses == pytest.approx(eager_losses, rel=2e-3)
     assert graphed_norms == pytest.approx(eager_norms, rel=2e-3)
+
+
+def _nccl_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    import json
+
+    from pipeline.distributed import ensure_process_group
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.cuda.set_device(rank)
+    ensure_process_group("nccl")
+    results = {f"{zero}-{graph}": _deepspeed_run(graph, zero, world, rank)
+               for zero in (1, 2) for graph in (False, True)}
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(results, f)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more GPUs (NCCL)")
+@pytest.mark.timeout(400)
+def test_graphed_stage1_on_nccl_ranks_matches_eager(tmp_path):
+    """The same on every GPU of the host: each rank captures its own graphs while NCCL's watchdog runs, and
+    ZeRO's reductions follow each backward replay."""
+    import json
+
+    from tests._spawn import free_port, run_spawned
+
+    world = torch.cuda.device_count()
+    run_spawned(_nccl_rank, (world, free_port(), str(tmp_path)), nprocs=world, deadline_s=350)
+    for rank in range(world):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for zero in (1, 2):
+            eager, graphed = results[f"{zero}-False"], results[f"{zero}-True"]
+            assert graphed[0] == pytest.approx(eager[0], rel=2e-3), (rank, zero)
+            assert graphed[1] == pytest.approx(eager[1], rel=2e-3), (rank, zero)
