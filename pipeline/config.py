@@ -342,6 +342,9 @@ class Config:
         if self.task.name not in CUDA_GRAPH_TASKS:
             raise ConfigError(f"model.cuda_graph: the {' and '.join(CUDA_GRAPH_TASKS)} tasks replay their VideoMamba "
                               f"from CUDA graphs; task {self.task.name!r} runs eagerly: set model.cuda_graph=false")
+        if self.scaling.use_gpu is False:
+            raise ConfigError("model.cuda_graph=true with scaling.use_gpu=false: CUDA graphs need a GPU; set "
+                              "model.cuda_graph=auto (eager on CPU) or false")
         if self.deepspeed.zero_stage == 3:
             raise ConfigError("model.cuda_graph with deepspeed.zero_stage=3: ZeRO-3 gathers and frees the parameters "
                               "with hooks around every module, which a captured graph would skip; use zero_stage "

@@ -170,16 +170,17 @@ class BackboneOutputs(nn.Module):
 
 
 class GraphedBackbone:
-    """`backbone.forward_visible(video, index_BK, residual_indices)` of a task's trainable VideoMamba, replayed from
-    CUDA graphs while the task trains on a GPU (GraphedTrainingStep), run eagerly otherwise. A plain object, not a
-    module: it holds no weights of its own, so the task's state dict is unchanged."""
+    """`backbone.forward_visible(video, index_BK, residual_indices)` of a task's trainable VideoMamba: replayed from
+    CUDA graphs (GraphedTrainingStep) while the task trains on a GPU and `enabled`, run eagerly otherwise. A plain
+    object, not a module: it holds no weights of its own, so the task's state dict is unchanged."""
 
-    def __init__(self, backbone: nn.Module, residual_indices: Sequence[int], name: str, required: bool) -> None:
-        self.backbone, self.residual_indices = backbone, list(residual_indices)
+    def __init__(self, backbone: nn.Module, residual_indices: Sequence[int], name: str, enabled: bool,
+                 required: bool = False) -> None:
+        self.backbone, self.residual_indices, self.enabled = backbone, list(residual_indices), enabled
         self._step = GraphedTrainingStep(BackboneOutputs(backbone, residual_indices), name, required=required)
 
     def __call__(self, video_BCTHW: Tensor, index_BK: Tensor | None, training: bool) -> Features:
-        if not training:
+        if not (self.enabled and training):
             return self.backbone.forward_visible(video_BCTHW, index_BK, self.residual_indices)
         inputs = (video_BCTHW,) if index_BK is None else (video_BCTHW, index_BK)
         tokens_BLD, *residuals = self._step(*inputs)

@@ -26,6 +26,7 @@ VTC_TEACHER = "task.teacher.vision_overrides={layers: 1, width: 64, head_width: 
 @pytest.mark.parametrize("overrides,match", [
     (["task.name=toy"], "task 'toy' runs eagerly"),
     (["task.name=masked_alignment", "deepspeed.zero_stage=3"], "zero_stage"),
+    (["task.name=masked_alignment", "scaling.use_gpu=false"], "CUDA graphs need a GPU"),
 ])
 def test_config_refuses_cuda_graph_where_it_cannot_work(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -49,7 +50,7 @@ def test_graphed_task_runs_eagerly_on_cpu_unless_graphs_are_demanded():
             torch.manual_seed(0)
             tasks.append(build_task(tiny_cfg(f"model.cuda_graph={graphs}")))
         task, eager = tasks
-        assert task._graphed_student is not None and eager._graphed_student is None
+        assert task._student_runner.enabled and not eager._student_runner.enabled
         task.eval(), eager.eval()
         with torch.no_grad():  # evaluation runs eagerly either way
             torch.testing.assert_close(task(batch)["loss"], eager(batch)["loss"], rtol=0, atol=0)
@@ -188,7 +189,7 @@ def test_graphed_video_text_steps_match_eager(mask):
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-        assert (task._graphed_video is not None) == graph
+        assert task._video_runner.enabled == graph
         return losses
 
     assert run(graph=True) == pytest.approx(run(graph=False), rel=1e-4)

@@ -154,15 +154,15 @@ class MaskedAlignmentTask(Task):
             if self.align_layers == [depth - 1]:
                 student.norm_f.requires_grad_(False)
         self._export_meta = dict(export_meta or {})
-        self._graphed_student = (GraphedBackbone(student, self._residual_indices(), "the student",
-                                                 required=cuda_graph_required) if cuda_graph else None)
+        self._student_runner = GraphedBackbone(student, self._residual_indices(), "the student", enabled=cuda_graph,
+                                               required=cuda_graph_required)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         video_BCTHW = batch["video"]
         teacher_out = self.teacher(video_BCTHW)
         keep_BL = self._keep_mask(batch, teacher_out.cls_attn_BTP)
         index_BK = None if keep_BL is None else self.student.visible_index(keep_BL).to(video_BCTHW.device)
-        features = self._student_features(video_BCTHW, index_BK)
+        features = self._student_runner(video_BCTHW, index_BK, self.training)
         targets_KBVC = teacher_out.targets_KBLC
         pos_BVD = None if self.head_pos_LD is None else self.head_pos_LD.expand(len(video_BCTHW), -1, -1)
         if index_BK is not None:
@@ -200,12 +200,6 @@ class MaskedAlignmentTask(Task):
             raise ValueError(f"data.mask.type={self.mask_type!r} is a data-side mask, but the batch has no 'keep' "
                              "entry; build the loader from the same data config (pipeline.data.build_loader)")
         return keep_BL.to(cls_attn_BTP.device)
-
-    def _student_features(self, video_BCTHW: Tensor, index_BK: Tensor | None) -> Features:
-        """The student on the visible tokens: replayed from CUDA graphs when model.cuda_graph is set and training."""
-        if self._graphed_student is None:
-            return self.student.forward_visible(video_BCTHW, index_BK, self._residual_indices())
-        return self._graphed_student(video_BCTHW, index_BK, self.training)
 
     def _residual_indices(self) -> list[int]:
         """Residuals needed: the output of block j is the residual entering block j + 1."""

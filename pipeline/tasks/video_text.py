@@ -115,8 +115,8 @@ class VideoTextTask(Task):
         self.attention_masks = AttentionMasker(mask_ratio, seed)
         self.uta = ClipTokenAlignment(model.vision_encoder, teacher) if uta_weight > 0 else None
         self._export_meta = dict(export_meta or {})
-        self._graphed_video = (GraphedBackbone(model.vision_encoder, (), "the video encoder",
-                                               required=cuda_graph_required) if cuda_graph else None)
+        self._video_runner = GraphedBackbone(model.vision_encoder, (), "the video encoder", enabled=cuda_graph,
+                                             required=cuda_graph_required)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         model = self.model
@@ -126,7 +126,8 @@ class VideoTextTask(Task):
         teacher_out = self.teacher(video_BCTHW) if self.teacher is not None else None
         keep_BL = self._keep_mask(batch, teacher_out)
         tokens_BL = model.tokenize(batch["text"])
-        video_BVD = self._video_tokens(video_BCTHW, keep_BL)
+        index_BK = None if keep_BL is None else model.vision_encoder.visible_index(keep_BL)
+        video_BVD = self._video_runner(video_BCTHW, index_BK, self.training).tokens_BLD
         video_BE = model.pool_video(video_BVD)
         text_BE, text_BLW, valid_BL = model.text_tokens(tokens_BL)
 
@@ -144,14 +145,6 @@ class VideoTextTask(Task):
         out["temp"] = model.temp.detach().clone().squeeze()
         out["vtc_acc"] = (index_B[sim_v2t_BB.argmax(dim=1)] == index_B).float().mean()
         return out
-
-    def _video_tokens(self, video_BCTHW: Tensor, keep_BL: Tensor | None) -> Tensor:
-        """The video encoder's final visible tokens: replayed from CUDA graphs when model.cuda_graph is on and
-        training (pipeline/cuda_graph.py), as `model.video_tokens` otherwise."""
-        if self._graphed_video is None:
-            return self.model.video_tokens(video_BCTHW, keep_BL=keep_BL)[0]
-        index_BK = None if keep_BL is None else self.model.vision_encoder.visible_index(keep_BL)
-        return self._graphed_video(video_BCTHW, index_BK, self.training).tokens_BLD
 
     def _keep_mask(self, batch: dict[str, Any], teacher_out) -> Tensor | None:
         if self.mask_type == "attention":
