@@ -29,7 +29,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import D_STATE, SHAPES, alternating_ms, graph_replay, log_uniform_dt, rel_err, scan_config, write_results
+from _common import (
+    D_STATE,
+    RESULTS,
+    SHAPES,
+    alternating_ms,
+    graph_replay,
+    log_uniform_dt,
+    rel_err,
+    scan_config,
+    write_results,
+)
 from _released import ReleasedPath, ReleasedPathError, load
 from torch import Tensor
 
@@ -180,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--released-repo", type=Path, help="a checkout of github.com/OpenGVLab/VideoMamba")
     parser.add_argument("--released-ext", type=Path, help="folder of scripts/build_released_kernels.py's modules")
     parser.add_argument("--windows", type=int, default=5, help="timing windows per contender and timing")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     released = None
     try:
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = {"released path": released.provenance if released else "not loaded", "windows": args.windows}
     write_results("block", rows, columns,
                   "Bidirectional mixer core: fused Triton (ours) vs the released fused path (mamba-ssm, causal-conv1d)",
-                  setup=setup, notes=[BLOCK_NOTE])
+                  setup=setup, results_dir=args.results_dir, notes=[BLOCK_NOTE])
     return 0
 
 

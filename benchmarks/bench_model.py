@@ -283,6 +283,18 @@ def compare(a: Callable[[], tuple[Tensor, dict]], b: Callable[[], tuple[Tensor, 
     return result
 
 
+def _checked(check: Callable[[], dict], models: list[nn.Module], device: torch.device) -> dict[str, object]:
+    """check(), or the error it raised (out of memory included); either way no gradients are left behind."""
+    try:
+        return check()
+    except Exception as err:  # noqa: BLE001 - recorded in the row; the timing goes on
+        return {"check error": f"{type(err).__name__}: {str(err)[:200]}"}
+    finally:
+        for model in models:
+            model.zero_grad(set_to_none=True)
+        _free(device)
+
+
 def build_models(size_name: str, size: Size, frames: int, train: bool, batch: int, wanted: list[str],
                  released: ReleasedPath | None, args: argparse.Namespace,
                  device: torch.device) -> tuple[dict[str, nn.Module], dict[str, dict]]:
@@ -304,25 +316,24 @@ def build_models(size_name: str, size: Size, frames: int, train: bool, batch: in
     for model in models.values():
         model.train(train)
     if "ours" in models and "released" in models:
+        ours, theirs = models["ours"], models["released"]
         video, labels = _clips(batch, frames, size.img_size, device)
-        try:
-            models["ours"].load_state_dict(models["released"].state_dict())
-            checks["ours"] = {"checked against": "released", **compare(
-                lambda: _outputs(models["ours"], video, labels, train),
-                lambda: _outputs(models["released"], video, labels, train))}
-        except Exception as err:  # noqa: BLE001 - recorded; timing goes on
-            checks["ours"] = {"check error": f"{type(err).__name__}: {str(err)[:200]}"}
-        del video, labels
-        _free(device)
+
+        def against_released() -> dict[str, object]:
+            ours.load_state_dict(theirs.state_dict())
+            return compare(lambda: _outputs(ours, video, labels, train), lambda: _outputs(theirs, video, labels, train))
+
+        checks["ours"] = {"checked against": "released", **_checked(against_released, [ours, theirs], device)}
     if "timesformer-sdpa" in wanted and "timesformer-eager" in wanted:
         ts = models["timesformer"]
         video, labels = _clips(min(batch, args.check_batch), frames, size.img_size, device)
-        try:
-            checks["timesformer-eager"] = {"checked against": "timesformer-sdpa", **compare(
-                lambda: _outputs(ts, video, labels, train, lambda: ts.set_attention("eager")),
-                lambda: _outputs(ts, video, labels, train, lambda: ts.set_attention("sdpa")))}
-        except torch.OutOfMemoryError:
-            checks["timesformer-eager"] = {"check error": f"out of memory at the {args.check_batch}-clip check"}
+
+        def eager_against_sdpa() -> dict[str, object]:
+            return compare(lambda: _outputs(ts, video, labels, train, lambda: ts.set_attention("eager")),
+                           lambda: _outputs(ts, video, labels, train, lambda: ts.set_attention("sdpa")))
+
+        checks["timesformer-eager"] = {"checked against": "timesformer-sdpa",
+                                       **_checked(eager_against_sdpa, [ts], device)}
     return models, checks
 
 
