@@ -111,16 +111,19 @@ def gpu_ms(step: Callable[[], object], windows: int = 1) -> float:
 
 
 def load_mamba_selective_scan() -> Callable | None:
-    """mamba-ssm's own `selective_scan_fn` from a source tree whose CUDA extension was built in place.
+    """mamba-ssm's own `selective_scan_fn` from its unpacked sdist, with the compiled `selective_scan_cuda` built
+    in place (MAMBA_SRC alone) or by scripts/build_released_kernels.py (MAMBA_EXT names its --out folder).
 
-    MAMBA_SRC names the tree. mamba_ssm/__init__.py imports Mamba2/Mamba3 and their tilelang/quack
-    dependencies, absent on the GPU image, so the package is registered without running it; the
-    scan's module itself only needs torch, einops, triton and the extension.
+    mamba_ssm/__init__.py imports Mamba2/Mamba3 and their tilelang/quack dependencies, absent on the GPU image,
+    so the package is registered without running it; the scan's module itself only needs torch, einops, triton
+    and the extension.
     """
     src = os.environ.get("MAMBA_SRC")
     if not src:
         return None
     sys.path.insert(0, src)
+    if os.environ.get("MAMBA_EXT"):
+        sys.path.insert(0, os.environ["MAMBA_EXT"])
     pkg = types.ModuleType("mamba_ssm")
     pkg.__path__ = [str(Path(src) / "mamba_ssm")]
     sys.modules["mamba_ssm"] = pkg
