@@ -51,6 +51,7 @@ TABLES = {
                        "steps unique", "recovered", "wall s"]),
 }
 TITLES = {"model": "Whole model: ours vs the released VideoMamba code and a joint-attention TimeSformer, 224², bf16",
+          "norm": "Fused add + RMSNorm: Triton vs the PyTorch reference",
           "data": "Data loading (CPU): decoded clips/s",
           "eval": "Retrieval evaluation of 1k videos: where the time goes",
           "engine": "Training loop overhead: the DeepSpeed engine vs a bare PyTorch loop",
