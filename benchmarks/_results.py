@@ -25,14 +25,19 @@ def _git(*args: str) -> str | None:
 
 
 def provenance() -> dict[str, object]:
-    """{"date", "git_commit", "git_dirty"} of this run; git_dirty is None where it cannot be told."""
-    commit = _git("rev-parse", "HEAD")
-    if commit is not None:
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        return {"date": _now(), "git_commit": commit, "git_dirty": bool(status) if status is not None else None}
+    """{"date", "git_commit", "git_dirty"} of this run; git_dirty is None where it cannot be told.
+
+    BENCH_GIT_COMMIT wins over git: the device machine's copy of the tree carries the git data of the checkout its
+    session started from, which can be older than the files that run there.
+    """
     given = os.environ.get("BENCH_GIT_COMMIT")
-    return {"date": _now(), "git_commit": f"{given} (from BENCH_GIT_COMMIT)" if given else "unknown (no git, "
-            "no BENCH_GIT_COMMIT)", "git_dirty": None}
+    if given:
+        return {"date": _now(), "git_commit": f"{given} (from BENCH_GIT_COMMIT)", "git_dirty": None}
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return {"date": _now(), "git_commit": "unknown (no git, no BENCH_GIT_COMMIT)", "git_dirty": None}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"date": _now(), "git_commit": commit, "git_dirty": bool(status) if status is not None else None}
 
 
 def _now() -> str:
