@@ -114,9 +114,9 @@ class CountingLoader:
             self.video_calls += 1
             return encode_video(video_BCTHW)
 
-        def counted_text(texts):
+        def counted_text(texts, **kwargs):
             self.text_calls += 1
-            return encode_text(texts)
+            return encode_text(texts, **kwargs)
 
         model.encode_video, model.encode_text = counted_video, counted_text
         return model
@@ -183,9 +183,9 @@ class SlowLoader(CountingLoader):
             time.sleep(self.VIDEO_DELAY_S)
             return encode_video(video_BCTHW)
 
-        def slow_text(texts):
+        def slow_text(texts, **kwargs):
             time.sleep(self.TEXT_DELAY_S)
-            return encode_text(texts)
+            return encode_text(texts, **kwargs)
 
         model.encode_video, model.encode_text = slow_video, slow_text
         return model
