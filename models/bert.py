@@ -270,11 +270,13 @@ def load_pretrained_bert(encoder: BertTextEncoder, source: str | os.PathLike) ->
 
     reference = BertForMaskedLM.from_pretrained(str(source))
     result = encoder.load_state_dict(reference.state_dict(), strict=False)
-    missing = [k for k in result.missing_keys if ".crossattention." not in k and not k.endswith("position_ids")]
+    cross = sorted(k for k in result.missing_keys if ".crossattention." in k)
+    # transformers keeps position_ids out of its state dict; ours is the same arange.
+    missing = [k for k in result.missing_keys if k not in cross and not k.endswith("embeddings.position_ids")]
     if missing or result.unexpected_keys:
         raise ValueError(f"{source}: not a BERT masked-LM checkpoint of this shape; missing {missing[:8]}, "
                          f"unexpected {result.unexpected_keys[:8]}")
-    return sorted(result.missing_keys)
+    return cross
 
 
 @torch.no_grad()

@@ -297,7 +297,11 @@ def test_two_rank_extraction_equals_one_rank(workspace, reference, tmp_path):
 def test_shipped_eval_configs_load(name):
     cfg = load_eval_config(REPO / "configs" / "eval" / f"{name}.yaml", ["model.checkpoint=/x/model.pt"])
     assert cfg.data.name == name
-    assert cfg.scoring.rerank_top_k == 0 and cfg.scoring.dual_softmax is False  # tricks off by default
+    assert cfg.scoring.dual_softmax is False  # transductive tricks off by default
+    # The paper's sets use the released protocol: top-128 re-rank, max_txt_l 32 / 64 / 150, cleaned captions.
+    assert cfg.scoring.rerank_top_k == (0 if name == "synthetic" else 128)
+    assert cfg.data.max_text_tokens == {"msrvtt": 32, "didemo": 64, "anet": 150, "synthetic": None}[name]
+    assert cfg.data.clean_captions and cfg.model.text_family == "auto"
     if name in ("didemo", "anet"):
         assert cfg.data.paragraph
     assert cfg.data.trim_seconds == (30.0 if name == "didemo" else None)

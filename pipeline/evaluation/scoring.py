@@ -126,6 +126,11 @@ def dual_encoder_scores(ctx: EvalContext) -> Scores:
         t2v_TV, v2t_TV, pairs_VT = candidates(sim_t2v_TV, sim_v2t_TV, cfg.scoring.rerank_top_k)
 
     def rerank() -> dict[str, Tensor]:
+        if ctx.model().vtm_head is None:
+            raise ValueError(f"scoring.rerank_top_k={cfg.scoring.rerank_top_k} needs a matching head, but "
+                             f"{cfg.model.checkpoint} was trained without one (task.vtm_weight 0); set "
+                             "scoring.rerank_top_k=0 to score by similarity alone")
+
         def rows(index_B: Tensor, clip_BCTHW: Tensor) -> Tensor:
             return vtm_rows(ctx.model(), index_B, clip_BCTHW, anno.texts, pairs_VT, cfg.scoring.rerank_batch_size,
                             ctx.max_text_tokens)
