@@ -140,6 +140,7 @@ def evaluate_on_rank(cfg: EvalRetrievalConfig, model_loader: ModelLoader | None 
         "checkpoint": checkpoint_identity(cfg.model.checkpoint, cfg.cache.hash_checkpoint),
         "annotation_sha256": anno.sha256, "paragraph": cfg.data.paragraph, "videos": anno.videos,
         "source": source.describe(), "clip": spec.__dict__, "family": family,
+        "precision": cfg.model.precision if device.type == "cuda" else "fp32",  # CPU always runs fp32
         "text": {"clean": cfg.data.clean_captions, "max_tokens": max_text_tokens(cfg.data, family)},
     })
     ctx = EvalContext(cfg, anno, source, spec, device, model.get, FeatureCache(cfg.cache.dir, cfg.data.name),
