@@ -100,6 +100,30 @@ def candidates(sim_t2v_TV: Tensor, sim_v2t_TV: Tensor, k: int) -> tuple[Tensor, 
     return t2v_TV, v2t_TV, (t2v_TV | v2t_TV).T.contiguous()
 
 
+def first_stage(ctx: EvalContext, features: dict[str, Any], similarity: Callable[[Tensor, Tensor], Tensor],
+                video_key: str) -> Scores:
+    """Scores from `similarity(text_TE, features[video_key])`, dual-softmax reweighted per direction when on."""
+    with ctx.timer.phase("scoring"):
+        sim_TV = similarity(features["text_TE"], features[video_key])
+        if ctx.cfg.scoring.dual_softmax:
+            sim_t2v_TV, sim_v2t_TV = dual_softmax(sim_TV, ctx.cfg.scoring.dual_softmax_temperature)
+        else:
+            sim_t2v_TV, sim_v2t_TV = sim_TV, sim_TV
+    return Scores(sim_t2v_TV, sim_v2t_TV, features_hit=features["hit"])
+
+
+def add_rerank(ctx: EvalContext, scores: Scores, vtm_for_pairs: Callable[[Tensor], Tensor]) -> Scores:
+    """Re-score each direction's top-k (`scoring.rerank_top_k`) with `vtm_for_pairs(pairs_VT) -> vtm_TV`,
+    cached on disk by the candidate pairs."""
+    with ctx.timer.phase("scoring"):
+        t2v_TV, v2t_TV, pairs_VT = candidates(scores.sim_t2v_TV, scores.sim_v2t_TV, ctx.cfg.scoring.rerank_top_k)
+    vtm_key = cache_key({"features": ctx.feature_key, "pairs_sha": tensor_digest(pairs_VT)})
+    vtm = cached_on_all_ranks(ctx.cache, "vtm", vtm_key, lambda: {"vtm_TV": vtm_for_pairs(pairs_VT)})
+    scores.vtm_TV, scores.vtm_hit = vtm["vtm_TV"], vtm["hit"]
+    scores.t2v_candidates_TV, scores.v2t_candidates_TV = t2v_TV, v2t_TV
+    return scores
+
+
 def dual_encoder_scores(ctx: EvalContext) -> Scores:
     """open_clip family: cosine (optionally dual-softmax), optional re-rank by `vtm_scores_for_clip`."""
     cfg, anno, timer = ctx.cfg, ctx.anno, ctx.timer
@@ -113,19 +137,11 @@ def dual_encoder_scores(ctx: EvalContext) -> Scores:
         }
 
     features = cached_on_all_ranks(ctx.cache, "features", ctx.feature_key, extract)
-    with timer.phase("scoring"):
-        sim_TV = cosine_similarity(features["text_TE"], features["video_VE"])
-        if cfg.scoring.dual_softmax:
-            sim_t2v_TV, sim_v2t_TV = dual_softmax(sim_TV, cfg.scoring.dual_softmax_temperature)
-        else:
-            sim_t2v_TV, sim_v2t_TV = sim_TV, sim_TV
-    scores = Scores(sim_t2v_TV, sim_v2t_TV, features_hit=features["hit"])
+    scores = first_stage(ctx, features, cosine_similarity, "video_VE")
     if not cfg.scoring.rerank_top_k:
         return scores
-    with timer.phase("scoring"):
-        t2v_TV, v2t_TV, pairs_VT = candidates(sim_t2v_TV, sim_v2t_TV, cfg.scoring.rerank_top_k)
 
-    def rerank() -> dict[str, Tensor]:
+    def rerank(pairs_VT: Tensor) -> Tensor:
         if ctx.model().vtm_head is None:
             raise ValueError(f"scoring.rerank_top_k={cfg.scoring.rerank_top_k} needs a matching head, but "
                              f"{cfg.model.checkpoint} was trained without one (task.vtm_weight 0); set "
@@ -138,13 +154,9 @@ def dual_encoder_scores(ctx: EvalContext) -> Scores:
         vtm_VT = map_clips(rows, anno.videos, ctx.source, ctx.spec, ctx.device, batch_size=1,
                            num_workers=cfg.data.num_workers, precision=cfg.model.precision, desc="vtm_rerank",
                            timer=timer)
-        return {"vtm_TV": vtm_VT.T.contiguous()}
+        return vtm_VT.T.contiguous()
 
-    vtm_key = cache_key({"features": ctx.feature_key, "pairs_sha": tensor_digest(pairs_VT)})
-    vtm = cached_on_all_ranks(ctx.cache, "vtm", vtm_key, rerank)
-    scores.vtm_TV, scores.vtm_hit = vtm["vtm_TV"], vtm["hit"]
-    scores.t2v_candidates_TV, scores.v2t_candidates_TV = t2v_TV, v2t_TV
-    return scores
+    return add_rerank(ctx, scores, rerank)
 
 
 def write_scores(output_dir: str | Path, name: str, scores: Scores, anno: RetrievalAnnotations) -> Path:

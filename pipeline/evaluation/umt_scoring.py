@@ -25,10 +25,9 @@ import torch
 from torch import Tensor
 
 from models.umt import frame_mean_similarity
-from pipeline.evaluation.cache import cache_key, cached_on_all_ranks
+from pipeline.evaluation.cache import cached_on_all_ranks
 from pipeline.evaluation.features import gather_rows, map_clips, map_texts, precision_autocast, rank_slice
-from pipeline.evaluation.scoring import TEXT_BATCH_SIZE, EvalContext, Scores, candidates, tensor_digest
-from pipeline.evaluation.similarity import dual_softmax
+from pipeline.evaluation.scoring import TEXT_BATCH_SIZE, EvalContext, Scores, add_rerank, first_stage
 
 DEFAULT_MAX_TEXT_TOKENS = 32  # UMT's max_txt_l for MSR-VTT
 
@@ -60,9 +59,9 @@ def _itm_rows(ctx: EvalContext, index_B: Tensor, patches_BND: Tensor, pairs_VT: 
     model, batch = ctx.model(), ctx.cfg.scoring.rerank_batch_size
     out_BT = torch.zeros(len(index_B), len(mask_TL), device=ctx.device)
     for b, j in enumerate(index_B.tolist()):
-        text_ids = pairs_VT[j].nonzero().flatten().to(text_TLW.device)
+        text_ids = pairs_VT[j].nonzero().flatten().to(ctx.device)
         if len(text_ids):
-            out_BT[b, text_ids.to(ctx.device)] = model.itm_scores_for_video(
+            out_BT[b, text_ids] = model.itm_scores_for_video(
                 patches_BND[b], text_TLW[text_ids], mask_TL[text_ids], batch)
     return out_BT
 
@@ -96,10 +95,9 @@ def _itm_matrix(ctx: EvalContext, pairs_VT: Tensor, tokens: VideoTokens, texts: 
 def umt_scores(ctx: EvalContext) -> Scores:
     """The released protocol (module docstring): frame-mean cosine, then the matching-head re-rank."""
     cfg, anno, timer = ctx.cfg, ctx.anno, ctx.timer
-    rerank_k = cfg.scoring.rerank_top_k
     tokens = VideoTokens()
     texts: dict[str, Tensor] = {}
-    keep_tokens = bool(rerank_k) and cfg.scoring.cache_vision_tokens
+    keep_tokens = bool(cfg.scoring.rerank_top_k) and cfg.scoring.cache_vision_tokens
 
     def video_rows(index_B: Tensor, clip_BCTHW: Tensor) -> Tensor:
         frames_BFE, patches_BND = ctx.model().encode_video_frames(clip_BCTHW)
@@ -114,19 +112,7 @@ def umt_scores(ctx: EvalContext) -> Scores:
         return {"video_VFE": video_VFE, "text_TE": text_TE}
 
     features = cached_on_all_ranks(ctx.cache, "features", ctx.feature_key, extract)
-    with timer.phase("scoring"):
-        sim_TV = frame_mean_similarity(features["text_TE"], features["video_VFE"])
-        if cfg.scoring.dual_softmax:
-            sim_t2v_TV, sim_v2t_TV = dual_softmax(sim_TV, cfg.scoring.dual_softmax_temperature)
-        else:
-            sim_t2v_TV, sim_v2t_TV = sim_TV, sim_TV
-    scores = Scores(sim_t2v_TV, sim_v2t_TV, features_hit=features["hit"])
-    if not rerank_k:
+    scores = first_stage(ctx, features, frame_mean_similarity, "video_VFE")
+    if not cfg.scoring.rerank_top_k:
         return scores
-    with timer.phase("scoring"):
-        t2v_TV, v2t_TV, pairs_VT = candidates(sim_t2v_TV, sim_v2t_TV, rerank_k)
-    vtm_key = cache_key({"features": ctx.feature_key, "pairs_sha": tensor_digest(pairs_VT), "family": "bert"})
-    vtm = cached_on_all_ranks(ctx.cache, "vtm", vtm_key, lambda: {"vtm_TV": _itm_matrix(ctx, pairs_VT, tokens, texts)})
-    scores.vtm_TV, scores.vtm_hit = vtm["vtm_TV"], vtm["hit"]
-    scores.t2v_candidates_TV, scores.v2t_candidates_TV = t2v_TV, v2t_TV
-    return scores
+    return add_rerank(ctx, scores, lambda pairs_VT: _itm_matrix(ctx, pairs_VT, tokens, texts))
