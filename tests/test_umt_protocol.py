@@ -354,3 +354,21 @@ def test_two_ranks_rerank_their_own_videos_and_give_the_released_matrices(worksp
     result = json.loads((out / "retrieval_msrvtt.json").read_text())
     assert result["cache"]["world_size"] == 2
     _assert_matches_released(out / "scores_msrvtt.npz", result["metrics"], reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.timeout(240)
+def test_on_gpu_fp32_the_matrices_match_the_reference(workspace, reference, tmp_path):
+    # The GPU kernels (triton scan, SDPA) against the CPU reference; TF32 off so fp32 means fp32.
+    cudnn_tf32, matmul_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        result = evaluate_retrieval(load_eval_config(REPO / "configs/eval/msrvtt.yaml", _overrides(
+            workspace, tmp_path / "gpu", "scaling.use_gpu=true", "model.precision=fp32", "cache.dir=null")))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn_tf32, matmul_tf32
+    scores = np.load(result["scores"])
+    np.testing.assert_allclose(scores["similarity_t2v_TV"], reference["t2i"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores["rerank_t2v_TV"], reference["t2i_x"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores["rerank_v2t_TV"].T, reference["i2t_x"], atol=1e-4, rtol=0)
