@@ -323,6 +323,10 @@ def test_job_dry_run(workspace, tmp_path):
     cmd = [sys.executable, "jobs/eval_retrieval.py", "--config", "configs/eval/didemo.yaml",
            f"model.checkpoint={workspace['checkpoint']}", f"data.annotation={workspace['root'] / 'anno.json'}",
            f"data.root={workspace['root'] / 'videos'}", "--dry-run"]
+    # didemo.yaml asks for 8 frames of 224 px; the tiny export takes 4 of 32: refused before any decoding.
+    wrong = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode != 0 and "data.num_frames=8, but the checkpoint's model takes 4" in wrong.stderr
+    cmd[-2:-2] = ["data.num_frames=null", "data.img_size=null"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "data set didemo: 5 videos, 5 queries" in out.stdout

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import from_dict, to_dict
+from pipeline.config import ConfigError, from_dict, to_dict
 from pipeline.distributed import get_world_size, is_main_process
 from pipeline.evaluation.annotations import RetrievalAnnotations, drop_missing, load_annotations
 from pipeline.evaluation.cache import FeatureCache, cache_key, checkpoint_identity
@@ -43,7 +43,13 @@ def load_video_text_model(checkpoint: str, device: torch.device, model_cfg: Eval
 
 
 def clip_spec(data: EvalDataConfig, facts: dict[str, Any]) -> ClipSpec:
-    """Config values win; unset ones come from the export (what the model was built and trained with)."""
+    """Config values win; unset ones come from the export (what the model was built and trained with). The
+    model takes only its own frame count and size, so a config value that differs is an error now, not later."""
+    for key in ("num_frames", "img_size"):
+        value = getattr(data, key)
+        if value is not None and value != facts[key]:
+            raise ConfigError(f"data.{key}={value}, but the checkpoint's model takes {facts[key]}; set "
+                              f"data.{key}={facts[key]} or null (the model's own)")
     return ClipSpec(
         num_frames=data.num_frames or facts["num_frames"],
         img_size=data.img_size or facts["img_size"],
