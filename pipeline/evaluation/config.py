@@ -50,9 +50,11 @@ class EvalDataConfig:
     paragraph: bool = False
     """Join each video's captions with spaces into one query (DiDeMo and ActivityNet protocol)."""
     num_frames: int | None = None
-    """Frames per video, each at the middle of one of `num_frames` equal segments; None = the model's."""
+    """Frames per video, each at the middle of one of `num_frames` equal segments (the released rule); None = the
+    model's."""
     img_size: int | None = None
-    """Frames are resized (bicubic, antialiased) to img_size x img_size without cropping; None = the model's."""
+    """Frames are resized (bicubic, no antialiasing, as released) to img_size x img_size without cropping; None =
+    the model's."""
     mean: list[float] | None = None
     """Normalisation mean; None = the one in the export's meta, else ImageNet's."""
     std: list[float] | None = None
