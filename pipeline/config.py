@@ -173,6 +173,8 @@ class OptimConfig:
     """Total optimizer steps of the stage."""
     weight_decay: float = 0.05
     """AdamW decoupled weight decay (not applied to biases, norms, embeddings, A_log and D)."""
+    decay_ssm_a: bool = False
+    """Also decay the 2-D SSM `A_log` / `A_b_log`, as the released optimizers do (the paper-scale configs set it)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
     eps: float = 1e-8

@@ -2,7 +2,9 @@
 
 Weight decay is not applied to 1-D parameters (norm weights, biases, `D`), to positional / class / temporal
 embeddings, to the SSM's `A_log` (and the backward branch's `A_b_log`, `D_b`), to parameters that carry
-mamba-ssm's `_no_weight_decay` attribute, or to names a module lists in its `no_weight_decay()`.
+mamba-ssm's `_no_weight_decay` attribute, or to names a module lists in its `no_weight_decay()`. With
+`decay_ssm_a` the 2-D `A_log` / `A_b_log` are decayed like any other matrix, as the released optimizers do
+(they exempt only 1-D parameters, biases and the model's `no_weight_decay()` names).
 
 Layer-wise LR decay (BEiT style) scales each group's LR by `layer_decay ** (num_layers + 1 - layer_id)`, where
 embeddings are layer 0, `layers.<i>.` is layer i + 1 and everything after the last block (final norm, heads,
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 _NO_DECAY_NAME = re.compile(r"(^|\.)(pos_embed|cls_token|temporal_pos_embedding|A_log|A_b_log|D|D_b)$")
+_SSM_A_NAME = re.compile(r"(^|\.)(A_log|A_b_log)$")
 _EMBEDDING_NAME = re.compile(r"(^|\.)(patch_embed|pos_embed|cls_token|temporal_pos_embedding)(\.|$)")
 _BLOCK_INDEX = re.compile(r"(^|\.)layers\.(\d+)\.")
 
@@ -33,10 +36,12 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def wants_weight_decay(name: str, param: nn.Parameter, exempt: set[str]) -> bool:
+def wants_weight_decay(name: str, param: nn.Parameter, exempt: set[str], decay_ssm_a: bool = False) -> bool:
     """Whether AdamW's decoupled weight decay applies to this parameter."""
     if param.ndim <= 1 or name.endswith(".bias") or name in exempt:
         return False
+    if decay_ssm_a and _SSM_A_NAME.search(name):
+        return True
     if getattr(param, "_no_weight_decay", False):  # mamba-ssm marks A_log / D this way
         return False
     return not _NO_DECAY_NAME.search(name)
@@ -50,7 +55,8 @@ def layer_id(name: str, num_layers: int) -> int:
     return int(match.group(2)) + 1 if match else num_layers + 1
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
+                 decay_ssm_a: bool = False) -> list[dict[str, Any]]:
     """AdamW groups of the trainable parameters; each group carries `lr_scale` (1.0 without layer decay)."""
     exempt = no_weight_decay_names(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -60,7 +66,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     num_layers = max(blocks) + 1 if blocks else 0
     groups: dict[tuple[bool, int], dict[str, Any]] = {}
     for name, param in named:
-        decay = wants_weight_decay(name, param, exempt)
+        decay = wants_weight_decay(name, param, exempt, decay_ssm_a)
         layer = layer_id(name, num_layers) if layer_decay is not None else num_layers + 1
         scale = layer_decay ** (num_layers + 1 - layer) if layer_decay is not None else 1.0
         group = groups.setdefault(
@@ -88,7 +94,7 @@ def build_optimizer(
     A torch optimizer (not DeepSpeed's fused/CPU Adam) avoids a JIT compile on CPU; DeepSpeed needs
     `zero_allow_untested_optimizer` for it.
     """
-    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay)
+    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay, optim_cfg.decay_ssm_a)
     for group in groups:
         group["lr"] = peak_lr * group["lr_scale"]
         del group["names"]  # torch keeps unknown keys, but names are only for inspection

@@ -87,12 +87,13 @@ def sample_frame_indices(
     """Indices of the frames a clip uses; short videos repeat frames.
 
     rand: a random frame in each of `num_frames` equal segments (needs `rng`); middle: each segment's
-    middle frame; stride: `num_frames` frames `frame_stride` apart, at a random start (with `rng`) or
-    centred (without), the last frame repeated when the video is too short.
+    middle frame, as the released evaluation picks it (`middle_frame_indices`); stride: `num_frames` frames
+    `frame_stride` apart, at a random start (with `rng`) or centred (without), the last frame repeated when
+    the video is too short.
     """
     n, T = num_video_frames, num_frames
     if mode == "middle":
-        return [min(n - 1, math.floor((i + 0.5) * n / T)) for i in range(T)]
+        return middle_frame_indices(n, T)
     if mode == "rand":
         if rng is None:
             raise ValueError("sampling mode 'rand' needs a random generator")
@@ -103,6 +104,16 @@ def sample_frame_indices(
         start = rng.randint(0, slack) if rng is not None else slack // 2
         return [min(n - 1, start + i * frame_stride) for i in range(T)]
     raise ValueError(f"unknown sampling mode {mode!r}; choose one of {SAMPLING_MODES}")
+
+
+def middle_frame_indices(num_video_frames: int, num_frames: int) -> list[int]:
+    """The released "middle" sampling (UMT / VideoMamba `get_frame_indices`): segment bounds
+    `linspace(0, n, S + 1)` truncated to ints, S = min(num_frames, n); segment [a, b) gives frame
+    `(a + b - 1) // 2`; a video shorter than `num_frames` repeats its last frame at the end."""
+    segments = min(num_frames, num_video_frames)
+    bounds = np.linspace(0, num_video_frames, segments + 1).astype(int).tolist()
+    indices = [(start + stop - 1) // 2 for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+    return indices + [indices[-1]] * (num_frames - segments)
 
 
 def decode_clip(

@@ -1,8 +1,8 @@
 """Clip transforms in plain torch: uint8 (T, H, W, 3) frames -> normalised float (3, T, S, S).
 
 Train: one random resized crop for the whole clip (area fraction from `scale`, aspect 3/4..4/3),
-optional horizontal flip, normalise. Eval: resize the full frame to S x S (bicubic, no crop: the
-zero-shot retrieval protocol, videomamba.md §7.1), normalise.
+optional horizontal flip, normalise. Eval: resize the full frame to S x S (bicubic without antialiasing,
+no crop: the released zero-shot retrieval protocol, docs/evaluation.md), normalise.
 """
 
 from __future__ import annotations
@@ -64,6 +64,16 @@ def train_transform(
 
 
 def eval_transform(frames_THW3: np.ndarray, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
-    """Bicubic resize of the whole frame to size x size (no crop) + normalise -> (3, T, size, size)."""
-    x_TCHW = F.interpolate(_to_uint8_TCHW(frames_THW3), size=(size, size), mode="bicubic", antialias=True)
-    return _normalise_CTHW(x_TCHW, mean, std)
+    """Resize the whole frame to size x size (no crop) as the released evaluation does, then normalise:
+    (3, T, size, size).
+
+    The released test transform is torchvision's `Resize((S, S), BICUBIC)` on uint8 tensors (torchvision
+    < 0.17, whose tensor resize had no antialiasing): bicubic, align_corners=False, no antialias, clamped and
+    rounded back to uint8; then `/ 255`, minus mean, over std, in that order.
+    """
+    x_TCHW = _to_uint8_TCHW(frames_THW3).float()
+    x_TCHW = F.interpolate(x_TCHW, size=(size, size), mode="bicubic", align_corners=False, antialias=False)
+    x_CTHW = x_TCHW.clamp_(0, 255).round_().permute(1, 0, 2, 3).contiguous()
+    mean_C = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
+    std_C = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
+    return x_CTHW.div_(255.0).sub_(mean_C).div_(std_C)
