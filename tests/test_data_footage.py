@@ -119,3 +119,30 @@ def test_transcode_options_are_checked():
         TranscodeOptions(bframes=-1)
     with pytest.raises(ValueError, match="transcode fps"):
         TranscodeOptions(fps=0)
+
+
+def test_make_shards_job_preprocesses_raw_footage_for_training(tmp_path, footage, capsys):
+    from jobs.make_shards import main as make_shards_main
+    from pipeline.data.manifest import iter_shard, read_manifest
+
+    rows = []
+    for name in ("720p_longgop", "720p_hevc_10bit", "720p_vp9", "480p_vfr_rotated_audio"):
+        path = tmp_path / f"{name}.{FOOTAGE[name].container}"
+        path.write_bytes(footage[name])
+        rows.append(f'{{"video": "{path.name}", "caption": "{name}"}}')
+    (tmp_path / "list.jsonl").write_text("\n".join(rows) + "\n")
+    argv = ["--input", str(tmp_path / "list.jsonl"), "--output", str(tmp_path / "shards"), "--shard-size", "2",
+            "--transcode", "--short-side", "32", "--gop", "4", "--bframes", "0", "--tune", "fastdecode"]  # fmt: skip
+    assert make_shards_main(argv) == 0
+    manifest = read_manifest(str(tmp_path / "shards"))
+    assert manifest["num_samples"] == 4 and not manifest["skipped"]
+    assert manifest["options"]["transcode"] == {
+        "short_side": 32, "fps": None, "gop": 4, "bframes": 0, "crf": 23, "preset": "veryfast", "tune": "fastdecode",
+        "codec": "h264", "pix_fmt": "yuv420p", "audio": "dropped", "rotation": "applied"}  # fmt: skip
+    for shard in manifest["shards"]:
+        for sample in iter_shard(str(tmp_path / "shards" / shard["name"])):
+            assert "B" not in picture_types(sample["mp4"]) and min(probe_video(sample["mp4"]).width,
+                                                                   probe_video(sample["mp4"]).height) == 32
+    with pytest.raises(SystemExit):
+        make_shards_main(["--input", "x.csv", "--output", str(tmp_path / "o"), "--gop", "4"])  # needs --transcode
+    assert "need --transcode" in capsys.readouterr().err

@@ -121,7 +121,7 @@ def test_transcode_with_worker_processes(tmp_path):
         progress=False,
     )  # fmt: skip
     assert manifest["num_samples"] == 5 and manifest["options"]["transcode"] == {
-        "short_side": 8, "fps": 3.0, "gop": None, "bframes": None, "crf": 23, "preset": "veryfast",
+        "short_side": 8, "fps": 3.0, "gop": None, "bframes": None, "crf": 23, "preset": "veryfast", "tune": None,
         "codec": "h264", "pix_fmt": "yuv420p", "audio": "dropped", "rotation": "applied"}  # fmt: skip
     for name in sorted(os.listdir(tmp_path / "t")):
         if name.endswith(".tar"):

@@ -25,7 +25,7 @@ _HASHED_NAME = re.compile(r"^lib(?P<name>[a-z]+)-[0-9a-f]{8}\.so\.(?P<major>\d+)
 
 
 def pyav_library_files() -> dict[str, Path]:
-    """{soname torchcodec links against: PyAV's bundled file}, e.g. {"libavcodec.so.62": .../libavcodec-....so.62...}."""
+    """{name torchcodec links against: PyAV's file}, e.g. {"libavcodec.so.62": av.libs/libavcodec-5e6b81c2.so.62}."""
     folder = Path(av.__file__).resolve().parent.parent / "av.libs"
     found = {}
     for path in sorted(folder.glob("lib*.so*")) if folder.is_dir() else []:

@@ -67,7 +67,9 @@ def train_transform(
     return _normalise_CTHW(x_TCHW, mean, std)
 
 
-def eval_transform(frames_THW3: np.ndarray | torch.Tensor, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
+def eval_transform(
+    frames_THW3: np.ndarray | torch.Tensor, size: int, mean: list[float], std: list[float]
+) -> torch.Tensor:
     """Bicubic resize of the whole frame to size x size (no crop) + normalise -> (3, T, size, size)."""
     x_TCHW = F.interpolate(_to_uint8_TCHW(frames_THW3), size=(size, size), mode="bicubic", antialias=True)
     return _normalise_CTHW(x_TCHW, mean, std)
