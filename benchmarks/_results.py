@@ -26,3 +26,29 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
     return str(v)
+
+
+def run_meta(packages: tuple[str, ...] = ()) -> dict:
+    """When and where a benchmark ran: UTC date, git commit (or $BENCH_COMMIT), host CPU, Python, package versions."""
+    import datetime
+    import importlib.metadata
+    import os
+    import platform
+    import subprocess
+
+    commit = os.environ.get("BENCH_COMMIT")  # a copy of the tree without .git (a GPU machine) is told it
+    try:
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=RESULTS.parent, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or platform.machine())  # fmt: skip
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
+            "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions}  # fmt: skip
