@@ -86,7 +86,8 @@ def stage1_data_wait(shards: str, workers: int, batch: int, steps: int, warmup: 
         if index >= warmup:  # the first batches include the loader workers' start
             waits.append(waited)
             totals.append(time.perf_counter() - start)
-    return {"stage": f"Stage 1 {cfg.model.name}" + (", CUDA graphs" if device.type == "cuda" else ""), "batch": batch, "loader_workers": workers,
+    stage = f"Stage 1 {cfg.model.name}" + (", CUDA graphs" if device.type == "cuda" else "")
+    return {"stage": stage, "batch": batch, "loader_workers": workers,
             "source": "S3 (moto) shards, preprocessed 720p long-GOP", "steps": steps,
             "step_ms_in_memory": 1e3 * statistics.median(in_memory), "step_ms_with_loader": 1e3 * sum(totals) / steps,
             "data_wait_ms": 1e3 * sum(waits) / steps, "data_wait_fraction": sum(waits) / sum(totals),
