@@ -65,7 +65,8 @@ TABLES = {
                       ["workers", "zero", "killed at s", "resumed after kill s", "resumed from", "final step",
                        "steps unique", "recovered", "wall s"]),
 }
-TITLES = {"data": "Data loading (CPU): decoded clips/s",
+TITLES = {"data": "Data path (CPU): clips/s per core per decoder and footage, cores per GPU, loader",
+          "data_gpu": "Data path on the GPU machine: per-core rates, NVDEC, Stage 1 data wait from S3",
           "eval": "Retrieval evaluation of 1k videos: where the time goes",
           "engine": "Training loop overhead: the DeepSpeed engine vs a bare PyTorch loop",
           "vtc_gather": "Video-text contrastive loss: cost of gathering features across ranks"}

@@ -117,11 +117,15 @@ def test_missing_ffmpeg_is_a_config_error_that_says_what_to_do():
         clip_decoder(DataConfig(decoder="torchcodec"))
 
 
-def test_cuda_decoding_needs_torchcodec_in_the_training_process():
+def test_decoder_settings_are_checked():
     with pytest.raises(ConfigError, match="data.decode_device: 'cuda' needs data.decoder=torchcodec"):
         DataConfig(decode_device="cuda", num_workers=0)
     with pytest.raises(ConfigError, match="data.num_workers=0"):
         DataConfig(decoder="torchcodec", decode_device="cuda", num_workers=2)
+    with pytest.raises(ConfigError, match="data.decode_threads: must be >= 0"):
+        DataConfig(decode_threads=-1)
+    with pytest.raises(ConfigError, match="data.decode_short_side: must be >= 2"):
+        DataConfig(decode_short_side=1)
 
 
 @pytest.mark.timeout(600)

@@ -191,8 +191,8 @@ def render_footage(spec: FootageSpec) -> bytes:
 
 def write_footage(spec: FootageSpec, directory: str | Path) -> Path:
     """Render `spec` into `directory` unless it is there already (a cache: the file name carries a hash of the
-    spec, so a changed spec is rendered anew); returns the file's path."""
-    digest = hashlib.sha1(repr(spec).encode()).hexdigest()[:10]
+    spec and the encoder settings, so a change renders anew); returns the file's path."""
+    digest = hashlib.sha1(repr((spec, _video_options(spec), av.__version__)).encode()).hexdigest()[:10]
     path = Path(directory) / f"{spec.name}-{digest}.{spec.container}"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
