@@ -264,9 +264,9 @@ def main() -> None:
     torch.set_num_threads(1)  # one core, like a loader worker
     args.work_dir.mkdir(parents=True, exist_ok=True)
     meta = {**run_meta(PACKAGES), "load_avg_start": os.getloadavg()[0], "num_frames": args.frames,
-            "clips_per_row": args.clips, "quick": args.quick,
-            "device": torch.cuda.get_device_name() if args.gpu else "CPU only"}  # fmt: skip
-    footage = footage_set(args.work_dir, args.quick)
+            "clips_per_row": args.clips, "quick": args.quick}  # fmt: skip
+    footage = footage_set(args.work_dir, args.quick)  # forks: before CUDA starts in this process
+    meta["device"] = torch.cuda.get_device_name() if args.gpu else "CPU only"
     rows = decode_rows(args.work_dir, footage, args.frames, args.clips, args.gpu, args.quick)
     cores = core_rows(rows)
     recommended = preprocessed(args.work_dir, "720p_longgop", footage["720p_longgop"][1], RECOMMENDED, args.quick)
