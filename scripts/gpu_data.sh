@@ -29,6 +29,7 @@ fi
 LD_LIBRARY_PATH="$(python3 -m pipeline.data.ffmpeg_libs "$WORK")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" || exit 1
 export LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+df -h /dev/shm | tee -a "$OUT/gpu.txt"  # loader workers hand batches over in shared memory
 python3 -c "import torch, av, torchcodec; print('torch', torch.__version__, 'av', av.__version__, 'torchcodec',
 torchcodec.__version__, 'FFmpeg', torchcodec.ffmpeg_major_version)" 2>&1 | tee -a "$OUT/gpu.txt"
 
