@@ -1,8 +1,8 @@
 """Write a video list into WebDataset shards (`<name>-000000.tar` + manifest.json); rerun to resume.
 
     python jobs/make_shards.py --input videos.csv --output s3://bucket/webvid/train --shard-size 500 --workers 8
-    # training shards: short side 256, keyframe every 16 frames, no B-frames, fast-decode H.264, no audio
-    python jobs/make_shards.py --input list.jsonl --output data/train --transcode --short-side 256 --gop 16 \
+    # training shards: short side 256, keyframe every 8 frames, no B-frames, fast-decode H.264, no audio
+    python jobs/make_shards.py --input list.jsonl --output data/train --transcode --short-side 256 --gop 8 \
         --bframes 0 --tune fastdecode
 
 The list is CSV (header `video,caption[,video_id]`; a caption cell may hold a JSON list) or JSONL

@@ -1,8 +1,8 @@
 """PyAV video probing and frame-accurate decoding of only the sampled frames.
 
 Frames are addressed by index in presentation order, exactly as decoding every frame would number them, also in
-variable-frame-rate video: opening a clip reads its packets' timestamps (demuxing only, no decoding: ~0.1 ms per
-100 packets), so frame i is the i-th timestamp. The decoder then
+variable-frame-rate video: opening a clip reads its packets' timestamps (demuxing only, no decoding: under 1 ms
+for 300 packets), so frame i is the i-th timestamp. The decoder then
 - seeks only when a target's keyframe lies beyond the last keyframe fed (seeking there is never slower than decoding
   forward to it), so a short-GOP clip costs about half a GOP per sampled frame and a single-keyframe clip is decoded
   forward once, never re-seeked;
