@@ -13,20 +13,8 @@ import pytest
 
 from pipeline.data.decode import DecodeOptions, FrameTable, decode_clip, open_video, probe_video, sample_frame_indices
 from pipeline.data.encode import TranscodeOptions, transcode_h264
-from pipeline.data.footage import FOOTAGE, frame_times, render_footage, small
-
-
-@pytest.fixture(scope="module")
-def footage() -> dict[str, bytes]:
-    """Every footage kind at 96x64 for 1 s (the properties under test do not depend on the size)."""
-    return {name: render_footage(small(spec)) for name, spec in FOOTAGE.items()}
-
-
-def all_frames(data: bytes) -> list[np.ndarray]:
-    """Reference: decode every frame in order, upright (np.rot90 counter-clockwise by the display rotation)."""
-    with av.open(io.BytesIO(data)) as container:
-        return [np.rot90(f.to_ndarray(format="rgb24"), k=round((f.rotation or 0) / 90) % 4)
-                for f in container.decode(container.streams.video[0])]  # fmt: skip
+from pipeline.data.footage import FOOTAGE, frame_times, small
+from tests._footage import full_decode
 
 
 def picture_types(data: bytes) -> str:
@@ -38,7 +26,7 @@ def picture_types(data: bytes) -> str:
 @pytest.mark.parametrize("options", [DecodeOptions(), DecodeOptions(skip_nonref=False), DecodeOptions(threads=0)],
                          ids=["skip_nonref", "decode_all", "ffmpeg_threads"])  # fmt: skip
 def test_sampled_frames_equal_a_full_decode(footage, name, options):
-    reference = all_frames(footage[name])
+    reference = full_decode(footage[name])
     for seed in range(3):
         for mode in ("rand", "middle", "stride"):
             expected = sample_frame_indices(len(reference), 6, mode, random.Random(seed), frame_stride=2)
@@ -52,14 +40,14 @@ def test_frame_table_numbers_variable_rate_frames_by_presentation_order(footage)
     assert len(set(np.diff([float(t) for t in times]).round(6))) > 1  # really variable
     with open_video(footage[spec.name], probe_decode=False) as (container, stream):
         table = FrameTable.read(container, stream)
-    assert len(table.pts) == spec.num_frames == len(all_frames(footage[spec.name]))
+    assert len(table.pts) == spec.num_frames == len(full_decode(footage[spec.name]))
     seconds = [(p - table.start_pts) * table.seconds_per_tick for p in table.pts]
     np.testing.assert_allclose(seconds, [float(t) for t in times], atol=1e-4)
     # trim_seconds counts the frames that start before the limit, whatever their spacing
     limit = float(times[10]) + 1e-3
     assert table.usable(limit) == 11
     clip = decode_clip(footage[spec.name], 4, "middle", trim_seconds=limit)
-    reference = all_frames(footage[spec.name])
+    reference = full_decode(footage[spec.name])
     np.testing.assert_array_equal(clip, np.stack([reference[i] for i in (1, 4, 6, 9)]))  # floor((i + .5) * 11 / 4)
 
 
@@ -104,7 +92,7 @@ def test_training_preprocessing(footage, name):
 def test_transcode_keeps_the_latest_frame_at_each_tick_of_variable_rate_input(footage):
     spec = small(FOOTAGE["480p_vfr_rotated_audio"])
     out = transcode_h264(footage[spec.name], TranscodeOptions(fps=spec.fps))  # same size, fixed rate
-    source, resampled = all_frames(footage[spec.name]), all_frames(out)
+    source, resampled = full_decode(footage[spec.name]), full_decode(out)
     times = [float(t) for t in frame_times(spec)]
     for k, frame in enumerate(resampled[:-1]):
         shown = max(i for i, t in enumerate(times) if t <= k / spec.fps + 1e-6)

@@ -8,14 +8,12 @@ the tests that decode run in a child interpreter started with PyAV's bundled FFm
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -23,6 +21,7 @@ import torch
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data.decode import decode_clip, sample_frame_indices
 from pipeline.data.footage import FOOTAGE, render_footage, small
+from tests._footage import full_decode
 
 torchcodec = pytest.importorskip("torchcodec", reason="torchcodec is not installed: it is the optional decoder "
                                  "(pip install torchcodec==0.17.0); PyAV is tested without it")  # fmt: skip
@@ -30,18 +29,6 @@ NO_FFMPEG_HERE = torchcodec.ffmpeg_major_version is None
 needs_ffmpeg = pytest.mark.skipif(NO_FFMPEG_HERE, reason="this process started without FFmpeg libraries on its "
                                   "library path; test_torchcodec_decodes_with_pyav_ffmpeg runs these tests in a "
                                   "child process that has PyAV's")  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def footage() -> dict[str, bytes]:
-    return {name: render_footage(small(spec)) for name, spec in FOOTAGE.items()}
-
-
-def full_decode(data: bytes) -> list[np.ndarray]:
-    """PyAV decoding every frame in order, turned upright."""
-    with av.open(io.BytesIO(data)) as container:
-        return [np.rot90(f.to_ndarray(format="rgb24"), k=round((f.rotation or 0) / 90) % 4)
-                for f in container.decode(container.streams.video[0])]  # fmt: skip
 
 
 def nearest(frame: np.ndarray, reference: list[np.ndarray]) -> int:
