@@ -65,3 +65,22 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
     return str(v)
+
+
+def run_meta(packages: tuple[str, ...] = ()) -> dict:
+    """When and where a CPU benchmark ran: `provenance()`, host CPU, core count, Python, package versions."""
+    import importlib.metadata
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or platform.machine())  # fmt: skip
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {**provenance(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "versions": versions}
+
+

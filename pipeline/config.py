@@ -138,8 +138,26 @@ class DataConfig:
     """Which caption of a multi-caption sample: auto = random for train, first for eval; join = paragraph."""
     eval_remainder: Literal["pad", "drop"] = "pad"
     """Eval batches are equal in size and count on every rank: pad (repeat samples, `valid`=False) or drop."""
+    decoder: Literal["pyav", "torchcodec"] = "pyav"
+    """Video decoder: pyav, or torchcodec (optional package; needs FFmpeg 4-9 libraries, docs/data.md)."""
+    decode_device: Literal["cpu", "cuda"] = "cpu"
+    """Where torchcodec decodes: cpu, or cuda (NVDEC, in the training process: needs data.num_workers=0)."""
+    decode_threads: int = 1
+    """FFmpeg decoder threads per loader worker (1 = one core each; 0 = FFmpeg's choice)."""
+    decode_skip_nonref: bool = True
+    """PyAV: do not reconstruct non-reference frames that are not sampled (single-threaded decoding)."""
+    decode_short_side: int | None = None
+    """PyAV: scale decoded frames to this short side while converting to RGB (cheaper crops of large raw
+    footage); None = decoded size. Preprocessed shards (jobs/make_shards.py --short-side) need none."""
 
     def __post_init__(self) -> None:
+        if self.decode_device == "cuda" and (self.decoder != "torchcodec" or self.num_workers):
+            raise ConfigError(f"data.decode_device: 'cuda' needs data.decoder=torchcodec and data.num_workers=0 "
+                              f"(got decoder={self.decoder!r}, num_workers={self.num_workers})")
+        if self.decode_threads < 0:
+            raise ConfigError(f"data.decode_threads: must be >= 0, got {self.decode_threads}")
+        if self.decode_short_side is not None and self.decode_short_side < 2:
+            raise ConfigError(f"data.decode_short_side: must be >= 2 (or null), got {self.decode_short_side}")
         if self.img_size % self.patch_size:
             raise ConfigError(
                 f"data.img_size: {self.img_size} is not a multiple of data.patch_size={self.patch_size}"

@@ -52,7 +52,8 @@ TABLES = {
 }
 TITLES = {"model": "Whole model: ours vs the released VideoMamba code and a joint-attention TimeSformer, 224², bf16",
           "norm": "Fused add + RMSNorm: Triton vs the PyTorch reference",
-          "data": "Data loading (CPU): decoded clips/s",
+          "data": "Data path (CPU): clips/s per core per decoder and footage, cores per GPU, loader",
+          "data_gpu": "Data path on the GPU machine: per-core rates, NVDEC, Stage 1 data wait from S3",
           "eval": "Retrieval evaluation of 1k videos: where the time goes",
           "engine": "Training loop overhead: the DeepSpeed engine vs a bare PyTorch loop",
           "vtc_gather": "Video-text contrastive loss: cost of gathering features across ranks"}

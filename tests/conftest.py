@@ -39,3 +39,12 @@ def tiny_synthetic(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_synthetic")
     return make_synthetic(str(root), num_videos=12, split_ratio=8 / 12, seed=3, num_frames=8, size=32, shard_size=2)
+
+
+@pytest.fixture(scope="module")
+def footage() -> dict[str, bytes]:
+    """Every kind of test footage (pipeline/data/footage.py) at 96x64 for 1 s: the properties under test do not
+    depend on the size."""
+    from pipeline.data.footage import FOOTAGE, render_footage, small
+
+    return {name: render_footage(small(spec)) for name, spec in FOOTAGE.items()}

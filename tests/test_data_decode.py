@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.data.decode import VideoDecodeError, decode_clip, probe_video, sample_frame_indices
-from pipeline.data.encode import encode_h264, transcode_h264
+from pipeline.data.encode import TranscodeOptions, encode_h264, transcode_h264
 from pipeline.data.transforms import eval_transform, random_crop_box, train_transform
 
 LEVEL = 8  # grey level step per frame index: survives H.264 quantisation of flat frames
@@ -97,7 +97,7 @@ def test_corrupt_bytes_raise_a_decode_error():
 
 
 def test_transcode_changes_size_and_rate_keeping_content():
-    out = transcode_h264(indexed_video(30, fps=10.0, height=32, width=48), short_side=16, fps=5.0)
+    out = transcode_h264(indexed_video(30, fps=10.0, height=32, width=48), TranscodeOptions(short_side=16, fps=5.0))
     info = probe_video(out)
     assert (info.width, info.height, info.num_frames, info.fps) == (24, 16, 15, 5.0)
     # Output frame k shows input frame 2k (the latest at time k/5 s).

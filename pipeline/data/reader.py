@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import distributed
 from pipeline.config import DataConfig
 from pipeline.data import loader_workers
-from pipeline.data.decode import decode_clip
+from pipeline.data.decoders import clip_decoder
 from pipeline.data.keys import sample_id
 from pipeline.data.manifest import read_manifest, shard_sample_counts
 from pipeline.data.masks import DATA_MASK_TYPES, make_keep_mask
@@ -147,6 +147,7 @@ class ClipStream(IterableDataset):
         self.train = split == "train"
         self.caption_mode = cfg.caption_mode if cfg.caption_mode != "auto" else ("random" if self.train else "first")
         self.sampling = cfg.sampling if self.train else cfg.eval_sampling
+        self.decode = clip_decoder(cfg)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         register_fsspec_openers()  # also inside loader worker processes
@@ -215,7 +216,7 @@ class ClipStream(IterableDataset):
         cfg, key = self.cfg, sample.get("__key__", "?")
         try:
             meta = json.loads(sample["json"])
-            frames = decode_clip(sample["mp4"], cfg.num_frames, self.sampling, rng, cfg.frame_stride, cfg.trim_seconds)
+            frames = self.decode(sample["mp4"], mode=self.sampling, rng=rng)
             text = choose_caption(meta["caption"], self.caption_mode, rng)
         except (KeyError, ValueError, TypeError) as err:  # VideoDecodeError and JSON errors are ValueErrors
             stats["bad"] += 1

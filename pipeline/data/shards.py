@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import posixpath
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -33,7 +33,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.data.decode import VideoDecodeError, probe_video
-from pipeline.data.encode import transcode_h264
+from pipeline.data.encode import TranscodeOptions, transcode_h264
 from pipeline.data.keys import make_key
 from pipeline.data.manifest import FORMAT, iter_shard, read_manifest, write_manifest
 from pipeline.data.urls import join_url, split_protocol
@@ -60,12 +60,6 @@ class ShardResult:
     num_samples: int
     duration_s: float
     skipped: list[dict[str, str]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class TranscodeOptions:
-    short_side: int | None = None
-    fps: float | None = None
 
 
 def _parse_caption(value: Any, where: str) -> str | list[str]:
@@ -120,7 +114,7 @@ def _encode_sample(row: InputRow, transcode: TranscodeOptions | None) -> dict[st
     with fsspec.open(row.path, "rb") as f:
         data = f.read()
     if transcode is not None:
-        data = transcode_h264(data, transcode.short_side, transcode.fps)
+        data = transcode_h264(data, transcode)
     info = probe_video(data)
     if info.container != _MP4_FAMILY:
         raise VideoDecodeError(f"container is {info.container!r}, not mp4; rerun with --transcode")
@@ -239,7 +233,7 @@ def make_shards(
         "shard_size": shard_size,
         "source": input_list,
         "source_sha256": sha,
-        "options": {"transcode": asdict(transcode) if transcode else None, "prefix": prefix},
+        "options": {"transcode": transcode.manifest_entry() if transcode else None, "prefix": prefix},
         "num_shards": len(plan),
         "duplicates": duplicates,
     }

@@ -17,15 +17,19 @@ import torch.nn.functional as F
 _ASPECT_RANGE = (3 / 4, 4 / 3)
 
 
-def _to_uint8_TCHW(frames_THW3: np.ndarray) -> torch.Tensor:
+def _to_uint8_TCHW(frames_THW3: np.ndarray | torch.Tensor) -> torch.Tensor:
     # A channels-last uint8 view: torch's antialiased uint8 resize on it is ~10x faster than on floats
-    # and matches PIL's bilinear/bicubic to within one grey level.
-    return torch.from_numpy(np.ascontiguousarray(frames_THW3)).permute(0, 3, 1, 2)
+    # and matches PIL's bilinear/bicubic to within one grey level. On CUDA (NVDEC frames) the antialiased
+    # resize takes floats only.
+    if isinstance(frames_THW3, np.ndarray):
+        frames_THW3 = torch.from_numpy(np.ascontiguousarray(frames_THW3))
+    x_TCHW = frames_THW3.permute(0, 3, 1, 2)
+    return x_TCHW if x_TCHW.device.type == "cpu" else x_TCHW.float()
 
 
 def _normalise_CTHW(x_TCHW: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    mean_C = torch.tensor(mean).view(3, 1, 1, 1) * 255.0
-    inv_std_C = 1.0 / (torch.tensor(std).view(3, 1, 1, 1) * 255.0)
+    mean_C = torch.tensor(mean, device=x_TCHW.device).view(3, 1, 1, 1) * 255.0
+    inv_std_C = 1.0 / (torch.tensor(std, device=x_TCHW.device).view(3, 1, 1, 1) * 255.0)
     return x_TCHW.permute(1, 0, 2, 3).contiguous().float().sub_(mean_C).mul_(inv_std_C)
 
 
@@ -45,7 +49,7 @@ def random_crop_box(height: int, width: int, scale: tuple[float, float], rng: ra
 
 
 def train_transform(
-    frames_THW3: np.ndarray,
+    frames_THW3: np.ndarray | torch.Tensor,
     size: int,
     scale: tuple[float, float],
     flip: bool,
@@ -63,9 +67,11 @@ def train_transform(
     return _normalise_CTHW(x_TCHW, mean, std)
 
 
-def eval_transform(frames_THW3: np.ndarray, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
+def eval_transform(
+    frames_THW3: np.ndarray | torch.Tensor, size: int, mean: list[float], std: list[float]
+) -> torch.Tensor:
     """Resize the whole frame to size x size (no crop) as the released evaluation does, then normalise:
-    (3, T, size, size).
+    (3, T, size, size), on the frames' device (CPU, or CUDA for NVDEC frames).
 
     The released test transform is torchvision's `Resize((S, S), BICUBIC)` on uint8 tensors (torchvision
     < 0.17, whose tensor resize had no antialiasing): bicubic, align_corners=False, no antialias, clamped and
@@ -74,6 +80,6 @@ def eval_transform(frames_THW3: np.ndarray, size: int, mean: list[float], std: l
     x_TCHW = _to_uint8_TCHW(frames_THW3).float()
     x_TCHW = F.interpolate(x_TCHW, size=(size, size), mode="bicubic", align_corners=False, antialias=False)
     x_CTHW = x_TCHW.clamp_(0, 255).round_().permute(1, 0, 2, 3).contiguous()
-    mean_C = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
-    std_C = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
+    mean_C = torch.tensor(mean, dtype=torch.float32, device=x_CTHW.device).view(3, 1, 1, 1)
+    std_C = torch.tensor(std, dtype=torch.float32, device=x_CTHW.device).view(3, 1, 1, 1)
     return x_CTHW.div_(255.0).sub_(mean_C).div_(std_C)
