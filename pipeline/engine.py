@@ -470,10 +470,9 @@ class Trainer:
             "train/skipped_batches": float(self.skipped_batches),
             "train/memory_gib": memory_gib(self.device),
         })  # fmt: skip
-        stats = getattr(self.train_loader, "stats", None)  # pipeline.data's decode counters (this rank)
+        stats = getattr(self.train_loader, "stats", None)  # pipeline.data's decode and shard counters (this rank)
         if stats is not None:
-            metrics["data/bad_fraction"] = stats.bad_fraction
-            metrics["data/samples_bad"] = float(stats.samples_bad)
+            metrics.update(stats.as_metrics())
         epoch = getattr(self.train_loader, "epoch", None)  # pipeline.data's nominal epoch (with its fraction)
         if epoch is not None:
             metrics["data/epoch"] = float(epoch)
