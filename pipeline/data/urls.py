@@ -81,7 +81,7 @@ def expand_shard_urls(spec: str | Iterable[str]) -> list[str]:
     urls: list[str] = []
     for item in specs:
         for url in braceexpand.braceexpand(item):
-            if url.endswith(".tar"):
+            if url.split("?", 1)[0].endswith(".tar"):  # a signed URL carries its signature as a query
                 urls.append(url)
                 continue
             protocol, path = split_protocol(url)
