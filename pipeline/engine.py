@@ -44,6 +44,7 @@ from pipeline.distributed import (
 from pipeline.optim import build_optimizer, peak_lr
 from pipeline.profiling import StepProfiler
 from pipeline.tasks import build_task
+from pipeline.writes import torch_save_file
 
 # Dense bf16 peak TFLOP/s per GPU for MFU (NVIDIA datasheets, SXM parts, without sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -553,7 +554,8 @@ class Trainer:
         path = Path(self.cfg.output_dir) / "export" / "model.pt"
         if self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(stage_export(self.cfg, self.engine.module, state, self.step), path)
+            torch_save_file(stage_export(self.cfg, self.engine.module, state, self.step), path, "stage export",
+                            "output_dir")
             if self.tracker:
                 self.tracker.set_tag("export_path", str(path.resolve()))
         return str(path.resolve())

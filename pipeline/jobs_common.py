@@ -18,6 +18,7 @@ from pipeline.config import Config, load_config, to_yaml
 from pipeline.engine import TrainResult
 from pipeline.preflight import preflight
 from pipeline.redaction import redact_text
+from pipeline.writes import disk_full_named
 
 
 def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,7 +79,8 @@ def resume_line(cfg: Config) -> str:
 def save_resolved_config(cfg: Config) -> Path:
     path = Path(cfg.output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(cfg))
+    with disk_full_named(path, "resolved config", "output_dir"):
+        path.write_text(to_yaml(cfg))
     return path
 
 

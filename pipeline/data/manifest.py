@@ -26,6 +26,7 @@ import fsspec
 from webdataset import tariterators
 
 from pipeline.data.urls import access_named, join_url, split_protocol
+from pipeline.writes import disk_full_named
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
     protocol, path = split_protocol(join_url(directory, MANIFEST_NAME))
     if protocol == "file":
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".manifest.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with disk_full_named(tmp, "manifest", "--output"), os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     else:
