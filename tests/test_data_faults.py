@@ -176,3 +176,20 @@ def test_shard_faults_reach_mlflow(tiny_synthetic, tmp_path):
     metrics = MlflowClient(uri).get_run(result.mlflow_run_id).data.metrics
     assert metrics["data/shard_errors"] >= 1 and metrics["data/shards_empty"] >= 1
     assert metrics["data/samples_bad"] == 0 and metrics["data/bad_fraction"] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_training_stream_without_one_decodable_sample_stops_even_when_bad_samples_are_tolerated(tmp_path,
+                                                                                                num_workers):
+    """data.max_bad_fraction=1.0 tolerates any fraction of bad samples, but a stream in which none decodes can never
+    fill a batch: it drew and skipped samples forever."""
+    import webdataset as wds
+
+    meta = json.dumps({"caption": "c", "duration": 1.0}).encode()
+    with wds.TarWriter(str(tmp_path / "bad-000000.tar")) as tar:
+        for i in range(3):
+            tar.write({"__key__": f"bad{i}", "mp4": b"not a video", "json": meta})
+    cfg = data_cfg(str(tmp_path), max_bad_fraction=1.0, bad_check_min_samples=20, num_workers=num_workers)
+    with pytest.raises(DataQualityError, match=r"none of the \d+ samples read so far could be decoded"):
+        next(iter(build_loader(cfg, "train", 0, 1)))

@@ -4,7 +4,9 @@ shards that hold no sample or that the manifest beside them does not list (or li
 from __future__ import annotations
 
 import json
+import math
 import statistics
+import tarfile
 from typing import Any
 
 from tqdm import tqdm
@@ -21,11 +23,13 @@ def _check_sample(sample: dict[str, Any], decode: bool) -> tuple[float | None, s
     try:
         meta = json.loads(sample["json"])
         duration = float(meta["duration"])
+        if not math.isfinite(duration) or duration < 0:
+            return None, f"duration {meta['duration']!r} is not a finite number of seconds >= 0"
         if decode:
             # Full decode: every frame must come out, not just the headers.
             info = probe_video(sample["mp4"])
             decode_clip(sample["mp4"], info.num_frames, "middle")
-    except (KeyError, ValueError, TypeError) as err:
+    except (KeyError, ValueError, TypeError, RecursionError) as err:  # RecursionError: JSON nested too deep
         return None, repr(err)
     return duration, None
 
@@ -46,7 +50,7 @@ def inspect_shards(spec: str | list[str], decode: bool = False, progress: bool =
                     durations.append(duration)
                 else:
                     bad.append({"shard": url, "key": sample["__key__"], "reason": reason})
-        except (OSError, ValueError) as err:  # unreadable or truncated tar
+        except (OSError, ValueError, tarfile.TarError) as err:  # unreadable, truncated or corrupt tar
             bad.append({"shard": url, "key": None, "reason": f"shard unreadable after {count} samples: {err!r}"})
         shards.append({"url": url, "num_samples": count})
     total = sum(s["num_samples"] for s in shards)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import posixpath
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -82,11 +83,21 @@ def listed_sample_counts(urls: list[str]) -> list[int | None]:
 
 def shard_sample_counts(urls: list[str]) -> list[int]:
     """Samples per shard, from the manifests beside the shards; a shard they do not list is named in a warning and
-    counted by reading it."""
+    counted by reading it (up to where it cannot be read: what a stream over it can deliver)."""
     counts = listed_sample_counts(urls)
     for i, url in enumerate(urls):
         if counts[i] is None:
             log.warning("shard %s is not listed in the %s beside it; counting its samples by reading it", url,
                         MANIFEST_NAME)
-            counts[i] = sum(1 for _ in iter_shard(url))
+            counts[i] = _readable_samples(url)
     return counts
+
+
+def _readable_samples(url: str) -> int:
+    count = 0
+    try:
+        for _ in iter_shard(url):
+            count += 1
+    except (OSError, ValueError, tarfile.TarError) as err:
+        log.warning("shard %s cannot be read past sample %d: %r", url, count, err)
+    return count

@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 # A worker that fails to open this many shards in a row without one good sample stops the run
 # (e.g. wrong credentials): otherwise a resampled stream would retry forever.
 _MAX_CONSECUTIVE_SHARD_ERRORS = 8
+# With no decodable sample among this many (or data.bad_check_min_samples, if larger) the stream stops whatever
+# data.max_bad_fraction allows: it could never fill a batch.
+_MIN_SAMPLES_WITHOUT_ONE_GOOD = 100
 _STATS_KEY = "_stats"
 _MASK_STREAM = 0x6D61736B  # "mask": keeps the mask generator's seed apart from the streams' seeds
 
@@ -89,9 +92,13 @@ class LoaderStats:
 
 
 def choose_caption(caption: str | list[str], mode: str, rng: random.Random) -> str:
-    """One text per sample: `random` / `first` caption of a list, or `join` them into a paragraph."""
+    """One text per sample: `random` / `first` caption of a list, or `join` them into a paragraph.
+
+    ValueError (a bad sample) for anything but a string or a non-empty list of strings."""
     if isinstance(caption, str):
         return caption
+    if not isinstance(caption, list) or not caption or not all(isinstance(c, str) for c in caption):
+        raise ValueError(f"caption must be a string or a non-empty list of strings, got {caption!r:.80}")
     if mode == "random":
         return rng.choice(caption)
     if mode == "first":
@@ -226,6 +233,7 @@ class ClipStream(IterableDataset):
                 rows = []
         if rows:  # only a finite (eval) stream ends; its last batch may be partial
             yield with_stats(_collate(rows))
+        yield with_stats({})  # the counters of shards read after the last batch (unreadable or empty ones)
 
     def _shard_samples(self, shards: Iterator[dict[str, str]], on_error, stats: dict,
                        empty: set[str]) -> Iterator[dict[str, Any]]:
@@ -258,7 +266,9 @@ class ClipStream(IterableDataset):
             meta = json.loads(sample["json"])
             frames = decode_clip(sample["mp4"], cfg.num_frames, self.sampling, rng, cfg.frame_stride, cfg.trim_seconds)
             text = choose_caption(meta["caption"], self.caption_mode, rng)
-        except (KeyError, ValueError, TypeError) as err:  # VideoDecodeError and JSON errors are ValueErrors
+        # VideoDecodeError and JSON errors are ValueErrors; JSON nested deeper than the interpreter's recursion
+        # limit raises RecursionError.
+        except (KeyError, ValueError, TypeError, RecursionError) as err:
             stats["bad"] += 1
             stats["errors"].append(f"{key} ({sample.get('__url__')}): {err!r}")
             log.warning("skipping sample %s from %s: %r", key, sample.get("__url__"), err)
@@ -386,6 +396,11 @@ class VideoLoader:
     def _check_quality(self, final: bool) -> None:
         s = self.stats
         total = s.samples_ok + s.samples_bad
+        if not s.samples_ok and total >= max(self.cfg.bad_check_min_samples, _MIN_SAMPLES_WITHOUT_ONE_GOOD):
+            raise DataQualityError(
+                f"none of the {total} samples read so far could be decoded; recent errors: {s.recent_errors}. "
+                "Check the shards with `python jobs/inspect_shards.py URL --decode`."
+            )
         if total and (final or total >= self.cfg.bad_check_min_samples) and s.bad_fraction > self.cfg.max_bad_fraction:
             raise DataQualityError(
                 f"{s.samples_bad} of {total} samples ({s.bad_fraction:.1%}) could not be decoded, above "
