@@ -6,12 +6,14 @@ inline_container.cc:672] . unexpected pos 576 vs 534`. `disk_full_named(path, wh
 `DiskFullError` (an OSError with errno ENOSPC) naming the path, the free space left on its filesystem and the
 setting to change. The torch case is recognised by its writer's message together with a filesystem that has
 (almost) nothing left, since the message alone says nothing about the cause. `torch_save_file` writes through a
-Python file object, so a full disk surfaces as the OSError it is in the first place.
+Python file object, so a full disk surfaces as the OSError it is in the first place, and into a temp file renamed
+over the target, so a failed write never leaves a truncated file under the final name.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,8 +77,16 @@ def disk_full_named(path: str | Path, what: str, setting: str | None = None) -> 
 
 
 def torch_save_file(obj: Any, path: str | Path, what: str, setting: str | None = None) -> None:
-    """`torch.save(obj, path)` through a Python file object, so a full disk raises a DiskFullError naming `path`."""
+    """`torch.save(obj, path)`, atomically (temp file + rename), through a Python file object: a full disk raises a
+    DiskFullError naming `path` and leaves no partial file."""
     import torch
 
-    with disk_full_named(path, what, setting), open(path, "wb") as f:
-        torch.save(obj, f)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with disk_full_named(path, what, setting):
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
