@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.cli import exit_status
 from pipeline.evaluation.config import load_eval_config
 from pipeline.evaluation.run import describe_plan, evaluate_retrieval
 
@@ -28,16 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config, checkpoint, annotation and video files; print the plan; stop")
     args = parser.parse_args(argv)
+    return exit_status(lambda: evaluate(args))
 
+
+def evaluate(args: argparse.Namespace) -> None:
     cfg = load_eval_config(args.config, args.overrides)
     if args.dry_run:
         print("\n".join(describe_plan(cfg)))
-        return 0
+        return
     result = evaluate_retrieval(cfg)
     if result:  # only rank 0 of a torchrun group gets the numbers
         print(json.dumps(result, indent=2))
         print(Path(result["report"]).with_suffix(".md").read_text())
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The shared command line of training jobs: `--config FILE [key=value ...] [--dry-run]`.
 
 Every stage entry point calls `run_training_job`: it loads and validates the config (errors name the bad key
-before any worker starts), prints the resolved config and saves it to `<output_dir>/config.yaml`, prints the
-plan (model and parameter count, data, workers, storage, tracking) and, unless `--dry-run`, launches training.
+before any worker starts), checks that the weight files and shards it names exist (`pipeline.preflight`), prints
+the resolved config and saves it to `<output_dir>/config.yaml`, prints the plan (model and parameter count, data,
+workers, storage, tracking, what the checks found) and, unless `--dry-run`, launches training.
 Printed and saved configs have their credentials masked (`pipeline.redaction`).
 """
 
@@ -15,7 +16,9 @@ import torch
 
 from pipeline.config import Config, load_config, to_yaml
 from pipeline.engine import TrainResult
+from pipeline.preflight import preflight
 from pipeline.redaction import redact_text
+from pipeline.writes import disk_full_named
 
 
 def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,7 +79,8 @@ def resume_line(cfg: Config) -> str:
 def save_resolved_config(cfg: Config) -> Path:
     path = Path(cfg.output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(cfg))
+    with disk_full_named(path, "resolved config", "output_dir"):
+        path.write_text(to_yaml(cfg))
     return path
 
 
@@ -84,8 +88,9 @@ def run_training_job(description: str, argv: list[str] | None = None) -> TrainRe
     """Parse, validate, print and save the config, print the plan; then launch unless --dry-run."""
     args = parse_job_args(description, argv)
     cfg = load_config(args.config, args.overrides)
+    checks = "\n".join(f"checks    {note}" for note in preflight(cfg))
     print("# resolved config\n" + to_yaml(cfg), flush=True)
-    print(f"# saved to {save_resolved_config(cfg)}\n# plan\n{redact_text(describe_plan(cfg))}", flush=True)
+    print(f"# saved to {save_resolved_config(cfg)}\n# plan\n{redact_text(describe_plan(cfg))}\n{checks}", flush=True)
     if args.dry_run:
         return None
     from pipeline.launch import launch

@@ -37,6 +37,7 @@ from pipeline.data.encode import TranscodeOptions, transcode_h264
 from pipeline.data.keys import make_key
 from pipeline.data.manifest import FORMAT, iter_shard, read_manifest, write_manifest
 from pipeline.data.urls import join_url, split_protocol
+from pipeline.writes import disk_full_named
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,9 @@ def write_shard(output: str, name: str, rows: list[InputRow], transcode: Transco
     protocol, final_path = split_protocol(join_url(output, name))
     local_dir = os.path.dirname(final_path) if protocol == "file" else None
     fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{name}.", suffix=".tmp")
+    room = "--output" if protocol == "file" else "TMPDIR (shards are staged there before the upload)"
     try:
-        with os.fdopen(fd, "wb") as f, wds.TarWriter(f) as tar:
+        with disk_full_named(tmp, "shard", room), os.fdopen(fd, "wb") as f, wds.TarWriter(f) as tar:
             for row in rows:
                 try:
                     sample = _encode_sample(row, transcode)
