@@ -12,7 +12,8 @@ does not use) is not run. The two compiled modules come from scripts/build_relea
 1.4+ builds take output buffers, so `causal_conv1d_cuda` is given the fork's 1.0.0 call signatures on top.
 
 `problems()` says what is missing without importing anything from the checkout (the benchmarks' --check-released);
-`load()` imports it.
+`load()` imports it; `install_fork()` imports the kernel fork alone (for the other released models that use it:
+scripts/released_eval_driver.py runs video_mm's), also without the compiled modules.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def _defined_names(path: Path) -> set[str]:
         t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
 
 
-def problems(repo: Path | None, ext_dir: Path | None, need_cuda: bool = True) -> list[str]:
-    """Every reason the released path cannot run in this process (an empty list: it can); imports nothing."""
+def problems(repo: Path | None, ext_dir: Path | None, need_cuda: bool = True, need_kernels: bool = True) -> list[str]:
+    """Every reason the released path cannot run in this process (an empty list: it can); imports nothing.
+    need_kernels=False leaves out the compiled modules (for `install_fork(..., kernels=False)`)."""
     if repo is None:
         return ["no checkout given: pass --released-repo PATH (a checkout of github.com/OpenGVLab/VideoMamba)"]
     found = []
@@ -106,7 +108,7 @@ def problems(repo: Path | None, ext_dir: Path | None, need_cuda: bool = True) ->
     for module in sorted(imported - PROVIDED - set(sys.builtin_module_names)):
         if importlib.util.find_spec(module) is None:
             found.append(f"the released code imports {module!r}, which is not installed here")
-    for name in EXTENSIONS:
+    for name in EXTENSIONS if need_kernels else ():
         if _find_extension(name, ext_dir) is None:
             where = f"in {ext_dir}" if ext_dir else "on sys.path (no --released-ext given)"
             found.append(f"compiled module {name!r} not found {where}: build it with "
@@ -218,20 +220,83 @@ class ReleasedPath:
         return direction(xz_BFL, fwd) + direction(xz_BFL.flip([-1]), bwd).flip([-1])
 
 
-def load(repo: Path | None, ext_dir: Path | None, need_cuda: bool = True) -> ReleasedPath:
-    """Import the released path from `repo` with the kernels in `ext_dir` (None: installed ones). need_cuda=False
-    imports it on a machine without a GPU (its models build there; their forward needs CUDA)."""
-    found = problems(repo, ext_dir, need_cuda)
-    if found:
-        raise ReleasedPathError("the released VideoMamba code path cannot run here:\n  - " + "\n  - ".join(found))
-    scan = _load_extension("selective_scan_cuda", ext_dir)
-    conv = _load_extension("causal_conv1d_cuda", ext_dir)
-    sys.modules["selective_scan_cuda"] = scan
-    args = _conv_signature_args(conv)
-    if args not in (4, 8):
-        raise ReleasedPathError(f"{conv.__file__}: causal_conv1d_fwd takes {args} arguments; known are 4 "
-                                "(causal-conv1d 1.0.x) and 8 (1.4 to 1.7)")
-    sys.modules["causal_conv1d_cuda"] = conv if args == 4 else conv_v1_api(conv)
+class _NotBuilt(types.ModuleType):
+    """A compiled module's stand-in for importing the fork where the kernels cannot load (no CUDA): every
+    function it does not define raises, so nothing computes with it."""
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+
+        def not_built(*_args, **_kwargs):
+            raise ReleasedPathError(f"{self.__name__}.{attr}: the released kernels were not loaded (imported "
+                                    "without kernels, to build models on a machine without CUDA)")
+        return not_built
+
+
+def _reference_scan_module() -> types.ModuleType:
+    """`selective_scan_cuda` whose forward is the fork's own selective_scan_ref (the kernel's outputs: the
+    ungated output, no scan states, and the output gated by silu(z))."""
+    module = _NotBuilt("selective_scan_cuda")
+
+    def fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus):  # noqa: N803 (the kernel's argument names)
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+
+        out = selective_scan_ref(u, delta, A, B, C, D, None, delta_bias, delta_softplus)
+        return (out, None) if z is None else (out, None, out * torch.nn.functional.silu(z))
+
+    module.fwd = fwd
+    return module
+
+
+def _reference_conv_module() -> types.ModuleType:
+    """`causal_conv1d_cuda` (1.0.0 signatures) whose forward is the fork's own causal_conv1d_ref."""
+    module = _NotBuilt("causal_conv1d_cuda")
+
+    def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, silu_activation: bool) -> Tensor:
+        from causal_conv1d.causal_conv1d_interface import causal_conv1d_ref
+
+        return causal_conv1d_ref(x, weight, bias, "silu" if silu_activation else None)
+
+    module.causal_conv1d_fwd = causal_conv1d_fwd
+    return module
+
+
+def _reference_add_norm(norm_ref: Callable) -> Callable:
+    """The fused add + norm function's signature over the fork's reference norm."""
+    def add_norm(x, weight, bias, residual=None, prenorm=False, residual_in_fp32=False, eps=1e-6):
+        out = norm_ref(x, weight, bias, residual=residual, eps=eps, prenorm=prenorm)
+        return (out[0], out[1].float()) if prenorm and residual_in_fp32 else out
+    return add_norm
+
+
+KERNELS = ("built", "reference", "none")
+
+
+def install_fork(repo: Path, ext_dir: Path | None, kernels: str = "built") -> types.ModuleType:
+    """Make `mamba_ssm` and `causal_conv1d` this process's imports of the checkout's fork; returns the fork's
+    selective_scan_interface. Callers check `problems()` first. `kernels`:
+      built      the compiled modules in `ext_dir` (None: installed ones);
+      reference  the fork's own reference functions in their place (selective_scan_ref, causal_conv1d_ref, and
+                 rms_norm_ref / layer_norm_ref for the fused add + norm Triton kernel): the released models'
+                 forward runs on any device, without CUDA;
+      none       stand-ins that raise when called: the released models build, their forward cannot run."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}; got {kernels!r}")
+    if kernels == "built":
+        scan = _load_extension("selective_scan_cuda", ext_dir)
+        conv = _load_extension("causal_conv1d_cuda", ext_dir)
+        args = _conv_signature_args(conv)
+        if args not in (4, 8):
+            raise ReleasedPathError(f"{conv.__file__}: causal_conv1d_fwd takes {args} arguments; known are 4 "
+                                    "(causal-conv1d 1.0.x) and 8 (1.4 to 1.7)")
+        conv = conv if args == 4 else conv_v1_api(conv)
+    elif kernels == "reference":
+        scan, conv = _reference_scan_module(), _reference_conv_module()
+    else:
+        scan, conv = _NotBuilt("selective_scan_cuda"), _NotBuilt("causal_conv1d_cuda")
+    scan._released_path = conv._released_path = True
+    sys.modules["selective_scan_cuda"], sys.modules["causal_conv1d_cuda"] = scan, conv
     conv_dir = repo / CONV_PACKAGE
     _exec_module("causal_conv1d", conv_dir / "__init__.py", conv_dir)
     fork = types.ModuleType("mamba_ssm")  # a package without its __init__ (see the module docstring)
@@ -239,5 +304,20 @@ def load(repo: Path | None, ext_dir: Path | None, need_cuda: bool = True) -> Rel
     sys.modules["mamba_ssm"] = fork
     interface = importlib.import_module("mamba_ssm.ops.selective_scan_interface")
     importlib.import_module("mamba_ssm.modules.mamba_simple")
+    if kernels == "reference":
+        # Before the released models import them by name; RMSNorm.forward looks rms_norm_fn up at call time.
+        norm = importlib.import_module("mamba_ssm.ops.triton.layernorm")
+        norm.rms_norm_fn, norm.layer_norm_fn = (_reference_add_norm(norm.rms_norm_ref),
+                                                _reference_add_norm(norm.layer_norm_ref))
+    return interface
+
+
+def load(repo: Path | None, ext_dir: Path | None, need_cuda: bool = True) -> ReleasedPath:
+    """Import the released path from `repo` with the kernels in `ext_dir` (None: installed ones). need_cuda=False
+    imports it on a machine without a GPU (its models build there; their forward needs CUDA)."""
+    found = problems(repo, ext_dir, need_cuda)
+    if found:
+        raise ReleasedPathError("the released VideoMamba code path cannot run here:\n  - " + "\n  - ".join(found))
+    interface = install_fork(repo, ext_dir)
     model_module = _exec_module("released_videomamba_model", repo / MODEL_FILE)
     return ReleasedPath(model_module, interface.mamba_inner_fn_no_out_proj, _provenance(repo, ext_dir))

@@ -12,12 +12,15 @@ that do:
 Both are built with their setup.py's compiler flags, through torch.utils.cpp_extension (ninja), concurrently.
 
 By default only what the benchmarks run is compiled: bf16 activations with fp32 weights (VideoMamba under bf16
-autocast). The template instantiations of the other dtypes are dropped and the dtype dispatch keeps the one
-branch: 1 of causal-conv1d's 9 dtype pairs, whose full build took 8.4 minutes on an H100 machine's 16 cores
-(2026-11-24), and 2 of selective-scan's 9 translation units. Other dtypes then raise "was built for ... only".
---all-dtypes builds everything. Each module's build seconds are recorded in its <module>.json.
+autocast); `--dtype fp32` compiles fp32 activations with fp32 weights instead (the released model run in fp32,
+as scripts/check_released_eval.py does). The template instantiations of the other dtypes are dropped and the
+dtype dispatch keeps the one branch: 1 of causal-conv1d's 9 dtype pairs, whose full build took 8.4 minutes on
+an H100 machine's 16 cores (2026-11-24), and 2 of selective-scan's 9 translation units. Other dtypes then raise
+"was built for ... only". --all-dtypes builds everything. Each module's build seconds are recorded in its
+<module>.json.
 
-    python scripts/build_released_kernels.py --sdists DIR --out DIR [--arch 90] [--jobs 16] [--all-dtypes]
+    python scripts/build_released_kernels.py --sdists DIR --out DIR [--arch 90] [--jobs 16] [--dtype bf16|fp32]
+        [--all-dtypes]
 
 DIR holds mamba_ssm-2.3.2.post1.tar.gz and causal_conv1d-1.7.0.tar.gz, which `pip download` fetches without
 a GPU (see docs/performance.md, "Reproduce"). --out receives `<module>.so` and `<module>.json` (versions,
@@ -47,17 +50,19 @@ NVCC_FLAGS = (
     "-lineinfo",
 )
 CXX_FLAGS = ("-O3",)
-KEPT_TYPES = {"input": ("at::BFloat16", "BFloat16"), "weight": ("float", "Float")}  # (C++ type, ScalarType)
+# The activation dtypes a restricted build can keep, as (C++ type, ScalarType, source file tag); weights stay fp32.
+INPUT_TYPES = {"bf16": ("at::BFloat16", "BFloat16", "bf16"), "fp32": ("float", "Float", "fp32")}
+WEIGHT_TYPE = ("float", "Float")
 
 
 @dataclass(frozen=True)
 class Extension:
-    """One compiled module: where its sources are in the sdist, and the subset a bf16-only build compiles."""
+    """One compiled module: where its sources are in the sdist, and the subset a one-dtype build compiles."""
 
     sdist_prefix: str  # the sdist's file name up to the version: "mamba_ssm-"
     version: str
     sources: tuple[str, ...]  # relative to the unpacked sdist
-    bf16_sources: tuple[str, ...]
+    restricted_sources: tuple[str, ...]  # "{dtype}" stands for the kept activation dtype's file tag
     include: str
 
     def sdist(self, folder: Path) -> Path:
@@ -76,12 +81,12 @@ EXTENSIONS = {
         "mamba_ssm-", "2.3.2.post1",
         sources=(f"{_SCAN}.cpp", *(f"{_SCAN}_fwd_{t}.cu" for t in ("fp32", "fp16", "bf16")),
                  *(f"{_SCAN}_bwd_{t}_{k}.cu" for t in ("fp32", "fp16", "bf16") for k in ("real", "complex"))),
-        bf16_sources=(f"{_SCAN}.cpp", f"{_SCAN}_fwd_bf16.cu", f"{_SCAN}_bwd_bf16_real.cu"),
+        restricted_sources=(f"{_SCAN}.cpp", f"{_SCAN}_fwd_{{dtype}}.cu", f"{_SCAN}_bwd_{{dtype}}_real.cu"),
         include="csrc/selective_scan"),
     "causal_conv1d_cuda": Extension(
         "causal_conv1d-", "1.7.0",
         sources=tuple(f"csrc/causal_conv1d{s}" for s in (".cpp", "_fwd.cu", "_bwd.cu", "_update.cu")),
-        bf16_sources=tuple(f"csrc/causal_conv1d{s}" for s in (".cpp", "_fwd.cu", "_bwd.cu", "_update.cu")),
+        restricted_sources=tuple(f"csrc/causal_conv1d{s}" for s in (".cpp", "_fwd.cu", "_bwd.cu", "_update.cu")),
         include="csrc"),
 }
 
@@ -90,14 +95,15 @@ _DISPATCH = re.compile(r"^#define (DISPATCH_\w+)\((\w+), NAME, \.\.\.\)[^\n]*\\\
                        re.MULTILINE)
 
 
-def restrict_to_bf16(text: str) -> tuple[str, int]:
-    """`text` with the template instantiations and dtype-dispatch branches of other dtypes than bf16 inputs and
-    fp32 weights removed; also returns how many instantiations and macros it rewrote."""
+def restrict_dtypes(text: str, dtype: str) -> tuple[str, int]:
+    """`text` with the template instantiations and dtype-dispatch branches of other dtypes than `dtype` inputs
+    (INPUT_TYPES) and fp32 weights removed; also returns how many instantiations and macros it rewrote."""
     changes = 0
+    kept = {"input": INPUT_TYPES[dtype][:2], "weight": WEIGHT_TYPE}
 
     def instantiation(match: re.Match) -> str:
         nonlocal changes
-        keep = match[2] == KEPT_TYPES["input"][0] and match[3] == KEPT_TYPES["weight"][0]
+        keep = match[2] == kept["input"][0] and match[3] == kept["weight"][0]
         changes += not keep
         return match[0] if keep else ""
 
@@ -106,7 +112,7 @@ def restrict_to_bf16(text: str) -> tuple[str, int]:
         macro, param = match[1], match[2]
         body = match[0]
         role = "input" if "using input_t" in body else "weight"
-        cpp_type, scalar = KEPT_TYPES[role]
+        cpp_type, scalar = kept[role]
         changes += 1
         return (f"#define {macro}({param}, NAME, ...) \\\n"
                 f"    if ({param} == at::ScalarType::{scalar}) {{ \\\n"
@@ -121,8 +127,10 @@ def restrict_to_bf16(text: str) -> tuple[str, int]:
     return _DISPATCH.sub(dispatch, text), changes
 
 
-def build_one(name: str, sdists: Path, out: Path, work: Path, arch: str, all_dtypes: bool) -> dict:
-    """Unpack, optionally restrict, compile with ninja, copy `<name>.so` to `out`; returns the build record."""
+def build_one(name: str, sdists: Path, out: Path, work: Path, arch: str, all_dtypes: bool, dtype: str = "bf16"
+              ) -> dict:
+    """Unpack, optionally restrict to `dtype` inputs, compile with ninja, copy `<name>.so` to `out`; returns the
+    build record."""
     from torch.utils import cpp_extension
 
     ext = EXTENSIONS[name]
@@ -132,17 +140,18 @@ def build_one(name: str, sdists: Path, out: Path, work: Path, arch: str, all_dty
     with tarfile.open(ext.sdist(sdists)) as tar:
         tar.extractall(src, filter="data")
     root = next(src.iterdir())
-    sources = ext.sources if all_dtypes else ext.bf16_sources
+    sources = ext.sources if all_dtypes else tuple(s.format(dtype=INPUT_TYPES[dtype][2])
+                                                    for s in ext.restricted_sources)
     rewritten = 0
     if not all_dtypes:
         for rel in sources:
             path = root / rel
-            text, changes = restrict_to_bf16(path.read_text())
+            text, changes = restrict_dtypes(path.read_text(), dtype)
             path.write_text(text)
             rewritten += changes
         if rewritten == 0:
             raise SystemExit(f"{name}: found no dtype instantiation or dispatch macro to restrict; the sdist's "
-                             "sources changed: build with --all-dtypes or update restrict_to_bf16")
+                             "sources changed: build with --all-dtypes or update restrict_dtypes")
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[:-1]}.{arch[-1]}"
     build_dir = work / name / "ninja"
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +161,7 @@ def build_one(name: str, sdists: Path, out: Path, work: Path, arch: str, all_dty
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(build_dir / f"{name}.so", out / f"{name}.so")
     record = {"module": name, "sdist": ext.sdist(sdists).name, "version": ext.version, "arch": f"sm_{arch}",
-              "dtypes": "all" if all_dtypes else "bf16 inputs, fp32 weights", "sources": list(sources),
+              "dtypes": "all" if all_dtypes else f"{dtype} inputs, fp32 weights", "sources": list(sources),
               "rewritten": rewritten, "nvcc_flags": list(NVCC_FLAGS), "seconds": round(time.perf_counter() - start, 1),
               "so_bytes": (out / f"{name}.so").stat().st_size}
     (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -166,20 +175,24 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/released_kernels_build"))
     parser.add_argument("--arch", default="90", help="compute capability without the dot (H100/H200: 90)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes in all")
+    parser.add_argument("--dtype", choices=sorted(INPUT_TYPES), default="bf16",
+                        help="the activation dtype a restricted build keeps (weights fp32)")
     parser.add_argument("--all-dtypes", action="store_true", help="compile every dtype pair (much slower)")
     parser.add_argument("--only", choices=sorted(EXTENSIONS), help="build this one in this process")
     args = parser.parse_args()
     if not re.fullmatch(r"\d{2,3}", args.arch):
         raise SystemExit(f"--arch must be a compute capability such as 90; got {args.arch!r}")
     if args.only:
-        print(json.dumps(build_one(args.only, args.sdists, args.out, args.work, args.arch, args.all_dtypes)))
+        print(json.dumps(build_one(args.only, args.sdists, args.out, args.work, args.arch, args.all_dtypes,
+                                   args.dtype)))
         return 0
     # Both at once: each build is bound by its slowest translation unit, not by the cores.
     share = max(1, args.jobs // len(EXTENSIONS))
     procs = {}
     for name in EXTENSIONS:
         cmd = [sys.executable, __file__, "--only", name, "--sdists", str(args.sdists), "--out", str(args.out),
-               "--work", str(args.work), "--arch", args.arch, *(["--all-dtypes"] if args.all_dtypes else [])]
+               "--work", str(args.work), "--arch", args.arch, "--dtype", args.dtype,
+               *(["--all-dtypes"] if args.all_dtypes else [])]
         procs[name] = subprocess.Popen(cmd, env={**os.environ, "MAX_JOBS": str(share)})
     failed = [name for name, proc in procs.items() if proc.wait() != 0]
     if failed:

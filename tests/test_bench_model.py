@@ -132,9 +132,20 @@ template void g_cuda<at::Half, at::BFloat16>(P &params, cudaStream_t stream);"""
 
 def test_kernel_build_keeps_bf16_inputs_and_fp32_weights():
     build = _script("build_released_kernels")
-    cu, removed = build.restrict_to_bf16(CU)
+    cu, removed = build.restrict_dtypes(CU, "bf16")
     assert removed == 3 and cu == "template void f_cuda<at::BFloat16, float>(P &params, cudaStream_t stream);\n"
-    cpp, rewritten = build.restrict_to_bf16(CPP)
+    cpp, rewritten = build.restrict_dtypes(CPP, "bf16")
     assert rewritten == 2 and cpp.endswith("int after;\n")
     assert "at::Half" not in cpp and "using input_t = at::BFloat16;" in cpp and "using weight_t = float;" in cpp
     assert "ComplexFloat" not in cpp and cpp.count("was built for") == 2
+
+
+def test_kernel_build_can_keep_fp32_inputs_instead():
+    build = _script("build_released_kernels")
+    cu, removed = build.restrict_dtypes(CU, "fp32")
+    assert removed == 3 and cu.startswith("template void f_cuda<float, float>(") and cu.count("template") == 1
+    cpp, _ = build.restrict_dtypes(CPP, "fp32")
+    assert "using input_t = float;" in cpp and "at::BFloat16" not in cpp and "Float inputs only" in cpp
+    scan = build.EXTENSIONS["selective_scan_cuda"]
+    assert [s.format(dtype="fp32").rsplit("/", 1)[-1] for s in scan.restricted_sources] == [
+        "selective_scan.cpp", "selective_scan_fwd_fp32.cu", "selective_scan_bwd_fp32_real.cu"]
