@@ -43,7 +43,7 @@ from pipeline.distributed import (
 )
 from pipeline.optim import build_optimizer, peak_lr
 from pipeline.profiling import StepProfiler
-from pipeline.tasks import build_task
+from pipeline.tasks import build_task, task_spec
 from pipeline.writes import torch_save_file
 
 # Dense bf16 peak TFLOP/s per GPU for MFU (NVIDIA datasheets, SXM parts, without sparsity).
@@ -199,6 +199,7 @@ class Trainer:
         self.rank, self.world = get_rank(), get_world_size()
         self.is_main = self.rank == 0
         _seed_everything(cfg.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts rank 0's)
+        self.spec = task_spec(cfg.task.name)
         self.task = build_task(cfg)
         _seed_everything(cfg.seed + self.rank)  # from here on: per-rank masks, dropout and augmentation
         self.global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum_steps * self.world
@@ -210,6 +211,7 @@ class Trainer:
         gpu_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
         self.dtype = gpu_dtype if on_gpu else torch.float32
         self.peak_tflops = peak_tflops(cfg, self.device)
+        self.flops_per_sample = self.task.flops_per_sample()
 
         self.step = 0
         self.skipped_batches = 0
@@ -235,12 +237,8 @@ class Trainer:
     # ------------------------------------------------------------------ building
 
     def build_loader(self, split: str):
-        """The task's own loader when it has one, else `pipeline.data.build_loader`."""
-        if hasattr(self.task, "build_loader"):
-            return self.task.build_loader(self.cfg, split, self.rank, self.world)
-        from pipeline.data import build_loader
-
-        return build_loader(self.cfg.data, split, self.rank, self.world, seed=self.cfg.seed)
+        """This rank's loader of `split`: the task's own (`TaskSpec.own_loader`) or `pipeline.data`'s."""
+        return self.task.build_loader(self.cfg, split, self.rank, self.world)
 
     def start_tracking(self, run_id: str | None):
         from pipeline.tracking import RunTracker
@@ -477,9 +475,8 @@ class Trainer:
         epoch = getattr(self.train_loader, "epoch", None)  # pipeline.data's nominal epoch (with its fraction)
         if epoch is not None:
             metrics["data/epoch"] = float(epoch)
-        flops = getattr(self.task, "flops_per_sample", None)
-        if callable(flops):
-            tflops = flops() * clips_per_s / self.world / 1e12
+        if self.flops_per_sample is not None:
+            tflops = self.flops_per_sample * clips_per_s / self.world / 1e12
             metrics["train/tflops_per_worker"] = tflops
             if self.peak_tflops:
                 metrics["train/mfu"] = tflops / self.peak_tflops
@@ -520,8 +517,8 @@ class Trainer:
 
     @property
     def can_evaluate(self) -> bool:
-        has_eval_data = self.cfg.data.eval_shards is not None or hasattr(self.task, "build_loader")
-        return hasattr(self.task, "evaluate") and has_eval_data
+        """The task evaluates (`TaskSpec.evaluates`) and has eval data: its own, or `data.eval_shards`."""
+        return self.spec.evaluates and (self.spec.own_loader or self.cfg.data.eval_shards is not None)
 
     def maybe_eval(self, force: bool = False) -> dict[str, float]:
         interval = self.cfg.eval.interval_steps

@@ -17,7 +17,7 @@ A recipe YAML names its steps in order; each step starts from an earlier step's 
     results_file: ${out_dir}/retrieval.json   # the default: every evaluation's final numbers, one file
 
 `from:` is an earlier step's name (its `<out_dir>/<name>/export/model.pt`) or a file path; the runner
-writes it into the key the stage's task reads its initial weights from (`INIT_KEYS`, or `init_key:`).
+writes it into the key the stage's task reads its initial weights from (its `TaskSpec.init_key`, or `init_key:`).
 `${export:<stage>}` in any override value names a stage's export, for a second set of weights.
 
 Rerunning the same recipe with the same `out_dir` continues it: the parent run id and every finished
@@ -45,20 +45,12 @@ from typing import Any
 import yaml
 
 from pipeline.config import Config, ConfigError, flatten, load_config, load_yaml_tree, to_dict
+from pipeline.tasks.spec import task_spec
 
 STATE_FILE = "recipe_state.json"
 EXPORT_FILE = "export/model.pt"
 RESULTS_FILE = "retrieval.json"
 
-# Config key that receives a stage's initial weights, per task: the student backbone for masked
-# alignment and video-text (the latter loads a backbone into its vision encoder), the teacher for
-# self-distillation (the student there is larger and starts from scratch, as in the paper).
-INIT_KEYS = {
-    "masked_alignment": "model.pretrained",
-    "self_distill": "task.teacher_checkpoint",
-    "video_text": "model.pretrained",
-    "toy": "model.pretrained",
-}
 EVAL_INIT_KEY = "model.checkpoint"
 
 # Keys the runner owns: every step of one recipe execution must agree on them.
@@ -89,7 +81,8 @@ class StepSpec:
     init_from: str | None = None
     """Initial weights: an earlier step's name, or a file path / URL; None = the config's own."""
     init_key: str | None = None
-    """Config key that receives `init_from`; None = `INIT_KEYS[task]` (stages) or model.checkpoint (evals)."""
+    """Config key that receives `init_from`; None = the task's `TaskSpec.init_key` (stages) or model.checkpoint
+    (evals)."""
 
 
 @dataclass
@@ -341,9 +334,13 @@ def init_key_of(step: StepSpec) -> str | None:
     if step.kind == "eval":
         return EVAL_INIT_KEY
     task = flatten(step.overrides).get("task.name") or load_yaml_tree(step.config).get("task", {}).get("name")
-    if task not in INIT_KEYS:
-        raise RecipeError(f"stage {step.name!r}: no default weights key for task {task!r}; add `init_key:` to it")
-    return INIT_KEYS[task]
+    try:
+        init_key = task_spec(task).init_key
+    except ValueError as err:
+        raise RecipeError(f"stage {step.name!r} ({step.config}): task.name: {err}") from None
+    if init_key is None:
+        raise RecipeError(f"stage {step.name!r}: task {task!r} has no default weights key; add `init_key:` to it")
+    return init_key
 
 
 def _load(loader: Callable[..., Any], step: StepSpec, overrides: list[str]) -> Any:

@@ -31,12 +31,13 @@ from torch import Tensor, nn
 from models import Features
 from models.teachers import CLIPTeacher, build_clip_teacher, teacher_patch_size
 from models.videomamba import gather_tokens, visible_index
-from pipeline.config import ConfigError, TaskConfig, register_task_config
+from pipeline.config import ConfigError, TaskConfig
 from pipeline.cuda_graph import GraphedBackbone
 from pipeline.losses import cosine_alignment_loss
-from pipeline.tasks import Task, register_task
 from pipeline.tasks.attention_mask import AttentionMasker
 from pipeline.tasks.backbone import build_student
+from pipeline.tasks.base import Task
+from pipeline.tasks.spec import TaskSpec, register_task
 
 DATA_MASKS = ("random", "tube", "tube_row", "random_row")
 
@@ -62,7 +63,6 @@ class CLIPTeacherConfig:
     """Replace open_clip vision-config entries (e.g. {layers: 2, width: 64} for a tiny random test teacher)."""
 
 
-@register_task_config("masked_alignment")
 @dataclass
 class MaskedAlignmentConfig(TaskConfig):
     teacher: CLIPTeacherConfig = field(default_factory=CLIPTeacherConfig)
@@ -237,7 +237,6 @@ def build_teacher(teacher_cfg: CLIPTeacherConfig, student: nn.Module, num_layers
     )
 
 
-@register_task("masked_alignment")
 def build(cfg) -> MaskedAlignmentTask:
     task_cfg: MaskedAlignmentConfig = cfg.task
     student = build_student(cfg)
@@ -262,3 +261,7 @@ def build(cfg) -> MaskedAlignmentTask:
         cuda_graph=cfg.cuda_graph_wanted(),
         cuda_graph_required=cfg.model.cuda_graph is True,
     )
+
+
+register_task(TaskSpec(name="masked_alignment", config=MaskedAlignmentConfig, build=build, init_key="model.pretrained",
+                       cuda_graph=True))

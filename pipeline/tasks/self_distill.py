@@ -23,14 +23,15 @@ from torch import Tensor, nn
 
 from models import create_model, load_pretrained
 from models.teachers import CLIPTeacher
-from pipeline.config import ConfigError, TaskConfig, register_task_config
+from pipeline.config import ConfigError, TaskConfig
 from pipeline.losses import cosine_alignment_loss
-from pipeline.tasks import Task, masked_alignment, register_task
+from pipeline.tasks import masked_alignment
 from pipeline.tasks.backbone import build_student, shapes_only
+from pipeline.tasks.base import Task
 from pipeline.tasks.clip_alignment import ClipTokenAlignment
+from pipeline.tasks.spec import TaskSpec, register_task
 
 
-@register_task_config("self_distill")
 @dataclass
 class SelfDistillConfig(TaskConfig):
     teacher_checkpoint: str | None = None
@@ -142,7 +143,6 @@ class SelfDistillTask(Task):
         return dict(self._export_meta)
 
 
-@register_task("self_distill")
 def build(cfg) -> SelfDistillTask:
     task_cfg: SelfDistillConfig = cfg.task
     if cfg.data.mask.type == "attention":
@@ -157,3 +157,7 @@ def build(cfg) -> SelfDistillTask:
     meta = {"model_name": cfg.model.name, "model_kwargs": {**cfg.model.build_kwargs(), "num_classes": 0}}
     return SelfDistillTask(student, teacher, task_cfg.distill_weight, clip_teacher, task_cfg.clip_weight,
                            export_meta=meta)
+
+
+# The student is larger than its teacher and starts from scratch (as in the paper): `from:` names the teacher.
+register_task(TaskSpec(name="self_distill", config=SelfDistillConfig, build=build, init_key="task.teacher_checkpoint"))

@@ -29,15 +29,16 @@ from torch import Tensor, nn
 
 from models.teachers import CLIPTeacher
 from models.video_text import VideoTextModel, build_video_text_model, load_video_text_export
-from pipeline.config import ConfigError, TaskConfig, register_task_config
+from pipeline.config import ConfigError, TaskConfig
 from pipeline.cuda_graph import GraphedBackbone
 from pipeline.evaluation.metrics import retrieval_metrics
 from pipeline.losses import contrastive_loss, matching_loss, sample_hard_negatives
-from pipeline.tasks import Task, register_task
 from pipeline.tasks.attention_mask import AttentionMasker
 from pipeline.tasks.backbone import shapes_only
+from pipeline.tasks.base import Task
 from pipeline.tasks.clip_alignment import ClipTokenAlignment
 from pipeline.tasks.masked_alignment import CLIPTeacherConfig, build_teacher
+from pipeline.tasks.spec import TaskSpec, register_task
 
 
 @dataclass
@@ -61,7 +62,6 @@ class TextTowerConfig:
         return {"name": self.name, **{k: v for k, v in overrides.items() if v is not None}}
 
 
-@register_task_config("video_text")
 @dataclass
 class VideoTextConfig(TaskConfig):
     embed_dim: int = 512
@@ -196,7 +196,6 @@ class VideoTextTask(Task):
         self.attention_masks.load_state_dict(state["attention_masks"])
 
 
-@register_task("video_text")
 def build(cfg) -> VideoTextTask:
     task_cfg: VideoTextConfig = cfg.task
     load = not shapes_only()
@@ -217,3 +216,8 @@ def build(cfg) -> VideoTextTask:
                          mask_type=cfg.data.mask.type, mask_ratio=cfg.data.mask.ratio, seed=cfg.seed,
                          export_meta=meta, cuda_graph=cfg.cuda_graph_wanted(),
                          cuda_graph_required=cfg.model.cuda_graph is True)
+
+
+# `from:` loads a backbone into the vision encoder (`task.init_checkpoint` takes a whole video-text export).
+register_task(TaskSpec(name="video_text", config=VideoTextConfig, build=build, init_key="model.pretrained",
+                       cuda_graph=True, evaluates=True))
