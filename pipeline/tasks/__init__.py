@@ -4,7 +4,7 @@ A task is a `pipeline.tasks.base.Task` (an `nn.Module` owning the trainable mode
 `forward(batch)` returns `{"loss": total, <part>: value, ...}` and `trainable_module()` is what the stage exports.
 To add one: a `TaskConfig` subclass, a `Task` subclass, a `build(cfg)` and one `register_task(TaskSpec(...))` in
 the task's module, plus its import in `pipeline/tasks/catalog.py` (docs/architecture.md, "Tasks").
-Shared pieces: backbone.py (the student), clip_alignment.py, attention_mask.py.
+Shared pieces: backbone.py (the student), clip_teacher.py, clip_alignment.py, token_masks.py, attention_mask.py.
 """
 
 from pipeline.tasks.spec import TaskSpec, build_task, register_task, task_names, task_spec

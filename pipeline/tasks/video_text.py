@@ -19,7 +19,6 @@ Legend: B batch, V video tokens (1 + kept), D video width, L text tokens, W text
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,12 +32,12 @@ from pipeline.config import ConfigError, TaskConfig
 from pipeline.cuda_graph import GraphedBackbone
 from pipeline.evaluation.metrics import retrieval_metrics
 from pipeline.losses import contrastive_loss, matching_loss, sample_hard_negatives
-from pipeline.tasks.attention_mask import AttentionMasker
 from pipeline.tasks.backbone import shapes_only
 from pipeline.tasks.base import Task
 from pipeline.tasks.clip_alignment import ClipTokenAlignment
-from pipeline.tasks.masked_alignment import CLIPTeacherConfig, build_teacher
+from pipeline.tasks.clip_teacher import CLIPTeacherConfig, clip_teacher_for
 from pipeline.tasks.spec import TaskSpec, register_task
+from pipeline.tasks.token_masks import TokenMasks
 
 
 @dataclass
@@ -111,8 +110,7 @@ class VideoTextTask(Task):
         self.model = model
         self.vtc_weight, self.vtm_weight, self.uta_weight = vtc_weight, vtm_weight, uta_weight
         self.teacher = teacher
-        self.mask_type = mask_type
-        self.attention_masks = AttentionMasker(mask_ratio, seed)
+        self.masks = TokenMasks(mask_type, mask_ratio, seed)
         self.uta = ClipTokenAlignment(model.vision_encoder, teacher) if uta_weight > 0 else None
         self._export_meta = dict(export_meta or {})
         self._video_runner = GraphedBackbone(model.vision_encoder, (), "the video encoder", enabled=cuda_graph,
@@ -124,7 +122,7 @@ class VideoTextTask(Task):
         video_BCTHW = model.as_clip(batch["video"])
         index_B = batch["index"].to(model.temp.device)
         teacher_out = self.teacher(video_BCTHW) if self.teacher is not None else None
-        keep_BL = self._keep_mask(batch, teacher_out)
+        keep_BL = self.masks(batch, teacher_out.cls_attn_BTP if teacher_out is not None else None, model.temp.device)
         tokens_BL = model.tokenize(batch["text"])
         index_BK = None if keep_BL is None else model.vision_encoder.visible_index(keep_BL)
         video_BVD = self._video_runner(video_BCTHW, index_BK, self.training).tokens_BLD
@@ -145,15 +143,6 @@ class VideoTextTask(Task):
         out["temp"] = model.temp.detach().clone().squeeze()
         out["vtc_acc"] = (index_B[sim_v2t_BB.argmax(dim=1)] == index_B).float().mean()
         return out
-
-    def _keep_mask(self, batch: dict[str, Any], teacher_out) -> Tensor | None:
-        if self.mask_type == "attention":
-            return self.attention_masks(teacher_out.cls_attn_BTP)
-        keep_BL = batch.get("keep")
-        if self.mask_type != "none" and keep_BL is None:
-            raise ValueError(f"data.mask.type={self.mask_type!r} is a data-side mask, but the batch has no 'keep'; "
-                             "build the loader from the same data config (pipeline.data.build_loader)")
-        return keep_BL.to(self.model.temp.device) if keep_BL is not None else None
 
     def _matching_loss(self, video_BVD: Tensor, text_BLW: Tensor, valid_BL: Tensor, tokens_BL: Tensor,
                        sim_v2t_BB: Tensor, index_B: Tensor) -> Tensor:
@@ -190,10 +179,10 @@ class VideoTextTask(Task):
         return {**self.model.config, **self._export_meta}
 
     def rng_state_dict(self) -> dict[str, Any]:
-        return {"attention_masks": self.attention_masks.state_dict()}
+        return {"attention_masks": self.masks.state_dict()}
 
     def load_rng_state_dict(self, state: dict[str, Any]) -> None:
-        self.attention_masks.load_state_dict(state["attention_masks"])
+        self.masks.load_state_dict(state["attention_masks"])
 
 
 def build(cfg) -> VideoTextTask:
@@ -208,8 +197,7 @@ def build(cfg) -> VideoTextTask:
         load_video_text_export(model, task_cfg.init_checkpoint)
     teacher = None
     if task_cfg.uta_weight > 0 or cfg.data.mask.type == "attention":
-        teacher_cfg = task_cfg.teacher if load else dataclasses.replace(task_cfg.teacher, pretrained=None)
-        teacher = build_teacher(teacher_cfg, model.vision_encoder, num_layers=1)
+        teacher = clip_teacher_for(task_cfg.teacher, model.vision_encoder, num_layers=1)
     # The evaluator normalises clips as training did.
     meta = {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}
     return VideoTextTask(model, task_cfg.vtc_weight, task_cfg.vtm_weight, task_cfg.uta_weight, teacher,
