@@ -201,6 +201,7 @@ class Trainer:
         _seed_everything(cfg.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts rank 0's)
         self.spec = task_spec(cfg.task.name)
         self.task = build_task(cfg)
+        self.flops_per_sample = self.task.flops_per_sample()  # from the module shapes, before ZeRO-3 partitions them
         _seed_everything(cfg.seed + self.rank)  # from here on: per-rank masks, dropout and augmentation
         self.global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum_steps * self.world
         optimizer, scheduler = build_optimizer(self.task, cfg.optim, peak_lr(cfg.optim, self.global_batch))
@@ -211,7 +212,6 @@ class Trainer:
         gpu_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
         self.dtype = gpu_dtype if on_gpu else torch.float32
         self.peak_tflops = peak_tflops(cfg, self.device)
-        self.flops_per_sample = self.task.flops_per_sample()
 
         self.step = 0
         self.skipped_batches = 0

@@ -35,7 +35,7 @@ class Task(nn.Module):
         """Restore what `rng_state_dict()` returned, when resuming."""
 
     def flops_per_sample(self) -> float | None:
-        """Training FLOPs per sample (forward + backward), for TFLOP/s and MFU; None: unknown."""
+        """Training FLOPs per sample (forward + backward; pipeline/flops.py), for TFLOP/s and MFU; None: unknown."""
         return None
 
     def build_loader(self, cfg: Any, split: str, rank: int, world_size: int) -> Any:

@@ -32,6 +32,7 @@ from models.teachers import CLIPTeacher
 from models.videomamba import gather_tokens
 from pipeline.config import ConfigError, TaskConfig
 from pipeline.cuda_graph import GraphedBackbone
+from pipeline.flops import clip_vision_flops, head_flops, videomamba_flops
 from pipeline.losses import cosine_alignment_loss
 from pipeline.tasks.backbone import backbone_export_meta, build_student
 from pipeline.tasks.base import Task
@@ -126,6 +127,12 @@ class MaskedAlignmentTask(Task):
 
     def export_metadata(self) -> dict[str, Any]:
         return dict(self._export_meta)
+
+    def flops_per_sample(self) -> float:
+        """Student and heads over CLS + the visible tokens (3x forward), the teacher's forward (pipeline/flops.py)."""
+        tokens = 1 + self.masks.visible_patches(*self.student.grid)
+        heads = sum(head_flops(head.head, tokens) for head in self.clip_decoder)
+        return videomamba_flops(self.student, tokens) + heads + clip_vision_flops(self.teacher, self.student.num_frames)
 
     def rng_state_dict(self) -> dict[str, Any]:
         return {"attention_masks": self.masks.state_dict()}

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from models import create_model, load_pretrained
 from models.teachers import CLIPTeacher
 from pipeline.config import ConfigError, TaskConfig
+from pipeline.flops import clip_vision_flops, head_flops, videomamba_flops
 from pipeline.losses import cosine_alignment_loss
 from pipeline.tasks.backbone import backbone_export_meta, build_student, shapes_only
 from pipeline.tasks.base import Task
@@ -105,7 +106,7 @@ class SelfDistillTask(Task):
 
     def __init__(self, student: nn.Module, teacher: FrozenBackbone, distill_weight: float = 1.0,
                  clip_teacher: CLIPTeacher | None = None, clip_weight: float = 0.0, mask_type: str = "none",
-                 export_meta: dict[str, Any] | None = None) -> None:
+                 mask_ratio: float = 0.8, export_meta: dict[str, Any] | None = None) -> None:
         super().__init__()
         if (clip_weight > 0) != (clip_teacher is not None):
             raise ValueError("a CLIP teacher goes with clip_weight > 0, and only then")
@@ -119,7 +120,7 @@ class SelfDistillTask(Task):
         self.distill_head = (nn.Sequential(nn.RMSNorm(width, eps=1e-5), nn.Linear(width, teacher_width))
                              if width != teacher_width else nn.Identity())
         self.distill_weight = distill_weight
-        self.masks = TokenMasks(mask_type, ratio=0.0, seed=0)  # data-side or none (`build` refuses attention)
+        self.masks = TokenMasks(mask_type, mask_ratio, seed=0)  # data-side or none (`build` refuses attention)
         self._export_meta = dict(export_meta or {})
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -138,6 +139,18 @@ class SelfDistillTask(Task):
     def trainable_module(self) -> nn.Module:
         return self.student
 
+    def flops_per_sample(self) -> float:
+        """Student and heads over its visible tokens (3x forward); the teachers' forwards (pipeline/flops.py)."""
+        student, teacher = self.student, self.teacher.model
+        tokens = 1 + self.masks.visible_patches(*student.grid)
+        flops = videomamba_flops(student, tokens) + videomamba_flops(teacher, 1 + teacher.grid[0] * teacher.num_patches)
+        if isinstance(self.distill_head, nn.Sequential):
+            flops += head_flops(self.distill_head[1], tokens)
+        if self.clip_alignment is not None:
+            flops += clip_vision_flops(self.clip_teacher, student.num_frames)
+            flops += head_flops(self.clip_alignment.head.head, tokens)
+        return flops
+
     def export_metadata(self) -> dict[str, Any]:
         return dict(self._export_meta)
 
@@ -151,7 +164,8 @@ def build(cfg) -> SelfDistillTask:
     teacher = build_teacher(task_cfg)
     clip_teacher = clip_teacher_for(task_cfg.clip_teacher, student, num_layers=1) if task_cfg.clip_weight > 0 else None
     return SelfDistillTask(student, teacher, task_cfg.distill_weight, clip_teacher, task_cfg.clip_weight,
-                           mask_type=cfg.data.mask.type, export_meta=backbone_export_meta(cfg))
+                           mask_type=cfg.data.mask.type, mask_ratio=cfg.data.mask.ratio,
+                           export_meta=backbone_export_meta(cfg))
 
 
 # The student is larger than its teacher and starts from scratch (as in the paper): `from:` names the teacher.

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.tasks.attention_mask import AttentionMasker
+from pipeline.data.masks import make_keep_mask
+from pipeline.tasks.attention_mask import AttentionMasker, num_visible
 
 
 class TokenMasks:
@@ -23,7 +25,7 @@ class TokenMasks:
     carry the attention masks' generator across a resume."""
 
     def __init__(self, mask_type: str, ratio: float, seed: int) -> None:
-        self.mask_type = mask_type
+        self.mask_type, self.ratio = mask_type, ratio
         self.attention = AttentionMasker(ratio, seed)
 
     @property
@@ -42,6 +44,14 @@ class TokenMasks:
             raise ValueError(f"data.mask.type={self.mask_type!r} is a data-side mask, but the batch has no 'keep' "
                              "entry; build the loader from the same data config (pipeline.data.build_loader)")
         return keep_BL.to(device)
+
+    def visible_patches(self, frames: int, grid_h: int, grid_w: int) -> int:
+        """Patch tokens the student sees per clip (every mask of one type keeps the same count)."""
+        if self.mask_type == "none":
+            return frames * grid_h * grid_w
+        if self.needs_attention:
+            return frames * num_visible(grid_h * grid_w, self.ratio)
+        return int(make_keep_mask(self.mask_type, self.ratio, frames, grid_h, grid_w, np.random.default_rng(0)).sum())
 
     def state_dict(self) -> dict[str, Any]:
         return self.attention.state_dict()

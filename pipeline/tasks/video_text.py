@@ -31,6 +31,7 @@ from models.video_text import VideoTextModel, build_video_text_model, load_video
 from pipeline.config import ConfigError, TaskConfig
 from pipeline.cuda_graph import GraphedBackbone
 from pipeline.evaluation.metrics import retrieval_metrics
+from pipeline.flops import clip_vision_flops, head_flops, matching_head_flops, text_tower_flops, videomamba_flops
 from pipeline.losses import contrastive_loss, matching_loss, sample_hard_negatives
 from pipeline.tasks.backbone import shapes_only
 from pipeline.tasks.base import Task
@@ -174,6 +175,21 @@ class VideoTextTask(Task):
 
     def trainable_module(self) -> nn.Module:
         return self.model
+
+    def flops_per_sample(self) -> float:
+        """Video encoder over CLS + the visible tokens, text tower over its context, projections, the matching head
+        on 3 pairs per sample, the UTA head (3x forward), and the teacher's forward (pipeline/flops.py)."""
+        model, video = self.model, self.model.vision_encoder
+        tokens, text = 1 + self.masks.visible_patches(*video.grid), model.text_encoder.context_length
+        flops = videomamba_flops(video, tokens) + text_tower_flops(model.text_encoder.tower, text)
+        flops += head_flops(model.vision_proj, 1) + head_flops(model.text_proj, 1)
+        if self.vtm_weight > 0:
+            flops += 3 * matching_head_flops(model.vtm_head, text, tokens)  # the positive and two hard negatives
+        if self.uta is not None:
+            flops += head_flops(self.uta.head.head, tokens)
+        if self.teacher is not None:
+            flops += clip_vision_flops(self.teacher, video.num_frames)
+        return flops
 
     def export_metadata(self) -> dict[str, Any]:
         return {**self.model.config, **self._export_meta}
