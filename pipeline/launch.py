@@ -18,7 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpointing import pop_run_record, run_storage, storage_filesystem, write_run_record
+from pipeline.checkpointing import latest_checkpoint, pop_run_record, run_storage, write_run_record
+from pipeline.checkpointing.storage import RESULT_RECORD
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.engine import NonFiniteError, TrainResult
 from pipeline.redaction import redact_text
@@ -34,23 +35,6 @@ def resolve_paths(cfg: Config) -> Config:
         cfg, output_dir=output_dir, checkpoint=dataclasses.replace(cfg.checkpoint, path=checkpoint_path)
     )
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg)))
-
-
-def latest_checkpoint(cfg: Config) -> str | None:
-    """The newest complete checkpoint of this run in storage (every worker's state file present), or None."""
-    root_url = run_storage(cfg)
-    fs, root = storage_filesystem(cfg)
-    fs.invalidate_cache()  # s3fs caches listings; Ray's workers add checkpoints behind its back
-    if not fs.exists(root):
-        return None
-    candidates = sorted((p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("checkpoint_")),
-                        reverse=True)  # fmt: skip
-    workers = cfg.scaling.num_workers if cfg.scaling.use_ray else 1
-    for path in candidates:
-        names = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-        if "latest" in names and all(f"rank{r}_state.pt" in names for r in range(workers)):
-            return fs.unstrip_protocol(path) if "://" in root_url else path
-    return None
 
 
 def ray_storage(cfg: Config) -> dict[str, Any]:
@@ -163,7 +147,7 @@ def launch(cfg: Config) -> TrainResult:
     trainer.fit()
     record = pop_run_record(cfg)
     if record is None:
-        raise RuntimeError(f"the workers finished without writing {run_storage(cfg)}/result.json")
+        raise RuntimeError(f"the workers finished without writing {run_storage(cfg)}/{RESULT_RECORD}")
     if "error" in record:
         raise NonFiniteError(record["error"])
     return TrainResult(**record)

@@ -44,11 +44,11 @@ from typing import Any
 
 import yaml
 
+from pipeline.checkpointing.layout import stage_export_path
 from pipeline.config import Config, ConfigError, flatten, load_config, load_yaml_tree, to_dict
 from pipeline.tasks.spec import task_spec
 
 STATE_FILE = "recipe_state.json"
-EXPORT_FILE = "export/model.pt"
 RESULTS_FILE = "retrieval.json"
 
 EVAL_INIT_KEY = "model.checkpoint"
@@ -112,7 +112,7 @@ class Recipe:
 
     def export_path(self, step_name: str) -> Path:
         """Where the stage named `step_name` leaves its weights (docs/architecture.md, Stage exports)."""
-        return self.out_dir / step_name / EXPORT_FILE
+        return stage_export_path(self.out_dir / step_name)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -471,7 +471,7 @@ def _run_stage(cfg: Config) -> dict[str, Any]:
     from pipeline.launch import launch
 
     result = launch(cfg)
-    export = Path(cfg.output_dir) / EXPORT_FILE
+    export = stage_export_path(cfg.output_dir)
     if not export.is_file():
         raise RuntimeError(f"stage {cfg.stage!r} finished without writing its export {export}")
     return {"run_id": result.mlflow_run_id, "export": str(export), "metrics": _scalars(result.metrics),
