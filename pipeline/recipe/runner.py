@@ -13,6 +13,7 @@ from pipeline.recipe.report import plan_lines, write_retrieval_results
 from pipeline.recipe.resolve import default_tracking, fingerprint, resolve_step_config
 from pipeline.recipe.spec import Recipe, RecipeError, StepSpec, looks_like_name, recipe_yaml
 from pipeline.recipe.state import STATE_FILE, RecipeResult, RecipeState, step_is_complete
+from pipeline.tracking import RunNotFoundError, TrackingRun, metric_entries
 
 
 def run_recipe(recipe: Recipe, dry_run: bool = False, log: Callable[[str], None] = print) -> RecipeResult:
@@ -35,7 +36,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, log: Callable[[str], None]
     try:
         for step in recipe.steps:
             cfg = resolve_step_config(recipe, step, uri, experiment, state.parent_run_id)
-            if step_is_complete(step, state.steps.get(step.name), cfg, parent.client, log):
+            if step_is_complete(step, state.steps.get(step.name), cfg, uri, log):
                 log(f"[{step.name}] complete in an earlier execution (run {state.steps[step.name]['run_id']}); skipped")
                 skipped.append(step.name)
                 continue
@@ -96,43 +97,28 @@ class _ParentRun:
     """The recipe execution's MLflow run: created once, reopened by every rerun of the same out_dir."""
 
     def __init__(self, uri: str, experiment: str) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(uri)
         self.uri, self.experiment = uri, experiment
-        self.run_id: str | None = None
+        self.run: TrackingRun | None = None
 
     def start(self, recipe: Recipe, run_id: str | None) -> str:
-        from mlflow.exceptions import MlflowException
-
         if run_id is not None:
             try:
-                self.client.get_run(run_id)
-            except MlflowException as err:
+                self.run = TrackingRun.reopen(self.uri, run_id)
+            except RunNotFoundError as err:
                 raise RecipeError(
                     f"{recipe.out_dir / STATE_FILE} names parent run {run_id}, which the tracking store {self.uri} "
                     "does not have; use the store of the first execution or a new out_dir="
                 ) from err
-            self.client.update_run(run_id, status="RUNNING")
-            self.run_id = run_id
             return run_id
-        from pipeline.tracking import git_sha
-
-        found = self.client.get_experiment_by_name(self.experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
         tags = {"recipe": recipe.name, "out_dir": str(recipe.out_dir)}
-        if sha := git_sha(Path(__file__).parent):
-            tags["git_sha"] = sha
-        run = self.client.create_run(experiment_id, run_name=recipe.name, tags=tags)
-        self.run_id = run.info.run_id
-        self.client.log_param(self.run_id, "steps", ",".join(s.name for s in recipe.steps))
-        self.client.log_text(self.run_id, recipe_yaml(recipe), "recipe.yaml")
-        return self.run_id
+        self.run = TrackingRun.create(self.uri, self.experiment, recipe.name, tags)
+        self.run.log_params({"steps": ",".join(s.name for s in recipe.steps)})
+        self.run.log_text(recipe_yaml(recipe), "recipe.yaml")
+        return self.run.run_id
 
     def log_step_metrics(self, step: str, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self.client.log_metric(self.run_id, f"{step}/{key}", value)
+        self.run.log_metrics(metric_entries({f"{step}/{key}": value for key, value in metrics.items()}, step=0))
 
     def end(self, status: str) -> None:
-        if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status=status)
+        if self.run is not None:
+            self.run.end(status)

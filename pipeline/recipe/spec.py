@@ -15,6 +15,7 @@ import yaml
 
 from pipeline.checkpointing.layout import stage_export_path
 from pipeline.config import ConfigError, flatten, load_yaml_tree
+from pipeline.redaction import redact
 
 RESULTS_FILE = "retrieval.json"
 
@@ -240,7 +241,7 @@ def substitute(recipe: Recipe, value: Any, where: str) -> Any:
 
 
 def recipe_yaml(recipe: Recipe) -> str:
-    """The recipe as resolved (overrides applied), for the parent run's artifacts."""
+    """The recipe as resolved (overrides applied), credentials masked, for the parent run's artifacts."""
     def step(s: StepSpec) -> dict[str, Any]:
         return {"name": s.name, "config": str(s.config), "from": s.init_from, "init_key": s.init_key,
                 "overrides": s.overrides}
@@ -248,4 +249,4 @@ def recipe_yaml(recipe: Recipe) -> str:
     data = {"name": recipe.name, "out_dir": str(recipe.out_dir), "data_root": str(recipe.data_root),
             "experiment": recipe.experiment, "settings": recipe.settings,
             "stages": [step(s) for s in recipe.stages], "evals": [step(s) for s in recipe.evals]}
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.safe_dump(redact(data), sort_keys=False)

@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.recipe.resolve import default_tracking, fingerprint
 from pipeline.recipe.spec import Recipe, RecipeError, StepSpec
+from pipeline.tracking import run_status
 
 STATE_FILE = "recipe_state.json"
 
@@ -38,8 +39,8 @@ class RecipeState:
         tmp.replace(self.path)  # atomic: an interrupted write never leaves a half record
 
 
-def step_is_complete(step: StepSpec, record: dict[str, Any] | None, cfg: Any, client: Any,
-                 log: Callable[[str], None]) -> bool:
+def step_is_complete(step: StepSpec, record: dict[str, Any] | None, cfg: Any, tracking_uri: str,
+                     log: Callable[[str], None]) -> bool:
     """True when the record, the MLflow run and the export all say the step finished with this config."""
     if not record or record.get("status") != "done":
         return False
@@ -52,14 +53,9 @@ def step_is_complete(step: StepSpec, record: dict[str, Any] | None, cfg: Any, cl
         log(f"[{step.name}] recorded as done but its export {record.get('export')} is missing; running it again")
         return False
     if record.get("run_id"):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run_status = client.get_run(record["run_id"]).info.status
-        except MlflowException:
-            run_status = "missing"
-        if run_status != "FINISHED":
-            log(f"[{step.name}] recorded as done but its MLflow run is {run_status}; running it again")
+        status = run_status(tracking_uri, record["run_id"])
+        if status != "FINISHED":
+            log(f"[{step.name}] recorded as done but its MLflow run is {status}; running it again")
             return False
     return True
 
