@@ -34,7 +34,7 @@ import torch
 from pipeline.checkpointing import CheckpointStore, LocalCheckpointStore, run_storage, write_run_record
 from pipeline.checkpointing.export import stage_export
 from pipeline.checkpointing.layout import FROZEN_STUDENT, stage_export_path
-from pipeline.checkpointing.state import WorkerState, restore_worker_state, save_worker_state, set_rng_state
+from pipeline.checkpointing.state import WorkerState, restore_worker_state, save_worker_state
 from pipeline.config import Config, to_yaml
 from pipeline.distributed import (
     all_reduce_mean,
@@ -221,7 +221,6 @@ class Trainer:
             state = restore_worker_state(directory, self.engine, self.rank, self.world)
             if state.frozen_student:
                 self._load_frozen_student(state.frozen_student, directory / FROZEN_STUDENT)
-        set_rng_state(state.rng)
         self.task.load_rng_state_dict(state.task_rng)
         self.loader_state = state.loader
         self.step = self.resumed_from_step = state.step

@@ -44,8 +44,6 @@ class WorkerState:
     """This rank's `Task.rng_state_dict()`."""
     loader: dict[str, Any] | None = None
     """This rank's loader position (`state_dict()`), None for loaders without one."""
-    rng: dict[str, Any] = field(default_factory=dict)
-    """This rank's torch / numpy / python (and CUDA) RNG states (`rng_state()`)."""
     frozen_student: dict[str, torch.Tensor] = field(default_factory=dict)
     """The exported module's frozen parameters (rank 0 writes them; {} when it has none)."""
 
@@ -86,7 +84,8 @@ def load_trainable_state(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> 
 
 def save_worker_state(directory: Path, engine: Any, state: WorkerState, rank: int, world_size: int,
                       config_yaml: str, zero_stage: int) -> None:
-    """Write this rank's part of a checkpoint into `directory` (every rank calls it: DeepSpeed's save is collective).
+    """Write this rank's part of a checkpoint into `directory` (every rank calls it: DeepSpeed's save is collective),
+    with this process's global RNG states as they are now.
 
     `config_yaml` is the run's config with credentials masked; rank 0 writes it, `state.frozen_student` and, last,
     the manifest.
@@ -105,7 +104,8 @@ def save_worker_state(directory: Path, engine: Any, state: WorkerState, rank: in
 
 
 def restore_worker_state(directory: Path, engine: Any, rank: int, world_size: int) -> WorkerState:
-    """Load DeepSpeed's part into `engine` and return the rest of this rank's state (the caller applies it)."""
+    """Load DeepSpeed's part into `engine`, set this process's global RNG states, and return the rest of this rank's
+    state for the caller to apply (task RNG, loader position, frozen student)."""
     saved = json.loads((directory / MANIFEST).read_text())
     if saved["world_size"] != world_size:
         raise RuntimeError(
@@ -116,6 +116,7 @@ def restore_worker_state(directory: Path, engine: Any, rank: int, world_size: in
     frozen = (torch.load(directory / FROZEN_STUDENT, map_location="cpu", weights_only=True)
               if saved["frozen_student"] else {})
     own = torch.load(directory / rank_state_name(rank), weights_only=False)
+    set_rng_state(own["rng"])
     return WorkerState(step=client["step"], skipped_batches=client["skipped_batches"],
                        mlflow_run_id=client["mlflow_run_id"], task_rng=own["task_rng"], loader=own["loader"],
-                       rng=own["rng"], frozen_student=frozen)
+                       frozen_student=frozen)
