@@ -212,11 +212,12 @@ class TaskConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
-    """Peak learning rate (after `base_batch_size` scaling, if set)."""
+    """Peak learning rate; per `base_batch_size` clips when that is set."""
     base_batch_size: int | None = None
-    """If set, the peak LR is `lr * global_batch / base_batch_size` (the paper's linear scaling)."""
+    """If set, `lr` and `min_lr` are per this many clips: the run uses `x * global_batch / base_batch_size` (the
+    paper's linear scaling; the released scripts scale both)."""
     min_lr: float = 1e-6
-    """Learning rate at the end of the cosine schedule."""
+    """Learning rate at the end of the cosine schedule (scaled like `lr`)."""
     warmup_steps: int = 0
     """Linear warmup steps from 0 to the peak LR."""
     max_steps: int = 100
@@ -235,8 +236,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         require("optim.lr", self.lr, self.lr > 0, "> 0")
         _at_least("optim.min_lr", self.min_lr, 0)
-        if self.base_batch_size is None:  # scaled, the peak depends on the world size: Config checks it
-            require("optim.min_lr", self.min_lr, self.min_lr <= self.lr, f"<= optim.lr={self.lr}")
+        require("optim.min_lr", self.min_lr, self.min_lr <= self.lr, f"<= optim.lr={self.lr}")
         _at_least("optim.base_batch_size", self.base_batch_size, 1, optional=True)
         _at_least("optim.weight_decay", self.weight_decay, 0)
         require("optim.betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -398,7 +398,6 @@ class Config:
 
     def __post_init__(self) -> None:
         _at_least("max_skipped_steps", self.max_skipped_steps, 0)
-        self._check_scaled_min_lr()
         self._check_cuda_graph()
         last_profiled = self.tracking.profile_start + self.tracking.profile_steps - 1
         if self.tracking.profile_start and last_profiled > self.optim.max_steps:
@@ -407,17 +406,6 @@ class Config:
                 f"{self.tracking.profile_steps} profiles up to step {last_profiled}, past optim.max_steps="
                 f"{self.optim.max_steps}; start the window earlier"
             )
-
-    def _check_scaled_min_lr(self) -> None:
-        """min_lr above the peak LR would make the cosine schedule flat (optim clamps the ratio at 1). With Ray the
-        world size is known here; under torchrun it is not, and only the unscaled check of OptimConfig applies."""
-        o = self.optim
-        if o.base_batch_size is None or not self.scaling.use_ray:
-            return
-        global_batch = self.data.batch_size * self.deepspeed.grad_accum_steps * self.scaling.num_workers
-        peak = o.lr * global_batch / o.base_batch_size
-        require("optim.min_lr", o.min_lr, o.min_lr <= peak,
-                f"<= the peak LR {peak:.3g} (optim.lr x global batch {global_batch} / optim.base_batch_size)")
 
     def _check_cuda_graph(self) -> None:
         if self.model.cuda_graph is not True:  # auto falls back to eager steps where graphs cannot work

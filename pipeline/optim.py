@@ -99,7 +99,7 @@ def build_optimizer(
         group["lr"] = peak_lr * group["lr_scale"]
         del group["names"]  # torch keeps unknown keys, but names are only for inspection
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
-    min_ratio = min(1.0, optim_cfg.min_lr / peak_lr) if peak_lr > 0 else 0.0
+    min_ratio = optim_cfg.min_lr / optim_cfg.lr  # batch scaling scales both ends alike
     warmup, total = optim_cfg.warmup_steps, optim_cfg.max_steps
 
     # A plain function, not a callable object: LambdaLR then saves only its step counter, so a resumed run

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.config import OptimConfig
-from pipeline.optim import build_optimizer, cosine_factor, param_groups
+from pipeline.optim import build_optimizer, cosine_factor, param_groups, peak_lr
 
 
 class Block(nn.Module):
@@ -84,6 +84,16 @@ def test_cosine_schedule_shape():
     mid = 4 + (20 - 4) // 2
     assert cosine_factor(mid, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert cosine_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_batch_scaling_scales_the_final_lr_too():
+    cfg = OptimConfig(lr=1.5e-4, base_batch_size=256, min_lr=1e-5, warmup_steps=0, max_steps=4)
+    peak = peak_lr(cfg, global_batch_size=2048)
+    optimizer, scheduler = build_optimizer(nn.Linear(2, 2), cfg, peak)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    assert peak == pytest.approx(1.2e-3) and optimizer.param_groups[0]["lr"] == pytest.approx(8e-5)  # released values
 
 
 def test_scheduler_drives_group_lrs_with_layer_scale():

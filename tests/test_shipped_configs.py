@@ -54,8 +54,10 @@ def test_paper_scale_stages_default_to_the_released_behaviour(name):
     assert cfg.optim.decay_ssm_a  # the released optimizers decay the 2-D A_log / A_b_log
     if name.startswith("pretrain_mask_"):
         assert cfg.task.student_feature == "residual_before_last_block"  # the released last-layer feature
-        assert cfg.optim.min_lr == pytest.approx(1e-5 * 2048 / 256)  # the released script scales min_lr
-        assert (cfg.scaling.num_workers * cfg.data.batch_size, cfg.optim.warmup_steps) == (2048, 4688)
+        global_batch = cfg.scaling.num_workers * cfg.data.batch_size
+        assert (global_batch, cfg.optim.warmup_steps) == (2048, 4688)
+        scale = global_batch / cfg.optim.base_batch_size  # the released script scales lr and min_lr alike
+        assert (cfg.optim.lr * scale, cfg.optim.min_lr * scale) == pytest.approx((1.2e-3, 8e-5))
 
 
 @pytest.mark.parametrize("path", [p for p in ALL_YAML if p.parent.name == "model"], ids=_id)
