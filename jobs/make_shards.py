@@ -2,9 +2,13 @@
 
     python jobs/make_shards.py --input videos.csv --output s3://bucket/webvid/train --shard-size 500 --workers 8
     python jobs/make_shards.py --input list.jsonl --output data/train --transcode --short-side 256 --fps 8
+    python jobs/make_shards.py --input k400_train.csv --output s3://bucket/k400/train --classes k400_classes.txt
 
 The list is CSV (header `video,caption[,video_id]`; a caption cell may hold a JSON list) or JSONL
 (`{"video": ..., "caption": str | [str]}`); relative video paths resolve against the list's folder.
+A classification list has a `label` column (header `video,label`; a class name or index, caption optional): its
+samples carry `label`/`label_name` and the class-index file lands beside the shards as `classes.txt` (give the
+same `--classes` file to every split of one data set).
 S3 endpoints and credentials come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
 """
 
@@ -26,16 +30,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short-side", type=int, default=None, help="with --transcode: resize the short side")
     parser.add_argument("--fps", type=float, default=None, help="with --transcode: resample to this frame rate")
     parser.add_argument("--workers", type=int, default=1, help="parallel writer processes")
+    parser.add_argument("--classes", default=None,
+                        help="class-index file for a labelled list (one class name per line, line i = class i); "
+                             "default: derived from the list's labels")
     args = parser.parse_args(argv)
     if (args.short_side or args.fps) and not args.transcode:
         parser.error("--short-side and --fps need --transcode")
     transcode = TranscodeOptions(args.short_side, args.fps) if args.transcode else None
-    manifest = make_shards(args.input, args.output, args.shard_size, transcode, args.workers, args.name)
+    manifest = make_shards(args.input, args.output, args.shard_size, transcode, args.workers, args.name,
+                           class_index=args.classes)
     print(
         f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards "
         f"({manifest['total_duration_s'] / 3600:.2f} h of video) at {args.output}; "
         f"{len(manifest['skipped'])} inputs skipped (listed in manifest.json)"
     )
+    if "num_classes" in manifest:
+        print(f"{manifest['num_classes']} classes, index in {args.output.rstrip('/')}/classes.txt")
     for item in manifest["skipped"][:10]:
         print(f"  skipped {item['video']}: {item['reason']}")
     return 0

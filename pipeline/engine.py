@@ -427,6 +427,9 @@ class Trainer:
         elif not math.isfinite(float(grad_norm)):
             # ZeRO skipped this update itself (its overflow check); apply the policy on top.
             self.on_nonfinite(f"gradient norm {float(grad_norm)}")
+        after_step = getattr(self.task, "after_optimizer_step", None)
+        if callable(after_step):  # e.g. the classification task's weight EMA
+            after_step()
         self.step += 1
         self.window["steps"] += 1
         self.window["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -551,6 +554,9 @@ class Trainer:
             # Cloned: gathered ZeRO-3 storage is released when the block ends.
             state = {k: (v.detach().float() if v.is_floating_point() else v).cpu().clone()
                      for k, v in module.state_dict().items()}  # fmt: skip
+        exported = getattr(self.task, "export_state_dict", None)
+        if callable(exported):  # the task may export other weights of the same layout (e.g. their EMA)
+            state = exported(state)
         path = Path(self.cfg.output_dir) / "export" / "model.pt"
         if self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)

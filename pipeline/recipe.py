@@ -58,6 +58,7 @@ INIT_KEYS = {
     "self_distill": "task.teacher_checkpoint",
     "video_text": "model.pretrained",
     "toy": "model.pretrained",
+    "classification": "model.pretrained",
 }
 EVAL_INIT_KEY = "model.checkpoint"
 

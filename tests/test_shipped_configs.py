@@ -2,7 +2,8 @@
 
 - configs/stages: load_config + the training job's plan, which builds the whole task on the meta device.
 - configs/model: load_config + the model built on the meta device.
-- configs/eval: load_eval_config (the checkpoint and videos they name come from a run or a download).
+- configs/eval: load_eval_config, or load_cls_eval_config for `*_cls.yaml` (the checkpoint and videos they name
+  come from a run or a download).
 - configs/recipes: load_recipe + run_recipe(dry_run=True), which validates every step's resolved config.
 """
 
@@ -54,6 +55,12 @@ def test_model_config_builds(path):
 
 @pytest.mark.parametrize("path", [p for p in ALL_YAML if p.parent.name == "eval"], ids=_id)
 def test_eval_config_loads(path):
+    if path.stem.endswith("_cls"):  # classification tests (jobs/eval_cls.py)
+        from pipeline.evaluation.cls_config import load_cls_eval_config
+
+        cfg = load_cls_eval_config(path, ["model.checkpoint=/checkpoints/finetune/export/model.pt"])
+        assert cfg.data.annotation or cfg.data.shards, f"{path.name}: no labelled list or shards"
+        return
     from pipeline.evaluation.config import load_eval_config
 
     cfg = load_eval_config(path, ["model.checkpoint=/checkpoints/vtc/export/model.pt"])

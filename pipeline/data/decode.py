@@ -11,7 +11,7 @@ import contextlib
 import io
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import av
@@ -118,12 +118,25 @@ def decode_clip(
     `trim_seconds` restricts sampling to the start of the video (DiDeMo's first 30 s).
     Raises VideoDecodeError for unreadable or empty videos.
     """
-    with open_video(source) as (container, stream):
-        info = _stream_info(container, stream)
+
+    def choose(info: VideoInfo) -> list[int]:
         usable = info.num_frames
         if trim_seconds is not None:
             usable = max(1, min(usable, int(trim_seconds * info.fps)))
-        indices = sample_frame_indices(usable, num_frames, mode, rng, frame_stride)
+        return sample_frame_indices(usable, num_frames, mode, rng, frame_stride)
+
+    return decode_at(source, choose)
+
+
+def decode_at(source: str | bytes, choose: Callable[[VideoInfo], Sequence[int]]) -> np.ndarray:
+    """Decode the frames `choose(info)` names, in its order (repeats allowed; each frame is decoded once):
+    uint8 RGB (N, H, W, 3). Several clips of one video (multi-view testing) cost one decoding pass.
+
+    Raises VideoDecodeError for unreadable or empty videos.
+    """
+    with open_video(source) as (container, stream):
+        info = _stream_info(container, stream)
+        indices = list(choose(info))
         try:
             frames = _decode_indices(container, stream, info.fps, sorted(set(indices)))
         except av.error.FFmpegError as err:

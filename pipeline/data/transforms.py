@@ -1,8 +1,10 @@
 """Clip transforms in plain torch: uint8 (T, H, W, 3) frames -> normalised float (3, T, S, S).
 
 Train: one random resized crop for the whole clip (area fraction from `scale`, aspect 3/4..4/3),
-optional horizontal flip, normalise. Eval: resize the full frame to S x S (bicubic, no crop: the
-zero-shot retrieval protocol, videomamba.md §7.1), normalise.
+optional horizontal flip, optional RandAugment, normalise, optional random erasing (`pipeline.data.augment`).
+Eval: resize the full frame to S x S (bicubic, no crop: the zero-shot retrieval protocol), or resize the short
+side to S and take the central square (bilinear: classification validation); `spatial_crops` gives the
+multi-crop test views (short side to S, crops evenly spaced along the long side).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.data.augment import ClipAugment, rand_augment, random_erase
 
 _ASPECT_RANGE = (3 / 4, 4 / 3)
 
@@ -52,18 +56,47 @@ def train_transform(
     mean: list[float],
     std: list[float],
     rng: random.Random,
+    augment: ClipAugment | None = None,
 ) -> torch.Tensor:
-    """Random resized crop (same box for every frame) + optional flip + normalise -> (3, T, size, size)."""
+    """Random resized crop (same box for every frame) + optional flip [+ RandAugment] + normalise [+ random
+    erasing] -> (3, T, size, size). RandAugment runs on the cropped clip, where it costs size^2 per frame."""
     x_TCHW = _to_uint8_TCHW(frames_THW3)
     top, left, h, w = random_crop_box(x_TCHW.shape[2], x_TCHW.shape[3], scale, rng)
     x_TCHW = x_TCHW[:, :, top : top + h, left : left + w]
     x_TCHW = F.interpolate(x_TCHW, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     if flip and rng.random() < 0.5:
         x_TCHW = x_TCHW.flip(-1)
-    return _normalise_CTHW(x_TCHW, mean, std)
+    if augment is not None and augment.rand_augment is not None:
+        x_TCHW = rand_augment(x_TCHW, augment.rand_augment, rng)
+    x_CTHW = _normalise_CTHW(x_TCHW, mean, std)
+    if augment is not None:
+        x_CTHW = random_erase(x_CTHW, augment.random_erasing, rng)
+    return x_CTHW
 
 
-def eval_transform(frames_THW3: np.ndarray, size: int, mean: list[float], std: list[float]) -> torch.Tensor:
-    """Bicubic resize of the whole frame to size x size (no crop) + normalise -> (3, T, size, size)."""
+def eval_transform(frames_THW3: np.ndarray, size: int, mean: list[float], std: list[float],
+                   crop: str = "none") -> torch.Tensor:
+    """crop="none": bicubic resize of the whole frame to size x size; "center": the short side to `size`
+    (bilinear), then the central square. Normalised -> (3, T, size, size)."""
+    if crop == "center":
+        return spatial_crops(frames_THW3, size, 1, mean, std)[0]
+    if crop != "none":
+        raise ValueError(f"unknown eval crop {crop!r}; choose none or center")
     x_TCHW = F.interpolate(_to_uint8_TCHW(frames_THW3), size=(size, size), mode="bicubic", antialias=True)
     return _normalise_CTHW(x_TCHW, mean, std)
+
+
+def spatial_crops(frames_THW3: np.ndarray, size: int, num_crops: int, mean: list[float],
+                  std: list[float]) -> list[torch.Tensor]:
+    """Resize the short side to `size` (bilinear, aspect kept), then `num_crops` size x size squares evenly spaced
+    along the long side (one: the centre; three: start, centre, end), each normalised -> (3, T, size, size)."""
+    x_TCHW = _to_uint8_TCHW(frames_THW3)
+    height, width = x_TCHW.shape[2:]
+    scale = size / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    x_TCHW = F.interpolate(x_TCHW, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    slack = max(new_h, new_w) - size
+    starts = [slack // 2] if num_crops == 1 else [int(i * slack / (num_crops - 1)) for i in range(num_crops)]
+    crops = [x_TCHW[:, :, s : s + size, :size] if new_h > new_w else x_TCHW[:, :, :size, s : s + size]
+             for s in starts]  # fmt: skip
+    return [_normalise_CTHW(crop, mean, std) for crop in crops]

@@ -67,9 +67,10 @@ def write_report(result: dict[str, Any], output_dir: str | Path) -> tuple[Path, 
     return json_path, md_path
 
 
-def log_to_mlflow(result: dict[str, Any], cfg, files: list[Path]) -> str:
+def log_to_mlflow(result: dict[str, Any], cfg, files: list[Path], stage: str = "eval_retrieval") -> str:
     """One MLflow run per data set (nested under `cfg.tracking.parent_run_id` when set): metrics, protocol
-    as params, the report files as artifacts. `cfg` is an EvalRetrievalConfig. Returns the run id."""
+    as params, the report files as artifacts, tagged `stage`. `cfg` is an evaluation config with `tracking` (the
+    retrieval one, or the classification test's). Returns the run id."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -79,7 +80,7 @@ def log_to_mlflow(result: dict[str, Any], cfg, files: list[Path]) -> str:
     client = MlflowClient(tracking_uri(cfg))  # tracking.uri, $MLFLOW_TRACKING_URI, or <output_dir>/mlflow.db
     experiment = client.get_experiment_by_name(tracking_cfg.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(tracking_cfg.experiment)
-    tags = {"stage": "eval_retrieval", "dataset": result["dataset"], "checkpoint": result["checkpoint"]}
+    tags = {"stage": stage, "dataset": result["dataset"], "checkpoint": result["checkpoint"]}
     if tracking_cfg.parent_run_id:
         tags["mlflow.parentRunId"] = tracking_cfg.parent_run_id
     if sha := git_sha(Path(__file__).parent):

@@ -55,4 +55,4 @@ def build_task(cfg) -> Task:
 
 # Every stage module registers its config and builder on import. These imports come last because the stage
 # modules import `Task` and `register_task` from this (by then initialised) package.
-from pipeline.tasks import masked_alignment, self_distill, toy, video_text  # noqa: E402, F401
+from pipeline.tasks import classification, masked_alignment, self_distill, toy, video_text  # noqa: E402, F401

@@ -1,0 +1,45 @@
+"""Multi-view classification test of a fine-tuned VideoMamba: top-1/top-5, per-class accuracy, confusion summary.
+
+    python jobs/eval_cls.py --config configs/eval/k400_cls.yaml \
+        model.checkpoint=outputs/finetune_k400_s_f8/export/model.pt data.annotation=/data/k400/val.csv
+    python jobs/eval_cls.py --config configs/eval/k400_cls.yaml model.name=videomamba_small \
+        model.checkpoint=videomamba_s16_k400_f8_res224.pth data.shards=s3://bucket/k400/val      # a released file
+    python jobs/eval_cls.py --config configs/eval/ssv2_cls.yaml ... --dry-run                  # check, plan, stop
+    torchrun --nproc_per_node 8 jobs/eval_cls.py --config ...                                 # 8 ranks, no Ray
+
+Views: views.num_clips temporal clips x views.num_crops spatial crops (K400 4x3, SSv2 2x3), softmax-averaged.
+Writes <output_dir>/classification_<name>.{json,md} and logs an MLflow run (docs/finetune.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.evaluation.cls_config import load_cls_eval_config
+from pipeline.evaluation.cls_run import describe_plan, evaluate_classification
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="classification-test YAML (configs/eval/*_cls.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="load the checkpoint, list the labelled videos, check they exist; print the plan; stop")
+    args = parser.parse_args(argv)
+
+    cfg = load_cls_eval_config(args.config, args.overrides)
+    if args.dry_run:
+        print("\n".join(describe_plan(cfg)))
+        return 0
+    result = evaluate_classification(cfg)
+    if result:  # only rank 0 of a torchrun group gets the numbers
+        print(json.dumps(result, indent=2))
+        print(Path(result["report"]).with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
