@@ -88,6 +88,11 @@ def test_released_checkpoint_fine_tunes_and_the_result_tests(tmp_path, tiny_synt
         f"data.class_index={root}/classes.txt", f"output_dir={tmp_path}/eval_raw"]))
     assert {k: raw[k] for k in ("top1", "top5", "mean_class_top1")} == \
         {k: metrics[k] for k in ("top1", "top5", "mean_class_top1")}
+    # Labels and videos straight from the labelled shards (no list): the same test.
+    sharded = evaluate_classification(load_cls_eval_config(REPO / "configs/eval/synthetic_cls.yaml", [
+        *eval_overrides, "data.annotation=null", f"data.shards={tiny_synthetic['eval_shards']}",
+        f"output_dir={tmp_path}/eval_shards"]))
+    assert {k: sharded[k] for k in ("top1", "top5", "videos")} == {k: metrics[k] for k in ("top1", "top5", "videos")}
 
 
 def test_image_checkpoint_is_inflated_to_video(tmp_path, tiny_synthetic):
