@@ -20,14 +20,12 @@ Needs torch, triton and this repository only (no Ray, DeepSpeed or PyAV).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from _common import RESULTS, write_results
-from bench_model import TimeSformerJoint
+from bench_model import TimeSformerJoint, timed_ms
 from torch import nn
 
 from models import create_model
@@ -52,25 +50,6 @@ def label(kind: str, frames: int, args: argparse.Namespace) -> dict:
     name = (f"VideoMamba ({args.model}, {args.backend} scan)" if kind == "videomamba"
             else f"TimeSformer joint (width {args.ref_width}, {args.ref_depth} layers)")
     return {"model": name, "kind": kind, "frames": frames}
-
-
-def median_step_ms(step: Callable[[], None], device: torch.device, steps: int, max_s: float) -> float:
-    """Median ms of up to `steps` calls (at least 2), stopping once `max_s` seconds were spent."""
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < steps and (len(times) < 2 or time.perf_counter() - start < max_s):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def measure(kind: str, frames: int, batch: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -100,7 +79,7 @@ def measure(kind: str, frames: int, batch: int, args: argparse.Namespace, device
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    ms = median_step_ms(step, device, args.steps, args.seconds)
+    ms = timed_ms(step, device, args.steps, args.seconds)
     row = {**label(kind, frames, args), "batch": batch, "ms/step": ms, "clips/s": batch / ms * 1e3}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30

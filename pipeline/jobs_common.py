@@ -9,7 +9,10 @@ Printed and saved configs have their credentials masked (`pipeline.redaction`).
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,3 +100,25 @@ def run_training_job(description: str, argv: list[str] | None = None) -> TrainRe
         flush=True,
     )
     return result
+
+
+def run_evaluation_job(description: str, argv: list[str] | None, load: Callable[..., Any],
+                       plan: Callable[[Any], list[str]], evaluate: Callable[[Any], dict[str, Any]]) -> int:
+    """`--config FILE key=value ... [--dry-run]` of an evaluation: `load(path, overrides)` the config; with
+    --dry-run print `plan(cfg)` (which checks checkpoint and data), else `evaluate(cfg)` and print its result and
+    markdown report (rank 0 of a torchrun group; the other ranks print nothing)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="evaluation YAML (configs/eval/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, checkpoint and data without running the model; print the plan; stop")
+    args = parser.parse_args(argv)
+    cfg = load(args.config, args.overrides)
+    if args.dry_run:
+        print("\n".join(plan(cfg)))
+        return 0
+    result = evaluate(cfg)
+    if result:
+        print(json.dumps(result, indent=2))
+        print(Path(result["report"]).with_suffix(".md").read_text())
+    return 0

@@ -19,7 +19,11 @@ CLASS_INDEX_FILE = "classes.txt"
 
 def read_class_index(url: str) -> list[str]:
     """Class names in index order from a class-index file (local path or fsspec URL)."""
-    with fsspec.open(url, "r", encoding="utf-8") as f:
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"class-index file {url!r} does not exist; it is the classes.txt that "
+                                "jobs/make_shards.py writes beside labelled shards (one class name per line)")
+    with fs.open(path, "r", encoding="utf-8") as f:
         names = [line.strip() for line in f.read().splitlines()]
     while names and not names[-1]:
         names.pop()

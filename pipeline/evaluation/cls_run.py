@@ -31,7 +31,7 @@ from pipeline.evaluation.cls_config import EvalClassificationConfig
 from pipeline.evaluation.cls_metrics import aggregate_views, classification_summary
 from pipeline.evaluation.cls_views import ViewSpec
 from pipeline.evaluation.features import FolderVideos, ShardVideos, VideoSource, map_clips
-from pipeline.evaluation.report import log_to_mlflow
+from pipeline.evaluation.report import log_to_mlflow, write_report
 from pipeline.evaluation.timing import PhaseTimer
 
 
@@ -210,7 +210,7 @@ def evaluate_classification(cfg: EvalClassificationConfig) -> dict[str, Any]:
         "world_size": get_world_size(),
         "timing": timer.report(),
     }
-    files = write_report(result, cfg.output_dir)
+    files = list(write_report(result, cfg.output_dir, "classification", markdown_report))
     run_id = log_to_mlflow(result, cfg, files, stage="eval_classification") if cfg.tracking.enabled else None
     timing = {f"timing/{k}": v for k, v in result["timing"].items()}
     return {**result["metrics"], **{k: result["counts"][k] for k in ("videos", "classes")},
@@ -235,17 +235,6 @@ def markdown_report(result: dict[str, Any], worst: int = 10) -> str:
     lines += [f"| {p['true']} | {p['predicted']} | {p['videos']} | {p['share_of_true']:.1f}% |" for p in pairs]
     lines += ["", "Protocol:", ""] + [f"- {key}: `{value}`" for key, value in flatten(result["protocol"]).items()]
     return "\n".join(lines) + "\n"
-
-
-def write_report(result: dict[str, Any], output_dir: str | Path) -> list[Path]:
-    """Write `<output_dir>/classification_<dataset>.json` and `.md`; returns both paths."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_dir / f"classification_{result['dataset']}"
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    md_path.write_text(markdown_report(result))
-    return [json_path, md_path]
 
 
 def describe_plan(cfg: EvalClassificationConfig) -> list[str]:

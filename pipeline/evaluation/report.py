@@ -1,4 +1,5 @@
-"""Retrieval results on disk and in MLflow: a JSON file and a markdown table per data set, an MLflow child run.
+"""Evaluation results on disk and in MLflow: a JSON file and a markdown page per data set, an MLflow child run
+(retrieval here; the classification test renders its own page, `cls_run.markdown_report`, through the same writer).
 
 A result is a plain dict: `{"dataset", "checkpoint", "metrics": {t2v_r1, ...}, "protocol": {...},
 "counts": {"videos", "texts", "skipped_videos"}, "skipped_videos": [...], "cache": {...},
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +58,15 @@ def timing_table(timing: dict[str, float], cache: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(result: dict[str, Any], output_dir: str | Path) -> tuple[Path, Path]:
-    """Write `<output_dir>/retrieval_<dataset>.json` and `.md`; returns both paths."""
+def write_report(result: dict[str, Any], output_dir: str | Path, kind: str = "retrieval",
+                 render: Callable[[dict[str, Any]], str] = markdown_table) -> tuple[Path, Path]:
+    """Write `<output_dir>/<kind>_<dataset>.json` and the `.md` page `render` makes of it; returns both paths."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_dir / f"retrieval_{result['dataset']}"
+    stem = output_dir / f"{kind}_{result['dataset']}"
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     json_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    md_path.write_text(markdown_table(result))
+    md_path.write_text(render(result))
     return json_path, md_path
 
 
