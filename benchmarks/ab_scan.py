@@ -1,6 +1,6 @@
 """A/B of the scan kernels: a git revision's Triton scan and conv against the working copy, in one process.
 
-Every kernel change is judged this way (docs/performance.md, sweep_round*.txt): both versions time the same
+Every kernel change is judged this way (docs/kernels.md, benchmarks/results/history/): both versions time the same
 inputs alternately, `--reps` times, and the least time of each is kept, so the ratio is free of the drift between
 calls. One direction of the scan and both directions in one call (each with time-major and with (B, E, L)
 inputs), and the bidirectional mixer core, forward and forward + backward, on the gpu-baseline shapes; plus the
@@ -9,8 +9,8 @@ bf16 error of every output and gradient against the fp32 reference at the first 
     PYTHONPATH=.:benchmarks python benchmarks/ab_scan.py --base HEAD [--reps 3] [--shapes "S 8f b16" ...]
 
 --base also takes a folder holding the base's triton_scan.py (and triton_conv.py, else the working copy's): the
-device machine's copy of the repository may carry older git data than the working tree (round 10: its HEAD was
-the session's first commit), so save the version to compare against there, e.g.
+device machine's copy of the repository may carry older git data than the working tree (on 2026-11-26 its HEAD
+was days behind the working tree's), so save the version to compare against there, e.g.
     mkdir -p .gpu/base && git show HEAD:models/ops/triton_scan.py > .gpu/base/triton_scan.py
 and pass --base .gpu/base (carried with the run).
 """
@@ -43,8 +43,8 @@ import models.ops.triton_scan as working
 REPO = Path(__file__).resolve().parents[1]
 
 
-# The kernel modules an A/B takes from the base, in import order. A revision without one (scan_launch.py is newer
-# than round 10) imports nothing from it.
+# The kernel modules an A/B takes from the base, in import order. A revision without one (scan_launch.py did not
+# exist before 2026-11-26) imports nothing from it.
 BASE_MODULES = ("triton_conv", "scan_launch", "triton_scan")
 
 
@@ -112,8 +112,9 @@ def scan_rows(mods: dict, shape: tuple, time_major: bool, reps: int, sm_count: i
 
 
 def bidirectional_row(mods: dict, shape: tuple, time_major: bool, reps: int, sm_count: int) -> None:
-    """Both directions in one call: the mixer's scans without its glue, in either layout (round 12's side-by-side
-    forwards made the (B, E, L) call 2x slower while every single-direction and mixer row held)."""
+    """Both directions in one call: the mixer's scans without its glue, in either layout (on the H100 on
+    2026-11-27, side-by-side forwards made the (B, E, L) call 2x slower while every single-direction and mixer row
+    held)."""
     name, Bsz, E, L, _ = shape
     layout = as_time_major if time_major else dict
     args = bidirectional_args(layout(make_inputs(Bsz, E, L)), layout(make_inputs(Bsz, E, L)))

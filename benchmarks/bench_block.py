@@ -1,42 +1,52 @@
-"""Bidirectional mixer core (bimamba v2, in_proj output -> out_proj input) on the gpu-baseline shapes.
+"""Bidirectional mixer core (bimamba v2, in_proj output -> out_proj input): ours against the released fused path.
 
-ours:     models.ops.triton_scan.bimamba_inner_triton: one conv+SiLU kernel for both directions, both
-          scans on the original tensors (no flips), one gated output.
-baseline: mamba-ssm's CUDA `selective_scan_fn` per direction with the unfused glue VideoMamba runs when
-          causal-conv1d is absent: PyTorch conv1d + SiLU, flips of x/z/out, x_proj/dt_proj matmuls, a sum.
-bf16 activations under autocast, fp32 parameters, d_state 16. mamba-ssm is loaded as in bench_scan.py.
-Each gets x and z in the layout its in_proj produces (one GEMM either way): ours, time-major halves of a
-(B, L, 2E) tensor, as models/bimamba.py passes them (output time-major, read by out_proj without a copy); the
-baseline, (B, E, L) contiguous, as mamba-ssm's Mamba computes W @ x^T.
-Times are device times of CUDA-graph replays (`_common.gpu_ms`), and of plain ("eager") calls beside them: those
-time the host instead when Python and the launches are slower than the kernels (ours at Ti 64f b4, round 11).
+ours:     models.ops.triton_scan.bimamba_inner_triton: one conv+SiLU kernel for both directions, both scans on
+          the original tensors (no flips), one gated output.
+released: the released VideoMamba's Mamba.forward between in_proj and out_proj (bimamba v2, fast path): per
+          direction its fork's mamba_inner_fn_no_out_proj (causal-conv1d's kernel, x_proj and dt_proj matmuls,
+          mamba-ssm's selective-scan kernel in one autograd function), the backward direction on the flipped
+          xz, the two outputs summed; read from --released-repo, kernels from --released-ext
+          (benchmarks/_released.py, scripts/build_released_kernels.py).
+bf16 activations under autocast, fp32 parameters, d_state 16, on the VideoMamba shapes of _common.SHAPES. Each
+gets xz in the layout its in_proj produces, from the same values: ours, time-major halves of a (B, L, 2E) tensor,
+as models/bimamba.py passes them (output time-major, read by out_proj without a copy); the released one, the
+(B, 2E, L) view of W @ x^T that its Mamba.forward makes. The outputs and the gradients of xz and of every weight
+are compared (relative differences), then both are timed: device times of CUDA-graph replays, and of plain
+("eager") calls, which time the host instead when Python and the launches are slower than the kernels. Each time
+is the median of --windows 200 ms windows taken in alternating order (ours, released, released, ours, ...), with
+the spread of the window medians.
 
-    PYTHONPATH=.:benchmarks python benchmarks/bench_block.py [--shapes "S 8f b16" ...]
+    PYTHONPATH=.:benchmarks python benchmarks/bench_block.py --released-repo PATH --released-ext DIR \
+        [--shapes "S 8f b16" ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from _common import (
     D_STATE,
+    RESULTS,
     SHAPES,
-    bench_ms,
-    gpu_ms,
-    load_mamba_selective_scan,
+    alternating_ms,
+    graph_replay,
     log_uniform_dt,
     rel_err,
     scan_config,
     write_results,
 )
+from _released import ReleasedPath, ReleasedPathError, load
+from torch import Tensor
 
 from models.ops import DirectionWeights
-from models.ops.ref import causal_conv1d_ref
-from models.ops.triton_conv import empty_like_layout
 from models.ops.triton_scan import bimamba_inner_triton
+
+WEIGHT_NAMES = DirectionWeights._fields
 
 
 def make_weights(E: int, R: int, N: int = D_STATE) -> DirectionWeights:
@@ -52,106 +62,156 @@ def make_weights(E: int, R: int, N: int = D_STATE) -> DirectionWeights:
     )
 
 
-def baseline_block(scan):
-    """The seam's reference composition, with mamba-ssm's CUDA scan in place of the reference scan."""
+class Contender:
+    """A mixer core on its own xz layout: `run(leaves)` -> output, with leaves = [xz leaf, 14 weights]."""
 
-    def direction(x, z, w: DirectionWeights):
-        u = causal_conv1d_ref(x, w.conv_weight_EW, w.conv_bias_E, "silu")
-        N, R = w.A_log_EN.shape[1], w.dt_proj_weight.shape[1]
-        dt, B, C = F.linear(u.transpose(1, 2), w.x_proj_weight).split([R, N, N], dim=-1)
-        delta = F.linear(dt, w.dt_proj_weight).transpose(1, 2)
-        return scan(u, delta, -torch.exp(w.A_log_EN.float()), B.transpose(1, 2), C.transpose(1, 2),
-                    w.D_E.float(), z, w.dt_proj_bias.float(), True)
+    def __init__(self, xz_leaf: Tensor, as_mixer_input: Callable[[Tensor], Tensor],
+                 core: Callable[[Tensor, DirectionWeights, DirectionWeights], Tensor],
+                 dxz_as_BFL: Callable[[Tensor], Tensor]) -> None:
+        self.xz_leaf, self.as_mixer_input, self.core, self.dxz_as_BFL = xz_leaf, as_mixer_input, core, dxz_as_BFL
 
-    def block(x, z, fwd, bwd):
-        return direction(x, z, fwd) + direction(x.flip(-1), z.flip(-1), bwd).flip(-1)
-
-    return block
-
-
-BLOCK_NOTE = ("fwd / fwd+bwd ms: median device time of CUDA-graph replays (least of 3 windows); eager: plain "
-              "calls, which time the host instead when Python and the launches take longer than the kernels.")
-
-
-def block_steps(fn, x, z, fwd, bwd):
-    """(forward, forward + backward) of the mixer `fn` as argument-free calls, under bf16 autocast."""
-    def forward() -> None:
-        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-            fn(x, z, fwd, bwd)
-
-    leaves = [x.detach().requires_grad_(), z.detach().requires_grad_(),
-              *(t.detach().requires_grad_() for t in (*fwd, *bwd))]
-    f, b = DirectionWeights(*leaves[2:9]), DirectionWeights(*leaves[9:])
-    dout = empty_like_layout(x).normal_()  # in the output's layout, as out_proj's backward hands it over
-
-    def step() -> None:
+    def forward(self, weights: list[Tensor]) -> Tensor:
         with torch.autocast("cuda", torch.bfloat16):
-            out = fn(leaves[0], leaves[1], f, b)
-        torch.autograd.grad(out, leaves, dout)
+            return self.core(self.as_mixer_input(self.xz_leaf), DirectionWeights(*weights[:7]),
+                             DirectionWeights(*weights[7:]))
 
-    return forward, step
+    def steps(self, weights: list[Tensor], dout: Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+        """(forward without grad, forward + backward) as argument-free calls."""
+        leaves = [self.xz_leaf, *weights]
 
+        def forward() -> None:
+            with torch.no_grad():
+                self.forward(weights)
 
-def time_block(fn, x, z, fwd, bwd, eager: bool = False) -> tuple[float, float]:
-    """(fwd, fwd+bwd) ms: device time from CUDA-graph replay, or (`eager`) of plain calls, which time the host
-    instead when it is the slower of the two."""
-    timer = bench_ms if eager else gpu_ms
-    return tuple(timer(step, windows=3) for step in block_steps(fn, x, z, fwd, bwd))
+        def step() -> None:
+            torch.autograd.grad(self.forward(weights), leaves, dout)
 
+        return forward, step
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="*", help="subset of shape names")
-    args = parser.parse_args()
-    mamba = load_mamba_selective_scan()
-    print(f"mamba-ssm selective_scan_fn: {'loaded' if mamba else 'not available (set MAMBA_SRC)'}")
-    rows = []
-    for name, Bsz, E, L, R in [s for s in SHAPES if not args.shapes or s[0] in args.shapes]:
-        x = torch.randn(Bsz, E, L, device="cuda", dtype=torch.bfloat16)
-        z = torch.randn(Bsz, E, L, device="cuda", dtype=torch.bfloat16)
-        x_t, z_t = torch.cat([x, z], dim=1).transpose(1, 2).contiguous().transpose(1, 2).chunk(2, dim=1)
-        fwd, bwd = make_weights(E, R), make_weights(E, R)
-        cfg = scan_config(Bsz * E, L, time_major=True)
-        ours = lambda x, z, f, b, cfg=cfg: bimamba_inner_triton(x, z, f, b, config=cfg)
-        row = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg)}
-        impls = {"ours": (ours, x_t, z_t)}
-        if mamba is not None:
-            impls["base"] = (baseline_block(mamba), x, z)
-        for tag, (fn, xi, zi) in impls.items():
-            row[f"{tag} fwd ms"], row[f"{tag} fwd+bwd ms"] = time_block(fn, xi, zi, fwd, bwd)
-            row[f"{tag} eager fwd ms"], row[f"{tag} eager fwd+bwd ms"] = time_block(fn, xi, zi, fwd, bwd, eager=True)
-            row[f"{tag} peak GiB (fwd+bwd)"] = _peak_gib(fn, xi, zi, fwd, bwd)
-        if mamba is not None:
-            base = impls["base"][0]
-            for kind in ("fwd", "fwd+bwd", "eager fwd", "eager fwd+bwd"):
-                row[f"speedup {kind}"] = row[f"base {kind} ms"] / row[f"ours {kind} ms"]
-            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-                row["out rel diff vs base"] = rel_err(ours(x_t, z_t, fwd, bwd), base(x, z, fwd, bwd))
-        rows.append(row)
-        print(row, flush=True)
-        del x, z, x_t, z_t
-        torch.cuda.empty_cache()
-    columns = ["shape", "B,E,L", "ours fwd ms", "base fwd ms", "speedup fwd", "ours fwd+bwd ms",
-               "base fwd+bwd ms", "speedup fwd+bwd", "ours eager fwd+bwd ms", "base eager fwd+bwd ms",
-               "speedup eager fwd+bwd", "ours peak GiB (fwd+bwd)", "base peak GiB (fwd+bwd)", "out rel diff vs base"]
-    write_results("block", rows, columns,
-                  "Bidirectional mixer core: fused Triton (ours) vs mamba-ssm scan + unfused PyTorch glue",
-                  notes=[BLOCK_NOTE])
+    def grads(self, weights: list[Tensor], dout: Tensor) -> list[Tensor]:
+        """Gradients of xz (as (B, 2E, L)) and of every weight for the output gradient `dout`."""
+        dxz, *dweights = torch.autograd.grad(self.forward(weights), [self.xz_leaf, *weights], dout)
+        return [self.dxz_as_BFL(dxz), *dweights]
 
 
-def _peak_gib(fn, x, z, fwd, bwd) -> float:
-    """Peak CUDA memory of one fwd+bwd above what the inputs already hold."""
-    leaves = [x.detach().requires_grad_(), z.detach().requires_grad_(),
-              *(t.detach().requires_grad_() for t in (*fwd, *bwd))]
+def contenders(xz_BFL: Tensor, cfg, released: ReleasedPath | None) -> dict[str, Contender]:
+    """Ours and (when loaded) the released core, each on the same xz values in its own in_proj layout."""
+    B, F, L = xz_BFL.shape
+    ours_leaf = xz_BFL.transpose(1, 2).contiguous().requires_grad_()  # (B, L, 2E), as in_proj(x_BLD) stores it
+    found = {"ours": Contender(
+        ours_leaf, lambda xz_BLF: xz_BLF.transpose(1, 2),
+        lambda xz, f, b: bimamba_inner_triton(*xz.chunk(2, dim=1), f, b, config=cfg),
+        lambda dxz_BLF: dxz_BLF.transpose(1, 2))}
+    if released is not None:
+        # The released Mamba.forward: rearrange(W @ rearrange(h, "b l d -> d (b l)"), "d (b l) -> b d l").
+        leaf_FM = xz_BFL.permute(1, 0, 2).reshape(F, B * L).contiguous().requires_grad_()
+        found["released"] = Contender(
+            leaf_FM, lambda xz_FM: xz_FM.view(F, B, L).permute(1, 0, 2), released.mixer_core,
+            lambda dxz_FM: dxz_FM.view(F, B, L).permute(1, 0, 2))
+    return found
+
+
+def gradient_checks(ours: Contender, released: Contender, weights: list[Tensor], dout_BEL: Tensor) -> dict:
+    """Output and gradient differences of ours against the released core (same values in, same dout)."""
+    with torch.no_grad():
+        out = rel_err(ours.forward(weights), released.forward(weights))
+    g_ours = ours.grads(weights, _like_output(ours, weights, dout_BEL))
+    g_rel = released.grads(weights, _like_output(released, weights, dout_BEL))
+    names = ["xz", *(f"fwd.{n}" for n in WEIGHT_NAMES), *(f"bwd.{n}" for n in WEIGHT_NAMES)]
+    diffs = {name: rel_err(a, b) for name, a, b in zip(names, g_ours, g_rel, strict=True)}
+    worst = max(diffs, key=diffs.get)
+    return {"out rel diff": out, "dxz rel diff": diffs["xz"], "worst grad": f"{worst} {diffs[worst]:.2e}",
+            "grad rel diffs": diffs}
+
+
+def _like_output(contender: Contender, weights: list[Tensor], dout_BEL: Tensor) -> Tensor:
+    """`dout_BEL`'s values in the layout of the contender's output (as out_proj's backward hands them over)."""
+    with torch.no_grad():
+        out = contender.forward(weights)
+    return torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device).copy_(dout_BEL)
+
+
+def _replays(plain: dict[str, Callable[[], None]], kind: str, row: dict) -> dict[str, Callable[[], None]]:
+    """CUDA-graph replays of the calls; a call that cannot be captured is left out and its error kept in `row`."""
+    replays = {}
+    for tag, fn in plain.items():
+        try:
+            replays[tag] = graph_replay(fn)
+        except RuntimeError as err:
+            row[f"{tag} {kind} graph error"] = str(err)[:200]
+    return replays
+
+
+def peak_gib(step: Callable[[], None]) -> float:
+    """Peak CUDA memory of one call of `step` above what was allocated before it."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    with torch.autocast("cuda", torch.bfloat16):
-        out = fn(leaves[0], leaves[1], DirectionWeights(*leaves[2:9]), DirectionWeights(*leaves[9:]))
-    torch.autograd.grad(out, leaves, torch.ones_like(out))
+    step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
+def measure_shape(name: str, Bsz: int, E: int, L: int, R: int, released: ReleasedPath | None,
+                  windows: int) -> dict:
+    xz_BFL = torch.randn(Bsz, 2 * E, L, device="cuda", dtype=torch.bfloat16)
+    weights = [t.requires_grad_() for t in (*make_weights(E, R), *make_weights(E, R))]
+    dout_BEL = torch.randn(Bsz, E, L, device="cuda", dtype=torch.bfloat16)
+    cfg = scan_config(Bsz * E, L, time_major=True)
+    found = contenders(xz_BFL, cfg, released)
+    row: dict = {"shape": name, "B,E,L": f"{Bsz},{E},{L}", "config": str(cfg)}
+    if "released" in found:
+        row.update(gradient_checks(found["ours"], found["released"], weights, dout_BEL))
+    steps = {tag: c.steps(weights, _like_output(c, weights, dout_BEL)) for tag, c in found.items()}
+    for i, kind in enumerate(("fwd", "fwd+bwd")):
+        plain = {tag: s[i] for tag, s in steps.items()}
+        for timing, fns in (("", _replays(plain, kind, row)), ("eager ", plain)):
+            for tag, stats in alternating_ms(fns, windows).items():
+                row[f"{tag} {timing}{kind} ms"] = stats["ms"]
+                row[f"{tag} {timing}{kind} spread %"] = (stats["max"] - stats["min"]) / stats["ms"] * 100
+    for tag, (_, step) in steps.items():
+        row[f"{tag} peak GiB (fwd+bwd)"] = peak_gib(step)
+    if "released" in found:
+        for kind in ("fwd", "fwd+bwd", "eager fwd", "eager fwd+bwd"):
+            if f"released {kind} ms" in row and f"ours {kind} ms" in row:
+                row[f"speedup {kind}"] = row[f"released {kind} ms"] / row[f"ours {kind} ms"]
+    return row
+
+
+BLOCK_NOTE = ("fwd / fwd+bwd ms: median device time of CUDA-graph replays over the windows; eager: plain calls, "
+              "which time the host instead when Python and the launches take longer than the kernels. spread %: "
+              "(largest - least window median) / median. speedup = released / ours. rel diff: ours against the "
+              "released core, same inputs; the JSON holds every gradient's.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="*", help="subset of shape names")
+    parser.add_argument("--released-repo", type=Path, help="a checkout of github.com/OpenGVLab/VideoMamba")
+    parser.add_argument("--released-ext", type=Path, help="folder of scripts/build_released_kernels.py's modules")
+    parser.add_argument("--windows", type=int, default=5, help="timing windows per contender and timing")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    released = None
+    try:
+        released = load(args.released_repo, args.released_ext)
+    except ReleasedPathError as err:
+        print(f"{err}\n(timing ours alone)", file=sys.stderr)
+    rows = []
+    for name, Bsz, E, L, R in [s for s in SHAPES if not args.shapes or s[0] in args.shapes]:
+        rows.append(measure_shape(name, Bsz, E, L, R, released, args.windows))
+        print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+    columns = ["shape", "B,E,L", "ours fwd ms", "released fwd ms", "speedup fwd", "ours fwd+bwd ms",
+               "released fwd+bwd ms", "speedup fwd+bwd", "ours eager fwd+bwd ms", "released eager fwd+bwd ms",
+               "speedup eager fwd+bwd", "ours fwd+bwd spread %", "released fwd+bwd spread %",
+               "ours peak GiB (fwd+bwd)", "released peak GiB (fwd+bwd)", "out rel diff", "dxz rel diff", "worst grad"]
+    setup = {"released path": released.provenance if released else "not loaded", "windows": args.windows}
+    write_results("block", rows, columns,
+                  "Bidirectional mixer core: fused Triton (ours) vs the released fused path (mamba-ssm, causal-conv1d)",
+                  setup=setup, results_dir=args.results_dir, notes=[BLOCK_NOTE])
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

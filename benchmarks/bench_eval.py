@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import provenance
 
 from models.video_text import build_video_text_model
 from pipeline.data.synthetic import make_synthetic
@@ -91,8 +92,9 @@ def write_results(stem: Path, args: argparse.Namespace, report: dict, data_s: fl
     """<stem>.json: the setup and the time split (plus clips/s per phase); <stem>.md: a table."""
     timing, videos = report["timing"], report["counts"]["videos"]
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    setup = {"device": device, "torch": torch.__version__, "model": args.model, "num_frames": args.num_frames,
-             "img_size": args.img_size, "batch_size": args.batch_size, "decode_workers": args.workers,
+    setup = {**provenance(), "device": device, "torch": torch.__version__, "model": args.model,
+             "num_frames": args.num_frames, "img_size": args.img_size, "batch_size": args.batch_size,
+             "decode_workers": args.workers,
              "precision": args.precision, "videos": videos, "texts": report["counts"]["texts"],
              "clips": f"synthetic {args.clip_size} px, {args.clip_frames} frames @ {args.clip_fps:g} fps, H.264",
              "data_generation_s": round(data_s, 1), "runs_total_s": totals}

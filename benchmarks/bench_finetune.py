@@ -5,7 +5,7 @@ label smoothing, soft-target cross-entropy, the model's drop path, backward, and
 parameter groups (weight decay 0.05, layer decay 0.75 in the released scope); bf16 autocast over fp32 weights, as
 the released fine-tuning runs. Both models get the same task and optimizer; VideoMamba-S runs on our Triton scan
 (docs/model.md), TimeSformer-S is DeiT-S (width 384, 12 layers, 6 heads) attending jointly over all 1 + T*196
-tokens with PyTorch's fused SDPA (benchmarks/bench_model.py's TimeSformerJoint). Batches are the released
+tokens with PyTorch's fused SDPA (benchmarks/bench_model.py's TimeSformerJoint, its S twin). Batches are the released
 per-GPU clip counts (videos x 2 repeated-augmentation copies: 128 at 8 frames, 32 at 32, 16 at 64), halved on
 out-of-memory. Inputs are random tensors already on the GPU: data loading is not part of the step.
 Times are medians of CUDA-event timed steps after two warm-up steps; memory is the peak allocated during them.
@@ -13,19 +13,20 @@ Each row is measured alone; the result files are rewritten after every row (a ki
 Needs torch, triton and this repository only (no Ray, DeepSpeed or PyAV).
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_finetune.py [--frames 8 32 64] [--results-dir DIR]
-    # CPU smoke test: --device cpu --model videomamba_test --img-size 32 --frames 2 4 --batches 2 2 --backend ref
-    #                 --ref-width 32 --ref-depth 2 --ref-heads 2 --steps 2
+    ... --device cpu --tiny --frames 2 4 --batches 2 2 --steps 2 --results-dir /tmp/ft   # CPU smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from _common import RESULTS, write_results
-from bench_model import TimeSformerJoint, timed_ms
+from bench_model import SIZES, TINY, TimeSformerJoint, timed_call_ms
 from torch import nn
 
 from models import create_model
@@ -58,7 +59,8 @@ def measure(kind: str, frames: int, batch: int, args: argparse.Namespace, device
     mixup = MixupCutmix(NUM_CLASSES, mixup_alpha=0.8, cutmix_alpha=1.0, smoothing=0.1, seed=0)
     task = ClassificationTask(build_model(kind, frames, args), NUM_CLASSES, label_smoothing=0.1, mixup=mixup)
     task = task.to(device).train()
-    groups = param_groups(task, weight_decay=0.05, layer_decay=0.75, layer_decay_scope="released")
+    groups = param_groups(task, weight_decay=0.05, layer_decay=0.75, layer_decay_scope="released",
+                          decay_ssm_a=True)
     for group in groups:
         group["lr"] = 8e-4 * group["lr_scale"]
         del group["names"]
@@ -79,12 +81,21 @@ def measure(kind: str, frames: int, batch: int, args: argparse.Namespace, device
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    ms = timed_ms(step, device, args.steps, args.seconds)
+    ms = median_step_ms(step, device, args.steps, args.seconds)
     row = {**label(kind, frames, args), "batch": batch, "ms/step": ms, "clips/s": batch / ms * 1e3}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
         row.update({"peak GiB": peak, "GiB/clip": peak / batch})
     return row
+
+
+def median_step_ms(step: Callable[[], object], device: torch.device, max_steps: int, max_s: float) -> float:
+    """Median ms of up to `max_steps` timed steps (at least 2), stopping once `max_s` seconds were spent."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_steps and (len(times) < 2 or time.perf_counter() - start < max_s):
+        times.append(timed_call_ms(step, device))
+    return statistics.median(times)
 
 
 def measure_halving(kind: str, frames: int, batch: int, args: argparse.Namespace, device: torch.device) -> dict:
@@ -120,24 +131,31 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 32, 16],
                         help="clips per step for each --frames entry (halved on OOM)")
-    parser.add_argument("--model", default="videomamba_small")
+    small = SIZES["S"]
+    ref_width, ref_depth, ref_heads = small.timesformer  # bench_model's matched TimeSformer: DeiT-S
+    parser.add_argument("--model", default=small.registry)
     parser.add_argument("--backend", default="triton", help="VideoMamba scan_backend")
     parser.add_argument("--drop-path", type=float, default=0.35, help="VideoMamba drop path (S on K400)")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--ref-width", type=int, default=384, help="TimeSformer width (DeiT-S)")
-    parser.add_argument("--ref-depth", type=int, default=12, help="TimeSformer layers")
-    parser.add_argument("--ref-heads", type=int, default=6, help="TimeSformer heads")
+    parser.add_argument("--img-size", type=int, default=small.img_size)
+    parser.add_argument("--ref-width", type=int, default=ref_width, help="TimeSformer width (DeiT-S)")
+    parser.add_argument("--ref-depth", type=int, default=ref_depth, help="TimeSformer layers")
+    parser.add_argument("--ref-heads", type=int, default=ref_heads, help="TimeSformer heads")
+    parser.add_argument("--tiny", action="store_true",
+                        help="bench_model's tiny pair (videomamba_test at 32 px, reference scan) for a CPU smoke test")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per row")
     parser.add_argument("--seconds", type=float, default=6.0, help="stop timing a row after this long")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip the rows left after this long")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.tiny:
+        args.model, args.img_size, args.backend = TINY.registry, TINY.img_size, "ref"
+        args.ref_width, args.ref_depth, args.ref_heads = TINY.timesformer
     if len(args.batches) != len(args.frames):
         parser.error("--batches needs one clip count per --frames entry")
     device = torch.device(args.device)
     setup = {"step": "ClassificationTask: Mixup 0.8 / CutMix 1.0, label smoothing 0.1, soft-target CE, backward, "
-             "torch AdamW (fused) over the released groups (wd 0.05, layer decay 0.75 released scope)",
+             "torch AdamW (fused) over the released groups (wd 0.05 incl. A_log, layer decay 0.75 released scope)",
              "precision": "bf16 autocast, fp32 weights", "img_size": args.img_size, "videomamba": args.model,
              "scan_backend": args.backend, "drop_path": args.drop_path,
              "timesformer": f"joint attention, width {args.ref_width}, {args.ref_depth} layers, {args.ref_heads} "

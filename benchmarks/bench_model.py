@@ -1,44 +1,96 @@
-"""Whole model: VideoMamba-Ti on our Triton scan vs a joint-attention TimeSformer-Ti (fused SDPA), one GPU.
+"""Whole model on one GPU, in one process: our VideoMamba, the released VideoMamba code path, and a joint-attention
+TimeSformer of matched width with fused (SDPA) and eager attention; inference and a full training step.
 
-DESIGN.md "What fast means" / gpu-baseline.md: 224², bf16 autocast (fp32 weights), inference clips/s and peak
-memory per clip at 8/16/32/64 frames, batch 128 (halved on OOM), and one training step (fwd + bwd + AdamW) at
-8 frames, batch 64. TimeSformer-Ti is DeiT-Ti (width 192, 12 layers, 3 heads, MLP 4x) attending jointly over all
-1 + T*196 tokens (videomamba.md §8.1), with PyTorch's fused scaled_dot_product_attention. Times are medians of
-CUDA-event timed calls after warm-up; each row is measured alone, so an OOM or error in one is recorded in that
-row and the others still run. The result files are rewritten after every row (partial results survive a kill).
+Models (the `model` column):
+  ours               models.create_model("videomamba_<size>", scan_backend="triton"): our Triton kernels.
+  released           the released model file read from --released-repo (a checkout of OpenGVLab/VideoMamba), with
+                     its mamba-ssm fork's fused mamba_inner_fn_no_out_proj on mamba-ssm's selective-scan and
+                     causal-conv1d's kernels (benchmarks/_released.py, scripts/build_released_kernels.py).
+  timesformer-sdpa   TimeSformer with joint space-time attention (DeiT blocks, the paper's Figure 1 model): the
+  timesformer-eager  size's width, half its depth (a ViT block has two residual branches, attention and MLP, a
+                     VideoMamba block one: Ti 192 x 12 = DeiT-Ti, S 384 x 12 = DeiT-S, M 576 x 16), width / 64
+                     heads. One set of weights; attention by torch's scaled_dot_product_attention, or written out
+                     as softmax(Q K^T / sqrt(d)) V.
+Outputs compared before timing: ours gets the released model's weights (the parameter names
+are the official ones) and its logits (inference) or loss and gradients (training step) are compared with the
+released model's at the configuration's batch; TimeSformer's eager attention is compared with its SDPA the same
+way on --check-batch clips.
 
-    PYTHONPATH=.:benchmarks python benchmarks/bench_model.py [--frames 8 16 32 64] [--results-dir DIR]
-    # CPU smoke test: --device cpu --model videomamba_test --frames 2 --batch 2 --train-batch 2 --img-size 32
-    #                 --backend ref --ref-depth 2 --ref-width 32 --ref-heads 2
+Setup: 224², bf16 autocast over fp32 weights, a 400-class head; training step = cross-entropy, backward, fused
+AdamW, zero_grad; stochastic depth and dropout off. Batch: --train-clip-frames / frames clips for the training
+step (256: 32 clips at 8 frames, 4 at 64) and --infer-clip-frames / frames for inference (512); a model that runs
+out of memory halves its own batch and its row lists the batches that did not fit. Timing: plain calls (the host's
+Python and launches count, as in a training loop), each between CUDA events. After 2 warm-up calls each, the
+models are timed in --rounds rounds whose order alternates (ours, released, SDPA, eager; then the reverse); a
+round gives each model at least --round-s seconds (1 to --max-calls calls). Rows give the median over every timed
+call, the least and largest round median and their spread. Configurations run targets first (training at 8
+frames, inference at 8, training at 64, ...); those left when --budget-s is spent are listed as skipped.
+Results: <results-dir>/<stem>.{json,md}, rewritten after every (mode, frames, size).
+
+    PYTHONPATH=.:benchmarks python benchmarks/bench_model.py --released-repo PATH --released-ext DIR \
+        [--sizes Ti S M] [--frames 8 16 32 64] [--modes train infer] [--budget-s 330]
+    ... --check-released         say what the released path lacks here, import nothing, exit 1 if anything
+    ... --models ours --rounds 0 build and run each configuration once: compiles and caches our Triton kernels
+    ... --device cpu --tiny --frames 2 4 --rounds 1   CPU smoke test (tiny widths, reference kernels)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import RESULTS, write_results
+from _common import RESULTS, rel_err, write_results
+from _released import ReleasedPath, ReleasedPathError, load, problems
 from torch import Tensor, nn
 
 from models import create_model
 
-# gpu-baseline.md (one H100): VideoMamba-Ti on mamba-ssm's CUDA scan, TimeSformer-Ti with SDPA; clips/s.
-BASELINE_INFER = {"videomamba": {8: 433, 16: 202, 32: 101, 64: 53},
-                  "timesformer": {8: 3623, 16: 1566, 32: 579, 64: 192}}
-BASELINE_TRAIN_8F = {"videomamba": 113, "timesformer": 1090}
+MODELS = ("ours", "released", "timesformer-sdpa", "timesformer-eager")
+LABELS = {"ours": "VideoMamba, ours (Triton)", "released": "VideoMamba, released code (mamba-ssm, causal-conv1d)",
+          "timesformer-sdpa": "TimeSformer, SDPA attention", "timesformer-eager": "TimeSformer, eager attention"}
+MODES = {"train": "train step", "infer": "inference"}
+# Targets first: issue 28's ratios are at 8, 32 and 64 frames; within a mode the sizes its targets name first.
+ORDER = [("train", 8), ("infer", 8), ("train", 64), ("infer", 64), ("train", 32), ("infer", 32), ("train", 16),
+         ("infer", 16)]
+SIZE_ORDER = {"train": ("S", "M", "Ti"), "infer": ("Ti", "S", "M")}
+
+
+@dataclass(frozen=True)
+class Size:
+    """A VideoMamba size and its TimeSformer twin."""
+
+    registry: str
+    width: int
+    depth: int
+    img_size: int = 224
+    heads: int = 0  # TimeSformer heads; 0: width // 64
+
+    @property
+    def timesformer(self) -> tuple[int, int, int]:
+        """(width, depth, heads) of the matched TimeSformer."""
+        return self.width, max(1, self.depth // 2), self.heads or self.width // 64
+
+
+SIZES = {"Ti": Size("videomamba_tiny", 192, 24), "S": Size("videomamba_small", 384, 24),
+         "M": Size("videomamba_middle", 576, 32)}
+TINY = Size("videomamba_test", 32, 2, img_size=32, heads=2)  # --tiny: every size becomes this one
 
 
 class JointAttentionBlock(nn.Module):
-    """Pre-norm ViT block (DeiT): joint multi-head self-attention over every token, then a GELU MLP."""
+    """Pre-norm ViT block (DeiT): multi-head self-attention over every token, then a GELU MLP. `attention` picks
+    torch's fused SDPA or the written-out softmax(Q K^T / sqrt(d)) V."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int = 4) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.attention = heads, "sdpa"
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
@@ -46,17 +98,20 @@ class JointAttentionBlock(nn.Module):
     def forward(self, x_BLD: Tensor) -> Tensor:
         B, L, D = x_BLD.shape
         q, k, v = self.qkv(self.norm1(x_BLD)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        attn_BLD = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D)
-        x_BLD = x_BLD + self.proj(attn_BLD)
+        if self.attention == "sdpa":
+            attn_BHLd = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn_BHLd = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
+        x_BLD = x_BLD + self.proj(attn_BHLd.transpose(1, 2).reshape(B, L, D))
         return x_BLD + self.mlp(self.norm2(x_BLD))
 
 
 class TimeSformerJoint(nn.Module):
-    """TimeSformer-Ti, joint space-time attention: per-frame 16x16 patches + spatial and temporal position
-    embeddings, CLS first, then DeiT blocks over all 1 + T*P tokens and a linear head on the CLS token."""
+    """TimeSformer with joint space-time attention: per-frame 16x16 patches + spatial and temporal position
+    embeddings, CLS first, DeiT blocks over all 1 + T*P tokens, a linear head on the CLS token."""
 
-    def __init__(self, num_frames: int, img_size: int = 224, patch_size: int = 16, embed_dim: int = 192,
-                 depth: int = 12, heads: int = 3, num_classes: int = 400) -> None:
+    def __init__(self, num_frames: int, img_size: int, embed_dim: int, depth: int, heads: int,
+                 num_classes: int = 400, patch_size: int = 16) -> None:
         super().__init__()
         num_patches = (img_size // patch_size) ** 2
         self.patch_embed = nn.Conv3d(3, embed_dim, (1, patch_size, patch_size), (1, patch_size, patch_size))
@@ -66,6 +121,10 @@ class TimeSformerJoint(nn.Module):
         self.blocks = nn.ModuleList(JointAttentionBlock(embed_dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
+
+    def set_attention(self, impl: str) -> None:
+        for block in self.blocks:
+            block.attention = impl
 
     def forward(self, video_BCTHW: Tensor) -> Tensor:
         x_BTPD = self.patch_embed(video_BCTHW).flatten(3).permute(0, 2, 3, 1)
@@ -77,148 +136,347 @@ class TimeSformerJoint(nn.Module):
         return self.head(self.norm(x_BLD[:, 0]))
 
 
-def build(kind: str, frames: int, args: argparse.Namespace) -> nn.Module:
-    if kind == "videomamba":
-        return create_model(args.model, num_frames=frames, num_classes=400, img_size=args.img_size,
-                            scan_backend=args.backend)
-    return TimeSformerJoint(frames, args.img_size, embed_dim=args.ref_width, depth=args.ref_depth, heads=args.ref_heads)
+@dataclass
+class Runner:
+    """One model in one (mode, frames) configuration: its inputs, optimizer and batch, and its timings."""
 
+    key: str
+    model: nn.Module
+    train: bool
+    frames: int
+    img_size: int
+    device: torch.device
+    batch: int
+    attention: str | None = None  # TimeSformer's attention for this runner
+    did_not_fit: list[int] = field(default_factory=list)
+    error: str | None = None
+    times_ms: list[list[float]] = field(default_factory=list)  # one list a round
+    gib_per_clip: float | None = None
 
-def label(kind: str, frames: int, train: bool) -> dict:
-    """The identifying columns of a row."""
-    return {"model": "VideoMamba-Ti (Triton scan)" if kind == "videomamba" else "TimeSformer-Ti (SDPA)",
-            "mode": "train step" if train else "inference", "frames": frames}
+    def __post_init__(self) -> None:
+        self.optimizer = (torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=self.device.type == "cuda")
+                          if self.train else None)
+        self.video = self.labels = None
 
+    def make_inputs(self) -> None:
+        self.video, self.labels = _clips(self.batch, self.frames, self.img_size, self.device)
 
-def timed_ms(fn: Callable[[], object], device: torch.device, max_calls: int, max_s: float) -> float:
-    """Median ms of up to `max_calls` calls (at least 2), stopping once `max_s` seconds were spent; the caller
-    warms up."""
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_calls and (len(times) < 2 or time.perf_counter() - start < max_s):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def measure(kind: str, frames: int, batch: int, train: bool, args: argparse.Namespace,
-            device: torch.device) -> dict:
-    """clips/s and the peak memory per clip of inference (no grad) or of an AdamW training step."""
-    torch.manual_seed(0)
-    model = build(kind, frames, args).to(device).train(train)
-    video = torch.randn(batch, 3, frames, args.img_size, args.img_size, device=device)
-    labels = torch.randint(0, 400, (batch,), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda") if train else None
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-
-    def call() -> None:
-        if optimizer is None:
+    def step(self) -> None:
+        if self.attention is not None:
+            self.model.set_attention(self.attention)
+        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
+        if self.optimizer is None:
             with torch.inference_mode(), autocast:
-                model(video)
+                self.model(self.video)
             return
         with autocast:
-            loss = F.cross_entropy(model(video).float(), labels)
+            loss = F.cross_entropy(self.model(self.video).float(), self.labels)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    call()  # warm-up: Triton compilation, cuBLAS/SDPA selection, optimizer state
+    def warm_up(self) -> None:
+        """Two calls at the batch, halving it on out-of-memory; other errors are kept in `error`."""
+        while self.batch >= 1:
+            try:
+                self.make_inputs()
+                self.step()
+                self.step()
+                _sync(self.device)
+                return
+            except torch.OutOfMemoryError:
+                self.did_not_fit.append(self.batch)
+                self.batch //= 2
+                self.video = self.labels = None
+                if self.optimizer is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                _free(self.device)
+            except Exception as err:  # noqa: BLE001 - one failing model must not stop the others' rows
+                self.error = f"{type(err).__name__}: {str(err)[:300]}"
+                return
+        self.error = "out of memory at batch 1"
+
+    def time_round(self, round_s: float, max_calls: int) -> None:
+        """At least `round_s` seconds (1 to `max_calls` calls) of timed calls; the first round also records
+        the peak memory above what was resident before it."""
+        measure_memory = not self.times_ms and self.device.type == "cuda"
+        if measure_memory:
+            torch.cuda.synchronize()
+            resident = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        times: list[float] = []
+        start = time.perf_counter()
+        try:
+            while len(times) < max_calls and (not times or time.perf_counter() - start < round_s):
+                times.append(timed_call_ms(self.step, self.device))
+        except Exception as err:  # noqa: BLE001 - kept in the row; the other models go on
+            self.error = f"{type(err).__name__} while timing: {str(err)[:300]}"
+            return
+        self.times_ms.append(times)
+        if measure_memory:
+            self.gib_per_clip = (torch.cuda.max_memory_allocated() - resident) / 2**30 / self.batch
+
+    def release(self) -> None:
+        self.video = self.labels = self.optimizer = None
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-        resident = torch.cuda.memory_allocated()  # weights, input, optimizer state
-        torch.cuda.reset_peak_memory_stats()
-    call()
-    max_calls, max_s = (args.iters, args.seconds) if frames <= 16 else (max(2, args.iters // 2), args.seconds)
-    ms = timed_ms(call, device, max_calls, max_s)
-    row = {**label(kind, frames, train), "batch": batch, "ms": ms, "clips/s": batch / ms * 1e3}
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
     if device.type == "cuda":
-        row["GiB/clip"] = (torch.cuda.max_memory_allocated() - resident) / 2**30 / batch
-    baseline = BASELINE_TRAIN_8F[kind] if train and frames == 8 else None if train else BASELINE_INFER[kind].get(frames)
-    if baseline:
-        row["baseline clips/s (H100)"] = baseline
-        row["vs baseline"] = row["clips/s"] / baseline
+        torch.cuda.empty_cache()
+
+
+def timed_call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of `fn`: between CUDA events on a GPU (host time included), else wall time."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _clips(batch: int, frames: int, img_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Random clips (B, 3, T, H, W) and 400-class labels."""
+    video = torch.randn(batch, 3, frames, img_size, img_size, device=device)
+    return video, torch.randint(0, 400, (batch,), device=device)
+
+
+def _outputs(model: nn.Module, video: Tensor, labels: Tensor, train: bool,
+             before: Callable[[], None] = lambda: None) -> tuple[Tensor, dict[str, Tensor]]:
+    """(logits or loss, parameter gradients by name) of one call on `video`, under the benchmark's autocast."""
+    before()
+    autocast = torch.autocast(video.device.type, torch.bfloat16, enabled=video.is_cuda)
+    if not train:
+        with torch.inference_mode(), autocast:
+            return model(video).float(), {}
+    with autocast:
+        loss = F.cross_entropy(model(video).float(), labels)
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def compare(a: Callable[[], tuple[Tensor, dict]], b: Callable[[], tuple[Tensor, dict]]) -> dict[str, object]:
+    """Relative differences of a's output (and gradients) against b's."""
+    out_a, grads_a = a()
+    out_b, grads_b = b()
+    result: dict[str, object] = {"out rel diff": rel_err(out_a, out_b)}
+    names = [n for n in grads_b if n in grads_a]
+    if names:
+        flat_a = torch.cat([grads_a[n].flatten().float() for n in names])
+        flat_b = torch.cat([grads_b[n].flatten().float() for n in names])
+        result["grad rel diff"] = rel_err(flat_a, flat_b)
+        worst = max(names, key=lambda n: rel_err(grads_a[n], grads_b[n]) if grads_b[n].norm() > 0 else 0.0)
+        result["worst grad"] = f"{worst} {rel_err(grads_a[worst], grads_b[worst]):.2e}"
+        if set(grads_a) != set(grads_b):
+            result["grads only one has"] = sorted(set(grads_a) ^ set(grads_b))[:5]
+    return result
+
+
+def _checked(check: Callable[[], dict], models: list[nn.Module], device: torch.device) -> dict[str, object]:
+    """check(), or the error it raised (out of memory included); either way no gradients are left behind."""
+    try:
+        return check()
+    except Exception as err:  # noqa: BLE001 - recorded in the row; the timing goes on
+        return {"check error": f"{type(err).__name__}: {str(err)[:200]}"}
+    finally:
+        for model in models:
+            model.zero_grad(set_to_none=True)
+        _free(device)
+
+
+def build_models(size_name: str, size: Size, frames: int, train: bool, batch: int, wanted: list[str],
+                 released: ReleasedPath | None, args: argparse.Namespace,
+                 device: torch.device) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+    """The configuration's models (TimeSformer's two attentions share one module) and their output checks: ours
+    against the released model at the configuration's batch (the shapes the timing compiles kernels for),
+    TimeSformer's eager attention against SDPA at --check-batch clips (eager attention's memory grows with L^2)."""
+    torch.manual_seed(0)
+    models: dict[str, nn.Module] = {}
+    checks: dict[str, dict] = {}
+    if "released" in wanted and released is not None:
+        models["released"] = released.build_model(size_name, num_frames=frames, num_classes=400,
+                                                  img_size=size.img_size, drop_path_rate=0.0).to(device)
+    if "ours" in wanted:
+        models["ours"] = create_model(size.registry, num_frames=frames, num_classes=400, img_size=size.img_size,
+                                      scan_backend=args.backend).to(device)
+    if any(k.startswith("timesformer") for k in wanted):
+        width, depth, heads = size.timesformer
+        models["timesformer"] = TimeSformerJoint(frames, size.img_size, width, depth, heads).to(device)
+    for model in models.values():
+        model.train(train)
+    if "ours" in models and "released" in models:
+        ours, theirs = models["ours"], models["released"]
+        video, labels = _clips(batch, frames, size.img_size, device)
+
+        def against_released() -> dict[str, object]:
+            ours.load_state_dict(theirs.state_dict())
+            return compare(lambda: _outputs(ours, video, labels, train), lambda: _outputs(theirs, video, labels, train))
+
+        checks["ours"] = {"checked against": "released", **_checked(against_released, [ours, theirs], device)}
+    if "timesformer-sdpa" in wanted and "timesformer-eager" in wanted:
+        ts = models["timesformer"]
+        video, labels = _clips(min(batch, args.check_batch), frames, size.img_size, device)
+
+        def eager_against_sdpa() -> dict[str, object]:
+            return compare(lambda: _outputs(ts, video, labels, train, lambda: ts.set_attention("eager")),
+                           lambda: _outputs(ts, video, labels, train, lambda: ts.set_attention("sdpa")))
+
+        checks["timesformer-eager"] = {"checked against": "timesformer-sdpa",
+                                       **_checked(eager_against_sdpa, [ts], device)}
+    return models, checks
+
+
+def run_config(mode: str, frames: int, size_name: str, args: argparse.Namespace, released: ReleasedPath | None,
+               device: torch.device) -> list[dict]:
+    """Rows of one (mode, frames, size): every wanted model built, checked, warmed up and timed in rounds."""
+    train = mode == "train"
+    size = TINY if args.tiny else SIZES[size_name]
+    batch = max(1, (args.train_clip_frames if train else args.infer_clip_frames) // frames)
+    wanted = list(args.models)
+    models, checks = build_models(size_name, size, frames, train, batch, wanted, released, args, device)
+    runners: list[Runner] = []
+    rows: dict[str, dict] = {}
+    for key in wanted:
+        base = {"mode": MODES[mode], "frames": frames, "size": size_name, "model": key}
+        module = models.get("timesformer" if key.startswith("timesformer") else key)
+        if module is None:
+            rows[key] = {**base, "error": "not run: the released code path is unavailable (the JSON's meta says why)"}
+            continue
+        attention = key.removeprefix("timesformer-") if key.startswith("timesformer") else None
+        runners.append(Runner(key, module, train, frames, size.img_size, device, batch, attention))
+        rows[key] = {**base, "params M": sum(p.numel() for p in module.parameters()) / 1e6}
+    for runner in runners:
+        runner.warm_up()
+    live = [r for r in runners if r.error is None]
+    for i in range(args.rounds):
+        for runner in (live if i % 2 == 0 else live[::-1]):
+            if runner.error is None:
+                runner.time_round(args.round_s, args.max_calls)
+    for runner in runners:
+        rows[runner.key].update(_summary(runner, args.rounds))
+        rows[runner.key].update(checks.get(runner.key, {}))
+        runner.release()
+    _add_ratios(list(rows.values()))
+    del models, runners
+    _free(device)
+    return [rows[k] for k in wanted]
+
+
+def _summary(runner: Runner, rounds: int) -> dict[str, object]:
+    row: dict[str, object] = {"batch": runner.batch if runner.batch >= 1 else None}
+    if runner.did_not_fit:
+        row["did not fit (batch)"] = ", ".join(map(str, runner.did_not_fit))
+    if runner.error:
+        row["error"] = runner.error
+        return row
+    if rounds == 0:
+        return row
+    every = [t for rnd in runner.times_ms for t in rnd]
+    medians = [statistics.median(rnd) for rnd in runner.times_ms]
+    ms = statistics.median(every)
+    row.update({"ms": ms, "ms round min": min(medians), "ms round max": max(medians),
+                "spread %": (max(medians) - min(medians)) / ms * 100, "calls": len(every),
+                "clips/s": runner.batch / ms * 1e3, "GiB/clip": runner.gib_per_clip})
     return row
 
 
-def measure_halving(kind: str, frames: int, batch: int, train: bool, args: argparse.Namespace,
-                    device: torch.device) -> dict:
-    """measure() at `batch`, halving it on out-of-memory; any other error is kept in the row."""
-    while True:
-        try:
-            return measure(kind, frames, batch, train, args, device)
-        except torch.OutOfMemoryError:
-            if batch == 1:
-                return {**label(kind, frames, train), "error": "out of memory at batch 1"}
-            batch //= 2
-        except Exception as err:  # noqa: BLE001 - one failed row must not lose the others
-            return {**label(kind, frames, train), "batch": batch, "error": f"{type(err).__name__}: {str(err)[:300]}"}
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-
-def add_ratios(rows: list[dict]) -> None:
-    """VideoMamba rows get the TimeSformer / VideoMamba clips/s ratio of the same mode and frames."""
-    speed = {(r["model"], r["mode"], r["frames"]): r.get("clips/s") for r in rows}
+def _add_ratios(rows: list[dict]) -> None:
+    """Each row's clips/s over TimeSformer-SDPA's and over the released model's, same configuration."""
+    speed = {r["model"]: r.get("clips/s") for r in rows}
     for r in rows:
-        ts = speed.get(("TimeSformer-Ti (SDPA)", r["mode"], r["frames"]))
-        if r["model"].startswith("VideoMamba") and ts and r.get("clips/s"):
-            r["TimeSformer / VideoMamba"] = ts / r["clips/s"]
+        for other, column in (("timesformer-sdpa", "vs timesformer-sdpa"), ("released", "vs released")):
+            if r.get("clips/s") and speed.get(other) and r["model"] != other:
+                r[column] = r["clips/s"] / speed[other]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def plan(args: argparse.Namespace) -> list[tuple[str, int, str]]:
+    """(mode, frames, size) in the order they run: ORDER first, then anything else asked for."""
+    order = ORDER + [(m, f) for m in ("train", "infer") for f in sorted(args.frames) if (m, f) not in ORDER]
+    return [(mode, frames, size) for mode, frames in order if mode in args.modes and frames in args.frames
+            for size in SIZE_ORDER[mode] if size in args.sizes]
+
+
+COLUMNS = ["mode", "frames", "size", "model", "params M", "batch", "ms", "spread %", "clips/s", "GiB/clip",
+           "vs timesformer-sdpa", "vs released", "out rel diff", "grad rel diff", "did not fit (batch)", "error"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["Ti", "S", "M"], choices=list(SIZES))
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 16, 32, 64])
-    parser.add_argument("--batch", type=int, default=128, help="inference clips per call (halved on OOM)")
-    parser.add_argument("--train-batch", type=int, default=64, help="clips per training step (8 frames)")
-    parser.add_argument("--model", default="videomamba_tiny")
-    parser.add_argument("--backend", default="triton", help="VideoMamba scan_backend")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--ref-width", type=int, default=192, help="TimeSformer width")
-    parser.add_argument("--ref-depth", type=int, default=12, help="TimeSformer layers")
-    parser.add_argument("--ref-heads", type=int, default=3, help="TimeSformer heads")
-    parser.add_argument("--iters", type=int, default=10, help="timed calls per row (half above 16 frames)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="stop timing a row after this long")
-    parser.add_argument("--budget-s", type=float, default=300.0, help="skip the rows left after this long")
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=list(MODES))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--released-repo", type=Path, help="a checkout of github.com/OpenGVLab/VideoMamba")
+    parser.add_argument("--released-ext", type=Path,
+                        help="folder with selective_scan_cuda.so and causal_conv1d_cuda.so "
+                             "(scripts/build_released_kernels.py); default: installed modules")
+    parser.add_argument("--released-commit", help="the checkout's commit, recorded when it is not a git checkout")
+    parser.add_argument("--check-released", action="store_true", help="list what the released path lacks; exit")
+    parser.add_argument("--train-clip-frames", type=int, default=256, help="training batch = this / frames")
+    parser.add_argument("--infer-clip-frames", type=int, default=512, help="inference batch = this / frames")
+    parser.add_argument("--check-batch", type=int, default=2, help="clips of TimeSformer's eager vs SDPA check")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (0: warm-up calls only)")
+    parser.add_argument("--round-s", type=float, default=0.5, help="least seconds of a model's calls a round")
+    parser.add_argument("--max-calls", type=int, default=8, help="most calls of a model a round")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="skip the configurations left after this")
+    parser.add_argument("--backend", default="triton", help="our scan_backend")
+    parser.add_argument("--tiny", action="store_true", help="every size as a 2-layer width-32 model at 32 px")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--stem", default="model", help="result file name")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
-    # 8-frame inference and the training steps first: the rows that matter most survive a tight budget.
-    plan = [(k, f, args.batch, False) for f in args.frames[:1] for k in ("videomamba", "timesformer")]
-    train_frames = 8 if 8 in args.frames else args.frames[0]
-    plan += [(k, train_frames, args.train_batch, True) for k in ("videomamba", "timesformer")]
-    plan += [(k, f, args.batch, False) for f in args.frames[1:] for k in ("videomamba", "timesformer")]
-    setup = {"precision": "bf16 autocast, fp32 weights", "img_size": args.img_size, "videomamba": args.model,
-             "scan_backend": args.backend, "timesformer": f"joint attention, width {args.ref_width}, "
-             f"{args.ref_depth} layers, {args.ref_heads} heads, torch SDPA", "optimizer": "torch AdamW (fused)",
-             "timing": f"median of <= {args.iters} calls after 2 (CUDA events)"}
-    columns = ["model", "mode", "frames", "batch", "ms", "clips/s", "GiB/clip", "baseline clips/s (H100)",
-               "vs baseline", "TimeSformer / VideoMamba", "error"]
-    notes = ["GiB/clip: peak allocated memory during the timed calls above what weights, input and optimizer state "
-             "hold, per clip. Baseline: gpu-baseline.md, one H100 (VideoMamba-Ti on mamba-ssm's CUDA scan; "
-             "TimeSformer-Ti with SDPA). vs baseline = our clips/s / baseline clips/s."]
+    if args.check_released:
+        found = problems(args.released_repo, args.released_ext, need_cuda=True)
+        print("\n".join(f"- {p}" for p in found) or "the released code path can run here")
+        return 1 if found else 0
+    released, released_why = None, None
+    if "released" in args.models:
+        try:
+            released = load(args.released_repo, args.released_ext)
+            if args.released_commit:
+                released.provenance["checkout_commit"] = args.released_commit
+        except ReleasedPathError as err:
+            released_why = str(err).replace("\n  - ", " | ")
+            print(err, file=sys.stderr)
+    setup = {"released path": released.provenance if released else released_why,
+             "precision": "bf16 autocast, fp32 weights", "img_size": (TINY if args.tiny else SIZES["Ti"]).img_size,
+             "batch": f"training {args.train_clip_frames} / frames clips, inference {args.infer_clip_frames} / frames",
+             "timesformer": "joint attention, the VideoMamba size's width, half its depth, width / 64 heads",
+             "optimizer": "torch AdamW (fused on CUDA)", "timing": f"plain calls between CUDA events; {args.rounds} "
+             f"rounds in alternating order, each >= {args.round_s} s (<= {args.max_calls} calls) a model, after "
+             "2 warm-up calls", "scan_backend": args.backend}
+    notes = ["ms: median over every timed call; spread %: (largest - least round median) / ms. GiB/clip: peak "
+             "memory above what weights, inputs and optimizer state hold, per clip. vs X: clips/s over X's, same "
+             "configuration. out / grad rel diff: against the model named in the JSON's `checked against`, "
+             "same weights: ours against the released model at the row's batch, TimeSformer's eager attention "
+             f"against its SDPA at {args.check_batch} clips."]
     rows: list[dict] = []
     start = time.perf_counter()
-    for kind, frames, batch, train in plan:
+    for mode, frames, size in plan(args):
         if time.perf_counter() - start > args.budget_s:
-            rows.append({**label(kind, frames, train), "error": f"skipped: the {args.budget_s:g} s budget was spent"})
+            rows += [{"mode": MODES[mode], "frames": frames, "size": size, "model": key,
+                      "error": f"skipped: the {args.budget_s:g} s budget was spent"} for key in args.models]
         else:
-            rows.append(measure_halving(kind, frames, batch, train, args, device))
-        print(rows[-1], flush=True)
-        add_ratios(rows)
-        write_results("model", rows, columns, "Whole model: VideoMamba-Ti (Triton scan) vs TimeSformer-Ti (SDPA)",
+            rows += run_config(mode, frames, size, args, released, device)
+            for row in rows[-len(args.models):]:
+                print(row, flush=True)
+        write_results(args.stem, rows, COLUMNS, "Whole model: ours vs the released VideoMamba code and TimeSformer",
                       setup=setup, results_dir=args.results_dir, notes=notes)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

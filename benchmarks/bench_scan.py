@@ -3,8 +3,8 @@
 bf16 u/delta/B/C/z, fp32 A/D/delta_bias, d_state 16, delta_softplus, with z (as VideoMamba calls it).
 Reports fwd and fwd+bwd milliseconds (median device time, from CUDA-graph replay: `_common.gpu_ms`), effective
 GB/s over the minimum bytes, and the relative difference between the two kernels' outputs and input gradients.
-mamba-ssm is used when MAMBA_SRC names a source tree with its extension built in place (scripts/gpu_bench.sh);
-otherwise only ours is timed.
+mamba-ssm is used when MAMBA_SRC names its unpacked sdist, with the extension built in place or in the folder
+MAMBA_EXT names (scripts/build_released_kernels.py; scripts/gpu_bench.sh sets both); otherwise only ours is timed.
 
 --time-major hands our kernel u, delta, z, B and C stored time-major ((B, L, E) / (B, L, N) storage, the
 layout in_proj and x_proj produce and the mixer keeps) and writes scan_time_major.{json,md}; mamba-ssm
@@ -187,7 +187,7 @@ def bidirectional(mamba: Callable | None, x: dict[str, torch.Tensor], x_b: dict[
 def sweep_configs(rows: int, length: int, time_major: bool = False) -> list[ScanConfig]:
     """Launch shapes around default_config for `rows` (batch x channels) and the inputs' layout: the forward's
     channels a program and L segments; the backward's tile (16 channels x 4 steps with the dB/dC
-    reduce-scatter, or 8 x 8 with tl.sum) and L segments (sweep_round6.txt: the best tile depends on how many
+    reduce-scatter, or 8 x 8 with tl.sum) and L segments (H100, 2026-11-26: the best tile depends on how many
     programs fill the GPU's waves)."""
     from dataclasses import replace
 

@@ -2,7 +2,7 @@
 the instruction mix of each kernel's hottest loop.
 
 The scan kernels are bound by instruction issue, so their instruction count per tile is the number to watch
-(docs/performance.md, round 8). Triton compiles for an H100 target without one (GPUTarget("cuda", 90, 32)), and
+(docs/kernels.md). Triton compiles for an H100 target without one (GPUTarget("cuda", 90, 32)), and
 its wheel ships ptxas and cuobjdump. Integer arguments are compiled as the launches specialize them: the
 channel strides of time-major tensors equal 1, other strides and sizes divisible by 16.
 

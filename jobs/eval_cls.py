@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.cli import exit_status
 from pipeline.evaluation.cls_config import load_cls_eval_config
 from pipeline.evaluation.cls_run import describe_plan, evaluate_classification
 from pipeline.jobs_common import run_evaluation_job
 
 if __name__ == "__main__":
-    sys.exit(run_evaluation_job(__doc__, sys.argv[1:], load_cls_eval_config, describe_plan, evaluate_classification))
+    sys.exit(exit_status(lambda: run_evaluation_job(__doc__, sys.argv[1:], load_cls_eval_config, describe_plan,
+                                                    evaluate_classification)))

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.cli import exit_status
 from pipeline.evaluation.config import load_eval_config
 from pipeline.evaluation.run import describe_plan, evaluate_retrieval
 from pipeline.jobs_common import run_evaluation_job
 
 if __name__ == "__main__":
-    sys.exit(run_evaluation_job(__doc__, sys.argv[1:], load_eval_config, describe_plan, evaluate_retrieval))
+    sys.exit(exit_status(lambda: run_evaluation_job(__doc__, sys.argv[1:], load_eval_config, describe_plan,
+                                                    evaluate_retrieval)))

@@ -2,7 +2,9 @@
 
     python jobs/inspect_shards.py s3://bucket/webvid/train --decode --max-bad-fraction 0.01
 
-Exits 1 when the fraction of bad samples is above --max-bad-fraction (default 0: any bad sample).
+Exits 1 when the fraction of bad samples is above --max-bad-fraction (default 0: any bad sample), when a shard
+holds no sample, or when the manifest beside the shards gives another sample count than the shard has; shards the
+manifest does not list are named.
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bad samples: {report['num_bad']} ({report['bad_fraction']:.2%})")
         for item in report["bad"][:20]:
             print(f"  {item['shard']} {item['key']}: {item['reason']}")
-    return 1 if report["bad_fraction"] > args.max_bad_fraction else 0
+        for url in report["empty_shards"]:
+            print(f"empty shard (no samples): {url}")
+        for item in report["manifest_mismatch"]:
+            print(f"manifest lists {item['manifest']} samples, the shard has {item['read']}: {item['url']}")
+        if report["manifest_error"]:
+            print(f"manifest unreadable: {report['manifest_error']}")
+        for url in report["not_in_manifest"]:
+            print(f"not listed in its manifest.json: {url}")
+    broken = report["empty_shards"] or report["manifest_mismatch"] or report["manifest_error"]
+    return 1 if report["bad_fraction"] > args.max_bad_fraction or broken else 0
 
 
 if __name__ == "__main__":

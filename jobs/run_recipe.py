@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.cli import exit_status
 from pipeline.compare import format_table
-from pipeline.config import ConfigError
 from pipeline.recipe import RecipeResult, load_recipe, recorded_result, run_recipe, summary_tables
 
 
@@ -26,19 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate every step's config, print the plan, stop")
     parser.add_argument("--summary", action="store_true", help="print what an earlier run of this out_dir recorded")
     args = parser.parse_args(argv)
+    return exit_status(lambda: run(args))
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.summary:
-            print_summary(recorded_result(recipe))
-            return 0
-        result = run_recipe(recipe, dry_run=args.dry_run)
-    except ConfigError as err:  # a wrong recipe, override or step config: the message says what to fix
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def run(args: argparse.Namespace) -> None:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.summary:
+        print_summary(recorded_result(recipe))
+        return
+    result = run_recipe(recipe, dry_run=args.dry_run)
     if not args.dry_run:
         print_summary(result)
-    return 0
 
 
 def print_summary(result: RecipeResult) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.cli import exit_status
 from pipeline.jobs_common import run_training_job
 
 if __name__ == "__main__":
-    run_training_job(__doc__, sys.argv[1:])
-    sys.exit(0)
+    sys.exit(exit_status(lambda: run_training_job(__doc__, sys.argv[1:])))

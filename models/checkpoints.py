@@ -68,13 +68,15 @@ def inflate_patch_kernel(weight_DC_hw: Tensor, tubelet_size: int) -> Tensor:
     return weight_DCkpq
 
 
-def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> tuple[dict[str, Tensor], LoadReport]:
-    """Load a file (weights_only) or take a mapping; unwrap {"model"/"module"/"state_dict": ...} and prefixes."""
+def unwrap_state_dict(path_or_state_dict: str | os.PathLike | Mapping, mmap: bool = False
+                      ) -> tuple[dict[str, Tensor], LoadReport]:
+    """Load a file (weights_only; memory-mapped with `mmap`) or take a mapping; unwrap
+    {"model"/"module"/"state_dict": ...} and a DDP `module.` prefix. Non-tensor entries are reported as dropped."""
     report = LoadReport()
     if isinstance(path_or_state_dict, Mapping):
         obj = path_or_state_dict
     else:
-        obj = torch.load(path_or_state_dict, map_location="cpu", weights_only=True)
+        obj = torch.load(path_or_state_dict, map_location="cpu", weights_only=True, mmap=mmap)
         if not isinstance(obj, Mapping):
             raise ValueError(f"{path_or_state_dict}: expected a state dict, got {type(obj).__name__}")
     while (wrapper := next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)) is not None:
@@ -87,6 +89,12 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> tuple[di
             report.dropped[key] = f"not a tensor ({type(value).__name__})"
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
         state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state, report
+
+
+def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> tuple[dict[str, Tensor], LoadReport]:
+    """`unwrap_state_dict`, then keep only the video backbone of a multimodal file (`vision_encoder.*`)."""
+    state, report = unwrap_state_dict(path_or_state_dict)
     if any(k.startswith(_BACKBONE_PREFIX) for k in state):  # multimodal file: keep the video backbone only
         others: dict[str, int] = {}
         for k in state:

@@ -44,11 +44,15 @@ class TextEncoder(nn.Module):
     def context_length(self) -> int:
         return self.tower.context_length
 
-    def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> Tensor:
-        """(B, L) token ids, zero-padded and truncated to the context length (EOT kept last)."""
+    def tokenize(self, texts: list[str], device: torch.device | str = "cpu", max_tokens: int | None = None) -> Tensor:
+        """(B, L) token ids, zero-padded and truncated to the context length (EOT kept last); `max_tokens` truncates
+        each text to fewer tokens (EOT kept last), still padded to the context length. With the causal mask and
+        EOT pooling the padding changes nothing."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"tokenize expects a list of strings, got {type(texts).__name__}")
-        return self.tokenizer(list(texts), context_length=self.context_length).to(device)
+        length = self.context_length if max_tokens is None else min(max_tokens, self.context_length)
+        tokens_BL = self.tokenizer(list(texts), context_length=length)
+        return torch.nn.functional.pad(tokens_BL, (0, self.context_length - length)).to(device)
 
     def forward(self, tokens_BL: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Pooled text feature (the EOT token after ln_final), all token features, and the non-pad mask."""

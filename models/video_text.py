@@ -100,17 +100,17 @@ class VideoTextModel(nn.Module):
 
     # ------------------------------------------------------------------ text side
 
-    def tokenize(self, texts: list[str]) -> Tensor:
-        return self.text_encoder.tokenize(texts, device=self.temp.device)
+    def tokenize(self, texts: list[str], max_tokens: int | None = None) -> Tensor:
+        return self.text_encoder.tokenize(texts, device=self.temp.device, max_tokens=max_tokens)
 
     def text_tokens(self, tokens_BL: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(projected unnormalised (B, E), token features (B, L, W), non-pad mask (B, L))."""
         pooled_BW, tokens_BLW, valid_BL = self.text_encoder(tokens_BL)
         return self.text_proj(pooled_BW), tokens_BLW, valid_BL
 
-    def encode_text(self, texts: list[str]) -> Tensor:
-        """L2-normalised text embeddings (B, E)."""
-        text_BE, _, _ = self.text_tokens(self.tokenize(texts))
+    def encode_text(self, texts: list[str], max_tokens: int | None = None) -> Tensor:
+        """L2-normalised text embeddings (B, E); each text truncated to `max_tokens` tokens when given."""
+        text_BE, _, _ = self.text_tokens(self.tokenize(texts, max_tokens))
         return F.normalize(text_BE.float(), dim=-1)
 
     # ------------------------------------------------------------------ temperature and matching
@@ -133,19 +133,20 @@ class VideoTextModel(nn.Module):
         return self._positive_logits(video_BVD, texts)
 
     @torch.no_grad()
-    def vtm_scores_for_clip(self, video_1CTHW: Tensor, texts: list[str], batch_size: int = 32) -> Tensor:
+    def vtm_scores_for_clip(self, video_1CTHW: Tensor, texts: list[str], batch_size: int = 32,
+                            max_tokens: int | None = None) -> Tensor:
         """Matching logit of one clip with each of `texts`, (len(texts),): for re-ranking a clip's top-k
         candidates. The backbone runs once; its tokens are shared (expanded, not copied) by every batch of
         `batch_size` texts, instead of re-encoding the clip once per pair."""
         if video_1CTHW.shape[0] != 1:
             raise ValueError(f"vtm_scores_for_clip takes one clip (1, C, T, H, W); got {tuple(video_1CTHW.shape)}")
         video_1VD, _ = self.video_tokens(video_1CTHW)
-        scores = [self._positive_logits(video_1VD.expand(len(chunk), -1, -1), chunk)
+        scores = [self._positive_logits(video_1VD.expand(len(chunk), -1, -1), chunk, max_tokens)
                   for chunk in (texts[i:i + batch_size] for i in range(0, len(texts), batch_size))]
         return torch.cat(scores) if scores else video_1VD.new_zeros(0, dtype=torch.float32)
 
-    def _positive_logits(self, video_BVD: Tensor, texts: list[str]) -> Tensor:
-        tokens_BL = self.tokenize(texts)
+    def _positive_logits(self, video_BVD: Tensor, texts: list[str], max_tokens: int | None = None) -> Tensor:
+        tokens_BL = self.tokenize(texts, max_tokens)
         _, text_BLW, valid_BL = self.text_tokens(tokens_BL)
         return self.vtm_logits(video_BVD, text_BLW, valid_BL, tokens_BL)[:, 1].float()
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from pipeline.distributed import barrier, is_main_process
 from pipeline.redaction import redact_text
+from pipeline.writes import disk_full_named
 
 WriteFn = Callable[[Path], None]
 
@@ -103,7 +104,8 @@ class RayCheckpointStore:
         import ray.train
 
         with tempfile.TemporaryDirectory(prefix="ckpt_") as tmp:
-            write(Path(tmp))
+            with disk_full_named(tmp, "checkpoint staging folder", "TMPDIR (Ray stages checkpoints there)"):
+                write(Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step))
         # Block until the controller has registered it: otherwise a worker lost soon after this point can make
@@ -156,7 +158,8 @@ class LocalCheckpointStore:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         barrier()
-        write(staging)
+        with disk_full_named(staging, "checkpoint", "checkpoint.path"):
+            write(staging)
         barrier()  # every rank's shard is on disk before the checkpoint becomes visible
         if is_main_process():
             # metrics.json is written last: its presence marks a complete checkpoint.

@@ -8,6 +8,7 @@ A run is described by one `Config`. YAML files are data for it:
 
 and the command line adds `key.sub=value` overrides (values parsed as YAML). `${VAR}` and
 `${VAR:-default}` in string values are read from the environment (for secrets and endpoints).
+A `str` field takes a plain number as it was written (`run_name=20241201`, `tag: 1.50`; `pipeline.config_yaml`).
 Every unknown key or ill-typed value raises `ConfigError` naming the key, the value and what is
 allowed, before any worker starts.
 
@@ -25,13 +26,30 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
+
+from pipeline.config_yaml import SourcedFloat, SourcedInt, YamlSyntaxError, load_yaml_file, parse_value, plain
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message says which and what is allowed."""
+
+
+def require(key: str, value: Any, ok: bool, allowed: str) -> None:
+    """Raise `ConfigError("<key>: must be <allowed>, got <value>")` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
+
+
+def _at_least(key: str, value: float | None, low: float, optional: bool = False) -> None:
+    """`value >= low` (or None when `optional`), named by `key` otherwise."""
+    if value is None and optional:
+        return
+    require(key, value, value is not None and value >= low, f">= {low}" + (" or null" if optional else ""))
 
 
 # ----------------------------------------------------------------------------- sections
@@ -67,6 +85,13 @@ class ModelConfig:
     batch shape (pipeline/cuda_graph.py): a masked student is bound by the host without them. auto = wherever
     they work: the masked_alignment and video_text tasks training on a GPU, below ZeRO-3; true = demand them (an
     error where they cannot work); false = eager."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_frames", "img_size", "tubelet_size"):
+            _at_least(f"model.{key}", getattr(self, key), 1, optional=True)
+        if self.drop_path_rate is not None:
+            require("model.drop_path_rate", self.drop_path_rate, 0.0 <= self.drop_path_rate < 1.0, "in [0, 1) or null")
+        _at_least("model.checkpoint_num", self.checkpoint_num, 0)
 
     def build_kwargs(self) -> dict[str, Any]:
         """The keyword overrides for `models.create_model`, leaving registry defaults where unset."""
@@ -108,14 +133,13 @@ class AugmentConfig:
     `data.batch_size` counts the copies, so it must be a multiple of this."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.random_erasing <= 1.0:
-            raise ConfigError(f"data.augment.random_erasing: must be a probability in [0, 1], got "
-                              f"{self.random_erasing}")
-        if self.repeats < 1:
-            raise ConfigError(f"data.augment.repeats: must be >= 1, got {self.repeats}")
-        if self.rand_augment is not None and not _RAND_AUGMENT.fullmatch(self.rand_augment):
-            raise ConfigError(f"data.augment.rand_augment: {self.rand_augment!r} is not a RandAugment policy; write "
-                              "rand-m<magnitude>-n<ops>[-mstd<std>][-inc<0|1>], e.g. rand-m7-n4-mstd0.5-inc1")
+        require("data.augment.random_erasing", self.random_erasing, 0.0 <= self.random_erasing <= 1.0,
+                "a probability in [0, 1]")
+        _at_least("data.augment.repeats", self.repeats, 1)
+        if self.rand_augment is not None:
+            require("data.augment.rand_augment", self.rand_augment, bool(_RAND_AUGMENT.fullmatch(self.rand_augment)),
+                    "a RandAugment policy rand-m<magnitude>-n<ops>[-mstd<std>][-inc<0|1>] "
+                    "(e.g. rand-m7-n4-mstd0.5-inc1) or null")
 
 
 @dataclass
@@ -128,8 +152,9 @@ class DataConfig:
     """Frames sampled per clip."""
     img_size: int = 224
     """Output resolution (square)."""
-    sampling: Literal["rand", "middle", "stride"] = "rand"
-    """Frame sampling: random offset per segment (train), segment middles (eval), or a dense stride."""
+    sampling: Literal["rand", "middle", "stride", "sparse_middle"] = "rand"
+    """Frame sampling: random offset per segment (train), segment middles (eval: the released zero-shot rule),
+    a dense stride, or `sparse_middle`, the released classification validation view (docs/finetune.md)."""
     frame_stride: int = 4
     """Frame step of the `stride` sampling mode."""
     batch_size: int = 8
@@ -160,8 +185,9 @@ class DataConfig:
     """Samples read before `max_bad_fraction` is enforced (a few early failures should not stop a run)."""
     patch_size: int = 16
     """Model patch size in pixels; data-side masks cover (img_size / patch_size)^2 patches per frame."""
-    eval_sampling: Literal["rand", "middle", "stride"] = "middle"
-    """Frame sampling for the eval split (the retrieval protocol uses segment middles)."""
+    eval_sampling: Literal["rand", "middle", "stride", "sparse_middle"] = "middle"
+    """Frame sampling for the eval split: `middle` for the retrieval protocol, `sparse_middle` for classification
+    validation (each is the released rule of its task; they can pick frames one apart)."""
     eval_crop: Literal["none", "center"] = "none"
     """Eval frames: `none` resizes the whole frame to img_size x img_size (bicubic; the retrieval protocol),
     `center` resizes the short side to img_size and takes the central square (bilinear; classification
@@ -172,8 +198,38 @@ class DataConfig:
     """Which caption of a multi-caption sample: auto = random for train, first for eval; join = paragraph."""
     eval_remainder: Literal["pad", "drop"] = "pad"
     """Eval batches are equal in size and count on every rank: pad (repeat samples, `valid`=False) or drop."""
+    decoder: Literal["pyav", "torchcodec"] = "pyav"
+    """Video decoder: pyav, or torchcodec (optional package; needs FFmpeg 4-9 libraries, docs/data.md)."""
+    decode_device: Literal["cpu", "cuda"] = "cpu"
+    """Where torchcodec decodes: cpu, or cuda (NVDEC, in the training process: needs data.num_workers=0)."""
+    decode_threads: int = 1
+    """FFmpeg decoder threads per loader worker (1 = one core each; 0 = FFmpeg's choice)."""
+    decode_skip_nonref: bool = True
+    """PyAV: do not reconstruct non-reference frames that are not sampled (single-threaded decoding)."""
+    decode_short_side: int | None = None
+    """PyAV: scale decoded frames to this short side while converting to RGB (cheaper crops of large raw
+    footage); None = decoded size. Preprocessed shards (jobs/make_shards.py --short-side) need none."""
 
     def __post_init__(self) -> None:
+        if self.decode_device == "cuda" and (self.decoder != "torchcodec" or self.num_workers):
+            raise ConfigError(f"data.decode_device: 'cuda' needs data.decoder=torchcodec and data.num_workers=0 "
+                              f"(got decoder={self.decoder!r}, num_workers={self.num_workers})")
+        if self.decode_threads < 0:
+            raise ConfigError(f"data.decode_threads: must be >= 0, got {self.decode_threads}")
+        if self.decode_short_side is not None and self.decode_short_side < 2:
+            raise ConfigError(f"data.decode_short_side: must be >= 2 (or null), got {self.decode_short_side}")
+        for key in ("num_frames", "img_size", "patch_size", "frame_stride", "batch_size"):
+            _at_least(f"data.{key}", getattr(self, key), 1)
+        for key in ("num_workers", "shuffle_buffer", "bad_check_min_samples"):
+            _at_least(f"data.{key}", getattr(self, key), 0)
+        for key in ("mean", "std"):
+            require(f"data.{key}", getattr(self, key), len(getattr(self, key)) == 3, "3 per-channel values (RGB)")
+        require("data.std", self.std, min(self.std) > 0, "> 0 in every channel")
+        low, high = (self.scale + [0.0, 0.0])[:2]
+        require("data.scale", self.scale, len(self.scale) == 2 and 0 < low <= high <= 1,
+                "[min, max] crop-area fractions with 0 < min <= max <= 1")
+        if self.trim_seconds is not None:
+            require("data.trim_seconds", self.trim_seconds, self.trim_seconds > 0, "> 0 seconds or null")
         if self.img_size % self.patch_size:
             raise ConfigError(
                 f"data.img_size: {self.img_size} is not a multiple of data.patch_size={self.patch_size}"
@@ -183,9 +239,8 @@ class DataConfig:
                               f"got {self.samples_per_epoch}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
-        if self.batch_size % self.augment.repeats:
-            raise ConfigError(f"data.batch_size: {self.batch_size} clips is not a multiple of "
-                              f"data.augment.repeats={self.augment.repeats} (each video brings that many copies)")
+        require("data.batch_size", self.batch_size, self.batch_size % self.augment.repeats == 0,
+                f"a multiple of data.augment.repeats={self.augment.repeats} (each video brings that many copies)")
 
 
 @dataclass
@@ -210,6 +265,8 @@ class OptimConfig:
     """Total optimizer steps of the stage."""
     weight_decay: float = 0.05
     """AdamW decoupled weight decay (not applied to biases, norms, embeddings, A_log and D)."""
+    decay_ssm_a: bool = False
+    """Also decay the 2-D SSM `A_log` / `A_b_log`, as the released optimizers do (the paper-scale configs set it)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
     eps: float = 1e-8
@@ -222,6 +279,15 @@ class OptimConfig:
     the rest at full LR; `all_layers` = BEiT-style, the embeddings at layer 0 and block i at layer i + 1."""
 
     def __post_init__(self) -> None:
+        require("optim.lr", self.lr, self.lr > 0, "> 0")
+        _at_least("optim.min_lr", self.min_lr, 0)
+        if self.base_batch_size is None:  # scaled, the peak depends on the world size: Config checks it
+            require("optim.min_lr", self.min_lr, self.min_lr <= self.lr, f"<= optim.lr={self.lr}")
+        _at_least("optim.base_batch_size", self.base_batch_size, 1, optional=True)
+        _at_least("optim.weight_decay", self.weight_decay, 0)
+        require("optim.betas", self.betas, len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                "two values [beta1, beta2], each in [0, 1)")
+        require("optim.eps", self.eps, self.eps > 0, "> 0")
         if self.max_steps < 1:
             raise ConfigError(f"optim.max_steps: must be >= 1, got {self.max_steps}")
         if not 0 <= self.warmup_steps <= self.max_steps:
@@ -250,6 +316,7 @@ class DeepSpeedConfig:
             raise ConfigError(f"deepspeed.zero_stage: {self.zero_stage!r} is not allowed; choose 0, 1, 2 or 3")
         if self.grad_accum_steps < 1:
             raise ConfigError(f"deepspeed.grad_accum_steps: must be >= 1, got {self.grad_accum_steps}")
+        require("deepspeed.grad_clip", self.grad_clip, self.grad_clip >= 0, ">= 0 (0 = off)")
 
 
 @dataclass
@@ -275,6 +342,10 @@ class ScalingConfig:
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError(f"scaling.num_workers: must be >= 1, got {self.num_workers}")
+        _at_least("scaling.cpus_per_worker", self.cpus_per_worker, 0)
+        require("scaling.max_failures", self.max_failures, self.max_failures >= -1, ">= 0 restarts, or -1 (no limit)")
+        if self.peak_tflops is not None:
+            require("scaling.peak_tflops", self.peak_tflops, self.peak_tflops > 0, "> 0 or null")
         if self.collective_timeout_s is not None and self.collective_timeout_s <= 0:
             raise ConfigError(f"scaling.collective_timeout_s: must be > 0 seconds or null (the launcher's timeout), "
                               f"got {self.collective_timeout_s}")
@@ -344,6 +415,10 @@ class EvalConfig:
     max_batches: int | None = None
     """Cap on evaluation batches per evaluation (None = the whole eval set)."""
 
+    def __post_init__(self) -> None:
+        _at_least("eval.interval_steps", self.interval_steps, 0)
+        _at_least("eval.max_batches", self.max_batches, 1, optional=True)
+
 
 @dataclass
 class Config:
@@ -368,6 +443,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        _at_least("max_skipped_steps", self.max_skipped_steps, 0)
+        self._check_scaled_min_lr()
         self._check_cuda_graph()
         last_profiled = self.tracking.profile_start + self.tracking.profile_steps - 1
         if self.tracking.profile_start and last_profiled > self.optim.max_steps:
@@ -376,6 +453,17 @@ class Config:
                 f"{self.tracking.profile_steps} profiles up to step {last_profiled}, past optim.max_steps="
                 f"{self.optim.max_steps}; start the window earlier"
             )
+
+    def _check_scaled_min_lr(self) -> None:
+        """min_lr above the peak LR would make the cosine schedule flat (optim clamps the ratio at 1). With Ray the
+        world size is known here; under torchrun it is not, and only the unscaled check of OptimConfig applies."""
+        o = self.optim
+        if o.base_batch_size is None or not self.scaling.use_ray:
+            return
+        global_batch = self.data.batch_size * self.deepspeed.grad_accum_steps * self.scaling.num_workers
+        peak = o.lr * global_batch / o.base_batch_size
+        require("optim.min_lr", o.min_lr, o.min_lr <= peak,
+                f"<= the peak LR {peak:.3g} (optim.lr x global batch {global_batch} / optim.base_batch_size)")
 
     def _check_cuda_graph(self) -> None:
         if self.model.cuda_graph is not True:  # auto falls back to eager steps where graphs cannot work
@@ -431,9 +519,15 @@ def _task_config_class(name: str, key: str) -> type[TaskConfig]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML file (with its `defaults`), apply `key.sub=value` overrides, validate."""
+    return load_typed_config(Config, path, overrides)
+
+
+def load_typed_config(schema: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """A YAML file (with its `defaults`) plus `key.sub=value` overrides and `${VAR:-default}`, as the dataclass
+    `schema` (a training Config, or an evaluation job's config), validated."""
     raw = load_yaml_tree(path) if path is not None else {}
     apply_overrides(raw, overrides)
-    return from_dict(Config, _interpolate_env(raw), "")
+    return from_dict(schema, _interpolate_env(raw), "")
 
 
 def load_yaml_tree(path: str | Path) -> dict[str, Any]:
@@ -441,7 +535,10 @@ def load_yaml_tree(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = load_yaml_file(path) or {}
+    except YamlSyntaxError as err:
+        raise ConfigError(str(err)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     merged: dict[str, Any] = {}
@@ -465,7 +562,7 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
-    """Apply `a.b.c=value` strings in place; values are parsed as YAML (`lr=1e-3`, `x=[1,2]`)."""
+    """Apply `a.b.c=value` strings in place; values are parsed as YAML (`lr=1e-3`, `x=[1,2]`, `parse_value`)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -477,7 +574,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {key!r} is a value, not a section")
             node = child
-        node[keys[-1]] = yaml.safe_load(text) if text.strip() else None
+        try:
+            node[keys[-1]] = parse_value(text) if text.strip() else None
+        except YamlSyntaxError as err:
+            raise ConfigError(f"override {item!r}: {err}") from None
 
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -535,11 +635,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value if value is not None else {}, key)
     if hint is Any:
-        return value
+        return plain(value)
     if origin is Literal:
-        if value not in args:
+        # bool is an int: `1` must not pass for True, nor `true` for a 1.
+        allowed = [a for a in args if a == value and isinstance(a, bool) == isinstance(value, bool)]
+        if not allowed:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(args)}")
-        return value
+        return allowed[0]
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -557,7 +659,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        return plain(dict(value))
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -565,7 +667,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
+        return int(value)
     if hint is float:
         if isinstance(value, str):
             # YAML 1.1 reads `1e-3` (no dot) as a string; accept it where a number is expected.
@@ -577,6 +679,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, SourcedInt | SourcedFloat):  # a plain number where text is expected: take it as written
+            return value.source
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r} (YAML reads unquoted yes/no/on/off/true/false "
+                              f"as booleans: quote the value, e.g. \"{key}='on'\" on a shell command line)")
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value

@@ -44,6 +44,7 @@ from pipeline.distributed import (
 from pipeline.optim import build_optimizer, peak_lr
 from pipeline.profiling import StepProfiler
 from pipeline.tasks import build_task
+from pipeline.writes import torch_save_file
 
 # Dense bf16 peak TFLOP/s per GPU for MFU (NVIDIA datasheets, SXM parts, without sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -473,10 +474,9 @@ class Trainer:
             "train/skipped_batches": float(self.skipped_batches),
             "train/memory_gib": memory_gib(self.device),
         })  # fmt: skip
-        stats = getattr(self.train_loader, "stats", None)  # pipeline.data's decode counters (this rank)
+        stats = getattr(self.train_loader, "stats", None)  # pipeline.data's decode and shard counters (this rank)
         if stats is not None:
-            metrics["data/bad_fraction"] = stats.bad_fraction
-            metrics["data/samples_bad"] = float(stats.samples_bad)
+            metrics.update(stats.as_metrics())
         epoch = getattr(self.train_loader, "epoch", None)  # pipeline.data's nominal epoch (with its fraction)
         if epoch is not None:
             metrics["data/epoch"] = float(epoch)
@@ -560,7 +560,8 @@ class Trainer:
         path = Path(self.cfg.output_dir) / "export" / "model.pt"
         if self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(stage_export(self.cfg, self.engine.module, state, self.step), path)
+            torch_save_file(stage_export(self.cfg, self.engine.module, state, self.step), path, "stage export",
+                            "output_dir")
             if self.tracker:
                 self.tracker.set_tag("export_path", str(path.resolve()))
         return str(path.resolve())

@@ -1,9 +1,12 @@
-"""The shared command line of training jobs: `--config FILE [key=value ...] [--dry-run]`.
+"""The shared command line of the jobs: `--config FILE [key=value ...] [--dry-run]`.
 
 Every stage entry point calls `run_training_job`: it loads and validates the config (errors name the bad key
-before any worker starts), prints the resolved config and saves it to `<output_dir>/config.yaml`, prints the
-plan (model and parameter count, data, workers, storage, tracking) and, unless `--dry-run`, launches training.
+before any worker starts), checks that the weight files and shards it names exist (`pipeline.preflight`), prints
+the resolved config and saves it to `<output_dir>/config.yaml`, prints the plan (model and parameter count, data,
+workers, storage, tracking, what the checks found) and, unless `--dry-run`, launches training.
 Printed and saved configs have their credentials masked (`pipeline.redaction`).
+The evaluation jobs call `run_evaluation_job` (their config loader, plan and evaluation passed in). Every job
+runs them through `pipeline.cli.exit_status`, which ends a ConfigError with one line.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import torch
 
 from pipeline.config import Config, load_config, to_yaml
 from pipeline.engine import TrainResult
+from pipeline.preflight import preflight
 from pipeline.redaction import redact_text
+from pipeline.writes import disk_full_named
 
 
 def parse_job_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,7 +84,8 @@ def resume_line(cfg: Config) -> str:
 def save_resolved_config(cfg: Config) -> Path:
     path = Path(cfg.output_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(cfg))
+    with disk_full_named(path, "resolved config", "output_dir"):
+        path.write_text(to_yaml(cfg))
     return path
 
 
@@ -87,8 +93,9 @@ def run_training_job(description: str, argv: list[str] | None = None) -> TrainRe
     """Parse, validate, print and save the config, print the plan; then launch unless --dry-run."""
     args = parse_job_args(description, argv)
     cfg = load_config(args.config, args.overrides)
+    checks = "\n".join(f"checks    {note}" for note in preflight(cfg))
     print("# resolved config\n" + to_yaml(cfg), flush=True)
-    print(f"# saved to {save_resolved_config(cfg)}\n# plan\n{redact_text(describe_plan(cfg))}", flush=True)
+    print(f"# saved to {save_resolved_config(cfg)}\n# plan\n{redact_text(describe_plan(cfg))}\n{checks}", flush=True)
     if args.dry_run:
         return None
     from pipeline.launch import launch
@@ -103,10 +110,13 @@ def run_training_job(description: str, argv: list[str] | None = None) -> TrainRe
 
 
 def run_evaluation_job(description: str, argv: list[str] | None, load: Callable[..., Any],
-                       plan: Callable[[Any], list[str]], evaluate: Callable[[Any], dict[str, Any]]) -> int:
+                       plan: Callable[[Any], list[str]],
+                       evaluate: Callable[[Any], dict[str, Any] | None]) -> dict[str, Any] | None:
     """`--config FILE key=value ... [--dry-run]` of an evaluation: `load(path, overrides)` the config; with
     --dry-run print `plan(cfg)` (which checks checkpoint and data), else `evaluate(cfg)` and print its result and
-    markdown report (rank 0 of a torchrun group; the other ranks print nothing)."""
+    markdown report (rank 0 of a torchrun group; the other ranks print nothing). Returns the result (None for a
+    dry run and on the other ranks). Jobs call it through `pipeline.cli.exit_status`, as the training jobs call
+    `run_training_job`, so a ConfigError ends them with one line."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="evaluation YAML (configs/eval/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
@@ -116,9 +126,9 @@ def run_evaluation_job(description: str, argv: list[str] | None, load: Callable[
     cfg = load(args.config, args.overrides)
     if args.dry_run:
         print("\n".join(plan(cfg)))
-        return 0
+        return None
     result = evaluate(cfg)
     if result:
         print(json.dumps(result, indent=2))
         print(Path(result["report"]).with_suffix(".md").read_text())
-    return 0
+    return result

@@ -2,7 +2,9 @@
 
 Weight decay is not applied to 1-D parameters (norm weights, biases, `D`), to positional / class / temporal
 embeddings, to the SSM's `A_log` (and the backward branch's `A_b_log`, `D_b`), to parameters that carry
-mamba-ssm's `_no_weight_decay` attribute, or to names a module lists in its `no_weight_decay()`.
+mamba-ssm's `_no_weight_decay` attribute, or to names a module lists in its `no_weight_decay()`. With
+`decay_ssm_a` the 2-D `A_log` / `A_b_log` are decayed like any other matrix, as the released optimizers do
+(they exempt only 1-D parameters, biases and the model's `no_weight_decay()` names).
 
 Layer-wise LR decay scales each group's LR by `layer_decay ** (num_layers + 1 - layer_id)`. Which parameters get
 which layer depends on `optim.layer_decay_scope`:
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 _NO_DECAY_NAME = re.compile(r"(^|\.)(pos_embed|cls_token|temporal_pos_embedding|A_log|A_b_log|D|D_b)$")
+_SSM_A_NAME = re.compile(r"(^|\.)(A_log|A_b_log)$")
 _EMBEDDING_NAME = re.compile(r"(^|\.)(patch_embed|pos_embed|cls_token|temporal_pos_embedding)(\.|$)")
 _RELEASED_LAYER0_NAME = re.compile(r"(^|\.)(patch_embed|pos_embed|cls_token)(\.|$)")
 LAYER_DECAY_SCOPES = ("released", "all_layers")
@@ -39,10 +42,12 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def wants_weight_decay(name: str, param: nn.Parameter, exempt: set[str]) -> bool:
+def wants_weight_decay(name: str, param: nn.Parameter, exempt: set[str], decay_ssm_a: bool = False) -> bool:
     """Whether AdamW's decoupled weight decay applies to this parameter."""
     if param.ndim <= 1 or name.endswith(".bias") or name in exempt:
         return False
+    if decay_ssm_a and _SSM_A_NAME.search(name):
+        return True
     if getattr(param, "_no_weight_decay", False):  # mamba-ssm marks A_log / D this way
         return False
     return not _NO_DECAY_NAME.search(name)
@@ -62,7 +67,7 @@ def layer_id(name: str, num_layers: int, scope: str = "all_layers") -> int:
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
-                 layer_decay_scope: str = "all_layers") -> list[dict[str, Any]]:
+                 layer_decay_scope: str = "all_layers", decay_ssm_a: bool = False) -> list[dict[str, Any]]:
     """AdamW groups of the trainable parameters; each group carries `lr_scale` (1.0 without layer decay)."""
     exempt = no_weight_decay_names(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -72,7 +77,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     num_layers = max(blocks) + 1 if blocks else 0
     groups: dict[tuple[bool, int], dict[str, Any]] = {}
     for name, param in named:
-        decay = wants_weight_decay(name, param, exempt)
+        decay = wants_weight_decay(name, param, exempt, decay_ssm_a)
         layer = layer_id(name, num_layers, layer_decay_scope) if layer_decay is not None else num_layers + 1
         scale = layer_decay ** (num_layers + 1 - layer) if layer_decay is not None else 1.0
         group = groups.setdefault(
@@ -100,7 +105,8 @@ def build_optimizer(
     A torch optimizer (not DeepSpeed's fused/CPU Adam) avoids a JIT compile on CPU; DeepSpeed needs
     `zero_allow_untested_optimizer` for it.
     """
-    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay, optim_cfg.layer_decay_scope)
+    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay, optim_cfg.layer_decay_scope,
+                          optim_cfg.decay_ssm_a)
     for group in groups:
         group["lr"] = peak_lr * group["lr_scale"]
         del group["names"]  # torch keeps unknown keys, but names are only for inspection

@@ -19,22 +19,7 @@ trap 'rm -rf "$WORK"' EXIT
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64)
 
-python3 - "$REPO" > "$WORK/pins.txt" <<'PYEOF'
-import re, sys
-repo = sys.argv[1]
-norm = lambda s: re.sub(r"[-_.]+", "-", s.lower())
-lock = {}
-for line in open(f"{repo}/requirements/lock.txt"):
-    line = line.split("#")[0].strip()
-    if "==" in line:
-        name, version = line.split("==", 1)
-        lock[norm(name)] = f"{name}=={version.split(';')[0].strip()}"
-names = [w for line in open(f"{repo}/requirements/offline_bundle.txt") for w in line.split("#")[0].split()]
-missing = [n for n in names if norm(n) not in lock]
-if missing:
-    sys.exit(f"not pinned in requirements/lock.txt: {missing}")
-print("\n".join(lock[norm(n)] for n in names))
-PYEOF
+python3 "$REPO/scripts/lock_pins.py" "$REPO/requirements/offline_bundle.txt" > "$WORK/pins.txt"
 grep -v '^deepspeed==' "$WORK/pins.txt" > "$WORK/binary_pins.txt"
 mkdir -p "$WORK/wheels"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \

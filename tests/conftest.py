@@ -1,4 +1,4 @@
-"""Shared test fixtures: a real local S3 server (moto) and tiny real video shards."""
+"""Shared test fixtures: a real local S3 server (moto), tiny real video shards, an offline Hugging Face cache."""
 
 from __future__ import annotations
 
@@ -39,3 +39,31 @@ def tiny_synthetic(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_synthetic")
     return make_synthetic(str(root), num_videos=12, split_ratio=8 / 12, seed=3, num_frames=8, size=32, shard_size=2)
+
+
+@pytest.fixture(scope="module")
+def footage() -> dict[str, bytes]:
+    """Every kind of test footage (pipeline/data/footage.py) at 96x64 for 1 s: the properties under test do not
+    depend on the size."""
+    from pipeline.data.footage import FOOTAGE, render_footage, small
+
+    return {name: render_footage(small(spec)) for name, spec in FOOTAGE.items()}
+
+
+@pytest.fixture
+def offline_clip_cache(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 and a Hugging Face cache that holds open_clip's ViT-B-16 `openai` weights file, laid out as
+    `huggingface-cli download timm/vit_base_patch16_clip_224.openai` leaves it (a placeholder file: dry runs look
+    the weights up, they do not load them). Returns the cache folder."""
+    from huggingface_hub import constants
+
+    root = tmp_path / "hf_hub_cache"
+    repo = root / "models--timm--vit_base_patch16_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "snapshots" / "0123abcd" / "open_clip_model.safetensors").write_bytes(b"placeholder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    return root

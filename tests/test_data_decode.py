@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.data.decode import VideoDecodeError, decode_clip, probe_video, sample_frame_indices
-from pipeline.data.encode import encode_h264, transcode_h264
+from pipeline.data.encode import TranscodeOptions, encode_h264, transcode_h264
 from pipeline.data.transforms import eval_transform, random_crop_box, train_transform
 
 LEVEL = 8  # grey level step per frame index: survives H.264 quantisation of flat frames
@@ -34,7 +34,8 @@ def test_probe_reports_the_encoded_stream():
 
 
 def test_sample_frame_indices_rules():
-    assert sample_frame_indices(80, 8, "middle") == [5, 15, 25, 35, 45, 55, 65, 75]
+    # Released "middle": bounds linspace(0, 80, 9) = 0, 10, ..., 80; segment [a, b) -> (a + b - 1) // 2.
+    assert sample_frame_indices(80, 8, "middle") == [4, 14, 24, 34, 44, 54, 64, 74]
     rand = sample_frame_indices(80, 8, "rand", random.Random(0))
     assert all(10 * i <= j < 10 * (i + 1) for i, j in enumerate(rand))  # one per equal segment
     assert sample_frame_indices(80, 4, "stride", None, frame_stride=4) == [33, 37, 41, 45]  # centred: (80 - 13) // 2
@@ -77,14 +78,14 @@ def test_seeking_in_a_long_video_with_keyframes():
 
 def test_short_clip_repeats_frames():
     clip = decode_clip(indexed_video(3), 8, "middle")
-    assert decoded_indices(clip) == [0, 0, 0, 1, 1, 2, 2, 2]  # floor((i + 0.5) * 3 / 8)
+    assert decoded_indices(clip) == [0, 1, 2, 2, 2, 2, 2, 2]  # 3 segments of 1 frame, then the last repeated
     stride = decode_clip(indexed_video(3), 4, "stride", frame_stride=2)
     assert decoded_indices(stride) == [0, 2, 2, 2]
 
 
 def test_trim_seconds_limits_sampling_to_the_start():
     clip = decode_clip(indexed_video(30, fps=10.0), 4, "middle", trim_seconds=1.0)  # first 10 frames
-    assert decoded_indices(clip) == [1, 3, 6, 8]
+    assert decoded_indices(clip) == [0, 3, 5, 8]  # bounds int(linspace(0, 10, 5)) = 0, 2, 5, 7, 10
 
 
 def test_corrupt_bytes_raise_a_decode_error():
@@ -96,26 +97,32 @@ def test_corrupt_bytes_raise_a_decode_error():
 
 
 def test_transcode_changes_size_and_rate_keeping_content():
-    out = transcode_h264(indexed_video(30, fps=10.0, height=32, width=48), short_side=16, fps=5.0)
+    out = transcode_h264(indexed_video(30, fps=10.0, height=32, width=48), TranscodeOptions(short_side=16, fps=5.0))
     info = probe_video(out)
     assert (info.width, info.height, info.num_frames, info.fps) == (24, 16, 15, 5.0)
     # Output frame k shows input frame 2k (the latest at time k/5 s).
     assert decoded_indices(decode_clip(out, 15, "middle")) == list(range(0, 30, 2))
 
 
-def test_eval_transform_is_a_plain_bicubic_resize_and_normalise():
-    from PIL import Image
+@pytest.mark.parametrize("size", [16, 48])  # down- and up-sampling
+def test_eval_transform_is_the_released_test_transform(size):
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
 
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, size=(2, 20, 30, 3), dtype=np.uint8)
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
-    out = eval_transform(frames, 16, mean, std)
-    # Reference: PIL's antialiased bicubic resize of each whole frame (no crop), then normalise.
-    ref = np.stack([np.asarray(Image.fromarray(f).resize((16, 16), Image.BICUBIC)) for f in frames])
-    ref = (torch.from_numpy(ref).float() / 255 - torch.tensor(mean)) / torch.tensor(std)
-    assert out.shape == (3, 2, 16, 16) and out.dtype == torch.float32
-    one_level = 1 / 255 / min(std)
-    torch.testing.assert_close(out, ref.permute(3, 0, 1, 2), rtol=0, atol=one_level * 1.01)
+    out = eval_transform(frames, size, mean, std)
+    # Reference: the released test transform on (T, C, H, W) uint8 frames, with the antialias=False that
+    # torchvision < 0.17 applied to tensors by default; then float / 255 and Normalize.
+    released = transforms.Compose([
+        transforms.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=False),
+        transforms.Lambda(lambda x: x.float().div(255.0)),
+        transforms.Normalize(mean, std),
+    ])
+    ref_TCHW = released(torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous())
+    assert out.shape == (3, 2, size, size) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref_TCHW.permute(1, 0, 2, 3), rtol=0, atol=0)
 
 
 def test_train_transform_crops_one_box_for_all_frames():

@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.data import build_loader, make_shards
 from pipeline.data.encode import encode_h264
-from pipeline.data.labels import derive_class_names, read_class_index, resolve_label, write_class_index
+from pipeline.data.labels import derive_class_names, read_class_index, resolve_label, sample_label, write_class_index
 from pipeline.data.manifest import iter_shard, read_manifest
 from pipeline.data.urls import expand_shard_urls
 
@@ -72,6 +72,11 @@ def test_derived_classes_and_label_errors(tmp_path):
         resolve_label("diving", CLASSES, "row 3")
     with pytest.raises(ValueError, match="label 3 is outside the 3 classes"):
         resolve_label("3", CLASSES, "row 1")
+    # a shard's json label (the reader skips and counts such samples): only a non-negative integer is a class index
+    assert sample_label(json.loads('{"label": 2}')) == 2
+    for bad in ("true", "-1", "1.5", '"2"', "1e400", "null", "[1]"):
+        with pytest.raises(ValueError, match="json 'label' must be a class index"):
+            sample_label(json.loads(f'{{"label": {bad}}}'))
 
     out = str(tmp_path / "shards")
     listing = write_list(tmp_path, ["swim", "run", "swim"])

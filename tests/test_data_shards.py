@@ -120,7 +120,9 @@ def test_transcode_with_worker_processes(tmp_path):
         listing, str(tmp_path / "t"), shard_size=2, transcode=TranscodeOptions(short_side=8, fps=3.0), workers=2,
         progress=False,
     )  # fmt: skip
-    assert manifest["num_samples"] == 5 and manifest["options"]["transcode"] == {"short_side": 8, "fps": 3.0}
+    assert manifest["num_samples"] == 5 and manifest["options"]["transcode"] == {
+        "short_side": 8, "fps": 3.0, "gop": None, "bframes": None, "crf": 23, "preset": "veryfast", "tune": None,
+        "codec": "h264", "pix_fmt": "yuv420p", "audio": "dropped", "rotation": "applied"}  # fmt: skip
     for name in sorted(os.listdir(tmp_path / "t")):
         if name.endswith(".tar"):
             for sample in iter_shard(str(tmp_path / "t" / name)):

@@ -58,6 +58,16 @@ def test_weight_decay_exemptions():
     assert named["student.extra"]["weight_decay"] == 0.0 and named["student.layers.1.A_log"]["weight_decay"] == 0.0
 
 
+def test_released_optimizers_decay_the_ssm_a_matrices():
+    named = groups_by_name(param_groups(Wrapper(), weight_decay=0.05, decay_ssm_a=True))
+    decayed = sorted(n for n, g in named.items() if g["weight_decay"] > 0)
+    assert decayed == [
+        "student.head.weight", "student.layers.0.A_log", "student.layers.0.proj.weight", "student.layers.1.A_log",
+        "student.layers.1.proj.weight", "student.patch_embed.weight",
+    ]  # fmt: skip
+    assert named["student.layers.0.D"]["weight_decay"] == 0.0 and named["student.extra"]["weight_decay"] == 0.0
+
+
 def test_layer_decay_scales():
     named = groups_by_name(param_groups(Wrapper(), weight_decay=0.0, layer_decay=0.5))
     # 2 blocks: embeddings layer 0 -> 0.5**3, block i -> 0.5**(2 - i), head -> 1

@@ -114,9 +114,9 @@ class CountingLoader:
             self.video_calls += 1
             return encode_video(video_BCTHW)
 
-        def counted_text(texts):
+        def counted_text(texts, **kwargs):
             self.text_calls += 1
-            return encode_text(texts)
+            return encode_text(texts, **kwargs)
 
         model.encode_video, model.encode_text = counted_video, counted_text
         return model
@@ -183,9 +183,9 @@ class SlowLoader(CountingLoader):
             time.sleep(self.VIDEO_DELAY_S)
             return encode_video(video_BCTHW)
 
-        def slow_text(texts):
+        def slow_text(texts, **kwargs):
             time.sleep(self.TEXT_DELAY_S)
-            return encode_text(texts)
+            return encode_text(texts, **kwargs)
 
         model.encode_video, model.encode_text = slow_video, slow_text
         return model
@@ -297,7 +297,11 @@ def test_two_rank_extraction_equals_one_rank(workspace, reference, tmp_path):
 def test_shipped_eval_configs_load(name):
     cfg = load_eval_config(REPO / "configs" / "eval" / f"{name}.yaml", ["model.checkpoint=/x/model.pt"])
     assert cfg.data.name == name
-    assert cfg.scoring.rerank_top_k == 0 and cfg.scoring.dual_softmax is False  # tricks off by default
+    assert cfg.scoring.dual_softmax is False  # transductive tricks off by default
+    # The paper's sets use the released protocol: top-128 re-rank, max_txt_l 32 / 64 / 150, cleaned captions.
+    assert cfg.scoring.rerank_top_k == (0 if name == "synthetic" else 128)
+    assert cfg.data.max_text_tokens == {"msrvtt": 32, "didemo": 64, "anet": 150, "synthetic": None}[name]
+    assert cfg.data.clean_captions and cfg.model.text_family == "auto"
     if name in ("didemo", "anet"):
         assert cfg.data.paragraph
     assert cfg.data.trim_seconds == (30.0 if name == "didemo" else None)
@@ -319,6 +323,10 @@ def test_job_dry_run(workspace, tmp_path):
     cmd = [sys.executable, "jobs/eval_retrieval.py", "--config", "configs/eval/didemo.yaml",
            f"model.checkpoint={workspace['checkpoint']}", f"data.annotation={workspace['root'] / 'anno.json'}",
            f"data.root={workspace['root'] / 'videos'}", "--dry-run"]
+    # didemo.yaml asks for 8 frames of 224 px; the tiny export takes 4 of 32: refused before any decoding.
+    wrong = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode != 0 and "data.num_frames=8, but the checkpoint's model takes 4" in wrong.stderr
+    cmd[-2:-2] = ["data.num_frames=null", "data.img_size=null"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "data set didemo: 5 videos, 5 queries" in out.stdout

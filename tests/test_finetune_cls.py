@@ -150,3 +150,40 @@ def test_resume_is_exact_with_mixup_and_ema(tmp_path, tiny_synthetic):
     assert not torch.equal(straight_export["head.weight"], trained["head.weight"])
     torch.testing.assert_close(straight_export["head.weight"], straight.task.ema.averages()["head.weight"])
     assert straight.task.mixup.state_dict() == second.task.mixup.state_dict()
+
+
+def test_class_index_is_checked_before_any_worker_starts(tmp_path, tiny_synthetic):
+    """A missing or wrong task.class_index failed in every worker when it built the task; the dry run says so now."""
+    from pipeline.config import ConfigError
+    from pipeline.jobs_common import run_training_job
+    from pipeline.preflight import preflight
+
+    root = Path(tiny_synthetic["train_shards"]).parents[1]
+    cfg = finetune_cfg(tmp_path, tiny_synthetic)
+    assert preflight(cfg)[-1] == "task.class_index: 4 classes"
+    assert finetune_cfg(tmp_path, tiny_synthetic, "task.class_index=null").task.preflight() == [
+        "task.class_index: - (exports carry no class names)"]
+    with pytest.raises(ConfigError, match=r"task\.class_index: .*classes\.txt names 4 classes but task\.num_classes "
+                                          r"is 5"):
+        preflight(finetune_cfg(tmp_path, tiny_synthetic, "task.num_classes=5"))
+    argv = ["--config", "configs/stages/finetune_test.yaml", f"output_dir={tmp_path}/dry",
+            f"data.train_shards={tiny_synthetic['train_shards']}", f"data.eval_shards={tiny_synthetic['eval_shards']}",
+            f"task.class_index={root}/nope.txt", "--dry-run"]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"task\.class_index: class-index file '.*/nope\.txt' does not exist; it is "
+                                          r"the classes\.txt that jobs/make_shards\.py writes"):
+        run_training_job("finetune", argv)
+    assert not (tmp_path / "dry" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task.num_classes=1", r"task\.num_classes: must be >= 2 \(400 for K400, 174 for SSv2\); it is required, got 1"),
+    ("task.label_smoothing=1.0", r"task\.label_smoothing: must be in \[0, 1\), got 1\.0"),
+    ("task.cutmix_alpha=-1", r"task\.cutmix_alpha: must be >= 0 \(0 = off\), got -1\.0"),
+    ("task.mixup_switch_prob=2", r"task\.mixup_switch_prob: must be a probability in \[0, 1\], got 2\.0"),
+    ("task.ema_decay=1.0", r"task\.ema_decay: must be in \(0, 1\) or null, got 1\.0"),
+])  # fmt: skip
+def test_classification_values_are_range_checked(override, message):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(REPO / "configs/stages/finetune_test.yaml"), [override])

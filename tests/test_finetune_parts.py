@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from models import create_model
+from pipeline.data.decode import middle_frame_indices, sample_frame_indices, sparse_clip_indices
 from pipeline.evaluation.cls_metrics import aggregate_views, classification_summary, confusion_matrix, topk_accuracy
-from pipeline.evaluation.cls_views import view_clip_indices
 from pipeline.losses import soft_target_cross_entropy
 from pipeline.optim import param_groups
 from pipeline.tasks.ema import ParameterEMA
@@ -105,10 +105,30 @@ def test_test_clip_offsets_follow_the_released_sampler():
     # 81 frames, 8 per clip: segment (81 - 1) / 8 = 10 frames; with 4 clips the offsets are
     # int(10 / 5 * (c + 1)) = 2, 4, 6, 8 inside every segment.
     for clip, offset in enumerate((2, 4, 6, 8)):
-        assert view_clip_indices(81, 8, 4, clip) == [10 * i + offset for i in range(8)]
-    assert view_clip_indices(81, 8, 1, 0) == [10 * i + 5 for i in range(8)]  # one clip: segment middles
+        assert sparse_clip_indices(81, 8, 4, clip) == [10 * i + offset for i in range(8)]
+    assert sparse_clip_indices(81, 8, 1, 0) == [10 * i + 5 for i in range(8)]  # one clip: near the segment middles
     # 3 frames: segment 0.25, offset int(0.25 / 3 * 2) = 0; round() halves to even, as numpy's does in the released code
-    assert view_clip_indices(3, 8, 2, 1) == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert sparse_clip_indices(3, 8, 2, 1) == [0, 0, 0, 1, 1, 1, 2, 2]
+
+
+def _released_classification_sampler(video_size: int, num_frames: int, num_segment: int, clip_idx: int) -> list[int]:
+    """The released test sampler's arithmetic (VideoMamba `Kinetics_sparse._get_seq_frames`, test mode), in numpy."""
+    seg_size = max(0.0, float(video_size - 1) / num_frames)
+    duration = seg_size / (num_segment + 1)
+    return [min(int(np.round(seg_size * i)) + int(duration * (clip_idx + 1)), video_size - 1)
+            for i in range(num_frames)]
+
+
+def test_classification_sampler_matches_the_released_arithmetic_and_is_not_the_zero_shot_middle():
+    for n in range(1, 400):
+        for T, C in ((8, 1), (8, 4), (16, 2), (32, 4), (64, 10)):
+            for c in range(C):
+                assert sparse_clip_indices(n, T, C, c) == _released_classification_sampler(n, T, C, c), (n, T, C, c)
+        # the validation view is the one-clip case, as a data sampling mode
+        assert sample_frame_indices(n, 8, "sparse_middle") == sparse_clip_indices(n, 8)
+    # The zero-shot retrieval rule picks other frames (docs/finetune.md's example): both are released, per task.
+    assert sample_frame_indices(81, 8, "middle") == middle_frame_indices(81, 8) == [4, 14, 24, 34, 44, 54, 64, 75]
+    assert sample_frame_indices(81, 8, "sparse_middle") == [5, 15, 25, 35, 45, 55, 65, 75]
 
 
 def test_layer_decay_scopes():
@@ -122,6 +142,11 @@ def test_layer_decay_scopes():
     assert released["temporal_pos_embedding"] == 1.0 and beit["temporal_pos_embedding"] == pytest.approx(0.125)
     assert released["layers.0.mixer.in_proj.weight"] == 1.0 and beit["layers.0.mixer.in_proj.weight"] == 0.25
     assert released["head.weight"] == beit["head.weight"] == released["norm_f.weight"] == 1.0
+    # the released fine-tuning also weight-decays the 2-D A_log / A_b_log (optim.decay_ssm_a, set in its configs)
+    groups = param_groups(model, 0.05, 0.5, "released", decay_ssm_a=True)
+    decay = {n: (g["weight_decay"], g["lr_scale"]) for g in groups for n in g["names"]}
+    assert decay["layers.0.mixer.A_log"] == decay["layers.0.mixer.A_b_log"] == (0.05, 1.0)
+    assert decay["layers.0.mixer.D"] == (0.0, 1.0) and decay["pos_embed"] == (0.0, 0.5 ** (depth + 1))
 
 
 def test_ema_averages_weights_and_runs_the_model_with_them():

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -27,3 +31,23 @@ def test_bad_key_stops_before_anything_runs(tmp_path):
         run_training_job("toy",
             ["--config", "configs/stages/toy.yaml", f"output_dir={tmp_path}", "scaling.num_worker=1"])
     assert not (tmp_path / "config.yaml").exists()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("job", [
+    ["jobs/train_toy.py", "--config", "configs/stages/toy.yaml"],
+    ["jobs/eval_retrieval.py", "--config", "configs/eval/synthetic.yaml"],
+    ["jobs/finetune_cls.py", "--config", "configs/stages/finetune_test.yaml"],
+    ["jobs/eval_cls.py", "--config", "configs/eval/synthetic_cls.yaml"],
+], ids=["stage job", "eval job", "fine-tuning job", "classification test job"])  # fmt: skip
+def test_config_error_is_one_line_on_stderr_not_a_traceback(job, tmp_path):
+    argv = [sys.executable, *job, f"output_dir={tmp_path}", "tracking.uri=[http://u:pw-9x@mlflow:5000]"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "pw-9x" not in done.stderr  # the message is redacted too
+    assert done.stderr.strip().splitlines() == [
+        "error: tracking.uri: ['http://u:***@mlflow:5000'] matches none of the allowed types: tracking.uri: expected "
+        "a string, got ['http://u:***@mlflow:5000']"]

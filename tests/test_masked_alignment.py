@@ -224,7 +224,7 @@ def test_every_combination_of_mask_and_feature_runs():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_job_dry_run_prints_the_plan(tmp_path, monkeypatch, capsys):
+def test_job_dry_run_prints_the_plan(tmp_path, monkeypatch, capsys, offline_clip_cache):  # the CLIP weights cached
     import runpy
     import sys
 

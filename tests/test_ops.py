@@ -110,6 +110,23 @@ def test_selective_scan_keeps_bf16_io_and_fp32_math():
     torch.testing.assert_close(got.double(), naive_scan(**args, delta_softplus=True), rtol=1e-2, atol=1e-2)
 
 
+def test_grouped_bf16_B_C_gradients_are_rounded_once_after_the_group_sum():
+    """A group's B/C gradient sums E/G channels' contributions: summed in fp32 and rounded to bf16 once, it is the
+    fp64 gradient rounded to bf16; rounding each channel's share before the sum lost up to a few ulps."""
+    args, _ = variant_inputs("grouped", Bsz=2, E=64, L=16, N=4)  # 32 channels per group
+    args = {k: (v.bfloat16() if k in ("B", "C") else v) for k, v in args.items()}
+    args["B"].requires_grad_()
+    args["C"].requires_grad_()
+    y = ref.selective_scan_ref(**args, delta_softplus=True)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    B_grad, C_grad = torch.autograd.grad(y, (args["B"], args["C"]), grad_y)
+    exact = {k: v.detach().double().requires_grad_() for k, v in args.items() if v is not None}
+    expected = torch.autograd.grad(naive_scan(**exact, delta_softplus=True), (exact["B"], exact["C"]), grad_y.double())
+    for got, want in zip((B_grad, C_grad), expected, strict=True):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0)
+
+
 def test_selective_scan_gradcheck_fp64():
     args, _ = variant_inputs("grouped", Bsz=1, E=4, L=7, N=3, dtype=torch.float64)
     names = list(args)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import load_config, to_yaml
 from pipeline.redaction import is_secret_key, redact, redact_text
 
 SECRETS = ("pw-in-url-9d1", "s3cr3t-from-env-77", "AKIA-EXAMPLE-ID", "tok-from-env-4242", "mlflow-pass-55")
@@ -16,14 +16,17 @@ SECRETS = ("pw-in-url-9d1", "s3cr3t-from-env-77", "AKIA-EXAMPLE-ID", "tok-from-e
 @pytest.mark.parametrize(
     "name",
     ["aws_secret_access_key", "AWS_SECRET_ACCESS_KEY", "hf_token", "token", "api_key", "apiKey", "access_key",
-     "db_password", "PASSWORD", "client_secret", "private_key", "credentials", "AWS_SESSION_TOKEN"],
+     "db_password", "PASSWORD", "client_secret", "private_key", "credentials", "AWS_SESSION_TOKEN",
+     "connection_string", "AZURE_STORAGE_CONNECTION_STRING", "passphrase", "key_passphrase", "AccountKey",
+     "sas_token", "MYSQL_PWD"],
 )  # fmt: skip
 def test_secret_key_names(name):
     assert is_secret_key(name)
 
 
 @pytest.mark.parametrize(
-    "name", ["keep", "key_frames", "keys", "max_tokens", "tokenizer", "num_tokens", "monkey", "key", "log_interval"]
+    "name", ["keep", "key_frames", "keys", "max_tokens", "tokenizer", "num_tokens", "monkey", "key", "log_interval",
+             "connection_timeout", "string_length", "signal", "account_name", "keyFrames"]
 )
 def test_non_secret_key_names(name):
     assert not is_secret_key(name)
@@ -34,6 +37,34 @@ def test_fs_option_key_and_urls():
     assert redact(tree) == {"storage_options": {"key": "***", "secret": "***", "endpoint_url": "http://u:***@minio:9000"},
                             "key": 3}  # fmt: skip
     assert redact_text("s3://user:pw@bucket/x and https://host/a@b") == "s3://user:***@bucket/x and https://host/a@b"
+
+
+def test_working_directory_variable_is_not_a_secret(tmp_path, monkeypatch):
+    """The shell's PWD holds the working directory: masked as a "password", every path under it became ***."""
+    monkeypatch.setenv("PWD", str(tmp_path))
+    monkeypatch.setenv("OLDPWD", str(tmp_path / "before"))
+    assert redact_text(f"{tmp_path}/out/config.yaml") == f"{tmp_path}/out/config.yaml"
+    cfg = load_config(None, [f"output_dir={tmp_path}/out", f"checkpoint.path={tmp_path}/ckpt"])
+    assert redact({"output_dir": cfg.output_dir}) == {"output_dir": f"{tmp_path}/out"}
+    assert f"path: {tmp_path}/ckpt" in to_yaml(cfg)
+    monkeypatch.setenv("MYSQL_PWD", "a-real-db-password")  # a *PWD variable with more to its name still is one
+    assert redact_text("mysql://db/a-real-db-password") == "mysql://db/***"
+
+
+def test_url_tokens_connection_strings_and_signed_queries_are_masked():
+    azure = "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=c2VjcmV0+/k==;EndpointSuffix=core.windows.net"
+    assert redact_text(azure) == "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=***;EndpointSuffix=" \
+                                 "core.windows.net"
+    assert redact({"storage_options": {"connection_string": azure, "account_name": "acct"}}) == {
+        "storage_options": {"connection_string": "***", "account_name": "acct"}}
+    assert redact({"ssh": {"passphrase": "open sesame"}}) == {"ssh": {"passphrase": "***"}}
+    assert redact_text("git clone https://ghp_tok3n@github.com/org/repo") == "git clone https://***@github.com/org/repo"
+    assert redact_text("https://oauth2:glpat-x1@gitlab.com/r") == "https://oauth2:***@gitlab.com/r"
+    sas = "https://acct.blob.core.windows.net/shards/a.tar?sv=2022-11-02&sp=r&sig=AbC%2Fd3F&se=2026-01-01"
+    assert redact_text(sas) == "https://acct.blob.core.windows.net/shards/a.tar?sv=2022-11-02&sp=r&sig=***&se=2026-01-01"
+    assert redact_text("override checkpoint.storage_options.secret=s3kr1t lr=0.1") == \
+        "override checkpoint.storage_options.secret=*** lr=0.1"
+    assert redact_text("write to ops@example.com, key=3") == "write to ops@example.com, key=3"  # nothing secret
 
 
 def secret_config(tmp_path, monkeypatch):

@@ -557,7 +557,7 @@ def _bwd_launch(rows: int, length: int) -> tuple[int, int, int]:
 
 
 def test_default_config_backward_model_picks_the_measured_best():
-    """The wave model against sweep_round6.txt and sweep_round7.txt (H100, bwd ms): M 8f b16, where 16 x 4 in 4
+    """The wave model against the backward launch sweeps (H100, 2026-11-26, bwd ms): M 8f b16, where 16 x 4 in 4
     segments beat 8 x 8 unsplit by 18% (2.11 against 2.58); Ti 8f b64, where 8 x 8 unsplit won (2.63 against
     2.77 for 16 x 4 in 2); S 8f b16, where a split gained 3% for 5 MB more scratch; Ti 64f b4, whose 96
     programs in one full wave of 132 x 8 (11 segments) took 1.62 ms against 1.43 for 22 segments."""
@@ -572,7 +572,7 @@ def test_default_config_backward_model_picks_the_measured_best():
 
 
 def test_default_config_caps_time_major_forward_registers():
-    """sweep_round8.txt runs 3-4 and 10 (H100): the time-major forward at 168 registers with >= 8 programs an SM
+    """The register-cap sweep (H100, 2026-11-26): the time-major forward at 168 registers with >= 8 programs an SM
     (M 8f b16: 1152 programs), else at 224 (S 8f b16: 768); the (B, E, L) forward uncapped."""
     assert default_config(16, 16 * 1152, True, length=1569, sm_count=132).fwd_max_registers == 168
     assert default_config(16, 16 * 768, True, length=1569, sm_count=132).fwd_max_registers == 224

@@ -4,9 +4,9 @@ One function per op, several backends, chosen by name or by "auto":
   ref     pure PyTorch (models/ops/ref.py): the numerical reference and the CPU path;
   triton  our fused Triton kernels (models/ops/triton_scan.py), imported lazily; CUDA tensors only;
   cuda    mamba-ssm's compiled kernels (models/ops/cuda.py), when their extensions are installed.
-"auto" = the fastest usable for the tensors' device: on CUDA, triton (faster than mamba-ssm in the forward at every
-measured shape and in the 8-frame mixer's training step; mamba-ssm's scan is still faster in 64-frame training,
-docs/performance.md), else cuda, else ref; on CPU, ref. Layout is mamba-ssm's:
+"auto" = the fastest usable for the tensors' device: on CUDA, triton (faster than mamba-ssm's kernels at every
+measured shape, forward and backward, on the H100 on 2026-11-27: docs/performance.md), else cuda, else ref; on
+CPU, ref. Layout is mamba-ssm's:
 u/delta/z (B, E, L), A (E, N), B/C (B, N, L) or grouped (B, G, N, L).
 """
 

@@ -122,8 +122,10 @@ def selective_scan_ref(
     if delta_softplus:
         delta = F.softplus(delta)
     A = A.to(cd)
-    B_BeNL = _expand_groups(B, E).to(cd)
-    C_BeNL = _expand_groups(C, E).to(cd)
+    # Cast before expanding groups: the expansion's backward sums the E/G channels' gradients, which must happen
+    # in cd and be rounded to a bf16 B/C once, not channel by channel.
+    B_BeNL = _expand_groups(B.to(cd), E)
+    C_BeNL = _expand_groups(C.to(cd), E)
 
     h_BEN = u.new_zeros(Bsz, E, A.shape[1])
     ys = []

@@ -3,7 +3,7 @@ which picks one per d_state, row count, layout, sequence length and SM count.
 
 The choices are a small model of the GPU (programs resident an SM at the kernels' register counts, waves of
 programs, the cost of the summary pass that splitting L adds) whose constants were fitted to the launch sweeps
-in benchmarks/results/sweep_round4.txt to sweep_round10.txt (H100 and H200).
+in the launch sweeps of 2026-11-26 on an H200 and an H100 (benchmarks/results/history/, docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -62,23 +62,23 @@ class ScanConfig:
 # Programs below which the forward splits L into segments (an H100/H200 has 132 SMs; its programs hold one
 # warp and a few run on an SM): the segments' summary pass costs less than the idle SMs would.
 SPLIT_BELOW_PROGRAMS = 512
-# Split (B, E, L) forwards aim at this many programs (sweep_round4.txt).
+# Split (B, E, L) forwards aim at this many programs (the best of the H200 sweep, 2026-11-26).
 FWD_SPLIT_PROGRAMS = 3072
 # The time-major forward's register cap (ptxas' maxnreg; it compiles to ~245 registers a thread, 8 warps an SM).
 # With at least 8 programs an SM, 168 (12 warps an SM) is 1.05-1.35x faster than no cap; with fewer, 224 is
-# 1.02-1.15x faster and 168 up to 1.1x slower (sweep_round8.txt, H100). The (B, E, L) forward gains nothing.
+# 1.02-1.15x faster and 168 up to 1.1x slower (H100, 2026-11-26). The (B, E, L) forward gains nothing.
 FWD_MANY_PROGRAMS_PER_SM = 8
 FWD_REGISTERS_MANY_PROGRAMS, FWD_REGISTERS_FEW_PROGRAMS = 168, 224
 # A split time-major forward fills one wave at the 168 cap, 65536 / (168 x 32) = 12 programs an SM: Ti 64f b4
 # in 16 segments (1536 programs) 0.310 ms against 0.334 in 32, S 64f b4 in 8 0.596 against 0.611 in 16
-# (sweep_round8.txt run 10).
+# (H100, 2026-11-26).
 FWD_SPLIT_PROGRAMS_PER_SM_TIME_MAJOR = 65536 // (FWD_REGISTERS_MANY_PROGRAMS * 32)
 # Programs an SM holds at once (one warp each): the backward at 255 registers a thread, 65536 / (256 x 32);
 # the adjoint summary pass at 128.
 BWD_PROGRAMS_PER_SM, SUMMARY_PROGRAMS_PER_SM = 8, 16
 # The backward's launch model (default_config): the tiles as (channels at d_state 16, steps, reduce-scatter
 # sums, time of a program step relative to 16 x 4's), and the time of a summary step relative to the
-# backward's. Fitted to sweep_round6.txt and sweep_round7.txt (H100): M 8f b16 unsplit, 8 x 8 2.58 ms in 3
+# backward's. Fitted to H100 sweeps (2026-11-26): M 8f b16 unsplit, 8 x 8 2.58 ms in 3
 # waves against 16 x 4 2.89 in 2; the summary share 0.24-0.33 at M 8f, Ti 16f, S 8f and Ti 8f.
 BWD_TILES = ((16, 4, True, 1.0), (8, 8, False, 0.6))
 BWD_SUMMARY_STEP_COST = 0.3
@@ -98,24 +98,24 @@ MAX_SEGMENTS = 64
 def default_config(d_state: int, rows: int, time_major: bool = False, *, length: int | None = None,
                    sm_count: int = 132) -> ScanConfig:
     """Launch shape for d_state, `rows` = batch x channels (B E), the inputs' layout, the sequence length if
-    known and the GPU's SM count; measured best for d_state 16 on an H200 and an H100 (sweep_round4-7.txt).
+    known and the GPU's SM count; measured best for d_state 16 on an H200 and an H100 (2026-11-26).
 
     Forward: 8-step tiles, 1 warp, 8 channels a program with many rows (S 8f b16: 0.40 ms against 0.80 ms
-    for round 3's time-last kernel), 16 with few rows, whose L is then split into segments up to ~3072
-    programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05 for round 3's time-last kernel). Time-major
+    for a time-last kernel, H200), 16 with few rows, whose L is then split into segments up to ~3072
+    programs (Ti 64f b4: 32 segments, 0.58 ms against 1.05 for a time-last kernel). Time-major
     inputs (u, delta, z stored (B, L, E), channels contiguous, as the mixer makes them): 16 channels a
     program at any row count, registers capped (FWD_REGISTERS_*: 168 with many programs, else 224), L split
     to fill one wave of 12 programs an SM.
     Backward, either layout: 16 channels x 4 steps with dB/dC summed as a reduce-scatter, or 8 x 8 with
     tl.sum, on 1 warp, L split into segments, whichever a model in waves of programs gives the least time
     (`_backward_launch`). A state is saved every 64 steps; the backward walks each saved chunk forward to its
-    tile starts, through scratch slots that scale with the programs resident at once (round 7), so neither
+    tile starts, through scratch slots that scale with the programs resident at once, so neither
     the split nor the spacing costs memory with the grid.
     Larger state sizes get fewer channels a program, to keep the fp32 tiles in registers."""
     block_n = max(2, triton.next_power_of_2(d_state))
     # Forward tiles of T x block_n x channels: at most 64 fp32 values a thread (1 warp).
     # Time-major: 16 channels (a 32-byte bf16 row a step) at any row count; M 8f b16 0.480 ms against 0.532
-    # for 8 (sweep_round5.txt run 8).
+    # for 8 (H200, 2026-11-26).
     fwd_e = 16 if time_major or rows < 8192 else 8
     fwd_steps = 8
     while fwd_steps * block_n * fwd_e > 64 * 32 and fwd_e > 1:

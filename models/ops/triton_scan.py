@@ -324,7 +324,7 @@ def _scan_fwd_kernel(
     NEED_Z: tl.constexpr = HAS_Z and not SUMMARY
     # ACCUMULATE: the second direction, run after the first, adds the first's output, prefetched like the other
     # inputs (loaded right before the add, it stalled every tile on a full memory latency: the bidirectional
-    # forward ran 1.2x the time of two independent scans at S 8f b16, round 12).
+    # forward ran 1.2x the time of two independent scans at S 8f b16; H100, 2026-11-27).
     NEED_OUT: tl.constexpr = ACCUMULATE and not SUMMARY
     o_base = out_ptr + b64 * s_ob
     nxt = _fwd_tile_loads(c0, L, u_base, d_base, B_base, C_base, z_base, o_base, e, n, e_ok, n_ok, s_ue, s_ul, s_de,
@@ -407,7 +407,7 @@ def _scan_bwd_kernel(
 ):
     """Gradients of one direction on a time-major (T, N, E) state tile: each thread holds a tile's T steps,
     so both scans run serially in-thread (no shuffles) and the sums over N are mostly in-thread (~2.4x fewer
-    instructions per element than round 2's time-last tile, whose scans shuffled across lanes).
+    instructions per element than a time-last tile, whose scans shuffle across lanes; H200, 2026-11-26).
 
     The forward saved a state every SUB * T steps. With SUB > 1 each saved chunk is first walked forward
     to get its SUB sub-tile start states, which go to a scratch slot (L2-resident); then its sub-tiles are
@@ -666,7 +666,7 @@ def _scan_forward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None,
     out = empty_like_layout(u0, u0.dtype)
     # Both directions at once only where the output is time-major: there each lane adds 4 adjacent channels in one
     # instruction (REDG.ADD.BF16x4 in the sm_90 SASS). Into (B, E, L) rows the atomic adds made the bidirectional
-    # forward 1.9-2.2x slower (round 12). NVIDIA only, where the 16-bit atomics were measured; ROCm keeps the
+    # forward 1.9-2.2x slower (H100, 2026-11-27). NVIDIA only, where the 16-bit atomics were measured; ROCm keeps the
     # sequential add, as it keeps a scratch slot a program in the backward.
     side_by_side = len(dirs) > 1 and u0.is_cuda and torch.version.hip is None and is_time_major(out)
     if side_by_side:
@@ -716,7 +716,7 @@ def _launch_directions(launches: list[list[tuple]], device: torch.device, side_b
     second direction's run on a side stream, beside the first's: one direction's programs leave most warp slots idle
     (at S 8f b16, 768 one-warp programs for 132 SMs that hold 12 each), and the two together fill twice as many.
     Both add into the zeroed output atomically, so their order does not matter. The mixer's forward got
-    1.08-1.16x faster (round 12). Everything the kernels touch is allocated beforehand on the current stream,
+    1.08-1.16x faster (H100, 2026-11-27). Everything the kernels touch is allocated beforehand on the current stream,
     which waits for the side stream before going on.
 
     The backward stays one direction after the other: concurrent, adding dz atomically, it made the mixer's
@@ -795,7 +795,7 @@ def _scan_backward(dirs: list[_Direction], reverse: list[bool], z: Tensor | None
                 n_sm, per_sm = _sm_occupancy([*ptrs, dA, seg_r, *outs, *sizes, 0, 0, *strides], bwd_grid, tiles)
                 per_sm = min(per_sm, cfg.bwd_sm_slots or per_sm)
             # More programs than the GPU holds at once share the SMs' scratch slots, each with a lock word, when
-            # a slot a program would take more than BWD_SCRATCH_BUDGET: the locks cost 0.5-2.4% (sweep_round7.txt).
+            # a slot a program would take more than BWD_SCRATCH_BUDGET: the locks cost 0.5-2.4% (H100, 2026-11-26).
             slot_floats = sub * block_e * block_n  # the sub-tile start states
             programs = math.prod(bwd_grid)
             sm_slots = 0 < n_sm * per_sm < programs and (

@@ -125,7 +125,8 @@ def rand_augment(x_TCHW: Tensor, policy: RandAugmentPolicy, rng: random.Random) 
 
 def random_erase(x_CTHW: Tensor, probability: float, rng: random.Random) -> Tensor:
     """With `probability`, one box (2%-33% of the area, aspect 0.3-3.3) at the same place in every frame of a
-    normalised float (C, T, H, W) clip becomes standard-normal noise (fresh per frame); in place, returned."""
+    normalised float (C, T, H, W) clip (on any device) becomes standard-normal noise (fresh per frame); in place,
+    returned."""
     if probability <= 0 or rng.random() > probability:
         return x_CTHW
     C, T, H, W = x_CTHW.shape
@@ -137,7 +138,7 @@ def random_erase(x_CTHW: Tensor, probability: float, rng: random.Random) -> Tens
         if w < W and h < H:
             top, left = rng.randint(0, H - h), rng.randint(0, W - w)
             noise = torch.randn(C, T, h, w, generator=torch.Generator().manual_seed(rng.getrandbits(63)))
-            x_CTHW[:, :, top : top + h, left : left + w] = noise.to(x_CTHW.dtype)
+            x_CTHW[:, :, top : top + h, left : left + w] = noise.to(x_CTHW)
             break
     return x_CTHW
 

@@ -12,7 +12,12 @@ an integer, `"0" .. str(max)`. Splits written separately should share one file: 
 
 from __future__ import annotations
 
+import contextlib
+
 import fsspec
+
+from pipeline.data.urls import split_protocol
+from pipeline.writes import disk_full_named
 
 CLASS_INDEX_FILE = "classes.txt"
 
@@ -39,8 +44,10 @@ def read_class_index(url: str) -> list[str]:
 
 
 def write_class_index(url: str, names: list[str]) -> None:
-    """Write `names` one per line (index order)."""
-    with fsspec.open(url, "w", encoding="utf-8") as f:
+    """Write `names` one per line (index order); a full local disk is named (`pipeline.writes`)."""
+    protocol, path = split_protocol(url)
+    guard = disk_full_named(path, "class-index file", "--output") if protocol == "file" else contextlib.nullcontext()
+    with guard, fsspec.open(url, "w", encoding="utf-8") as f:
         f.write("".join(f"{name}\n" for name in names))
 
 
@@ -62,6 +69,15 @@ def derive_class_names(values: list[str | int]) -> list[str]:
     if any(i is not None for i in indices):
         raise ValueError("the list mixes integer labels and class names; use one kind, or pass a class-index file")
     return sorted({str(v).strip() for v in values})
+
+
+def sample_label(meta: dict) -> int:
+    """The class index in a labelled sample's json; ValueError unless it is an integer >= 0 (the reader then skips and
+    counts the sample like any other bad one)."""
+    label = meta["label"]
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        raise ValueError(f"json 'label' must be a class index (an integer >= 0), got {label!r}")
+    return label
 
 
 def resolve_label(value: str | int, class_names: list[str], where: str) -> tuple[int, str]:

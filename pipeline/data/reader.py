@@ -20,7 +20,11 @@ sees every sample once and fills the gaps by repeating samples with `valid`=Fals
 rank after the number of full batches the smallest rank has. Eval batches carry `valid` bool (B,).
 
 Corrupt samples are skipped, counted and logged; the loader raises DataQualityError once more than
-`data.max_bad_fraction` of at least `data.bad_check_min_samples` samples were bad.
+`data.max_bad_fraction` of at least `data.bad_check_min_samples` samples were bad. Shards that cannot be read
+(missing, access denied) and shards that hold no sample (an empty tar, members without a `<key>.<ext>` name) are
+counted (`data/shard_errors`, `data/shards_empty`) and named in a warning; a worker stops with an error after
+`_MAX_CONSECUTIVE_SHARD_ERRORS` unreadable shards in a row, or once every shard of the training stream turned out
+empty (resampling them would loop forever without a batch).
 """
 
 from __future__ import annotations
@@ -43,9 +47,10 @@ from pipeline import distributed
 from pipeline.config import DataConfig
 from pipeline.data import loader_workers
 from pipeline.data.augment import ClipAugment
-from pipeline.data.decode import decode_clip
+from pipeline.data.decoders import clip_decoder
 from pipeline.data.keys import sample_id
-from pipeline.data.manifest import read_manifest, shard_sample_counts
+from pipeline.data.labels import sample_label
+from pipeline.data.manifest import listed_sample_counts, shard_sample_counts
 from pipeline.data.masks import DATA_MASK_TYPES, make_keep_mask
 from pipeline.data.transforms import eval_transform, train_transform
 from pipeline.data.urls import expand_shard_urls, register_fsspec_openers
@@ -55,6 +60,9 @@ log = logging.getLogger(__name__)
 # A worker that fails to open this many shards in a row without one good sample stops the run
 # (e.g. wrong credentials): otherwise a resampled stream would retry forever.
 _MAX_CONSECUTIVE_SHARD_ERRORS = 8
+# With no decodable sample among this many (or data.bad_check_min_samples, if larger) the stream stops whatever
+# data.max_bad_fraction allows: it could never fill a batch.
+_MIN_SAMPLES_WITHOUT_ONE_GOOD = 100
 _STATS_KEY = "_stats"
 _MASK_STREAM = 0x6D61736B  # "mask": keeps the mask generator's seed apart from the streams' seeds
 
@@ -70,6 +78,9 @@ class LoaderStats:
     samples_ok: int = 0
     samples_bad: int = 0
     shard_errors: int = 0
+    """Shards that could not be opened or read to the end (missing, access denied, truncated)."""
+    shards_empty: int = 0
+    """Shards that opened but held no sample."""
     recent_errors: list[str] = field(default_factory=list)
 
     @property
@@ -77,11 +88,20 @@ class LoaderStats:
         total = self.samples_ok + self.samples_bad
         return self.samples_bad / total if total else 0.0
 
+    def as_metrics(self) -> dict[str, float]:
+        """The counters as `data/*` metrics (this rank's loader)."""
+        return {"data/bad_fraction": self.bad_fraction, "data/samples_bad": float(self.samples_bad),
+                "data/shard_errors": float(self.shard_errors), "data/shards_empty": float(self.shards_empty)}
+
 
 def choose_caption(caption: str | list[str], mode: str, rng: random.Random) -> str:
-    """One text per sample: `random` / `first` caption of a list, or `join` them into a paragraph."""
+    """One text per sample: `random` / `first` caption of a list, or `join` them into a paragraph.
+
+    ValueError (a bad sample) for anything but a string or a non-empty list of strings."""
     if isinstance(caption, str):
         return caption
+    if not isinstance(caption, list) or not caption or not all(isinstance(c, str) for c in caption):
+        raise ValueError(f"caption must be a string or a non-empty list of strings, got {caption!r:.80}")
     if mode == "random":
         return rng.choice(caption)
     if mode == "first":
@@ -153,21 +173,25 @@ class ClipStream(IterableDataset):
         self.sampling = cfg.sampling if self.train else cfg.eval_sampling
         self.augment = ClipAugment.from_config(cfg.augment)
         self.repeats = cfg.augment.repeats if self.train else 1
+        self.decode = clip_decoder(cfg)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         register_fsspec_openers()  # also inside loader worker processes
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        stats = {"worker": worker, "ok": 0, "bad": 0, "shard_errors": 0, "consecutive": 0, "errors": []}
+        stats = {"worker": worker, "ok": 0, "bad": 0, "shard_errors": 0, "shards_empty": 0, "consecutive": 0,
+                 "errors": []}  # fmt: skip
+        empty: set[str] = set()  # shards of this worker found to hold no sample
         if not self.train:
             rng = self._rng(self.epoch, self.segment, worker)
             shards = iter({"url": u} for u in self.urls[self.rank :: self.world_size][worker::num_workers])
-            yield from self._batches(shards, rng, stats)
+            yield from self._batches(shards, rng, stats, empty)
             return
         shares = worker_epoch_shares(self.epoch, self.batches_done, self.batches_per_epoch, worker, num_workers)
         for epoch, slot, share in shares:
             rng = self._rng(epoch, self.segment if epoch == self.epoch else 0, slot)
-            batches = self._batches(({"url": rng.choice(self.urls)} for _ in iter(int, 1)), rng, stats)  # endless
+            endless = ({"url": rng.choice(self.urls)} for _ in iter(int, 1))
+            batches = self._batches(endless, rng, stats, empty)
             yielded = 0
             for batch in batches:
                 yield batch
@@ -180,7 +204,8 @@ class ClipStream(IterableDataset):
         state = np.random.SeedSequence([self.seed, epoch, segment, self.rank, slot])
         return random.Random(int(state.generate_state(1)[0]))
 
-    def _batches(self, shards: Iterator[dict[str, str]], rng: random.Random, stats: dict) -> Iterator[dict[str, Any]]:
+    def _batches(self, shards: Iterator[dict[str, str]], rng: random.Random, stats: dict,
+                 empty: set[str]) -> Iterator[dict[str, Any]]:
         """Batches from the shards, each carrying the worker's counters (`stats`, updated here)."""
 
         def on_shard_error(err: Exception) -> bool:
@@ -191,7 +216,7 @@ class ClipStream(IterableDataset):
                 raise RuntimeError(f"{stats['consecutive']} shard read errors in a row; last: {err!r}") from err
             return True
 
-        samples = wds.tarfile_to_samples(handler=on_shard_error)(shards)
+        samples = self._shard_samples(shards, on_shard_error, stats, empty)
         if self.train and self.cfg.shuffle_buffer > 1:
             samples = wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng)(
                 iter(samples)
@@ -216,17 +241,45 @@ class ClipStream(IterableDataset):
                 rows = []
         if rows:  # only a finite (eval) stream ends; its last batch may be partial
             yield with_stats(_collate(rows))
+        yield with_stats({})  # the counters of shards read after the last batch (unreadable or empty ones)
+
+    def _shard_samples(self, shards: Iterator[dict[str, str]], on_error, stats: dict,
+                       empty: set[str]) -> Iterator[dict[str, Any]]:
+        """The samples of each shard in turn (grouped per shard, so a shard's end is known: a shard that opened
+        without error and yielded no sample is empty). Empty shards are counted and named once; when every shard
+        of a training stream is empty the stream raises instead of drawing shards forever."""
+        to_samples = wds.tarfile_to_samples(handler=on_error)
+        for shard in shards:
+            errors_before, count = stats["shard_errors"], 0
+            for sample in to_samples(iter([shard])):
+                count += 1
+                yield sample
+            if count or stats["shard_errors"] != errors_before:
+                continue
+            stats["shards_empty"] += 1
+            if shard["url"] not in empty:
+                empty.add(shard["url"])
+                stats["errors"].append(f"{shard['url']}: no samples in this shard")
+                log.warning("shard %s holds no samples (an empty tar, or no member named <key>.<ext>); skipping it",
+                            shard["url"])
+            if self.train and empty.issuperset(self.urls):
+                raise DataQualityError(
+                    f"every one of the {len(set(self.urls))} training shards holds no samples (e.g. {self.urls[0]}); "
+                    "check them with `python jobs/inspect_shards.py URL`"
+                )
 
     def _process(self, sample: dict[str, Any], rng: random.Random, stats: dict) -> list[dict] | None:
         """The rows of one sample (`data.augment.repeats` augmented copies in training), None when it is bad."""
         cfg, key = self.cfg, sample.get("__key__", "?")
         try:
             meta = json.loads(sample["json"])
-            frames = decode_clip(sample["mp4"], cfg.num_frames, self.sampling, rng, cfg.frame_stride, cfg.trim_seconds)
+            frames = self.decode(sample["mp4"], mode=self.sampling, rng=rng)
             # Labelled shards may have no caption: their text is the class name.
             text = choose_caption(meta["caption"], self.caption_mode, rng) if "caption" in meta else meta["label_name"]
-            label = {"label": int(meta["label"])} if "label" in meta else {}
-        except (KeyError, ValueError, TypeError) as err:  # VideoDecodeError and JSON errors are ValueErrors
+            label = {"label": sample_label(meta)} if "label" in meta else {}
+        # VideoDecodeError and JSON errors are ValueErrors; JSON nested deeper than the interpreter's recursion
+        # limit raises RecursionError.
+        except (KeyError, ValueError, TypeError, RecursionError) as err:
             stats["bad"] += 1
             stats["errors"].append(f"{key} ({sample.get('__url__')}): {err!r}")
             log.warning("skipping sample %s from %s: %r", key, sample.get("__url__"), err)
@@ -347,6 +400,7 @@ class VideoLoader:
         self.stats.samples_ok = sum(w["ok"] for w in workers)
         self.stats.samples_bad = sum(w["bad"] for w in workers)
         self.stats.shard_errors = sum(w["shard_errors"] for w in workers)
+        self.stats.shards_empty = sum(w["shards_empty"] for w in workers)
         self.stats.recent_errors = (self.stats.recent_errors + worker_stats["errors"])[-10:]
         self._check_quality(final=False)
         return batch
@@ -354,6 +408,11 @@ class VideoLoader:
     def _check_quality(self, final: bool) -> None:
         s = self.stats
         total = s.samples_ok + s.samples_bad
+        if not s.samples_ok and total >= max(self.cfg.bad_check_min_samples, _MIN_SAMPLES_WITHOUT_ONE_GOOD):
+            raise DataQualityError(
+                f"none of the {total} samples read so far could be decoded; recent errors: {s.recent_errors}. "
+                "Check the shards with `python jobs/inspect_shards.py URL --decode`."
+            )
         if total and (final or total >= self.cfg.bad_check_min_samples) and s.bad_fraction > self.cfg.max_bad_fraction:
             raise DataQualityError(
                 f"{s.samples_bad} of {total} samples ({s.bad_fraction:.1%}) could not be decoded, above "
@@ -452,9 +511,6 @@ def build_loader(
         if samples_per_epoch:
             videos_per_batch = data_cfg.batch_size // data_cfg.augment.repeats  # repeats: copies of one video
             batches_per_epoch = math.ceil(samples_per_epoch / (world_size * videos_per_batch))
-        else:
-            log.warning("data.samples_per_epoch is not set and the shards have no complete manifest: the training "
-                        "stream runs as one endless epoch")
     if split == "eval":
         readers = world_size * max(1, data_cfg.num_workers)
         if len(urls) < readers:
@@ -471,16 +527,17 @@ def build_loader(
 
 
 def manifest_sample_total(urls: list[str]) -> int | None:
-    """Samples in the shards according to their manifests; None when a shard is missing from them (counting
-    by reading every training shard would be too slow to do at every start)."""
-    listed: dict[str, dict[str, int]] = {}
-    total = 0
-    for url in urls:
-        directory, name = url.rsplit("/", 1)
-        if directory not in listed:
-            manifest = read_manifest(directory) or {"shards": []}
-            listed[directory] = {s["name"]: s["num_samples"] for s in manifest["shards"]}
-        if name not in listed[directory]:
-            return None
-        total += listed[directory][name]
-    return total
+    """Samples in the shards according to their manifests; None, with a warning naming the shards, when the
+    manifests do not list them all (counting by reading every training shard would be too slow to do at every
+    start). DataQualityError when the manifests list every shard and no sample."""
+    counts = listed_sample_counts(urls)
+    unlisted = [url for url, count in zip(urls, counts, strict=True) if count is None]
+    if unlisted:
+        log.warning("data.samples_per_epoch is not set and %d of %d training shards are not listed in the manifest "
+                    "beside them (%s): the training stream runs as one endless epoch", len(unlisted), len(urls),
+                    ", ".join(unlisted[:3]) + (", ..." if len(unlisted) > 3 else ""))
+        return None
+    if not sum(counts):
+        raise DataQualityError(f"the manifests list no samples in the {len(urls)} training shards (e.g. {urls[0]}); "
+                               "rewrite them with jobs/make_shards.py or point data.train_shards elsewhere")
+    return sum(counts)

@@ -27,7 +27,7 @@ import multiprocessing
 import os
 import posixpath
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -36,10 +36,11 @@ from tqdm import tqdm
 
 from pipeline.data import labels
 from pipeline.data.decode import VideoDecodeError, probe_video
-from pipeline.data.encode import transcode_h264
+from pipeline.data.encode import TranscodeOptions, transcode_h264
 from pipeline.data.keys import make_key
 from pipeline.data.manifest import FORMAT, iter_shard, read_manifest, write_manifest
 from pipeline.data.urls import join_url, split_protocol
+from pipeline.writes import disk_full_named
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,6 @@ class ShardResult:
     num_samples: int
     duration_s: float
     skipped: list[dict[str, str]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class TranscodeOptions:
-    short_side: int | None = None
-    fps: float | None = None
 
 
 def _parse_caption(value: Any, where: str) -> str | list[str]:
@@ -142,7 +137,7 @@ def _encode_sample(row: InputRow, transcode: TranscodeOptions | None) -> dict[st
     with fsspec.open(row.path, "rb") as f:
         data = f.read()
     if transcode is not None:
-        data = transcode_h264(data, transcode.short_side, transcode.fps)
+        data = transcode_h264(data, transcode)
     info = probe_video(data)
     if info.container != _MP4_FAMILY:
         raise VideoDecodeError(f"container is {info.container!r}, not mp4; rerun with --transcode")
@@ -166,8 +161,9 @@ def write_shard(output: str, name: str, rows: list[InputRow], transcode: Transco
     protocol, final_path = split_protocol(join_url(output, name))
     local_dir = os.path.dirname(final_path) if protocol == "file" else None
     fd, tmp = tempfile.mkstemp(dir=local_dir, prefix=f".{name}.", suffix=".tmp")
+    room = "--output" if protocol == "file" else "TMPDIR (shards are staged there before the upload)"
     try:
-        with os.fdopen(fd, "wb") as f, wds.TarWriter(f) as tar:
+        with disk_full_named(tmp, "shard", room), os.fdopen(fd, "wb") as f, wds.TarWriter(f) as tar:
             for row in rows:
                 try:
                     sample = _encode_sample(row, transcode)
@@ -263,7 +259,7 @@ def make_shards(
         raise ValueError(f"input list {input_list!r} has no rows")
     prefix = prefix or posixpath.basename(output.rstrip("/")) or "shard"
     plan, duplicates = _plan(rows, shard_size)
-    options: dict[str, Any] = {"transcode": asdict(transcode) if transcode else None, "prefix": prefix}
+    options: dict[str, Any] = {"transcode": transcode.manifest_entry() if transcode else None, "prefix": prefix}
     if class_names is not None:  # only labelled sets record it, so unlabelled shard sets resume as before
         options["classes_sha256"] = hashlib.sha256("\n".join(class_names).encode("utf-8")).hexdigest()
     state = {

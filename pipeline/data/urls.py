@@ -8,17 +8,40 @@ s3fs reads `AWS_ENDPOINT_URL` and the usual AWS credential variables by itself.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import braceexpand
 import fsspec
 import webdataset as wds
 
+from pipeline.redaction import redact_text
+
 FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory")
 
 
+class AccessDenied(PermissionError):
+    """Reading an object was refused; the message names the object and where the credentials come from."""
+
+
+@contextmanager
+def access_named(url: str) -> Iterator[None]:
+    """Re-raise a PermissionError as AccessDenied naming `url`: s3fs says only "Access Denied"."""
+    try:
+        yield
+    except AccessDenied:
+        raise
+    except PermissionError as err:
+        detail = err.strerror or (err.args[0] if err.args else "")
+        raise AccessDenied(
+            f"access denied to {redact_text(url)} ({detail}): the credentials this process uses (for s3: "
+            "AWS_ACCESS_KEY_ID / AWS_PROFILE / the node's IAM role, or storage_options) may not read it"
+        ) from err
+
+
 def _fsspec_open(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):
-    return fsspec.open(url, mode).open()
+    with access_named(url):
+        return fsspec.open(url, mode).open()
 
 
 def register_fsspec_openers() -> None:
@@ -58,12 +81,13 @@ def expand_shard_urls(spec: str | Iterable[str]) -> list[str]:
     urls: list[str] = []
     for item in specs:
         for url in braceexpand.braceexpand(item):
-            if url.endswith(".tar"):
+            if url.split("?", 1)[0].endswith(".tar"):  # a signed URL carries its signature as a query
                 urls.append(url)
                 continue
             protocol, path = split_protocol(url)
             fs = filesystem(url)
-            found = sorted(fs.glob(posixpath.join(path.rstrip("/"), "*.tar")))
+            with access_named(url):
+                found = sorted(fs.glob(posixpath.join(path.rstrip("/"), "*.tar")))
             urls.extend(_with_protocol(protocol, p) for p in found)
     if not urls:
         raise ValueError(

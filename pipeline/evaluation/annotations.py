@@ -4,7 +4,9 @@
 - one-caption mode (MSR-VTT 1k-A): each caption is a separate text query whose answer is its video;
 - paragraph mode (DiDeMo, ActivityNet): a video's captions are joined with spaces into one query.
 Entries naming the same video are merged into one video (their captions concatenated in file order), so
-identical videos never compete with each other in the ranking.
+identical videos never compete with each other in the ranking. With `clean`, every query (a caption, or a
+joined paragraph) goes through UMT's caption cleaning (`pipeline.data.captions.clean_caption`), as the
+released evaluation does.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from pipeline.data.captions import clean_caption
 
 
 @dataclass(frozen=True)
@@ -32,8 +36,9 @@ class RetrievalAnnotations:
     """Videos dropped because their files were absent (only with skip_missing)."""
 
 
-def load_annotations(path: str | Path, paragraph: bool) -> RetrievalAnnotations:
-    """Read a UMT-layout annotation JSON; `paragraph` joins each video's captions into one query."""
+def load_annotations(path: str | Path, paragraph: bool, clean: bool = False) -> RetrievalAnnotations:
+    """Read a UMT-layout annotation JSON; `paragraph` joins each video's captions into one query; `clean`
+    cleans every query as UMT does (after joining, as released)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -56,6 +61,7 @@ def load_annotations(path: str | Path, paragraph: bool) -> RetrievalAnnotations:
     videos, texts, txt2vid, vid2txt = [], [], [], []
     for j, (video, captions) in enumerate(captions_by_video.items()):
         queries = [" ".join(captions)] if paragraph else captions
+        queries = [clean_caption(q) for q in queries] if clean else queries
         videos.append(video)
         vid2txt.append(list(range(len(texts), len(texts) + len(queries))))
         texts.extend(queries)

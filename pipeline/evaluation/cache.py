@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline.distributed import broadcast_object, is_main_process
 
 
 def checkpoint_identity(path: str | Path, hash_content: bool) -> dict[str, Any]:
@@ -60,3 +63,15 @@ class FeatureCache:
         torch.save(entry, tmp)
         os.replace(tmp, path)  # readers never see a half-written file
         return path
+
+
+def cached_on_all_ranks(cache: FeatureCache, kind: str, key: str, compute: Callable[[], dict[str, Any]]) -> dict:
+    """Rank 0 looks the entry up; on a miss every rank computes it (collectively) and rank 0 stores it.
+    Returns the entry plus `hit` (whether it came from the cache)."""
+    entry = broadcast_object(cache.load(kind, key) if is_main_process() else None)
+    hit = entry is not None
+    if not hit:
+        entry = compute()
+        if is_main_process():
+            cache.save(kind, key, entry)
+    return {**entry, "hit": hit}

@@ -11,15 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import (
-    ConfigError,
-    ScalingConfig,
-    TrackingConfig,
-    _interpolate_env,
-    apply_overrides,
-    from_dict,
-    load_yaml_tree,
-)
+from pipeline.config import ConfigError, ScalingConfig, TrackingConfig, load_typed_config, require
 
 
 @dataclass
@@ -40,8 +32,8 @@ class ClsModelConfig:
 
     def __post_init__(self) -> None:
         for key in ("num_frames", "img_size"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"model.{key}: must be >= 1 or null, got {getattr(self, key)}")
+            value = getattr(self, key)
+            require(f"model.{key}", value, value is None or value >= 1, ">= 1 or null")
 
 
 @dataclass
@@ -74,12 +66,11 @@ class ClsDataConfig:
             raise ConfigError("data.root: set with data.annotation (the list its paths are relative to)")
         if self.root is not None and self.shards is not None:
             raise ConfigError("data.root and data.shards: set only one of them (a video folder or shard URLs)")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ConfigError(f"data.batch_size must be >= 1 and data.num_workers >= 0, got {self.batch_size}, "
-                              f"{self.num_workers}")
+        require("data.batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
+        require("data.num_workers", self.num_workers, self.num_workers >= 0, ">= 0")
         for key in ("mean", "std"):
-            if len(getattr(self, key)) != 3:
-                raise ConfigError(f"data.{key}: expected 3 per-channel values (RGB), got {getattr(self, key)}")
+            require(f"data.{key}", getattr(self, key), len(getattr(self, key)) == 3, "3 per-channel values (RGB)")
+        require("data.std", self.std, min(self.std) > 0, "> 0 in every channel")
 
 
 @dataclass
@@ -90,9 +81,8 @@ class ViewsConfig:
     """Spatial crops per clip: short side resized to the view size, squares evenly spaced along the long side."""
 
     def __post_init__(self) -> None:
-        if self.num_clips < 1 or self.num_crops < 1:
-            raise ConfigError(f"views.num_clips and views.num_crops: must be >= 1, got {self.num_clips}, "
-                              f"{self.num_crops}")
+        require("views.num_clips", self.num_clips, self.num_clips >= 1, ">= 1")
+        require("views.num_crops", self.num_crops, self.num_crops >= 1, ">= 1")
 
 
 @dataclass
@@ -109,6 +99,7 @@ class EvalClassificationConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        require("most_confused", self.most_confused, self.most_confused >= 0, ">= 0 class pairs")
         if self.scaling.use_ray:
             raise ConfigError("scaling.use_ray: the classification test runs in this process or under torchrun "
                               "(torchrun --nproc_per_node N jobs/eval_cls.py ...); set scaling.use_ray=false")
@@ -127,6 +118,4 @@ class EvalClassificationConfig:
 def load_cls_eval_config(path: str | Path | None,
                          overrides: list[str] | tuple[str, ...] = ()) -> EvalClassificationConfig:
     """Load a classification-test YAML (with its `defaults`), apply `key.sub=value` overrides, validate."""
-    raw = load_yaml_tree(path) if path is not None else {}
-    apply_overrides(raw, overrides)
-    return from_dict(EvalClassificationConfig, _interpolate_env(raw), "")
+    return load_typed_config(EvalClassificationConfig, path, overrides)

@@ -2,7 +2,8 @@
 
 Temporal: the video's frames are cut into T equal segments (segment length s = (n - 1) / T); clip c of C takes in
 every segment the frame round(s * i) + floor(s / (C + 1) * (c + 1)), i.e. the clips sit at evenly spaced offsets
-inside the segments (one clip: the segment middles). All clips' frames are decoded in one pass.
+inside the segments (`pipeline.data.decode.sparse_clip_indices`; one clip is the validation view, data sampling
+mode `sparse_middle`, not the zero-shot `middle` rule). All clips' frames are decoded in one pass.
 Spatial: each clip's short side is resized to the view size and `num_crops` squares are cut evenly along the long
 side (three: start, centre, end). Views are ordered clip-major: view v = clip v // num_crops, crop v % num_crops.
 """
@@ -14,15 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.data.decode import VideoInfo, decode_at
+from pipeline.data.decode import decode_at, sparse_clip_indices
 from pipeline.data.transforms import spatial_crops
-
-
-def view_clip_indices(num_video_frames: int, num_frames: int, num_clips: int, clip: int) -> list[int]:
-    """Frame indices of temporal clip `clip` of `num_clips` (module docstring)."""
-    segment = max(0.0, (num_video_frames - 1) / num_frames)
-    offset = int(segment / (num_clips + 1) * (clip + 1))
-    return [min(round(segment * i) + offset, num_video_frames - 1) for i in range(num_frames)]
 
 
 @dataclass(frozen=True)
@@ -43,9 +37,9 @@ class ViewSpec:
     def load(self, source: str | bytes) -> Tensor:
         """Normalised float views (V, C, T, S, S) of one video."""
 
-        def choose(info: VideoInfo) -> list[int]:
-            return [i for c in range(self.num_clips) for i in view_clip_indices(info.num_frames, self.num_frames,
-                                                                                self.num_clips, c)]
+        def choose(num_video_frames: int) -> list[int]:
+            return [i for c in range(self.num_clips)
+                    for i in sparse_clip_indices(num_video_frames, self.num_frames, self.num_clips, c)]  # fmt: skip
 
         frames_NHW3 = decode_at(source, choose)
         views = []

@@ -11,23 +11,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import (
-    ConfigError,
-    ScalingConfig,
-    TrackingConfig,
-    _interpolate_env,
-    apply_overrides,
-    from_dict,
-    load_yaml_tree,
-)
+from pipeline.config import ConfigError, ScalingConfig, TrackingConfig, load_typed_config
 
 
 @dataclass
 class EvalModelConfig:
     checkpoint: str | None = None
-    """The video-text model export to evaluate (`<stage output>/export/model.pt`); required to run."""
+    """The video-text model to evaluate: a stage export (`<stage output>/export/model.pt`) or a released
+    multimodal checkpoint (`videomamba_m16_25M_f8_res224.pth`); required to run."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Feature extraction precision on GPU (bf16 autocast); CPU always runs fp32."""
+    text_family: Literal["auto", "open_clip", "bert"] = "auto"
+    """The checkpoint's text tower: `auto` reads it off the tensor names (`text_encoder.bert.*`: BERT with fusion
+    layers, the released UMT layout; `text_encoder.tower.*`: open_clip); an explicit value must agree."""
+    text_model: str = "bert-base-uncased"
+    """BERT family: a folder, or a hub name in the local Hugging Face cache, holding the tokenizer (vocab.txt) and
+    config.json (attention heads, LayerNorm eps); the release uses bert-base-uncased."""
 
 
 @dataclass
@@ -43,15 +42,22 @@ class EvalDataConfig:
     paragraph: bool = False
     """Join each video's captions with spaces into one query (DiDeMo and ActivityNet protocol)."""
     num_frames: int | None = None
-    """Frames per video, each at the middle of one of `num_frames` equal segments; None = the model's."""
+    """Frames per video, each at the middle of one of `num_frames` equal segments (the released rule); None = the
+    model's."""
     img_size: int | None = None
-    """Frames are resized (bicubic, antialiased) to img_size x img_size without cropping; None = the model's."""
+    """Frames are resized (bicubic, no antialiasing, as released) to img_size x img_size without cropping; None =
+    the model's."""
     mean: list[float] | None = None
     """Normalisation mean; None = the one in the export's meta, else ImageNet's."""
     std: list[float] | None = None
     """Normalisation std; None = the one in the export's meta, else ImageNet's."""
     trim_seconds: float | None = None
     """Sample only the first N seconds of each video (DiDeMo protocol: 30); None = the whole video."""
+    clean_captions: bool = True
+    """Clean every query as UMT does before tokenising: lower-case, delete ,.'!?"()*#:;~, '-' and '/' to spaces."""
+    max_text_tokens: int | None = None
+    """Tokens per query including the special ones (UMT's max_txt_l: 32 MSR-VTT, 64 DiDeMo, 150 ActivityNet);
+    None = 32 for BERT, the tower's context length for open_clip (which caps any value)."""
     skip_missing: bool = False
     """Evaluate without videos whose files are absent (counted in the report) instead of failing."""
     batch_size: int = 16
@@ -62,7 +68,7 @@ class EvalDataConfig:
     def __post_init__(self) -> None:
         if self.root is not None and self.shards is not None:
             raise ConfigError("data.root and data.shards: set only one of them (a video folder or shard URLs)")
-        for key in ("num_frames", "img_size", "batch_size"):
+        for key in ("num_frames", "img_size", "batch_size", "max_text_tokens"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}: must be >= 1, got {getattr(self, key)}")
         if self.num_workers < 0:
@@ -82,7 +88,11 @@ class ScoringConfig:
     rerank_top_k: int = 0
     """Re-score each query's top-k candidates with the model's matching (VTM) head; 0 = off (cosine only)."""
     rerank_batch_size: int = 32
-    """Video-text pairs per VTM forward pass."""
+    """Texts per matching-head forward pass (UMT: 32)."""
+    cache_vision_tokens: bool = True
+    """BERT family: keep each rank's vision tokens in host memory from feature extraction to the re-rank
+    (videos / ranks x T*P x D floats: 3.6 GB for MSR-VTT's 1,000 videos at fp32 on one rank). False decodes and
+    encodes each video once more for the re-rank instead."""
     dual_softmax: bool = False
     """Reweight each score by the softmax over the other modality (a transductive trick; off by default)."""
     dual_softmax_temperature: float = 0.01
@@ -95,6 +105,13 @@ class ScoringConfig:
             raise ConfigError(f"scoring.rerank_batch_size: must be >= 1, got {self.rerank_batch_size}")
         if self.dual_softmax_temperature <= 0:
             raise ConfigError(f"scoring.dual_softmax_temperature: must be > 0, got {self.dual_softmax_temperature}")
+
+
+@dataclass
+class EvaluationOutputConfig:
+    save_scores: bool = False
+    """Write the score matrices to `<output_dir>/scores_<data.name>.npz`: the similarity (texts x videos) and,
+    with re-ranking, the re-ranked ones per direction as the released code fills them (-100 off the top-k)."""
 
 
 @dataclass
@@ -112,6 +129,7 @@ class EvalRetrievalConfig:
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    evaluation: EvaluationOutputConfig = field(default_factory=EvaluationOutputConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scaling: ScalingConfig = field(default_factory=lambda: ScalingConfig(use_ray=False))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -130,6 +148,4 @@ class EvalRetrievalConfig:
 
 def load_eval_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> EvalRetrievalConfig:
     """Load an eval YAML (with its `defaults`), apply `key.sub=value` overrides, validate."""
-    raw = load_yaml_tree(path) if path is not None else {}
-    apply_overrides(raw, overrides)
-    return from_dict(EvalRetrievalConfig, _interpolate_env(raw), "")
+    return load_typed_config(EvalRetrievalConfig, path, overrides)

@@ -141,7 +141,7 @@ def rank_slice(n: int) -> range:
     return range(rank * n // world_size, (rank + 1) * n // world_size)
 
 
-def _autocast(device: torch.device, precision: str):
+def precision_autocast(device: torch.device, precision: str):
     enabled = device.type == "cuda" and precision == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -167,12 +167,12 @@ def map_clips(
     indices, rows = [], []
     with tqdm(total=len(wanted), desc=desc, unit="clip", disable=get_rank() != 0) as bar:
         for index_B, clip_BCTHW in timer.iterate(loader, f"{desc}_decode"):
-            with timer.phase(f"{desc}_forward", device), _autocast(device, precision):
+            with timer.phase(f"{desc}_forward", device), precision_autocast(device, precision):
                 index_B = index_B.to(device)
                 rows.append(fn(index_B, clip_BCTHW.to(device, non_blocking=True)).float())
             indices.append(index_B)
             bar.update(len(index_B))
-    return _assemble(indices, rows, len(videos), mine)
+    return gather_rows(indices, rows, len(videos), mine)
 
 
 def encode_videos(model, videos: list[str], source: VideoSource, spec: ClipSpec, device: torch.device,
@@ -184,22 +184,29 @@ def encode_videos(model, videos: list[str], source: VideoSource, spec: ClipSpec,
 
 
 @torch.no_grad()
-def encode_texts(model, texts: list[str], device: torch.device, batch_size: int, precision: str = "fp32",
-                 timer: PhaseTimer | None = None) -> Tensor:
-    """(T, E) features of all `texts` in order: this rank encodes its slice, then all ranks gather.
-    Tokenising and the forward pass count as the timer's `text_forward` phase."""
+def map_texts(fn: Callable[[list[str]], tuple[Tensor, ...]], texts: list[str], device: torch.device, batch_size: int,
+              precision: str = "fp32", timer: PhaseTimer | None = None) -> tuple[Tensor, ...]:
+    """`fn(texts) -> (rows_B..., ...)` over all `texts` in order, each output assembled to (num_texts, ...) on CPU:
+    this rank maps its slice, then all ranks gather. Tokenising and the forward pass count as `text_forward`."""
     timer = timer or PhaseTimer()
     mine = rank_slice(len(texts))
-    indices, feats = [], []
+    indices, outputs = [], []
     for start in range(mine.start, mine.stop, batch_size):
         stop = min(start + batch_size, mine.stop)
-        with timer.phase("text_forward", device), _autocast(device, precision):
-            feats.append(model.encode_text(texts[start:stop]).float())
+        with timer.phase("text_forward", device), precision_autocast(device, precision):
+            outputs.append(fn(texts[start:stop]))
         indices.append(torch.arange(start, stop, device=device))
-    return _assemble(indices, feats, len(texts), mine)
+    return tuple(gather_rows(indices, list(rows), len(texts), mine) for rows in zip(*outputs, strict=True))
 
 
-def _assemble(indices: list[Tensor], rows: list[Tensor], total: int, mine: range) -> Tensor:
+def encode_texts(model, texts: list[str], device: torch.device, batch_size: int, precision: str = "fp32",
+                 timer: PhaseTimer | None = None, max_tokens: int | None = None) -> Tensor:
+    """(T, E) features of all `texts` in order (`model.encode_text`, at most `max_tokens` tokens per text)."""
+    return map_texts(lambda chunk: (model.encode_text(chunk, max_tokens=max_tokens).float(),), texts, device,
+                     batch_size, precision, timer)[0]
+
+
+def gather_rows(indices: list[Tensor], rows: list[Tensor], total: int, mine: range) -> Tensor:
     """Gather every rank's (index, row) pairs and place the rows in item order: (total, ...) on CPU."""
     index_N = torch.cat(indices)
     if len(index_N) != len(mine):

@@ -1,8 +1,8 @@
 """Evaluation results on disk and in MLflow: a JSON file and a markdown page per data set, an MLflow child run
 (retrieval here; the classification test renders its own page, `cls_run.markdown_report`, through the same writer).
 
-A result is a plain dict: `{"dataset", "checkpoint", "metrics": {t2v_r1, ...}, "protocol": {...},
-"counts": {"videos", "texts", "skipped_videos"}, "skipped_videos": [...], "cache": {...},
+A result is a plain dict: `{"dataset", "checkpoint", "metrics": {t2v_r1, ..., [similarity/t2v_r1, ...]},
+"protocol": {...}, "counts": {"videos", "texts", "skipped_videos"}, "skipped_videos": [...], "cache": {...},
 "timing": {"<phase>_s": seconds, ..., "total_s"}}` (phases: `pipeline.evaluation.run.evaluate_on_rank`).
 """
 
@@ -31,16 +31,24 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"Checkpoint: `{result['checkpoint']}`  ",
         f"Videos: {counts['videos']}, queries: {counts['texts']}, skipped (missing) videos: {counts['skipped_videos']}",
         "",
-        "| direction | " + " | ".join(name for name, _ in _COLUMNS) + " |",
-        "|---|" + "---:|" * len(_COLUMNS),
     ]
-    for direction, label in (("t2v", "text → video"), ("v2t", "video → text")):
-        cells = [f"{metrics[f'{direction}_{key}']:.1f}" for _, key in _COLUMNS]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += metrics_table(metrics)
+    if "similarity/t2v_r1" in metrics:
+        lines += ["", "Similarity alone, before re-ranking:", ""]
+        lines += metrics_table(metrics, "similarity/")
     lines += timing_table(result.get("timing", {}), result.get("cache", {}))
     lines += ["", "Protocol:", ""]
     lines += [f"- {key}: `{value}`" for key, value in flatten(protocol).items()]
     return "\n".join(lines) + "\n"
+
+
+def metrics_table(metrics: dict[str, float], prefix: str = "") -> list[str]:
+    """Markdown lines: R@1/5/10, MdR, MnR for both directions, from `<prefix>t2v_r1` ... `<prefix>v2t_meanr`."""
+    lines = ["| direction | " + " | ".join(name for name, _ in _COLUMNS) + " |", "|---|" + "---:|" * len(_COLUMNS)]
+    for direction, label in (("t2v", "text → video"), ("v2t", "video → text")):
+        cells = [f"{metrics[f'{prefix}{direction}_{key}']:.1f}" for _, key in _COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def timing_table(timing: dict[str, float], cache: dict[str, Any]) -> list[str]:

@@ -9,70 +9,47 @@ rank 0 scores, writes the reports and logs the MLflow run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.config import from_dict, to_dict
-from pipeline.distributed import broadcast_object, get_world_size, is_main_process
+from pipeline.config import ConfigError, from_dict, to_dict
+from pipeline.distributed import get_world_size, is_main_process
 from pipeline.evaluation.annotations import RetrievalAnnotations, drop_missing, load_annotations
 from pipeline.evaluation.cache import FeatureCache, cache_key, checkpoint_identity
-from pipeline.evaluation.config import EvalDataConfig, EvalRetrievalConfig
-from pipeline.evaluation.features import (
-    ClipSpec,
-    FolderVideos,
-    ShardVideos,
-    VideoSource,
-    encode_texts,
-    encode_videos,
-    map_clips,
-)
+from pipeline.evaluation.config import EvalDataConfig, EvalModelConfig, EvalRetrievalConfig
+from pipeline.evaluation.features import ClipSpec, FolderVideos, ShardVideos, VideoSource
+from pipeline.evaluation.loading import BERT, load_eval_model, model_facts
 from pipeline.evaluation.metrics import rank_summary, t2v_ranks, v2t_ranks
 from pipeline.evaluation.report import log_to_mlflow, write_report
-from pipeline.evaluation.similarity import apply_rerank, cosine_similarity, dual_softmax, top_k_pairs, vtm_rows
+from pipeline.evaluation.scoring import EvalContext, Scores, dual_encoder_scores, write_scores
 from pipeline.evaluation.timing import PhaseTimer
+from pipeline.evaluation.umt_scoring import DEFAULT_MAX_TEXT_TOKENS, umt_scores
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TEXT_BATCH_SIZE = 64
 
 ModelLoader = Callable[[str, torch.device], Any]
 
 
-def load_video_text_model(checkpoint: str, device: torch.device):
-    """The default model loader: a video-text stage export, in eval mode on `device`."""
-    from models.video_text import VideoTextModel
-
-    return VideoTextModel.from_export(checkpoint, map_location=device).eval()
-
-
-def model_facts(checkpoint: str) -> dict[str, Any]:
-    """What the export says about its inputs: `num_frames`, `img_size` (read off the vision encoder's
-    embedding shapes, so registry defaults need no lookup) and `mean`/`std` when its meta records them.
-    The weights are memory-mapped, not read."""
-    export = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(export, dict) or "state_dict" not in export:
-        raise ValueError(f"{checkpoint}: not a stage export (a dict with 'state_dict' and 'meta')")
-    state, meta = export["state_dict"], export.get("meta", {})
-    try:
-        proj = state["vision_encoder.patch_embed.proj.weight"]  # (D, C, tubelet, patch, patch)
-        temporal = state["vision_encoder.temporal_pos_embedding"]  # (1, T / tubelet, D)
-        spatial = state["vision_encoder.pos_embed"]  # (1, 1 + patches per frame, D)
-    except KeyError as err:
-        raise ValueError(f"{checkpoint}: no vision encoder tensor {err}; is it a video-text stage export?") from err
-    facts = {"num_frames": temporal.shape[1] * proj.shape[2],
-             "img_size": math.isqrt(spatial.shape[1] - 1) * proj.shape[3]}
-    facts.update({k: list(meta[k]) for k in ("mean", "std") if k in meta})
-    return facts
+def load_video_text_model(checkpoint: str, device: torch.device, model_cfg: EvalModelConfig | None = None):
+    """The default model loader: a video-text stage export or a released multimodal checkpoint, in eval mode on
+    `device` (`model_cfg` supplies the text family check and, for BERT, the tokenizer's `text_model`)."""
+    return load_eval_model(dataclasses.replace(model_cfg or EvalModelConfig(), checkpoint=checkpoint), device)
 
 
 def clip_spec(data: EvalDataConfig, facts: dict[str, Any]) -> ClipSpec:
-    """Config values win; unset ones come from the export (what the model was built and trained with)."""
+    """Config values win; unset ones come from the export (what the model was built and trained with). The
+    model takes only its own frame count and size, so a config value that differs is an error now, not later."""
+    for key in ("num_frames", "img_size"):
+        value = getattr(data, key)
+        if value is not None and value != facts[key]:
+            raise ConfigError(f"data.{key}={value}, but the checkpoint's model takes {facts[key]}; set "
+                              f"data.{key}={facts[key]} or null (the model's own)")
     return ClipSpec(
         num_frames=data.num_frames or facts["num_frames"],
         img_size=data.img_size or facts["img_size"],
@@ -82,26 +59,37 @@ def clip_spec(data: EvalDataConfig, facts: dict[str, Any]) -> ClipSpec:
     )
 
 
+def max_text_tokens(data: EvalDataConfig, family: str) -> int | None:
+    """Tokens per query: the config's, else 32 for BERT (UMT's MSR-VTT value), else the open_clip tower's own."""
+    if data.max_text_tokens is not None:
+        return data.max_text_tokens
+    return DEFAULT_MAX_TEXT_TOKENS if family == BERT else None
+
+
 def video_source(data: EvalDataConfig) -> VideoSource:
     return FolderVideos(data.root) if data.root is not None else ShardVideos(data.shards)
 
 
 def prepare_annotations(data: EvalDataConfig, source: VideoSource) -> RetrievalAnnotations:
-    anno = load_annotations(data.annotation, paragraph=data.paragraph)
+    anno = load_annotations(data.annotation, paragraph=data.paragraph, clean=data.clean_captions)
     return drop_missing(anno, source.exists, data.skip_missing, source.describe())
 
 
-def protocol(cfg: EvalRetrievalConfig, spec: ClipSpec) -> dict[str, Any]:
+def protocol(cfg: EvalRetrievalConfig, spec: ClipSpec, family: str) -> dict[str, Any]:
     """Everything the numbers depend on besides the weights: recorded in the report and as MLflow params."""
-    scoring = {"similarity": "cosine", "dual_softmax": cfg.scoring.dual_softmax,
-               "rerank_top_k": cfg.scoring.rerank_top_k}
+    scoring = {"similarity": "frame-mean cosine" if family == BERT else "cosine",
+               "dual_softmax": cfg.scoring.dual_softmax, "rerank_top_k": cfg.scoring.rerank_top_k}
+    if cfg.scoring.rerank_top_k:
+        scoring["rerank_score"] = "itm_head positive logit" if family == BERT else "vtm_head positive logit"
     if cfg.scoring.dual_softmax:
         scoring["dual_softmax_temperature"] = cfg.scoring.dual_softmax_temperature
     return {
         "annotation": str(cfg.data.annotation),
+        "text_family": family,
         "text_mode": "paragraph" if cfg.data.paragraph else "caption",
+        "text": {"clean_captions": cfg.data.clean_captions, "max_text_tokens": max_text_tokens(cfg.data, family)},
         "frames": {"num_frames": spec.num_frames, "sampling": "middle", "trim_seconds": spec.trim_seconds},
-        "resize": {"img_size": spec.img_size, "interpolation": "bicubic", "crop": "none"},
+        "resize": {"img_size": spec.img_size, "interpolation": "bicubic", "antialias": False, "crop": "none"},
         "normalize": {"mean": list(spec.mean), "std": list(spec.std)},
         "scoring": scoring,
     }
@@ -127,105 +115,74 @@ class _LazyModel:
         return self.model
 
 
-def _cached_on_all_ranks(cache: FeatureCache, kind: str, key: str, compute: Callable[[], dict[str, Any]]) -> dict:
-    """Rank 0 looks the entry up; on a miss every rank computes it (collectively) and rank 0 stores it."""
-    entry = broadcast_object(cache.load(kind, key) if is_main_process() else None)
-    hit = entry is not None
-    if not hit:
-        entry = compute()
-        if is_main_process():
-            cache.save(kind, key, entry)
-    return {**entry, "hit": hit}
+def ranked_metrics(t2v_TV: torch.Tensor, v2t_TV: torch.Tensor, anno: RetrievalAnnotations) -> dict[str, float]:
+    return {**rank_summary("t2v", t2v_ranks(t2v_TV, anno.txt2vid)),
+            **rank_summary("v2t", v2t_ranks(v2t_TV, anno.vid2txt))}
 
 
-def evaluate_on_rank(cfg: EvalRetrievalConfig, model_loader: ModelLoader = load_video_text_model) -> dict | None:
+def evaluate_on_rank(cfg: EvalRetrievalConfig, model_loader: ModelLoader | None = None) -> dict | None:
     """The per-rank body: every rank extracts its share; rank 0 returns the flat result, others None.
 
+    `model_loader(checkpoint, device)` defaults to `load_video_text_model` with this config's model section.
+    The metrics are those of the re-ranked scores when re-ranking is on (UMT's reported `test/` numbers), and
+    `similarity/<metric>` those of the first-stage similarity alone (UMT's `test_emb/`).
     The result's `timing` splits this rank's seconds into phases (see `PhaseTimer.report`): setup
     (annotations, video listing), model_load, video_decode, video_forward, text_forward, scoring
     (similarities, ranks, metrics) and, with re-ranking, vtm_rerank_decode / vtm_rerank_forward;
     total_s also covers the feature cache and the gathers between ranks.
     """
     cfg.check_runnable()
+    loader = model_loader or functools.partial(load_video_text_model, model_cfg=cfg.model)
     timer = PhaseTimer()
     with timer.phase("setup"):
         source = video_source(cfg.data)
         anno = prepare_annotations(cfg.data, source)
-        spec = clip_spec(cfg.data, model_facts(cfg.model.checkpoint))
+        facts = model_facts(cfg.model)
+        spec = clip_spec(cfg.data, facts)
+    family = facts["family"]
     device = _device(cfg)
-    model = _LazyModel(model_loader, cfg.model.checkpoint, device, timer)
-    cache = FeatureCache(cfg.cache.dir, cfg.data.name)
+    model = _LazyModel(loader, cfg.model.checkpoint, device, timer)
     feature_key = cache_key({
         "checkpoint": checkpoint_identity(cfg.model.checkpoint, cfg.cache.hash_checkpoint),
         "annotation_sha256": anno.sha256, "paragraph": cfg.data.paragraph, "videos": anno.videos,
-        "source": source.describe(), "clip": spec.__dict__,
+        "source": source.describe(), "clip": spec.__dict__, "family": family,
+        "precision": cfg.model.precision if device.type == "cuda" else "fp32",  # CPU always runs fp32
+        "text": {"clean": cfg.data.clean_captions, "max_tokens": max_text_tokens(cfg.data, family)},
     })
-
-    def extract() -> dict[str, torch.Tensor]:
-        return {
-            "video_VE": encode_videos(model.get(), anno.videos, source, spec, device, cfg.data.batch_size,
-                                      cfg.data.num_workers, cfg.model.precision, timer),
-            "text_TE": encode_texts(model.get(), anno.texts, device, TEXT_BATCH_SIZE, cfg.model.precision, timer),
-        }
-
-    features = _cached_on_all_ranks(cache, "features", feature_key, extract)
-    with timer.phase("scoring"):
-        sim_TV = cosine_similarity(features["text_TE"], features["video_VE"])
-        if cfg.scoring.dual_softmax:
-            sim_t2v_TV, sim_v2t_TV = dual_softmax(sim_TV, cfg.scoring.dual_softmax_temperature)
-        else:
-            sim_t2v_TV, sim_v2t_TV = sim_TV, sim_TV
-        if cfg.scoring.rerank_top_k:
-            t2v_TV, v2t_TV = top_k_pairs(sim_t2v_TV, sim_v2t_TV, cfg.scoring.rerank_top_k)
-            pairs_VT = (t2v_TV | v2t_TV).T.contiguous()
-    vtm_hit = None
-    if cfg.scoring.rerank_top_k:
-
-        def rerank() -> dict[str, torch.Tensor]:
-            def rows(index_B: torch.Tensor, clip_BCTHW: torch.Tensor) -> torch.Tensor:
-                return vtm_rows(model.get(), index_B, clip_BCTHW, anno.texts, pairs_VT,
-                                cfg.scoring.rerank_batch_size)
-
-            vtm_VT = map_clips(rows, anno.videos, source, spec, device, batch_size=1,
-                               num_workers=cfg.data.num_workers, precision=cfg.model.precision, desc="vtm_rerank",
-                               timer=timer)
-            return {"vtm_TV": vtm_VT.T.contiguous()}
-
-        vtm_key = cache_key({"features": feature_key, "pairs_sha": _tensor_digest(pairs_VT)})
-        vtm = _cached_on_all_ranks(cache, "vtm", vtm_key, rerank)
-        vtm_hit = vtm["hit"]
-        with timer.phase("scoring"):
-            sim_t2v_TV = apply_rerank(sim_t2v_TV, t2v_TV, vtm["vtm_TV"])
-            sim_v2t_TV = apply_rerank(sim_v2t_TV, v2t_TV, vtm["vtm_TV"])
+    ctx = EvalContext(cfg, anno, source, spec, device, model.get, FeatureCache(cfg.cache.dir, cfg.data.name),
+                      feature_key, timer, max_text_tokens(cfg.data, family))
+    scores: Scores = (umt_scores if family == BERT else dual_encoder_scores)(ctx)
     if not is_main_process():
         return None
 
     with timer.phase("scoring"):
-        metrics = {**rank_summary("t2v", t2v_ranks(sim_t2v_TV, anno.txt2vid)),
-                   **rank_summary("v2t", v2t_ranks(sim_v2t_TV, anno.vid2txt))}
+        metrics = ranked_metrics(*scores.ranking(), anno)
+        if scores.reranked:
+            similarity = ranked_metrics(scores.sim_t2v_TV, scores.sim_v2t_TV, anno)
+            metrics.update({f"similarity/{k}": v for k, v in similarity.items()})
+    score_files = [write_scores(cfg.output_dir, cfg.data.name, scores, anno)] if cfg.evaluation.save_scores else []
     result = {
         "dataset": cfg.data.name,
         "checkpoint": str(cfg.model.checkpoint),
         "metrics": metrics,
-        "protocol": protocol(cfg, spec),
+        "protocol": protocol(cfg, spec, family),
         "counts": {"videos": len(anno.videos), "texts": len(anno.texts), "skipped_videos": len(anno.missing)},
         "skipped_videos": anno.missing,
-        "cache": {"features_hit": features["hit"], "vtm_hit": vtm_hit, "world_size": get_world_size()},
+        "cache": {"features_hit": scores.features_hit, "vtm_hit": scores.vtm_hit, "world_size": get_world_size()},
         "timing": timer.report(),
     }
     files = list(write_report(result, cfg.output_dir))
-    run_id = log_to_mlflow(result, cfg, files) if cfg.tracking.enabled else None
+    run_id = log_to_mlflow(result, cfg, files + score_files) if cfg.tracking.enabled else None
     timing = {f"timing/{k}": v for k, v in result["timing"].items()}
-    return {**metrics, **result["counts"], **timing, "run_id": run_id, "report": str(files[0])}
+    out = {**metrics, **result["counts"], **timing, "run_id": run_id, "report": str(files[0])}
+    if score_files:
+        out["scores"] = str(score_files[0])
+    return out
 
 
-def _tensor_digest(x: torch.Tensor) -> str:
-    return hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest()
-
-
-def evaluate_retrieval(cfg: EvalRetrievalConfig, model_loader: ModelLoader = load_video_text_model) -> dict[str, Any]:
-    """Evaluate and return `{t2v_r1, ..., v2t_meanr, videos, texts, skipped_videos, timing/<phase>_s, run_id,
-    report}`.
+def evaluate_retrieval(cfg: EvalRetrievalConfig, model_loader: ModelLoader | None = None) -> dict[str, Any]:
+    """Evaluate and return `{t2v_r1, ..., v2t_meanr, [similarity/...], videos, texts, skipped_videos,
+    timing/<phase>_s, run_id, report, [scores]}`.
 
     Without Ray this process evaluates (as one rank of a torchrun group, if one is initialised; other
     ranks get {}). With `scaling.use_ray` the default model loader runs on Ray Train workers.
@@ -302,12 +259,13 @@ def describe_plan(cfg: EvalRetrievalConfig) -> list[str]:
     cfg.check_runnable()
     source = video_source(cfg.data)
     anno = prepare_annotations(cfg.data, source)
-    spec = clip_spec(cfg.data, model_facts(cfg.model.checkpoint))
+    facts = model_facts(cfg.model)
+    spec = clip_spec(cfg.data, facts)
     lines = [
         f"data set {cfg.data.name}: {len(anno.videos)} videos, {len(anno.texts)} queries from {cfg.data.annotation}",
         f"videos from {source.describe()} (skipped as missing: {len(anno.missing)})",
         f"checkpoint {cfg.model.checkpoint}",
-        f"protocol {protocol(cfg, spec)}",
+        f"protocol {protocol(cfg, spec, facts['family'])}",
         f"workers {cfg.scaling.num_workers} via {'Ray Train' if cfg.scaling.use_ray else 'this process'}",
         f"reports -> {Path(cfg.output_dir) / f'retrieval_{cfg.data.name}'}.{{json,md}}",
     ]

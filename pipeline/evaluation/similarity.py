@@ -53,8 +53,17 @@ def apply_rerank(sim_TV: Tensor, candidates_TV: Tensor, vtm_TV: Tensor) -> Tenso
     return torch.where(candidates_TV, vtm_TV, rest_TV)
 
 
+RELEASED_FILL = -100.0
+
+
+def released_rerank(candidates_TV: Tensor, vtm_TV: Tensor) -> Tensor:
+    """The re-ranked matrix as the released evaluation fills it: the matching logit on candidates, -100 elsewhere."""
+    return torch.where(candidates_TV, vtm_TV.float(), torch.full_like(vtm_TV, RELEASED_FILL, dtype=torch.float32))
+
+
 @torch.no_grad()
-def vtm_rows(model, index_B: Tensor, clip_BCTHW: Tensor, texts: list[str], pairs_VT: Tensor, pair_batch: int) -> Tensor:
+def vtm_rows(model, index_B: Tensor, clip_BCTHW: Tensor, texts: list[str], pairs_VT: Tensor, pair_batch: int,
+             max_tokens: int | None = None) -> Tensor:
     """VTM scores of each clip with its candidate texts: (B, num_texts), zero where not a candidate.
 
     `pairs_VT[j]` marks the texts to score against video `index_B[b] == j`. Uses the model's
@@ -66,5 +75,5 @@ def vtm_rows(model, index_B: Tensor, clip_BCTHW: Tensor, texts: list[str], pairs
         text_ids = pairs_VT[j].nonzero().flatten().tolist()
         if text_ids:
             out_BT[b, text_ids] = model.vtm_scores_for_clip(clip_BCTHW[b : b + 1], [texts[i] for i in text_ids],
-                                                            pair_batch).float()
+                                                            pair_batch, max_tokens).float()
     return out_BT

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import create_model, load_pretrained
-from pipeline.config import ConfigError, TaskConfig, register_task_config
+from pipeline.config import ConfigError, TaskConfig, register_task_config, require
 from pipeline.distributed import all_reduce_sum, get_rank
 from pipeline.losses import soft_target_cross_entropy
+from pipeline.redaction import redact_text
 from pipeline.tasks import Task, register_task
 from pipeline.tasks.backbone import shapes_only
 from pipeline.tasks.ema import ParameterEMA
@@ -62,19 +63,29 @@ class ClassificationConfig(TaskConfig):
     exported instead of the trained weights; None = off (as every released script)."""
 
     def __post_init__(self) -> None:
-        if self.num_classes is None or self.num_classes < 2:
-            raise ConfigError(f"task.num_classes: required and >= 2 (400 for K400, 174 for SSv2), got "
-                              f"{self.num_classes}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"task.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise ConfigError(f"task.mixup_alpha / task.cutmix_alpha: must be >= 0 (0 = off), got "
-                              f"{self.mixup_alpha} / {self.cutmix_alpha}")
+        require("task.num_classes", self.num_classes, self.num_classes is not None and self.num_classes >= 2,
+                ">= 2 (400 for K400, 174 for SSv2); it is required")
+        require("task.label_smoothing", self.label_smoothing, 0.0 <= self.label_smoothing < 1.0, "in [0, 1)")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            require(f"task.{key}", getattr(self, key), getattr(self, key) >= 0, ">= 0 (0 = off)")
         for key in ("mixup_prob", "mixup_switch_prob"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"task.{key}: must be a probability in [0, 1], got {getattr(self, key)}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ConfigError(f"task.ema_decay: must be in (0, 1) or null, got {self.ema_decay}")
+            require(f"task.{key}", getattr(self, key), 0.0 <= getattr(self, key) <= 1.0, "a probability in [0, 1]")
+        if self.ema_decay is not None:
+            require("task.ema_decay", self.ema_decay, 0.0 < self.ema_decay < 1.0, "in (0, 1) or null")
+
+    def preflight(self) -> list[str]:
+        """The driver's check before any worker starts (`pipeline.preflight`): the class-index file is readable and
+        names num_classes classes. Storage this machine cannot read is noted, not failed (as for shards)."""
+        if self.class_index is None:
+            return ["task.class_index: - (exports carry no class names)"]
+        try:
+            names = read_checked_class_names(self)
+        except ConfigError:
+            raise
+        except Exception as err:  # no credentials here, access denied: the workers may have them
+            return [f"task.class_index: not checked, {redact_text(self.class_index)} is not readable from here "
+                    f"({type(err).__name__})"]
+        return [f"task.class_index: {len(names)} classes"]
 
 
 def topk_correct(logits_BK: Tensor, label_B: Tensor, ks: tuple[int, ...]) -> list[Tensor]:
@@ -181,17 +192,27 @@ def load_initial_weights(model: nn.Module, path: str) -> None:
               flush=True)
 
 
-def class_names(task_cfg: ClassificationConfig) -> list[str] | None:
-    """The class-index file's names, checked against task.num_classes; None without one (or in a dry run)."""
-    if task_cfg.class_index is None or shapes_only():
-        return None
+def read_checked_class_names(task_cfg: ClassificationConfig) -> list[str]:
+    """The names in `task.class_index`; ConfigError when the file is absent, malformed or names another number of
+    classes than task.num_classes."""
     from pipeline.data.labels import read_class_index
 
-    names = read_class_index(task_cfg.class_index)
+    try:
+        names = read_class_index(task_cfg.class_index)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"task.class_index: {err}") from None
     if len(names) != task_cfg.num_classes:
         raise ConfigError(f"task.class_index: {task_cfg.class_index} names {len(names)} classes but "
                           f"task.num_classes is {task_cfg.num_classes}")
     return names
+
+
+def class_names(task_cfg: ClassificationConfig) -> list[str] | None:
+    """The class-index file's names, checked against task.num_classes; None without one (or in a dry run, where
+    `ClassificationConfig.preflight` has checked it)."""
+    if task_cfg.class_index is None or shapes_only():
+        return None
+    return read_checked_class_names(task_cfg)
 
 
 @register_task("classification")
