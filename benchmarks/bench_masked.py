@@ -121,13 +121,13 @@ def time_steps(task: MaskedAlignmentTask, optimizer, video: torch.Tensor, args: 
     times = {"peak GiB": peak_gib(step, device), "step ms": timed(step)}
     with torch.no_grad():
         times["teacher fwd ms"] = timed(lambda: task.teacher(video))
-    mask_type = task.mask_type
+    mask_type = task.masks.mask_type
     with cached_teacher(task, video):
         times["student step ms (masked)"] = timed(step)
-        task.mask_type = "none"
+        task.masks.mask_type = "none"
         times["peak GiB (no mask)"] = peak_gib(step, device)
         times["student step ms (no mask)"] = timed(step)
-        task.mask_type = mask_type
+        task.masks.mask_type = mask_type
     return times
 
 

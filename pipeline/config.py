@@ -12,8 +12,8 @@ A `str` field takes a plain number as it was written (`run_name=20241201`, `tag:
 Every unknown key or ill-typed value raises `ConfigError` naming the key, the value and what is
 allowed, before any worker starts.
 
-Task sections are typed per stage: `task.name` selects a dataclass registered with
-`register_task_config` (each stage module registers its own).
+Task sections are typed per stage: `task.name` selects the `config` dataclass of that task's `TaskSpec`
+(pipeline/tasks/spec.py; each stage module registers its own).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from pipeline.config_yaml import SourcedFloat, SourcedInt, YamlSyntaxError, load_yaml_file, parse_value, plain
+from pipeline.tasks.spec import task_names, task_spec
 
 T = TypeVar("T")
 
@@ -53,10 +54,6 @@ def _at_least(key: str, value: float | None, low: float, optional: bool = False)
 
 
 # ----------------------------------------------------------------------------- sections
-
-
-# Tasks whose trainable VideoMamba can run from CUDA graphs (model.cuda_graph; pipeline/cuda_graph.py).
-CUDA_GRAPH_TASKS = ("masked_alignment", "video_text")
 
 
 @dataclass
@@ -83,8 +80,8 @@ class ModelConfig:
     cuda_graph: Literal["auto", True, False] = "auto"
     """Replay the trainable VideoMamba's forward + backward from CUDA graphs, captured at the first step of each
     batch shape (pipeline/cuda_graph.py): a masked student is bound by the host without them. auto = wherever
-    they work: the masked_alignment and video_text tasks training on a GPU, below ZeRO-3; true = demand them (an
-    error where they cannot work); false = eager."""
+    they work: a task whose TaskSpec declares `cuda_graph` (masked_alignment, video_text) training on a GPU,
+    below ZeRO-3; true = demand them (an error where they cannot work); false = eager."""
 
     def __post_init__(self) -> None:
         for key in ("num_frames", "img_size", "tubelet_size"):
@@ -468,9 +465,10 @@ class Config:
     def _check_cuda_graph(self) -> None:
         if self.model.cuda_graph is not True:  # auto falls back to eager steps where graphs cannot work
             return
-        if self.task.name not in CUDA_GRAPH_TASKS:
-            raise ConfigError(f"model.cuda_graph: the {' and '.join(CUDA_GRAPH_TASKS)} tasks replay their VideoMamba "
-                              f"from CUDA graphs; task {self.task.name!r} runs eagerly: set model.cuda_graph=false")
+        if not task_spec(self.task.name).cuda_graph:
+            graphed = [name for name in task_names() if task_spec(name).cuda_graph]
+            raise ConfigError(f"model.cuda_graph: the {' and '.join(graphed)} tasks replay their VideoMamba from CUDA "
+                              f"graphs; task {self.task.name!r} runs eagerly: set model.cuda_graph=false")
         if self.scaling.use_gpu is False:
             raise ConfigError("model.cuda_graph=true with scaling.use_gpu=false: CUDA graphs need a GPU; set "
                               "model.cuda_graph=auto (eager on CPU) or false")
@@ -482,36 +480,13 @@ class Config:
     def cuda_graph_wanted(self) -> bool:
         """Whether the task should replay its student from CUDA graphs when it trains on a GPU."""
         if self.model.cuda_graph == "auto":
-            return self.task.name in CUDA_GRAPH_TASKS and self.deepspeed.zero_stage != 3
+            return task_spec(self.task.name).cuda_graph and self.deepspeed.zero_stage != 3
         return self.model.cuda_graph
 
     @property
     def run_name(self) -> str:
         """The run's name in MLflow and its checkpoint folder under `checkpoint.path`."""
         return self.tracking.run_name or self.stage
-
-
-# ----------------------------------------------------------------------------- task registry
-
-_TASK_CONFIGS: dict[str, type[TaskConfig]] = {}
-
-
-def register_task_config(name: str):
-    """Class decorator: make `task: {name: <name>, ...}` build this TaskConfig subclass."""
-
-    def wrap(cls: type[TaskConfig]) -> type[TaskConfig]:
-        _TASK_CONFIGS[name] = cls
-        return cls
-
-    return wrap
-
-
-def _task_config_class(name: str, key: str) -> type[TaskConfig]:
-    import pipeline.tasks  # noqa: F401  (registers every stage's task config)
-
-    if name not in _TASK_CONFIGS:
-        raise ConfigError(f"{key}: unknown task {name!r}; allowed: {sorted(_TASK_CONFIGS)}")
-    return _TASK_CONFIGS[name]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -623,6 +598,13 @@ def from_dict(cls: type, data: Any, prefix: str) -> Any:
             )
     kwargs = {key: _coerce(value, hints[key], _join(prefix, key)) for key, value in data.items()}
     return cls(**kwargs)
+
+
+def _task_config_class(name: str, key: str) -> type[TaskConfig]:
+    try:
+        return task_spec(name).config
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def _join(prefix: str, key: str) -> str:

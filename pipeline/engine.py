@@ -32,6 +32,9 @@ import numpy as np
 import torch
 
 from pipeline.checkpointing import CheckpointStore, LocalCheckpointStore, run_storage, write_run_record
+from pipeline.checkpointing.export import stage_export
+from pipeline.checkpointing.layout import FROZEN_STUDENT, stage_export_path
+from pipeline.checkpointing.state import WorkerState, restore_worker_state, save_worker_state
 from pipeline.config import Config, to_yaml
 from pipeline.distributed import (
     all_reduce_mean,
@@ -43,17 +46,11 @@ from pipeline.distributed import (
 )
 from pipeline.optim import build_optimizer, peak_lr
 from pipeline.profiling import StepProfiler
-from pipeline.tasks import build_task
+from pipeline.tasks import build_task, task_spec
 from pipeline.writes import torch_save_file
 
 # Dense bf16 peak TFLOP/s per GPU for MFU (NVIDIA datasheets, SXM parts, without sparsity).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-_CHECKPOINT_TAG = "state"
-CHECKPOINT_CONFIG = "config.yaml"
-"""The run's resolved config (credentials masked), written by rank 0 into every checkpoint."""
-FROZEN_STUDENT = "frozen_student.pt"
-"""`{name: tensor}` of the exported module's frozen parameters (training dtype), written by rank 0 into every
-checkpoint of a run that has any (stage 1's last block under `student_feature=residual_before_last_block`)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -71,12 +68,6 @@ class TrainResult:
     """`<output_dir>/export/model.pt` written by rank 0."""
     resumed_from_step: int | None = None
     """Step of the checkpoint this (last) attempt started from; None for a fresh start."""
-
-
-def stage_export(cfg: Config, task: torch.nn.Module, state_dict: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
-    """The stage-export payload `{"state_dict", "meta"}` (docs/architecture.md, "Stage exports")."""
-    meta = {"task": cfg.task.name, "stage": cfg.stage, "step": step, **task.export_metadata()}
-    return {"state_dict": state_dict, "meta": meta}
 
 
 def device_for_worker() -> torch.device:
@@ -137,43 +128,10 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def dense_grad_norm(module: torch.nn.Module) -> float:
     """L2 norm of all `p.grad` of `module` (meaningful when gradients are not ZeRO-partitioned)."""
     norms = [torch.linalg.vector_norm(p.grad.float()) for p in module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def load_trainable_state(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
-    """Load a checkpoint's module state that lacks the frozen parameters (DeepSpeed's `custom_load_fn`).
-
-    Checkpoints are saved with `exclude_frozen_parameters=True`: frozen weights (teachers, and the student blocks
-    a task freezes) are what `build_task(cfg)` rebuilt, from the same seed or weight files. Any other missing or
-    unexpected key means the checkpoint belongs to another task or config, which is an error.
-    """
-    result = dst.load_state_dict(src, strict=False)
-    frozen = {name for name, param in dst.named_parameters() if not param.requires_grad}
-    missing = sorted(set(result.missing_keys) - frozen)
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"the checkpoint does not fit this task: missing trainable tensors {missing[:8]} "
-            f"({len(missing)} in all), unexpected tensors {result.unexpected_keys[:8]} "
-            f"({len(result.unexpected_keys)} in all); resume with the config the run was started with"
-        )
 
 
 def _format_eta(seconds: float) -> str:
@@ -199,7 +157,9 @@ class Trainer:
         self.rank, self.world = get_rank(), get_world_size()
         self.is_main = self.rank == 0
         _seed_everything(cfg.seed)  # identical initial weights on every rank (DeepSpeed also broadcasts rank 0's)
+        self.spec = task_spec(cfg.task.name)
         self.task = build_task(cfg)
+        self.flops_per_sample = self.task.flops_per_sample()  # from the module shapes, before ZeRO-3 partitions them
         _seed_everything(cfg.seed + self.rank)  # from here on: per-rank masks, dropout and augmentation
         self.global_batch = cfg.data.batch_size * cfg.deepspeed.grad_accum_steps * self.world
         optimizer, scheduler = build_optimizer(self.task, cfg.optim, peak_lr(cfg.optim, self.global_batch))
@@ -235,12 +195,8 @@ class Trainer:
     # ------------------------------------------------------------------ building
 
     def build_loader(self, split: str):
-        """The task's own loader when it has one, else `pipeline.data.build_loader`."""
-        if hasattr(self.task, "build_loader"):
-            return self.task.build_loader(self.cfg, split, self.rank, self.world)
-        from pipeline.data import build_loader
-
-        return build_loader(self.cfg.data, split, self.rank, self.world, seed=self.cfg.seed)
+        """This rank's loader of `split`: the task's own (`TaskSpec.own_loader`) or `pipeline.data`'s."""
+        return self.task.build_loader(self.cfg, split, self.rank, self.world)
 
     def start_tracking(self, run_id: str | None):
         from pipeline.tracking import RunTracker
@@ -262,47 +218,27 @@ class Trainer:
         with self.store.restore() as directory:
             if directory is None:
                 return None
-            saved_ranks = len(list(directory.glob("rank*_state.pt")))
-            if saved_ranks != self.world:
-                raise RuntimeError(
-                    f"checkpoint {directory} was written by {saved_ranks} worker(s) but this run has {self.world}; "
-                    "resuming needs the same number of workers (ZeRO shards are per rank)"
-                )
-            _, client_state = self.engine.load_checkpoint(str(directory), tag=_CHECKPOINT_TAG,
-                                                          custom_load_fn=load_trainable_state)
-            if (directory / FROZEN_STUDENT).is_file():
-                self._load_frozen_student(torch.load(directory / FROZEN_STUDENT, map_location="cpu",
-                                                     weights_only=True), directory / FROZEN_STUDENT)
-            rank_state = torch.load(directory / f"rank{self.rank}_state.pt", weights_only=False)
-        _set_rng_state(rank_state["rng"])
-        self.task.load_rng_state_dict(rank_state.get("task_rng", {}))  # absent from checkpoints before it existed
-        self.loader_state = rank_state["loader"]
-        self.step = self.resumed_from_step = client_state["step"]
-        self.skipped_batches = client_state["skipped_batches"]
+            state = restore_worker_state(directory, self.engine, self.rank, self.world)
+            if state.frozen_student:
+                self._load_frozen_student(state.frozen_student, directory / FROZEN_STUDENT)
+        self.task.load_rng_state_dict(state.task_rng)
+        self.loader_state = state.loader
+        self.step = self.resumed_from_step = state.step
+        self.skipped_batches = state.skipped_batches
         if self.is_main:
             print(f"[{self.cfg.run_name}] resumed from step {self.step} ({directory.name})", flush=True)
-        return client_state["mlflow_run_id"]
+        return state.mlflow_run_id
 
     def write_checkpoint(self, directory: Path) -> None:
-        """Every rank: its ZeRO shard (DeepSpeed), RNG states (global and the task's mask generator) and data
-        position (with the data-side mask generator); rank 0 also the client state."""
-        client_state = {"step": self.step, "skipped_batches": self.skipped_batches, "mlflow_run_id": self.mlflow_run_id}
-        # Frozen parameters (the teachers: CLIP ViT-B/16 is ~86M of them) never change and are rebuilt from the
-        # config on resume, so the checkpoint leaves them out (see `load_trainable_state`).
-        self.engine.save_checkpoint(str(directory), tag=_CHECKPOINT_TAG, client_state=client_state,
-                                    exclude_frozen_parameters=True)
+        """Every rank's part of a checkpoint (pipeline/checkpointing/state.py), into `directory`."""
         loader_state = self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None
-        rank_state = {"rng": _rng_state(), "task_rng": self.task.rng_state_dict(), "loader": loader_state}
-        torch.save(rank_state, directory / f"rank{self.rank}_state.pt")
-        if self.is_main:  # what `jobs/export_checkpoint.py` rebuilds the task from (credentials masked)
-            (directory / CHECKPOINT_CONFIG).write_text(to_yaml(self.cfg))
-        # The exported module's own frozen parameters are left out above too, yet they belong in its export: saved
-        # here (a small file: 9 MB fp32 for VideoMamba-M's last block) for `jobs/export_checkpoint.py`, which
-        # could otherwise only re-create them from the seed and so depend on the model code and torch at export
-        # time. Teachers stay excluded: they are not exported.
+        # The exported module's frozen parameters belong in its export, and a resume keeps the ones the run started
+        # with (a small file: 9 MB fp32 for VideoMamba-M's last block). Gathered on every rank under ZeRO-3.
         frozen = self.frozen_student_state()
-        if self.is_main and frozen:
-            torch.save(frozen, directory / FROZEN_STUDENT)
+        state = WorkerState(step=self.step, skipped_batches=self.skipped_batches, mlflow_run_id=self.mlflow_run_id,
+                            task_rng=self.task.rng_state_dict(), loader=loader_state, frozen_student=frozen)
+        save_worker_state(directory, self.engine, state, self.rank, self.world, to_yaml(self.cfg),
+                          self.cfg.deepspeed.zero_stage)
 
     def frozen_student_state(self) -> dict[str, torch.Tensor]:
         """CPU copies of the trainable module's frozen parameters as the module holds them (training dtype).
@@ -428,9 +364,7 @@ class Trainer:
         elif not math.isfinite(float(grad_norm)):
             # ZeRO skipped this update itself (its overflow check); apply the policy on top.
             self.on_nonfinite(f"gradient norm {float(grad_norm)}")
-        after_step = getattr(self.task, "after_optimizer_step", None)
-        if callable(after_step):  # e.g. the classification task's weight EMA
-            after_step()
+        self.task.after_optimizer_step()  # e.g. the classification task's weight EMA
         self.step += 1
         self.window["steps"] += 1
         self.window["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -480,9 +414,8 @@ class Trainer:
         epoch = getattr(self.train_loader, "epoch", None)  # pipeline.data's nominal epoch (with its fraction)
         if epoch is not None:
             metrics["data/epoch"] = float(epoch)
-        flops = getattr(self.task, "flops_per_sample", None)
-        if callable(flops):
-            tflops = flops() * clips_per_s / self.world / 1e12
+        if self.flops_per_sample is not None:
+            tflops = self.flops_per_sample * clips_per_s / self.world / 1e12
             metrics["train/tflops_per_worker"] = tflops
             if self.peak_tflops:
                 metrics["train/mfu"] = tflops / self.peak_tflops
@@ -523,8 +456,8 @@ class Trainer:
 
     @property
     def can_evaluate(self) -> bool:
-        has_eval_data = self.cfg.data.eval_shards is not None or hasattr(self.task, "build_loader")
-        return hasattr(self.task, "evaluate") and has_eval_data
+        """The task evaluates (`TaskSpec.evaluates`) and has eval data: its own, or `data.eval_shards`."""
+        return self.spec.evaluates and (self.spec.own_loader or self.cfg.data.eval_shards is not None)
 
     def maybe_eval(self, force: bool = False) -> dict[str, float]:
         interval = self.cfg.eval.interval_steps
@@ -554,10 +487,8 @@ class Trainer:
             # Cloned: gathered ZeRO-3 storage is released when the block ends.
             state = {k: (v.detach().float() if v.is_floating_point() else v).cpu().clone()
                      for k, v in module.state_dict().items()}  # fmt: skip
-        exported = getattr(self.task, "export_state_dict", None)
-        if callable(exported):  # the task may export other weights of the same layout (e.g. their EMA)
-            state = exported(state)
-        path = Path(self.cfg.output_dir) / "export" / "model.pt"
+        state = self.task.export_state_dict(state)  # e.g. the classification task's EMA weights in their place
+        path = stage_export_path(self.cfg.output_dir)
         if self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch_save_file(stage_export(self.cfg, self.engine.module, state, self.step), path, "stage export",

@@ -73,7 +73,7 @@ def describe_plan(cfg: Config) -> str:
 
 def resume_line(cfg: Config) -> str:
     """Which checkpoint a launch would resume from, or why storage could not be checked from here."""
-    from pipeline.launch import latest_checkpoint
+    from pipeline.checkpointing import latest_checkpoint
 
     try:
         return latest_checkpoint(cfg) or "nothing yet"

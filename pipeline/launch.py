@@ -2,8 +2,9 @@
 
 `launch(cfg)` resolves every path the workers need to absolute ones (Ray workers do not share the driver's
 working directory), then either calls `pipeline.engine.train` directly (`scaling.use_ray: false`; no Ray import)
-or starts a `TorchTrainer` whose workers each build the same `Trainer` with a Ray checkpoint store. Rerunning the
-same run name with the same `checkpoint.path` continues from the latest checkpoint there.
+or runs Ray Train workers that each build the same `Trainer` with a Ray checkpoint store. Rerunning the same run
+name with the same `checkpoint.path` continues from the latest checkpoint there. `run_ray_workers` is the one place
+a `TorchTrainer` is built, for training and for the retrieval evaluation (pipeline/evaluation/run.py).
 
 Ray connection: inside `ray job submit` (RAY_ADDRESS set) or with a running `ray start` cluster the driver
 attaches to it; otherwise it starts a private local Ray. Ray 2.60 clusters use token auth by default: clients
@@ -15,11 +16,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpointing import pop_run_record, run_storage, storage_filesystem, write_run_record
-from pipeline.config import Config, from_dict, to_dict
+from pipeline.checkpointing import latest_checkpoint, pop_run_record, run_storage, write_run_record
+from pipeline.checkpointing.storage import RESULT_RECORD
+from pipeline.config import Config, ScalingConfig, from_dict, to_dict
 from pipeline.engine import NonFiniteError, TrainResult
 from pipeline.redaction import redact_text
 
@@ -36,23 +39,6 @@ def resolve_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg)))
 
 
-def latest_checkpoint(cfg: Config) -> str | None:
-    """The newest complete checkpoint of this run in storage (every worker's state file present), or None."""
-    root_url = run_storage(cfg)
-    fs, root = storage_filesystem(cfg)
-    fs.invalidate_cache()  # s3fs caches listings; Ray's workers add checkpoints behind its back
-    if not fs.exists(root):
-        return None
-    candidates = sorted((p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith("checkpoint_")),
-                        reverse=True)  # fmt: skip
-    workers = cfg.scaling.num_workers if cfg.scaling.use_ray else 1
-    for path in candidates:
-        names = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
-        if "latest" in names and all(f"rank{r}_state.pt" in names for r in range(workers)):
-            return fs.unstrip_protocol(path) if "://" in root_url else path
-    return None
-
-
 def ray_storage(cfg: Config) -> dict[str, Any]:
     """RunConfig storage arguments: the path alone, or with `checkpoint.storage_options` an fsspec filesystem
     wrapped for pyarrow (Ray writes checkpoints through pyarrow, which knows nothing of fsspec options)."""
@@ -65,8 +51,8 @@ def ray_storage(cfg: Config) -> dict[str, Any]:
     return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
 
 
-def connect_ray(cfg: Config) -> None:
-    """Attach to the cluster of `ray job submit` / `ray start`, else start a local Ray sized for this run."""
+def connect_ray(scaling: ScalingConfig) -> None:
+    """Attach to the cluster of `ray job submit` / `ray start`, else start a local Ray sized for `scaling`."""
     import ray
 
     if ray.is_initialized():
@@ -74,7 +60,7 @@ def connect_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS") or _local_cluster_running():
         ray.init(address="auto")
     else:
-        cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+        cpus = scaling.num_workers * scaling.cpus_per_worker
         ray.init(num_cpus=max(cpus, os.cpu_count() or 1), include_dashboard=False)
 
 
@@ -100,6 +86,39 @@ def worker_env_vars() -> dict[str, str]:
     reaches the driver once, through Ray's stdout forwarding. A RAY_TRAIN_ENABLE_PRINT_PATCH set by the user wins.
     """
     return {"RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")}
+
+
+def run_ray_workers(worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], scaling: ScalingConfig,
+                    run_name: str, storage: dict[str, Any], max_failures: int = 0,
+                    keep_checkpoints: int | None = None) -> None:
+    """Run `worker(loop_config)` on `scaling.num_workers` Ray Train workers and wait for them to finish: the one
+    place that starts a TorchTrainer (training stages and retrieval evaluations).
+
+    One worker per GPU when `scaling.use_gpu` (auto: when the cluster has GPUs), each with `cpus_per_worker` CPUs;
+    NCCL between GPU workers, gloo on CPU. `storage` are RunConfig's storage arguments (`ray_storage`, or a
+    `storage_path`); Ray restarts the worker group up to `max_failures` times and keeps `keep_checkpoints`.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    connect_ray(scaling)
+    use_gpu = _use_gpu(scaling.use_gpu)
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    checkpoints = ray.train.CheckpointConfig(num_to_keep=keep_checkpoints) if keep_checkpoints else None
+    TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            **storage,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=checkpoints,
+            worker_runtime_env={"env_vars": worker_env_vars()},
+        ),
+    ).fit()
 
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
@@ -131,39 +150,20 @@ def launch(cfg: Config) -> TrainResult:
             f"{cfg.run_name!r}; "
             "choose another tracking.run_name (or delete the folder) to start over"
         )
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    connect_ray(cfg)
-    use_gpu = _use_gpu(cfg.scaling.use_gpu)
-    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     latest = latest_checkpoint(cfg) if cfg.checkpoint.resume else None
     if latest:
         print(f"[{cfg.run_name}] resuming from {redact_text(latest)}", flush=True)
-    trainer = TorchTrainer(
-        _ray_worker,
-        # Ray Train V2 reloads its checkpoint list from <storage>/<name> by itself; the checkpoint found by
-        # scanning is the workers' fallback when that list is missing (e.g. lost with a crashed driver).
-        # launch_id: a worker group Ray restarts before the first committed checkpoint continues the MLflow run
-        # its first attempt created, instead of starting a second one of the same name.
-        train_loop_config={"config": to_dict(cfg), "resume_from": latest, "launch_id": uuid.uuid4().hex},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(
-            name=cfg.run_name,
-            **ray_storage(cfg),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            worker_runtime_env={"env_vars": worker_env_vars()},
-        ),
-    )
     pop_run_record(cfg)  # a record from an earlier launch of this run must not be mistaken for this one's
-    trainer.fit()
+    # Ray Train V2 reloads its checkpoint list from <storage>/<name> by itself; the checkpoint found by scanning is
+    # the workers' fallback when that list is missing (e.g. lost with a crashed driver). launch_id: a worker group
+    # Ray restarts before the first committed checkpoint continues the MLflow run its first attempt created,
+    # instead of starting a second one of the same name.
+    loop_config = {"config": to_dict(cfg), "resume_from": latest, "launch_id": uuid.uuid4().hex}
+    run_ray_workers(_ray_worker, loop_config, cfg.scaling, cfg.run_name, ray_storage(cfg),
+                    max_failures=cfg.scaling.max_failures, keep_checkpoints=cfg.checkpoint.keep)
     record = pop_run_record(cfg)
     if record is None:
-        raise RuntimeError(f"the workers finished without writing {run_storage(cfg)}/result.json")
+        raise RuntimeError(f"the workers finished without writing {run_storage(cfg)}/{RESULT_RECORD}")
     if "error" in record:
         raise NonFiniteError(record["error"])
     return TrainResult(**record)

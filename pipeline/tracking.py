@@ -1,6 +1,11 @@
-"""MLflow tracking for training runs, used from rank 0 only.
+"""MLflow tracking: the one way the pipeline opens a run, and the stage runs of training (rank 0 only).
 
-`RunTracker.start` creates a run (nested under `tracking.parent_run_id` when set) or resumes one by id; it logs
+`TrackingRun` is how every run is created or reopened: a stage's (`RunTracker`), a recipe's parent run
+(pipeline/recipe/runner.py) and an evaluation's (pipeline/evaluation/report.py). A new run is tagged with the git
+sha and nested under its parent; params are logged in batches (lists and dicts as JSON, long values cut to
+MLflow's limit).
+
+`RunTracker.start` creates a stage run (nested under `tracking.parent_run_id` when set) or resumes one by id; it logs
 the flattened config as params, the resolved config as an artifact (both with credentials masked), and tags
 (git sha, stage, data manifest hash). Metrics are buffered and written in batches. A resumed run continues the
 same MLflow run: steps that were already logged before the crash are not logged a second time (the run's
@@ -25,6 +30,7 @@ from pipeline.config import Config, flatten, public_dict, to_yaml
 _PARAMS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
 _MAX_PARAM_CHARS = 6000
+_NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"  # MlflowException.error_code of an unknown run id
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -68,16 +74,119 @@ def manifest_hash(data_cfg) -> str | None:
         return None
 
 
+class RunNotFoundError(LookupError):
+    """A run id the tracking store does not have."""
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The id of experiment `name`, created on first use."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def metric_entries(metrics: dict[str, float], step: int) -> list[Any]:
+    """MLflow metric entities of `metrics` at `step`, stamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step) for key, value in metrics.items()]
+
+
+class TrackingRun:
+    """An open MLflow run; `create` and `reopen` are the only ways the pipeline starts one."""
+
+    def __init__(self, client: Any, run_id: str, uri: str) -> None:
+        self.client, self.run_id, self.uri = client, run_id, uri
+
+    @classmethod
+    def create(cls, uri: str, experiment: str, run_name: str, tags: dict[str, str],
+               parent_run_id: str | None = None) -> TrackingRun:
+        """A new run in `experiment` (created on first use), nested under `parent_run_id`, tagged with the git sha."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        if sha := git_sha(Path(__file__).parent):
+            tags["git_sha"] = sha
+        run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
+        return cls(client, run.info.run_id, uri)
+
+    @classmethod
+    def reopen(cls, uri: str, run_id: str) -> TrackingRun:
+        """Run `run_id`, marked RUNNING again; RunNotFoundError when the store does not have it."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        try:
+            client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code != _NOT_FOUND:
+                raise
+            raise RunNotFoundError(f"the tracking store {uri} has no run {run_id}") from err
+        client.update_run(run_id, status="RUNNING")
+        return cls(client, run_id, uri)
+
+    @classmethod
+    def find(cls, uri: str, experiment: str, tag: str, value: str) -> str | None:
+        """The id of a run of `experiment` tagged `tag=value`, or None."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        found = client.search_runs([experiment_id(client, experiment)], filter_string=f"tags.{tag} = '{value}'",
+                                   max_results=1)
+        return found[0].info.run_id if found else None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Params in batches (MLflow takes 100 a request); lists and dicts as JSON, values cut to 6000 characters."""
+        from mlflow.entities import Param
+
+        items = [Param(k, (json.dumps(v) if isinstance(v, list | dict) else str(v))[:_MAX_PARAM_CHARS])
+                 for k, v in params.items()]  # fmt: skip
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i : i + _PARAMS_PER_BATCH])
+
+    def log_metrics(self, entries: list[Any]) -> None:
+        """Metric entities (`metric_entries`) in as few requests as MLflow allows (1000 a request)."""
+        for i in range(0, len(entries), _METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=entries[i : i + _METRICS_PER_BATCH])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, local_path: str | Path) -> None:
+        self.client.log_artifact(self.run_id, str(local_path))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the run with `status` (FINISHED, FAILED or KILLED)."""
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def run_status(uri: str, run_id: str) -> str:
+    """The status of run `run_id` (FINISHED, RUNNING, ...), or "missing" when the store does not have it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(uri).get_run(run_id).info.status
+    except MlflowException as err:
+        if err.error_code != _NOT_FOUND:
+            raise
+        return "missing"
+
+
 class RunTracker:
     """One MLflow run of one stage. Create on rank 0 only; other ranks never import mlflow."""
 
     def __init__(self, cfg: Config) -> None:
-        from mlflow.tracking import MlflowClient
-
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
-        self.client = MlflowClient(self.uri)
-        self.run_id: str | None = None
+        self.run: TrackingRun | None = None
         self._pending: list[Any] = []
         self._last_logged_step = -1
         self._system_metrics = None  # MLflow's SystemMetricsMonitor while the run is open
@@ -86,33 +195,29 @@ class RunTracker:
         """Create the run, or continue one: `resume_run_id` (a checkpoint's run), else the run an earlier attempt
         of the same launch created (`launch_id`, tagged on the run: Ray restarted the workers before any
         checkpoint was committed, so there is no checkpoint to name it). Returns the run id."""
-        experiment_id = None if resume_run_id else self._experiment_id()
+        tracking = self.cfg.tracking
         if resume_run_id is None and launch_id is not None:
-            earlier = self.client.search_runs([experiment_id], filter_string=f"tags.launch_id = '{launch_id}'",
-                                              max_results=1)
-            resume_run_id = earlier[0].info.run_id if earlier else None
+            resume_run_id = TrackingRun.find(self.uri, tracking.experiment, "launch_id", launch_id)
         if resume_run_id is not None:
-            self.run_id = resume_run_id
-            self.client.update_run(resume_run_id, status="RUNNING")
+            self.run = TrackingRun.reopen(self.uri, resume_run_id)
             self._last_logged_step = self._max_logged_step()
-            self.client.set_tag(resume_run_id, "resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self.run.set_tag("resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
             self._start_system_metrics(resumed=True)
             return resume_run_id
         tags = {"stage": self.cfg.stage, "task": self.cfg.task.name}
         if launch_id is not None:
             tags["launch_id"] = launch_id
-        if self.cfg.tracking.parent_run_id:
-            tags["mlflow.parentRunId"] = self.cfg.tracking.parent_run_id
-        if sha := git_sha(Path(__file__).parent):
-            tags["git_sha"] = sha
         if digest := manifest_hash(self.cfg.data):
             tags["data_manifest_sha256"] = digest
-        run = self.client.create_run(experiment_id, run_name=self.cfg.run_name, tags=tags)
-        self.run_id = run.info.run_id
-        self._log_params(flatten(public_dict(self.cfg)))  # credentials masked
-        self.client.log_text(self.run_id, to_yaml(self.cfg), "config.yaml")
+        self.run = TrackingRun.create(self.uri, tracking.experiment, self.cfg.run_name, tags, tracking.parent_run_id)
+        self.run.log_params(flatten(public_dict(self.cfg)))  # credentials masked
+        self.run.log_text(to_yaml(self.cfg), "config.yaml")
         self._start_system_metrics(resumed=False)
-        return self.run_id
+        return self.run.run_id
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id if self.run is not None else None
 
     def _start_system_metrics(self, resumed: bool) -> None:
         """Sample the node into the run in a daemon thread until `end` (resumed: continue its sample count)."""
@@ -129,49 +234,31 @@ class RunTracker:
                                                     resume_logging=resumed, tracking_uri=self.uri)
         self._system_metrics.start()
 
-    def _experiment_id(self) -> str:
-        """The configured experiment's id, created on first use."""
-        experiment = self.client.get_experiment_by_name(self.cfg.tracking.experiment)
-        return experiment.experiment_id if experiment else self.client.create_experiment(self.cfg.tracking.experiment)
-
-    def _log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in params.items()]
-        items = [Param(p.key, p.value[:_MAX_PARAM_CHARS]) for p in items]
-        for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + _PARAMS_PER_BATCH])
-
     def _max_logged_step(self) -> int:
         """The last training step an earlier attempt logged (system/* metrics count samples: left out)."""
-        run = self.client.get_run(self.run_id)
+        client, run_id = self.run.client, self.run.run_id
         steps = [-1]
-        for key in run.data.metrics:
+        for key in client.get_run(run_id).data.metrics:
             if key.startswith("system/"):
                 continue
-            steps.extend(m.step for m in self.client.get_metric_history(self.run_id, key))
+            steps.extend(m.step for m in client.get_metric_history(run_id, key))
         return max(steps)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Buffer metrics of `step` (skipped when a previous attempt of this run already logged the step)."""
-        from mlflow.entities import Metric
-
-        if step <= self._last_logged_step:
-            return
-        now = int(time.time() * 1000)
-        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if step > self._last_logged_step:
+            self._pending.extend(metric_entries(metrics, step))
 
     def flush(self) -> None:
         """Write the buffered metrics in as few requests as MLflow allows."""
-        for i in range(0, len(self._pending), _METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=self._pending[i : i + _METRICS_PER_BATCH])
+        self.run.log_metrics(self._pending)
         self._pending.clear()
 
     def log_artifact(self, local_path: str | Path) -> None:
-        self.client.log_artifact(self.run_id, str(local_path))
+        self.run.log_artifact(local_path)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self.run.set_tag(key, value)
 
     def end(self, status: str = "FINISHED") -> None:
         """Flush and close the run with `status` (FINISHED, FAILED or KILLED)."""
@@ -179,4 +266,4 @@ class RunTracker:
             self._system_metrics.finish()  # wakes the sampler and writes its last samples
             self._system_metrics = None
         self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        self.run.end(status)

@@ -84,4 +84,4 @@ def test_checkpoint_has_no_teacher_and_resume_is_exact(tmp_path, tiny_synthetic)
         torch.testing.assert_close(resumed_export[name], value, rtol=0, atol=0, msg=name)
     # the next masks both runs would draw are the same too
     attn = torch.rand(BATCH, 4, 4)
-    assert torch.equal(second.task.attention_masks(attn), straight.task.attention_masks(attn))
+    assert torch.equal(second.task.masks.attention(attn), straight.task.masks.attention(attn))

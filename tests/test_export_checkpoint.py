@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from jobs.export_checkpoint import main as export_main
+from pipeline.checkpointing.export import CheckpointNotFoundError, export_checkpoint
 from pipeline.config import load_config
-from pipeline.consolidate import CheckpointNotFoundError, export_checkpoint
 from pipeline.engine import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +90,7 @@ def test_latest_complete_checkpoint_is_chosen_and_errors_say_why(tmp_path, moto_
     source, meta = export_checkpoint(str(run), str(tmp_path / "fallback.pt"))
     assert source.endswith("checkpoint_00000002") and meta["step"] == 2
     # ... and naming it directly says what is missing.
-    incomplete = r"incomplete checkpoint: 0 ZeRO optimizer shard\(s\) for 1 rank\(s\) of a ZeRO-2 run"
+    incomplete = r"incomplete checkpoint: 0 optimizer shard\(s\) in state/ for 1 rank\(s\) of a ZeRO-2 run"
     with pytest.raises(CheckpointNotFoundError, match=incomplete):
         export_checkpoint(str(run / "checkpoint_00000003"), str(tmp_path / "x.pt"))
     with pytest.raises(CheckpointNotFoundError, match="no such folder"):

@@ -19,9 +19,10 @@ import torch
 
 from jobs.export_checkpoint import main as export_main
 from pipeline.checkpointing import LocalCheckpointStore, run_storage
+from pipeline.checkpointing.export import consolidate
+from pipeline.checkpointing.layout import FROZEN_STUDENT
 from pipeline.config import load_config
-from pipeline.consolidate import consolidate
-from pipeline.engine import FROZEN_STUDENT, Trainer
+from pipeline.engine import Trainer
 from pipeline.tasks import build_task
 
 REPO = Path(__file__).resolve().parents[1]

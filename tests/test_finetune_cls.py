@@ -150,6 +150,14 @@ def test_resume_is_exact_with_mixup_and_ema(tmp_path, tiny_synthetic):
     assert not torch.equal(straight_export["head.weight"], trained["head.weight"])
     torch.testing.assert_close(straight_export["head.weight"], straight.task.ema.averages()["head.weight"])
     assert straight.task.mixup.state_dict() == second.task.mixup.state_dict()
+    # the offline export of the last checkpoint (jobs/export_checkpoint.py) holds the same EMA weights
+    from pipeline.checkpointing.export import export_checkpoint
+
+    export_checkpoint(run_storage(straight.cfg), str(tmp_path / "offline.pt"))
+    offline = torch.load(tmp_path / "offline.pt")["state_dict"]
+    assert offline.keys() == straight_export.keys()
+    for name, value in straight_export.items():
+        torch.testing.assert_close(offline[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_class_index_is_checked_before_any_worker_starts(tmp_path, tiny_synthetic):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from pipeline.checkpointing import pop_run_record, write_run_record
+from pipeline.checkpointing import latest_checkpoint, layout, pop_run_record, write_run_record
 from pipeline.config import load_config
-from pipeline.launch import latest_checkpoint
 
 
 @pytest.mark.timeout(60)
@@ -21,8 +22,11 @@ def test_latest_complete_checkpoint_and_result_record_on_s3(moto_s3):
     assert latest_checkpoint(cfg) is None
 
     def put_checkpoint(step: int, ranks: list[int]) -> None:
-        root = f"ckpts-scan/runs/toy/checkpoint_{step:08d}"
-        fs.pipe({f"{root}/latest": b"state", **{f"{root}/rank{r}_state.pt": b"x" for r in ranks}})
+        root = f"ckpts-scan/runs/toy/{layout.checkpoint_dir_name(step)}"  # 2 ranks without ZeRO: no optimizer shards
+        fs.pipe({f"{root}/{layout.MANIFEST}": json.dumps(layout.manifest(step, 2, 0, False)).encode(),
+                 f"{root}/{layout.CONFIG}": b"{}", f"{root}/{layout.LATEST}": b"state",
+                 f"{root}/{layout.DEEPSPEED_TAG}/{layout.MODEL_STATES[0]}": b"x",
+                 **{f"{root}/{layout.rank_state_name(r)}": b"x" for r in ranks}})
 
     put_checkpoint(10, [0, 1])
     put_checkpoint(20, [0, 1])

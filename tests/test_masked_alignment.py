@@ -16,7 +16,8 @@ from pipeline.config import ConfigError, load_config
 from pipeline.losses import cosine_alignment_loss
 from pipeline.tasks import build_task
 from pipeline.tasks.attention_mask import AttentionMasker, attention_keep_mask, num_visible
-from pipeline.tasks.masked_alignment import MaskedAlignmentTask, sinusoid_table, visible_tokens
+from pipeline.tasks.clip_alignment import sinusoid_table, visible_tokens
+from pipeline.tasks.masked_alignment import MaskedAlignmentTask
 
 TINY_TEACHER = "task.teacher.vision_overrides={layers: 2, width: 64, head_width: 32}"
 

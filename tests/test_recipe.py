@@ -227,3 +227,13 @@ def test_results_file_holds_every_eval_with_chance_level(tmp_path):
         k: v for k, v in EVAL_RECORD["metrics"].items() if k[:4] in ("t2v_", "v2t_")}
     assert "timing/total_s" not in entry and "videos" not in entry
     assert entry["checkpoint"] == "/o/vtc/export/model.pt" and entry["run_id"] == "abc"
+
+
+def test_the_parent_runs_recipe_artifact_masks_credentials(tmp_path):
+    from pipeline.recipe import recipe_yaml
+
+    (tmp_path / "r.yaml").write_text(
+        "name: r\nsettings: {checkpoint: {storage_options: {key: AKIA, secret: hunter2}}}\n"
+        "stages:\n  - {name: a, config: ../stages/toy.yaml}\n")
+    text = recipe_yaml(load_recipe(tmp_path / "r.yaml"))
+    assert "hunter2" not in text and "secret: '***'" in text

@@ -69,7 +69,7 @@ def test_wider_student_learns_the_teachers_features(tmp_path):
 
 def test_masked_student_is_compared_at_its_visible_positions(tmp_path):
     write_teacher_export(tmp_path / "teacher.pt")
-    task = distill_task(tmp_path / "teacher.pt", "task.distill_weight=2.0")
+    task = distill_task(tmp_path / "teacher.pt", "task.distill_weight=2.0", "data.mask.type=tube")
     task.eval()
     keep = torch.zeros(2, 16, dtype=torch.bool)
     keep[:, ::4] = True  # one patch per frame

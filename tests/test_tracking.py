@@ -165,3 +165,31 @@ def test_missing_system_metrics_dependency_leaves_tracking_on(tmp_path, monkeypa
     assert "system metrics off" in capsys.readouterr().out
     run = MlflowClient(tracking_uri(cfg)).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics == {"train/loss": 1.0}
+
+
+@pytest.mark.timeout(60)
+def test_tracking_run_is_the_one_way_runs_open(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import RunNotFoundError, TrackingRun, git_sha, metric_entries, run_status
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = TrackingRun.create(uri, "exp", "parent", {"recipe": "r"})
+    child = TrackingRun.create(uri, "exp", "child", {"stage": "s"}, parent_run_id=parent.run_id)
+    child.log_params({"a.b": 1, "list": [1, 2], "long": "x" * 7000})
+    child.log_metrics(metric_entries({f"m{i}": float(i) for i in range(1500)}, step=3))  # two requests
+    child.end("FAILED")
+    client = MlflowClient(uri)
+    run = client.get_run(child.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id and run.data.tags["stage"] == "s"
+    assert run.data.tags.get("git_sha") == git_sha()  # None outside a git work tree: then no tag either
+    assert run.data.params["list"] == "[1, 2]" and len(run.data.params["long"]) == 6000
+    assert len(run.data.metrics) == 1500 and client.get_metric_history(child.run_id, "m7")[0].step == 3
+    assert run_status(uri, child.run_id) == "FAILED" and run_status(uri, "0" * 32) == "missing"
+
+    again = TrackingRun.reopen(uri, child.run_id)
+    assert run_status(uri, again.run_id) == "RUNNING"
+    with pytest.raises(RunNotFoundError, match=f"the tracking store {uri} has no run 0+"):
+        TrackingRun.reopen(uri, "0" * 32)
+    assert TrackingRun.find(uri, "exp", "recipe", "r") == parent.run_id
+    assert TrackingRun.find(uri, "exp", "recipe", "other") is None

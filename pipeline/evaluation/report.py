@@ -9,7 +9,6 @@ A result is a plain dict: `{"dataset", "checkpoint", "metrics": {t2v_r1, ..., [s
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,32 +81,18 @@ def log_to_mlflow(result: dict[str, Any], cfg, files: list[Path], stage: str = "
     """One MLflow run per data set (nested under `cfg.tracking.parent_run_id` when set): metrics, protocol
     as params, the report files as artifacts, tagged `stage`. `cfg` is an evaluation config with `tracking` (the
     retrieval one, or the classification test's). Returns the run id."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking import git_sha, tracking_uri
+    from pipeline.tracking import TrackingRun, metric_entries, tracking_uri
 
     tracking_cfg = cfg.tracking
-    client = MlflowClient(tracking_uri(cfg))  # tracking.uri, $MLFLOW_TRACKING_URI, or <output_dir>/mlflow.db
-    experiment = client.get_experiment_by_name(tracking_cfg.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(tracking_cfg.experiment)
     tags = {"stage": stage, "dataset": result["dataset"], "checkpoint": result["checkpoint"]}
-    if tracking_cfg.parent_run_id:
-        tags["mlflow.parentRunId"] = tracking_cfg.parent_run_id
-    if sha := git_sha(Path(__file__).parent):
-        tags["git_sha"] = sha
     run_name = tracking_cfg.run_name or f"eval-{result['dataset']}"
-    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    # tracking_uri: tracking.uri, $MLFLOW_TRACKING_URI, or <output_dir>/mlflow.db
+    run = TrackingRun.create(tracking_uri(cfg), tracking_cfg.experiment, run_name, tags, tracking_cfg.parent_run_id)
     params = {**flatten(result["protocol"]), **{f"counts.{k}": v for k, v in result["counts"].items()}}
     metrics = {**result["metrics"], **{f"timing/{k}": v for k, v in result.get("timing", {}).items()}}
-    client.log_batch(
-        run_id,
-        metrics=[Metric(key, float(value), int(time.time() * 1000), 0) for key, value in metrics.items()],
-        params=[Param(key, json.dumps(value) if isinstance(value, list | dict) else str(value))
-                for key, value in params.items()],
-    )
+    run.log_params(params)
+    run.log_metrics(metric_entries(metrics, step=0))
     for path in files:
-        client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, status="FINISHED")
-    return run_id
-
+        run.log_artifact(path)
+    run.end("FINISHED")
+    return run.run_id

@@ -227,26 +227,12 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 
 def _evaluate_with_ray(cfg: EvalRetrievalConfig) -> dict[str, Any]:
     """Run `evaluate_on_rank` on `scaling.num_workers` Ray Train workers (the output dir must be shared)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from pipeline.launch import run_ray_workers
 
-    from pipeline.launch import _use_gpu, connect_ray
-
-    connect_ray(cfg)
-    use_gpu = _use_gpu(cfg.scaling.use_gpu)
     record = _record_path(cfg)
     record.unlink(missing_ok=True)  # a record of an earlier run must not be mistaken for this one's
-    trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config={"config": to_dict(cfg)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=ray.train.RunConfig(name=f"eval-{cfg.data.name}", storage_path=str(Path(cfg.output_dir) / "ray")),
-    )
-    trainer.fit()
+    run_ray_workers(_ray_worker, {"config": to_dict(cfg)}, cfg.scaling, f"eval-{cfg.data.name}",
+                    {"storage_path": str(Path(cfg.output_dir) / "ray")})
     if not record.is_file():
         raise RuntimeError(f"the Ray workers finished without writing {record}")
     result = json.loads(record.read_text())

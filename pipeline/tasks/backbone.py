@@ -1,6 +1,8 @@
-"""Builders shared by the stage tasks: the stage's VideoMamba backbone, and the dry-run (meta device) check."""
+"""Builders shared by the stage tasks: the stage's VideoMamba backbone, its export metadata, and the dry-run check."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,3 +21,8 @@ def build_student(cfg) -> nn.Module:
     if cfg.model.pretrained and not shapes_only():
         load_pretrained(model, cfg.model.pretrained)
     return model
+
+
+def backbone_export_meta(cfg) -> dict[str, Any]:
+    """What a backbone stage's export records to rebuild its student: `create_model(model_name, **model_kwargs)`."""
+    return {"model_name": cfg.model.name, "model_kwargs": {**cfg.model.build_kwargs(), "num_classes": 0}}

@@ -26,21 +26,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import create_model, load_pretrained
-from pipeline.config import ConfigError, TaskConfig, register_task_config, require
+from pipeline.config import ConfigError, TaskConfig, require
 from pipeline.distributed import all_reduce_sum, get_rank
+from pipeline.flops import videomamba_flops
 from pipeline.losses import soft_target_cross_entropy
 from pipeline.redaction import redact_text
-from pipeline.tasks import Task, register_task
 from pipeline.tasks.backbone import shapes_only
+from pipeline.tasks.base import Task
 from pipeline.tasks.ema import ParameterEMA
 from pipeline.tasks.mixup import MixupCutmix, smoothed_targets
+from pipeline.tasks.spec import TaskSpec, register_task
 
 # Tensors a checkpoint may lack without the classifier starting from random backbone weights: the head (another
 # class count, or none), and the temporal embedding (image checkpoints have none; the released code zero-inits it).
 _MAY_BE_MISSING = ("head.weight", "head.bias", "temporal_pos_embedding")
 
 
-@register_task_config("classification")
 @dataclass
 class ClassificationConfig(TaskConfig):
     num_classes: int | None = None
@@ -159,14 +160,22 @@ class ClassificationTask(Task):
         if self.ema is not None:
             self.ema.update(self.model)
 
-    def export_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Trainer hook: with an EMA, the export holds the averaged weights (the trained ones stay in checkpoints)."""
+    def export_state_dict(self, state: dict[str, Tensor],
+                          task_state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """With an EMA, an export (the end of the stage's, or one made offline from a checkpoint's `task_state`)
+        holds the averaged weights; the trained ones stay in the checkpoints."""
         if self.ema is None:
             return state
-        return {**state, **{name: avg.detach().float().cpu().clone() for name, avg in self.ema.averages().items()}}
+        averages = self.ema.averages() if task_state is None else self.ema.averages_in(task_state, "ema.")
+        return {**state, **{name: avg.detach().float().cpu().clone() for name, avg in averages.items()}}
 
     def trainable_module(self) -> nn.Module:
         return self.model
+
+    def flops_per_sample(self) -> float:
+        """The classifier over CLS + every patch token, head included (3x forward; pipeline/flops.py). Mixup,
+        the loss and the EMA update are elementwise."""
+        return videomamba_flops(self.model, 1 + self.model.grid[0] * self.model.num_patches)
 
     def export_metadata(self) -> dict[str, Any]:
         return dict(self._export_meta)
@@ -215,7 +224,6 @@ def class_names(task_cfg: ClassificationConfig) -> list[str] | None:
     return read_checked_class_names(task_cfg)
 
 
-@register_task("classification")
 def build(cfg) -> ClassificationTask:
     task_cfg: ClassificationConfig = cfg.task
     if task_cfg.ema_decay is not None and cfg.deepspeed.zero_stage == 3:
@@ -237,3 +245,7 @@ def build(cfg) -> ClassificationTask:
             "ema": task_cfg.ema_decay is not None}
     return ClassificationTask(model, task_cfg.num_classes, task_cfg.label_smoothing, mixup, task_cfg.ema_decay,
                               export_meta=meta)
+
+
+register_task(TaskSpec(name="classification", config=ClassificationConfig, build=build, init_key="model.pretrained",
+                       evaluates=True))

@@ -1,20 +1,56 @@
-"""Alignment of a backbone's final visible tokens to a frozen CLIP teacher, as an extra loss of later stages.
+"""Alignment of a backbone's visible tokens to a frozen CLIP teacher's: the head, position table and loss.
 
-Stage 1's loss and head (pipeline/tasks/masked_alignment.py) applied to the backbone's final output: the
-visible tokens plus stage 1's fixed sinusoidal position table -> `AlignHead` (Linear -> LayerNorm -> L2) ->
-mean(2 - 2 cos) against the teacher's last-layer tokens at the same positions. UMT calls it UTA and uses it
-in its masked video-text phase; the self-distillation stage can add it too.
+Stage 1 (pipeline/tasks/masked_alignment.py) aligns one or more student layers this way; `ClipTokenAlignment` applies
+it to a backbone's final output as an extra loss of later stages: the visible tokens plus stage 1's fixed
+sinusoidal position table -> `AlignHead` (Linear -> LayerNorm -> L2) -> mean(2 - 2 cos) against the teacher's
+last-layer tokens at the same positions. UMT calls it UTA and uses it in its masked video-text phase; the
+self-distillation stage can add it too.
 
 Legend: B batch, L = 1 + T*P tokens, V visible ones (CLS first), D backbone width, C teacher output width.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.teachers import CLIPTeacher
+from models.videomamba import gather_tokens, visible_index
 from pipeline.losses import cosine_alignment_loss
-from pipeline.tasks.masked_alignment import AlignHead, sinusoid_table, visible_tokens
+from pipeline.tasks.clip_teacher import check_teacher_grid
+
+
+class AlignHead(nn.Module):
+    """Linear(D -> C) -> LayerNorm(C) -> L2 normalisation (released `Linear_Decoder`, xavier init)."""
+
+    def __init__(self, width: int, out_dim: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(width, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x_BVD: Tensor) -> Tensor:
+        return F.normalize(self.norm(self.head(x_BVD)), dim=-1)
+
+
+def sinusoid_table(length: int, width: int) -> Tensor:
+    """(length, width) fixed 1-D position table: sin on even channels, cos on odd, period 10000^(2i/width)."""
+    position_L1 = torch.arange(length, dtype=torch.float64)[:, None]
+    channel = torch.arange(width)
+    angle_LD = position_L1 / torch.pow(10000.0, (2 * (channel // 2)).double() / width)
+    return torch.where(channel % 2 == 0, torch.sin(angle_LD), torch.cos(angle_LD)).float()
+
+
+def visible_tokens(x_BLC: Tensor, keep_BL: Tensor | None) -> Tensor:
+    """CLS + the kept patch tokens of every clip, in order: (..., B, 1 + V, C); all tokens if keep_BL is None.
+
+    x may carry leading dims (e.g. K layers); keep_BL is (B, L - 1) over the patches.
+    """
+    if keep_BL is None:
+        return x_BLC
+    return gather_tokens(x_BLC, visible_index(keep_BL))
 
 
 class ClipTokenAlignment(nn.Module):
@@ -22,9 +58,7 @@ class ClipTokenAlignment(nn.Module):
 
     def __init__(self, backbone: nn.Module, teacher: CLIPTeacher) -> None:
         super().__init__()
-        if teacher.grid_size != tuple(backbone.grid[1:]):
-            raise ValueError(f"the teacher's patch grid {teacher.grid_size} differs from the backbone's token grid "
-                             f"{tuple(backbone.grid[1:])}; set task.teacher.image_size to grid x teacher patch size")
+        check_teacher_grid(teacher, backbone)
         self.head = AlignHead(backbone.embed_dim, teacher.output_dim)
         length = 1 + backbone.num_frames * backbone.num_patches
         # Not persistent: a fixed function of the shape, so checkpoints need not carry it.

@@ -33,6 +33,14 @@ class ParameterEMA(nn.Module):
         """{parameter name: its fp32 average}."""
         return {name: getattr(self, _buffer_name(name)) for name in self.names}
 
+    def averages_in(self, task_state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+        """{parameter name: its average} read from a saved state dict that holds this module under `prefix`."""
+        missing = [prefix + _buffer_name(n) for n in self.names if prefix + _buffer_name(n) not in task_state]
+        if missing:
+            raise ValueError(f"the saved task state has no EMA averages (e.g. {missing[:2]}); was it saved by a run "
+                             "with task.ema_decay set?")
+        return {name: task_state[prefix + _buffer_name(name)] for name in self.names}
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         params = dict(model.named_parameters())

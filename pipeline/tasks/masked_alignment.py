@@ -25,44 +25,23 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import Features
-from models.teachers import CLIPTeacher, build_clip_teacher, teacher_patch_size
-from models.videomamba import gather_tokens, visible_index
-from pipeline.config import ConfigError, TaskConfig, register_task_config
+from models.teachers import CLIPTeacher
+from models.videomamba import gather_tokens
+from pipeline.config import ConfigError, TaskConfig
 from pipeline.cuda_graph import GraphedBackbone
+from pipeline.flops import clip_vision_flops, head_flops, videomamba_flops
 from pipeline.losses import cosine_alignment_loss
-from pipeline.tasks import Task, register_task
-from pipeline.tasks.attention_mask import AttentionMasker
-from pipeline.tasks.backbone import build_student
-
-DATA_MASKS = ("random", "tube", "tube_row", "random_row")
-
-
-@dataclass
-class CLIPTeacherConfig:
-    model_name: str = "ViT-B-16"
-    """open_clip model config of the teacher (`open_clip.list_models()`); ViT-B-16 as released."""
-    pretrained: str | None = "openai"
-    """An open_clip tag read from the local HF cache (set HF_HUB_OFFLINE=1 offline), a checkpoint file (full
-    CLIP or a vision-tower state dict such as UMT's vit_b16.pth), or null for random weights (tests only)."""
-    image_size: int | None = None
-    """Teacher input size; None = the student's token grid times the teacher's patch size (224 for ViT-B/16 at
-    224 px). Frames are resized (bicubic) when it differs from the clip's size; the pos embedding is
-    interpolated when it differs from the checkpoint's."""
-    quick_gelu: bool = True
-    """QuickGELU activation, which OpenAI's CLIP weights were trained with."""
-    apply_ln_post: bool = False
-    """Apply the tower's ln_post before `proj`; False reproduces the released targets."""
-    layers: list[int] | None = None
-    """Teacher blocks whose tokens are targets, one per aligned student layer; None = the last K blocks."""
-    vision_overrides: dict[str, Any] = field(default_factory=dict)
-    """Replace open_clip vision-config entries (e.g. {layers: 2, width: 64} for a tiny random test teacher)."""
+from pipeline.tasks.backbone import backbone_export_meta, build_student
+from pipeline.tasks.base import Task
+from pipeline.tasks.clip_alignment import AlignHead, sinusoid_table
+from pipeline.tasks.clip_teacher import CLIPTeacherConfig, check_teacher_grid, clip_teacher_for
+from pipeline.tasks.spec import TaskSpec, register_task
+from pipeline.tasks.token_masks import TokenMasks
 
 
-@register_task_config("masked_alignment")
 @dataclass
 class MaskedAlignmentConfig(TaskConfig):
     teacher: CLIPTeacherConfig = field(default_factory=CLIPTeacherConfig)
@@ -85,38 +64,6 @@ class MaskedAlignmentConfig(TaskConfig):
                               f"student layer ({count})")
 
 
-class AlignHead(nn.Module):
-    """Linear(D -> C) -> LayerNorm(C) -> L2 normalisation (released `Linear_Decoder`, xavier init)."""
-
-    def __init__(self, width: int, out_dim: int) -> None:
-        super().__init__()
-        self.head = nn.Linear(width, out_dim)
-        self.norm = nn.LayerNorm(out_dim)
-        nn.init.xavier_uniform_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x_BVD: Tensor) -> Tensor:
-        return F.normalize(self.norm(self.head(x_BVD)), dim=-1)
-
-
-def sinusoid_table(length: int, width: int) -> Tensor:
-    """(length, width) fixed 1-D position table: sin on even channels, cos on odd, period 10000^(2i/width)."""
-    position_L1 = torch.arange(length, dtype=torch.float64)[:, None]
-    channel = torch.arange(width)
-    angle_LD = position_L1 / torch.pow(10000.0, (2 * (channel // 2)).double() / width)
-    return torch.where(channel % 2 == 0, torch.sin(angle_LD), torch.cos(angle_LD)).float()
-
-
-def visible_tokens(x_BLC: Tensor, keep_BL: Tensor | None) -> Tensor:
-    """CLS + the kept patch tokens of every clip, in order: (..., B, 1 + V, C); all tokens if keep_BL is None.
-
-    x may carry leading dims (e.g. K layers); keep_BL is (B, L - 1) over the patches.
-    """
-    if keep_BL is None:
-        return x_BLC
-    return gather_tokens(x_BLC, visible_index(keep_BL))
-
-
 class MaskedAlignmentTask(Task):
     """Student VideoMamba + per-layer alignment heads + frozen CLIP teacher; loss = mean over layers of 2 - 2 cos."""
 
@@ -134,14 +81,11 @@ class MaskedAlignmentTask(Task):
                              f"{len(teacher.return_layers)} teacher layers {teacher.return_layers}")
         if student.tubelet_size != 1:
             raise ValueError(f"model.tubelet_size: the frame-wise CLIP teacher needs 1, got {student.tubelet_size}")
-        if teacher.grid_size != tuple(student.grid[1:]):
-            raise ValueError(f"the teacher's patch grid {teacher.grid_size} differs from the student's token grid "
-                             f"{tuple(student.grid[1:])}; set task.teacher.image_size to grid x teacher patch size")
+        check_teacher_grid(teacher, student)
         self.student = student
         self.teacher = teacher
         self.student_feature = student_feature
-        self.mask_type = mask_type
-        self.attention_masks = AttentionMasker(mask_ratio, seed)
+        self.masks = TokenMasks(mask_type, mask_ratio, seed)
         self.clip_decoder = nn.ModuleList(AlignHead(student.embed_dim, teacher.output_dim) for _ in self.align_layers)
         length = 1 + student.num_frames * student.num_patches
         # Not persistent: it is a fixed function of the shape, so checkpoints need not carry it.
@@ -160,7 +104,7 @@ class MaskedAlignmentTask(Task):
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         video_BCTHW = batch["video"]
         teacher_out = self.teacher(video_BCTHW)
-        keep_BL = self._keep_mask(batch, teacher_out.cls_attn_BTP)
+        keep_BL = self.masks(batch, teacher_out.cls_attn_BTP, video_BCTHW.device)
         index_BK = None if keep_BL is None else self.student.visible_index(keep_BL).to(video_BCTHW.device)
         features = self._student_runner(video_BCTHW, index_BK, self.training)
         targets_KBVC = teacher_out.targets_KBLC
@@ -184,22 +128,17 @@ class MaskedAlignmentTask(Task):
     def export_metadata(self) -> dict[str, Any]:
         return dict(self._export_meta)
 
+    def flops_per_sample(self) -> float:
+        """Student and heads over CLS + the visible tokens (3x forward), the teacher's forward (pipeline/flops.py)."""
+        tokens = 1 + self.masks.visible_patches(*self.student.grid)
+        heads = sum(head_flops(head.head, tokens) for head in self.clip_decoder)
+        return videomamba_flops(self.student, tokens) + heads + clip_vision_flops(self.teacher, self.student.num_frames)
+
     def rng_state_dict(self) -> dict[str, Any]:
-        return {"attention_masks": self.attention_masks.state_dict()}
+        return {"attention_masks": self.masks.state_dict()}
 
     def load_rng_state_dict(self, state: dict[str, Any]) -> None:
-        self.attention_masks.load_state_dict(state["attention_masks"])
-
-    def _keep_mask(self, batch: dict[str, Any], cls_attn_BTP: Tensor) -> Tensor | None:
-        if self.mask_type == "none":
-            return None
-        if self.mask_type == "attention":
-            return self.attention_masks(cls_attn_BTP)
-        keep_BL = batch.get("keep")
-        if keep_BL is None:
-            raise ValueError(f"data.mask.type={self.mask_type!r} is a data-side mask, but the batch has no 'keep' "
-                             "entry; build the loader from the same data config (pipeline.data.build_loader)")
-        return keep_BL.to(cls_attn_BTP.device)
+        self.masks.load_state_dict(state["attention_masks"])
 
     def _residual_indices(self) -> list[int]:
         """Residuals needed: the output of block j is the residual entering block j + 1."""
@@ -219,25 +158,6 @@ class MaskedAlignmentTask(Task):
         return norm_f.add_norm(features.residuals[layer + 1].to(norm_f.weight.dtype), None)[0]
 
 
-def build_teacher(teacher_cfg: CLIPTeacherConfig, student: nn.Module, num_layers: int) -> CLIPTeacher:
-    """The CLIP teacher whose patch grid matches `student`'s, returning `num_layers` blocks."""
-    image_size = teacher_cfg.image_size
-    if image_size is None:
-        grid = student.grid[1]
-        image_size = grid * teacher_patch_size(teacher_cfg.model_name, teacher_cfg.vision_overrides)
-    layers = teacher_cfg.layers if teacher_cfg.layers is not None else list(range(-num_layers, 0))
-    return build_clip_teacher(
-        model_name=teacher_cfg.model_name,
-        pretrained=teacher_cfg.pretrained,
-        image_size=image_size,
-        return_layers=layers,
-        apply_ln_post=teacher_cfg.apply_ln_post,
-        quick_gelu=teacher_cfg.quick_gelu,
-        vision_overrides=teacher_cfg.vision_overrides or None,
-    )
-
-
-@register_task("masked_alignment")
 def build(cfg) -> MaskedAlignmentTask:
     task_cfg: MaskedAlignmentConfig = cfg.task
     student = build_student(cfg)
@@ -249,8 +169,7 @@ def build(cfg) -> MaskedAlignmentTask:
                           f"model's ({student.num_frames}, {student.img_size}); set model.num_frames/img_size")
     align = (task_cfg.align_layers if task_cfg.align_layers is not None
              else list(range(student.depth - task_cfg.num_align_layers, student.depth)))
-    teacher = build_teacher(task_cfg.teacher, student, len(align))
-    meta = {"model_name": cfg.model.name, "model_kwargs": {**cfg.model.build_kwargs(), "num_classes": 0}}
+    teacher = clip_teacher_for(task_cfg.teacher, student, len(align))
     return MaskedAlignmentTask(
         student, teacher, align,
         student_feature=task_cfg.student_feature,
@@ -258,7 +177,11 @@ def build(cfg) -> MaskedAlignmentTask:
         mask_type=cfg.data.mask.type,
         mask_ratio=cfg.data.mask.ratio,
         seed=cfg.seed,
-        export_meta=meta,
+        export_meta=backbone_export_meta(cfg),
         cuda_graph=cfg.cuda_graph_wanted(),
         cuda_graph_required=cfg.model.cuda_graph is True,
     )
+
+
+register_task(TaskSpec(name="masked_alignment", config=MaskedAlignmentConfig, build=build, init_key="model.pretrained",
+                       cuda_graph=True))

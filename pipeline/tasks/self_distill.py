@@ -15,7 +15,7 @@ Legend: B batch, L tokens (CLS first), D student width, Dt teacher width.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,14 +23,17 @@ from torch import Tensor, nn
 
 from models import create_model, load_pretrained
 from models.teachers import CLIPTeacher
-from pipeline.config import ConfigError, TaskConfig, register_task_config
+from pipeline.config import ConfigError, TaskConfig
+from pipeline.flops import clip_vision_flops, head_flops, videomamba_flops
 from pipeline.losses import cosine_alignment_loss
-from pipeline.tasks import Task, masked_alignment, register_task
-from pipeline.tasks.backbone import build_student, shapes_only
-from pipeline.tasks.clip_alignment import ClipTokenAlignment
+from pipeline.tasks.backbone import backbone_export_meta, build_student, shapes_only
+from pipeline.tasks.base import Task
+from pipeline.tasks.clip_alignment import ClipTokenAlignment, visible_tokens
+from pipeline.tasks.clip_teacher import CLIPTeacherConfig, clip_teacher_for
+from pipeline.tasks.spec import TaskSpec, register_task
+from pipeline.tasks.token_masks import TokenMasks
 
 
-@register_task_config("self_distill")
 @dataclass
 class SelfDistillConfig(TaskConfig):
     teacher_checkpoint: str | None = None
@@ -44,7 +47,7 @@ class SelfDistillConfig(TaskConfig):
     clip_weight: float = 0.0
     """Weight of an extra alignment of the student's final visible tokens to a frozen CLIP teacher (stage 1's
     head and loss; pipeline/tasks/clip_alignment.py); 0 = off, no CLIP teacher is built."""
-    clip_teacher: masked_alignment.CLIPTeacherConfig = field(default_factory=masked_alignment.CLIPTeacherConfig)
+    clip_teacher: CLIPTeacherConfig = field(default_factory=CLIPTeacherConfig)
     """The CLIP teacher for `clip_weight` (stage 1's teacher settings)."""
 
     def __post_init__(self) -> None:
@@ -102,8 +105,8 @@ class SelfDistillTask(Task):
     """Student VideoMamba + distill_head, frozen teacher; loss = distill_weight * mean(2 - 2 cos) [+ clip]."""
 
     def __init__(self, student: nn.Module, teacher: FrozenBackbone, distill_weight: float = 1.0,
-                 clip_teacher: CLIPTeacher | None = None, clip_weight: float = 0.0,
-                 export_meta: dict[str, Any] | None = None) -> None:
+                 clip_teacher: CLIPTeacher | None = None, clip_weight: float = 0.0, mask_type: str = "none",
+                 mask_ratio: float = 0.8, export_meta: dict[str, Any] | None = None) -> None:
         super().__init__()
         if (clip_weight > 0) != (clip_teacher is not None):
             raise ValueError("a CLIP teacher goes with clip_weight > 0, and only then")
@@ -117,15 +120,13 @@ class SelfDistillTask(Task):
         self.distill_head = (nn.Sequential(nn.RMSNorm(width, eps=1e-5), nn.Linear(width, teacher_width))
                              if width != teacher_width else nn.Identity())
         self.distill_weight = distill_weight
+        self.masks = TokenMasks(mask_type, mask_ratio, seed=0)  # data-side or none (`build` refuses attention)
         self._export_meta = dict(export_meta or {})
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        video_BCTHW, keep_BL = batch["video"], batch.get("keep")
-        target_BLD = self.teacher(video_BCTHW)
-        if keep_BL is not None:
-            B, _, D = target_BLD.shape
-            visible = target_BLD[:, 1:][keep_BL.to(target_BLD.device)].view(B, -1, D)
-            target_BLD = torch.cat([target_BLD[:, :1], visible], dim=1)
+        video_BCTHW = batch["video"]
+        keep_BL = self.masks(batch, None, video_BCTHW.device)
+        target_BLD = visible_tokens(self.teacher(video_BCTHW), keep_BL)
         tokens_BLD = self.student.forward_features(video_BCTHW, keep_BL=keep_BL).tokens_BLD
         distill = cosine_alignment_loss(self.distill_head(tokens_BLD), target_BLD)
         out = {"loss": self.distill_weight * distill, "distill": distill.detach()}
@@ -138,11 +139,22 @@ class SelfDistillTask(Task):
     def trainable_module(self) -> nn.Module:
         return self.student
 
+    def flops_per_sample(self) -> float:
+        """Student and heads over its visible tokens (3x forward); the teachers' forwards (pipeline/flops.py)."""
+        student, teacher = self.student, self.teacher.model
+        tokens = 1 + self.masks.visible_patches(*student.grid)
+        flops = videomamba_flops(student, tokens) + videomamba_flops(teacher, 1 + teacher.grid[0] * teacher.num_patches)
+        if isinstance(self.distill_head, nn.Sequential):
+            flops += head_flops(self.distill_head[1], tokens)
+        if self.clip_alignment is not None:
+            flops += clip_vision_flops(self.clip_teacher, student.num_frames)
+            flops += head_flops(self.clip_alignment.head.head, tokens)
+        return flops
+
     def export_metadata(self) -> dict[str, Any]:
         return dict(self._export_meta)
 
 
-@register_task("self_distill")
 def build(cfg) -> SelfDistillTask:
     task_cfg: SelfDistillConfig = cfg.task
     if cfg.data.mask.type == "attention":
@@ -150,10 +162,11 @@ def build(cfg) -> SelfDistillTask:
                           "self-distillation takes data-side masks (random, tube, tube_row, random_row) or none")
     student = build_student(cfg)
     teacher = build_teacher(task_cfg)
-    clip_teacher = None
-    if task_cfg.clip_weight > 0:
-        clip_cfg = task_cfg.clip_teacher if not shapes_only() else replace(task_cfg.clip_teacher, pretrained=None)
-        clip_teacher = masked_alignment.build_teacher(clip_cfg, student, num_layers=1)
-    meta = {"model_name": cfg.model.name, "model_kwargs": {**cfg.model.build_kwargs(), "num_classes": 0}}
+    clip_teacher = clip_teacher_for(task_cfg.clip_teacher, student, num_layers=1) if task_cfg.clip_weight > 0 else None
     return SelfDistillTask(student, teacher, task_cfg.distill_weight, clip_teacher, task_cfg.clip_weight,
-                           export_meta=meta)
+                           mask_type=cfg.data.mask.type, mask_ratio=cfg.data.mask.ratio,
+                           export_meta=backbone_export_meta(cfg))
+
+
+# The student is larger than its teacher and starts from scratch (as in the paper): `from:` names the teacher.
+register_task(TaskSpec(name="self_distill", config=SelfDistillConfig, build=build, init_key="task.teacher_checkpoint"))

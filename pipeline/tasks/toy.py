@@ -17,15 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import TaskConfig, register_task_config
+from pipeline.config import TaskConfig
 from pipeline.distributed import get_rank
-from pipeline.tasks import Task, register_task
+from pipeline.tasks.base import Task
+from pipeline.tasks.spec import TaskSpec, register_task
 
 # Eval stream offset: keeps eval inputs disjoint from every rank's training stream.
 _EVAL_STREAM = 1_000_003
 
 
-@register_task_config("toy")
 @dataclass
 class ToyTaskConfig(TaskConfig):
     in_dim: int = 16
@@ -144,6 +144,9 @@ class ToyTask(Task):
         return 6.0 * macs
 
 
-@register_task("toy")
 def build_toy(cfg) -> ToyTask:
     return ToyTask(cfg.task)
+
+
+register_task(TaskSpec(name="toy", config=ToyTaskConfig, build=build_toy, init_key="model.pretrained", evaluates=True,
+                       own_loader=True))

@@ -19,7 +19,6 @@ Legend: B batch, V video tokens (1 + kept), D video width, L text tokens, W text
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,15 +28,17 @@ from torch import Tensor, nn
 
 from models.teachers import CLIPTeacher
 from models.video_text import VideoTextModel, build_video_text_model, load_video_text_export
-from pipeline.config import ConfigError, TaskConfig, register_task_config
+from pipeline.config import ConfigError, TaskConfig
 from pipeline.cuda_graph import GraphedBackbone
 from pipeline.evaluation.metrics import retrieval_metrics
+from pipeline.flops import clip_vision_flops, head_flops, matching_head_flops, text_tower_flops, videomamba_flops
 from pipeline.losses import contrastive_loss, matching_loss, sample_hard_negatives
-from pipeline.tasks import Task, register_task
-from pipeline.tasks.attention_mask import AttentionMasker
 from pipeline.tasks.backbone import shapes_only
+from pipeline.tasks.base import Task
 from pipeline.tasks.clip_alignment import ClipTokenAlignment
-from pipeline.tasks.masked_alignment import CLIPTeacherConfig, build_teacher
+from pipeline.tasks.clip_teacher import CLIPTeacherConfig, clip_teacher_for
+from pipeline.tasks.spec import TaskSpec, register_task
+from pipeline.tasks.token_masks import TokenMasks
 
 
 @dataclass
@@ -61,7 +62,6 @@ class TextTowerConfig:
         return {"name": self.name, **{k: v for k, v in overrides.items() if v is not None}}
 
 
-@register_task_config("video_text")
 @dataclass
 class VideoTextConfig(TaskConfig):
     embed_dim: int = 512
@@ -111,8 +111,7 @@ class VideoTextTask(Task):
         self.model = model
         self.vtc_weight, self.vtm_weight, self.uta_weight = vtc_weight, vtm_weight, uta_weight
         self.teacher = teacher
-        self.mask_type = mask_type
-        self.attention_masks = AttentionMasker(mask_ratio, seed)
+        self.masks = TokenMasks(mask_type, mask_ratio, seed)
         self.uta = ClipTokenAlignment(model.vision_encoder, teacher) if uta_weight > 0 else None
         self._export_meta = dict(export_meta or {})
         self._video_runner = GraphedBackbone(model.vision_encoder, (), "the video encoder", enabled=cuda_graph,
@@ -124,7 +123,7 @@ class VideoTextTask(Task):
         video_BCTHW = model.as_clip(batch["video"])
         index_B = batch["index"].to(model.temp.device)
         teacher_out = self.teacher(video_BCTHW) if self.teacher is not None else None
-        keep_BL = self._keep_mask(batch, teacher_out)
+        keep_BL = self.masks(batch, teacher_out.cls_attn_BTP if teacher_out is not None else None, model.temp.device)
         tokens_BL = model.tokenize(batch["text"])
         index_BK = None if keep_BL is None else model.vision_encoder.visible_index(keep_BL)
         video_BVD = self._video_runner(video_BCTHW, index_BK, self.training).tokens_BLD
@@ -145,15 +144,6 @@ class VideoTextTask(Task):
         out["temp"] = model.temp.detach().clone().squeeze()
         out["vtc_acc"] = (index_B[sim_v2t_BB.argmax(dim=1)] == index_B).float().mean()
         return out
-
-    def _keep_mask(self, batch: dict[str, Any], teacher_out) -> Tensor | None:
-        if self.mask_type == "attention":
-            return self.attention_masks(teacher_out.cls_attn_BTP)
-        keep_BL = batch.get("keep")
-        if self.mask_type != "none" and keep_BL is None:
-            raise ValueError(f"data.mask.type={self.mask_type!r} is a data-side mask, but the batch has no 'keep'; "
-                             "build the loader from the same data config (pipeline.data.build_loader)")
-        return keep_BL.to(self.model.temp.device) if keep_BL is not None else None
 
     def _matching_loss(self, video_BVD: Tensor, text_BLW: Tensor, valid_BL: Tensor, tokens_BL: Tensor,
                        sim_v2t_BB: Tensor, index_B: Tensor) -> Tensor:
@@ -186,17 +176,31 @@ class VideoTextTask(Task):
     def trainable_module(self) -> nn.Module:
         return self.model
 
+    def flops_per_sample(self) -> float:
+        """Video encoder over CLS + the visible tokens, text tower over its context, projections, the matching head
+        on 3 pairs per sample, the UTA head (3x forward), and the teacher's forward (pipeline/flops.py)."""
+        model, video = self.model, self.model.vision_encoder
+        tokens, text = 1 + self.masks.visible_patches(*video.grid), model.text_encoder.context_length
+        flops = videomamba_flops(video, tokens) + text_tower_flops(model.text_encoder.tower, text)
+        flops += head_flops(model.vision_proj, 1) + head_flops(model.text_proj, 1)
+        if self.vtm_weight > 0:
+            flops += 3 * matching_head_flops(model.vtm_head, text, tokens)  # the positive and two hard negatives
+        if self.uta is not None:
+            flops += head_flops(self.uta.head.head, tokens)
+        if self.teacher is not None:
+            flops += clip_vision_flops(self.teacher, video.num_frames)
+        return flops
+
     def export_metadata(self) -> dict[str, Any]:
         return {**self.model.config, **self._export_meta}
 
     def rng_state_dict(self) -> dict[str, Any]:
-        return {"attention_masks": self.attention_masks.state_dict()}
+        return {"attention_masks": self.masks.state_dict()}
 
     def load_rng_state_dict(self, state: dict[str, Any]) -> None:
-        self.attention_masks.load_state_dict(state["attention_masks"])
+        self.masks.load_state_dict(state["attention_masks"])
 
 
-@register_task("video_text")
 def build(cfg) -> VideoTextTask:
     task_cfg: VideoTextConfig = cfg.task
     load = not shapes_only()
@@ -209,11 +213,15 @@ def build(cfg) -> VideoTextTask:
         load_video_text_export(model, task_cfg.init_checkpoint)
     teacher = None
     if task_cfg.uta_weight > 0 or cfg.data.mask.type == "attention":
-        teacher_cfg = task_cfg.teacher if load else dataclasses.replace(task_cfg.teacher, pretrained=None)
-        teacher = build_teacher(teacher_cfg, model.vision_encoder, num_layers=1)
+        teacher = clip_teacher_for(task_cfg.teacher, model.vision_encoder, num_layers=1)
     # The evaluator normalises clips as training did.
     meta = {"mean": list(cfg.data.mean), "std": list(cfg.data.std)}
     return VideoTextTask(model, task_cfg.vtc_weight, task_cfg.vtm_weight, task_cfg.uta_weight, teacher,
                          mask_type=cfg.data.mask.type, mask_ratio=cfg.data.mask.ratio, seed=cfg.seed,
                          export_meta=meta, cuda_graph=cfg.cuda_graph_wanted(),
                          cuda_graph_required=cfg.model.cuda_graph is True)
+
+
+# `from:` loads a backbone into the vision encoder (`task.init_checkpoint` takes a whole video-text export).
+register_task(TaskSpec(name="video_text", config=VideoTextConfig, build=build, init_key="model.pretrained",
+                       cuda_graph=True, evaluates=True))

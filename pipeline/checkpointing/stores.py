@@ -1,7 +1,7 @@
-"""Where checkpoints live: Ray Train's storage (local path or s3://) or a plain local folder.
+"""Where a worker's checkpoint directory lives: Ray Train's storage (local path or s3://) or a plain local folder.
 
-The engine writes a checkpoint into a directory it is given (every rank writes its own ZeRO shard and its RNG /
-data state) and finds the latest one to resume from; these two stores decide where that directory lives.
+The engine writes a checkpoint into a directory it is given (`pipeline.checkpointing.state`: every rank its own
+files) and resumes from the latest one; these two stores decide where that directory lives.
 
 - `RayCheckpointStore`: every rank writes into a private temp dir and calls `ray.train.report`; Ray merges the
   ranks' files into one checkpoint under `<storage_path>/<run name>/checkpoint_<step>` and keeps `checkpoint.keep`
@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipeline.checkpointing.layout import METRICS, checkpoint_dir_name, checkpoint_dirs, problems
 from pipeline.distributed import barrier, is_main_process
 from pipeline.redaction import redact_text
 from pipeline.writes import disk_full_named
@@ -35,46 +36,6 @@ class CheckpointStore(Protocol):
 
     def save(self, step: int, write: WriteFn, metrics: dict[str, Any]) -> None:
         """Persist a checkpoint: `write(dir)` runs on every rank with a directory to fill."""
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint_{step:08d}"
-
-
-def run_storage(cfg) -> str:
-    """`<checkpoint.path>/<run name>`: this run's checkpoints and result record (local or s3://)."""
-    return f"{cfg.checkpoint.path.rstrip('/')}/{cfg.run_name}"
-
-
-def storage_filesystem(cfg) -> tuple[Any, str]:
-    """(fsspec filesystem, path) of the run's storage folder, opened with `checkpoint.storage_options`."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(run_storage(cfg), **cfg.checkpoint.storage_options)
-
-
-def write_run_record(cfg, record: dict[str, Any]) -> None:
-    """Rank 0: the run's outcome (result metrics or a non-finite stop) as `<run storage>/result.json`.
-
-    Ray's `Result.metrics` only carries metrics attached to checkpoints, so the driver reads this instead.
-    """
-    fs, root = storage_filesystem(cfg)
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(f"{root}/result.json", "w") as f:
-        json.dump(record, f, default=str)
-
-
-def pop_run_record(cfg) -> dict[str, Any] | None:
-    """Read and delete the run's result record (None if the workers wrote none)."""
-    fs, root = storage_filesystem(cfg)
-    path = f"{root}/result.json"
-    fs.invalidate_cache()  # s3fs caches listings; the workers wrote this file behind its back
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        record = json.load(f)
-    fs.rm(path)
-    return record
 
 
 class RayCheckpointStore:
@@ -143,8 +104,11 @@ class LocalCheckpointStore:
         self.root, self.keep = Path(root), keep
 
     def checkpoints(self) -> list[Path]:
-        """Completed checkpoints, oldest first."""
-        return sorted(p for p in self.root.glob("checkpoint_*") if (p / "metrics.json").is_file())
+        """Complete checkpoints (`layout.problems`), oldest first."""
+        import fsspec
+
+        fs = fsspec.filesystem("file")
+        return [Path(p) for p in reversed(checkpoint_dirs(fs, str(self.root))) if not problems(fs, p)]
 
     @contextmanager
     def restore(self) -> Iterator[Path | None]:
@@ -162,8 +126,7 @@ class LocalCheckpointStore:
             write(staging)
         barrier()  # every rank's shard is on disk before the checkpoint becomes visible
         if is_main_process():
-            # metrics.json is written last: its presence marks a complete checkpoint.
-            (staging / "metrics.json").write_text(json.dumps(metrics, default=str))
+            (staging / METRICS).write_text(json.dumps(metrics, default=str))
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
             for old in self.checkpoints()[: -self.keep]:
