@@ -208,7 +208,7 @@ class Runner:
         start = time.perf_counter()
         try:
             while len(times) < max_calls and (not times or time.perf_counter() - start < round_s):
-                times.append(_timed_ms(self.step, self.device))
+                times.append(timed_call_ms(self.step, self.device))
         except Exception as err:  # noqa: BLE001 - kept in the row; the other models go on
             self.error = f"{type(err).__name__} while timing: {str(err)[:300]}"
             return
@@ -231,7 +231,8 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _timed_ms(fn: Callable[[], object], device: torch.device) -> float:
+def timed_call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call of `fn`: between CUDA events on a GPU (host time included), else wall time."""
     if device.type == "cuda":
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()

@@ -4,9 +4,14 @@
     # training shards: short side 256, keyframe every 8 frames, no B-frames, fast-decode H.264, no audio
     python jobs/make_shards.py --input list.jsonl --output data/train --transcode --short-side 256 --gop 8 \
         --bframes 0 --tune fastdecode
+    # labelled (classification) shards: a `video,label` list and the data set's class-index file
+    python jobs/make_shards.py --input k400_train.csv --output s3://bucket/k400/train --classes k400_classes.txt
 
 The list is CSV (header `video,caption[,video_id]`; a caption cell may hold a JSON list) or JSONL
 (`{"video": ..., "caption": str | [str]}`); relative video paths resolve against the list's folder.
+A classification list has a `label` column (header `video,label`; a class name or index, caption optional): its
+samples carry `label`/`label_name` and the class-index file lands beside the shards as `classes.txt` (give the
+same `--classes` file to every split of one data set).
 S3 endpoints and credentials come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
 """
 
@@ -33,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="veryfast", help="with --transcode: libx264 preset (default veryfast)")
     parser.add_argument("--tune", default=None, help="with --transcode: libx264 tune, e.g. fastdecode")
     parser.add_argument("--workers", type=int, default=1, help="parallel writer processes")
+    parser.add_argument("--classes", default=None,
+                        help="class-index file for a labelled list (one class name per line, line i = class i); "
+                             "default: derived from the list's labels")
     args = parser.parse_args(argv)
     encoding = {"short_side": args.short_side, "fps": args.fps, "gop": args.gop, "bframes": args.bframes,
                 "crf": args.crf, "preset": args.preset, "tune": args.tune}  # fmt: skip
@@ -42,12 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         transcode = TranscodeOptions(**encoding) if args.transcode else None
     except ValueError as err:
         parser.error(str(err))
-    manifest = make_shards(args.input, args.output, args.shard_size, transcode, args.workers, args.name)
+    manifest = make_shards(args.input, args.output, args.shard_size, transcode, args.workers, args.name,
+                           class_index=args.classes)
     print(
         f"{manifest['num_samples']} samples in {len(manifest['shards'])} shards "
         f"({manifest['total_duration_s'] / 3600:.2f} h of video) at {args.output}; "
         f"{len(manifest['skipped'])} inputs skipped (listed in manifest.json)"
     )
+    if "num_classes" in manifest:
+        print(f"{manifest['num_classes']} classes, index in {args.output.rstrip('/')}/classes.txt")
     for item in manifest["skipped"][:10]:
         print(f"  skipped {item['video']}: {item['reason']}")
     return 0

@@ -26,12 +26,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
 from pipeline.config_yaml import SourcedFloat, SourcedInt, YamlSyntaxError, load_yaml_file, parse_value, plain
 from pipeline.tasks.spec import task_names, task_spec
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -110,6 +112,33 @@ class MaskConfig:
             raise ConfigError(f"data.mask.ratio: must be in [0, 1), got {self.ratio}")
 
 
+# The policies pipeline.data.augment.parse_rand_augment reads (checked here, before any worker starts).
+_RAND_AUGMENT = re.compile(r"rand(-(m\d+|n\d+|mstd\d+(\.\d+)?|inc[01]))*")
+
+
+@dataclass
+class AugmentConfig:
+    rand_augment: str | None = None
+    """RandAugment policy for training clips in timm's syntax, one draw per clip (every frame gets the same ops
+    and magnitudes): `rand-m7-n4-mstd0.5-inc1` = 4 ops at magnitude 7 (noise std 0.5), the 'increasing' op set
+    (the released fine-tuning default; Ti: rand-m5-n2-mstd0.25-inc1). None = off."""
+    random_erasing: float = 0.0
+    """Probability of erasing one random box of a training clip after normalisation (the same box on every frame,
+    per-pixel Gaussian noise; 0.25 in the released fine-tuning)."""
+    repeats: int = 1
+    """Augmented copies of each decoded training video (repeated augmentation; 2 in the released fine-tuning).
+    `data.batch_size` counts the copies, so it must be a multiple of this."""
+
+    def __post_init__(self) -> None:
+        require("data.augment.random_erasing", self.random_erasing, 0.0 <= self.random_erasing <= 1.0,
+                "a probability in [0, 1]")
+        _at_least("data.augment.repeats", self.repeats, 1)
+        if self.rand_augment is not None:
+            require("data.augment.rand_augment", self.rand_augment, bool(_RAND_AUGMENT.fullmatch(self.rand_augment)),
+                    "a RandAugment policy rand-m<magnitude>-n<ops>[-mstd<std>][-inc<0|1>] "
+                    "(e.g. rand-m7-n4-mstd0.5-inc1) or null")
+
+
 @dataclass
 class DataConfig:
     train_shards: str | list[str] | None = None
@@ -120,8 +149,9 @@ class DataConfig:
     """Frames sampled per clip."""
     img_size: int = 224
     """Output resolution (square)."""
-    sampling: Literal["rand", "middle", "stride"] = "rand"
-    """Frame sampling: random offset per segment (train), segment middles (eval), or a dense stride."""
+    sampling: Literal["rand", "middle", "stride", "sparse_middle"] = "rand"
+    """Frame sampling: random offset per segment (train), segment middles (eval: the released zero-shot rule),
+    a dense stride, or `sparse_middle`, the released classification validation view (docs/finetune.md)."""
     frame_stride: int = 4
     """Frame step of the `stride` sampling mode."""
     batch_size: int = 8
@@ -144,14 +174,21 @@ class DataConfig:
     """Random horizontal flip in training (turn off for direction-sensitive data such as SSv2)."""
     mask: MaskConfig = field(default_factory=MaskConfig)
     """Data-side token masks (tube/random/row); attention masks are made in the task."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Extra training augmentation (RandAugment, random erasing, repeated augmentation) for fine-tuning."""
     max_bad_fraction: float = 0.01
     """Fail the run when more than this fraction of samples cannot be decoded."""
     bad_check_min_samples: int = 100
     """Samples read before `max_bad_fraction` is enforced (a few early failures should not stop a run)."""
     patch_size: int = 16
     """Model patch size in pixels; data-side masks cover (img_size / patch_size)^2 patches per frame."""
-    eval_sampling: Literal["rand", "middle", "stride"] = "middle"
-    """Frame sampling for the eval split (the retrieval protocol uses segment middles)."""
+    eval_sampling: Literal["rand", "middle", "stride", "sparse_middle"] = "middle"
+    """Frame sampling for the eval split: `middle` for the retrieval protocol, `sparse_middle` for classification
+    validation (each is the released rule of its task; they can pick frames one apart)."""
+    eval_crop: Literal["none", "center"] = "none"
+    """Eval frames: `none` resizes the whole frame to img_size x img_size (bicubic; the retrieval protocol),
+    `center` resizes the short side to img_size and takes the central square (bilinear; classification
+    validation)."""
     trim_seconds: float | None = None
     """Sample frames only from the first N seconds of each video (DiDeMo's protocol uses 30); None = all."""
     caption_mode: Literal["auto", "random", "first", "join"] = "auto"
@@ -199,6 +236,8 @@ class DataConfig:
                               f"got {self.samples_per_epoch}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
+        require("data.batch_size", self.batch_size, self.batch_size % self.augment.repeats == 0,
+                f"a multiple of data.augment.repeats={self.augment.repeats} (each video brings that many copies)")
 
 
 @dataclass
@@ -232,6 +271,10 @@ class OptimConfig:
     """AdamW epsilon."""
     layer_decay: float | None = None
     """Layer-wise LR decay factor (e.g. 0.8 for fine-tuning); None = off."""
+    layer_decay_scope: Literal["released", "all_layers"] = "released"
+    """Which parameters layer decay scales (docs/finetune.md): `released` = what the released fine-tuning code
+    does, only cls_token, pos_embed and patch_embed (at layer_decay ** (depth + 1), so nearly frozen), blocks and
+    the rest at full LR; `all_layers` = BEiT-style, the embeddings at layer 0 and block i at layer i + 1."""
 
     def __post_init__(self) -> None:
         require("optim.lr", self.lr, self.lr > 0, "> 0")
@@ -439,9 +482,15 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML file (with its `defaults`), apply `key.sub=value` overrides, validate."""
+    return load_typed_config(Config, path, overrides)
+
+
+def load_typed_config(schema: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """A YAML file (with its `defaults`) plus `key.sub=value` overrides and `${VAR:-default}`, as the dataclass
+    `schema` (a training Config, or an evaluation job's config), validated."""
     raw = load_yaml_tree(path) if path is not None else {}
     apply_overrides(raw, overrides)
-    return from_dict(Config, _interpolate_env(raw), "")
+    return from_dict(schema, _interpolate_env(raw), "")
 
 
 def load_yaml_tree(path: str | Path) -> dict[str, Any]:

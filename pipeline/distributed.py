@@ -121,6 +121,15 @@ def all_reduce_mean(value: Tensor) -> Tensor:
     return out / get_world_size()
 
 
+def all_reduce_sum(value: Tensor) -> Tensor:
+    """Sum of a tensor over ranks (counts of an evaluation; not differentiable)."""
+    if not is_distributed():
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 def all_gather_uneven(x_N: Tensor) -> Tensor:
     """Concatenate `x_N` from every rank along dim 0 when ranks hold different row counts (not differentiable).
 

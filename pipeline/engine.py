@@ -364,6 +364,7 @@ class Trainer:
         elif not math.isfinite(float(grad_norm)):
             # ZeRO skipped this update itself (its overflow check); apply the policy on top.
             self.on_nonfinite(f"gradient norm {float(grad_norm)}")
+        self.task.after_optimizer_step()  # e.g. the classification task's weight EMA
         self.step += 1
         self.window["steps"] += 1
         self.window["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -486,6 +487,7 @@ class Trainer:
             # Cloned: gathered ZeRO-3 storage is released when the block ends.
             state = {k: (v.detach().float() if v.is_floating_point() else v).cpu().clone()
                      for k, v in module.state_dict().items()}  # fmt: skip
+        state = self.task.export_state_dict(state)  # e.g. the classification task's EMA weights in their place
         path = stage_export_path(self.cfg.output_dir)
         if self.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)

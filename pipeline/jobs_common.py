@@ -1,16 +1,21 @@
-"""The shared command line of training jobs: `--config FILE [key=value ...] [--dry-run]`.
+"""The shared command line of the jobs: `--config FILE [key=value ...] [--dry-run]`.
 
 Every stage entry point calls `run_training_job`: it loads and validates the config (errors name the bad key
 before any worker starts), checks that the weight files and shards it names exist (`pipeline.preflight`), prints
 the resolved config and saves it to `<output_dir>/config.yaml`, prints the plan (model and parameter count, data,
 workers, storage, tracking, what the checks found) and, unless `--dry-run`, launches training.
 Printed and saved configs have their credentials masked (`pipeline.redaction`).
+The evaluation jobs call `run_evaluation_job` (their config loader, plan and evaluation passed in). Every job
+runs them through `pipeline.cli.exit_status`, which ends a ConfigError with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,4 +106,29 @@ def run_training_job(description: str, argv: list[str] | None = None) -> TrainRe
         f"final metrics: {result.metrics}",
         flush=True,
     )
+    return result
+
+
+def run_evaluation_job(description: str, argv: list[str] | None, load: Callable[..., Any],
+                       plan: Callable[[Any], list[str]],
+                       evaluate: Callable[[Any], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """`--config FILE key=value ... [--dry-run]` of an evaluation: `load(path, overrides)` the config; with
+    --dry-run print `plan(cfg)` (which checks checkpoint and data), else `evaluate(cfg)` and print its result and
+    markdown report (rank 0 of a torchrun group; the other ranks print nothing). Returns the result (None for a
+    dry run and on the other ranks). Jobs call it through `pipeline.cli.exit_status`, as the training jobs call
+    `run_training_job`, so a ConfigError ends them with one line."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="evaluation YAML (configs/eval/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, checkpoint and data without running the model; print the plan; stop")
+    args = parser.parse_args(argv)
+    cfg = load(args.config, args.overrides)
+    if args.dry_run:
+        print("\n".join(plan(cfg)))
+        return None
+    result = evaluate(cfg)
+    if result:
+        print(json.dumps(result, indent=2))
+        print(Path(result["report"]).with_suffix(".md").read_text())
     return result

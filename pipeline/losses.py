@@ -1,6 +1,7 @@
-"""Losses of the video-text stage: symmetric InfoNCE over all ranks, video-text matching, feature alignment.
+"""Losses of the stages: symmetric InfoNCE over all ranks, video-text matching, feature alignment, and the
+classifier's cross-entropy against soft (label-smoothed, mixed) targets.
 
-Legend: B local batch, N global batch (B * world size), E joint embedding width.
+Legend: B local batch, N global batch (B * world size), E joint embedding width, K classes.
 """
 
 from __future__ import annotations
@@ -73,3 +74,9 @@ def cosine_alignment_loss(student_BLD: Tensor, teacher_BLD: Tensor) -> Tensor:
     student = F.normalize(student_BLD.float(), dim=-1)
     teacher = F.normalize(teacher_BLD.float(), dim=-1)
     return (2 - 2 * (student * teacher).sum(dim=-1)).mean()
+
+
+def soft_target_cross_entropy(logits_BK: Tensor, target_BK: Tensor) -> Tensor:
+    """mean over the batch of -sum_k target_k log softmax(logits)_k, in fp32 (timm's SoftTargetCrossEntropy; with
+    label-smoothed one-hot targets it equals label-smoothing cross-entropy)."""
+    return -(target_BK.float() * F.log_softmax(logits_BK.float(), dim=-1)).sum(dim=-1).mean()

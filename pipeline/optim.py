@@ -6,9 +6,13 @@ mamba-ssm's `_no_weight_decay` attribute, or to names a module lists in its `no_
 `decay_ssm_a` the 2-D `A_log` / `A_b_log` are decayed like any other matrix, as the released optimizers do
 (they exempt only 1-D parameters, biases and the model's `no_weight_decay()` names).
 
-Layer-wise LR decay (BEiT style) scales each group's LR by `layer_decay ** (num_layers + 1 - layer_id)`, where
-embeddings are layer 0, `layers.<i>.` is layer i + 1 and everything after the last block (final norm, heads,
-projections) keeps the full LR.
+Layer-wise LR decay scales each group's LR by `layer_decay ** (num_layers + 1 - layer_id)`. Which parameters get
+which layer depends on `optim.layer_decay_scope`:
+- `all_layers` (BEiT style): embeddings (patch, position, class, temporal) are layer 0, `layers.<i>.` is layer
+  i + 1 and everything after the last block (final norm, heads, projections) keeps the full LR;
+- `released` (what the released VideoMamba fine-tuning does; its layer lookup has the `layers.` branch commented
+  out and knows no `temporal_pos_embedding`): only `cls_token`, `pos_embed` and `patch_embed.*` are layer 0, every
+  other parameter keeps the full LR.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from torch import nn
 _NO_DECAY_NAME = re.compile(r"(^|\.)(pos_embed|cls_token|temporal_pos_embedding|A_log|A_b_log|D|D_b)$")
 _SSM_A_NAME = re.compile(r"(^|\.)(A_log|A_b_log)$")
 _EMBEDDING_NAME = re.compile(r"(^|\.)(patch_embed|pos_embed|cls_token|temporal_pos_embedding)(\.|$)")
+_RELEASED_LAYER0_NAME = re.compile(r"(^|\.)(patch_embed|pos_embed|cls_token)(\.|$)")
+LAYER_DECAY_SCOPES = ("released", "all_layers")
 _BLOCK_INDEX = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
@@ -47,8 +53,13 @@ def wants_weight_decay(name: str, param: nn.Parameter, exempt: set[str], decay_s
     return not _NO_DECAY_NAME.search(name)
 
 
-def layer_id(name: str, num_layers: int) -> int:
-    """0 for embeddings, i + 1 for parameters of block `layers.<i>`, num_layers + 1 for everything after."""
+def layer_id(name: str, num_layers: int, scope: str = "all_layers") -> int:
+    """all_layers: 0 for embeddings, i + 1 for parameters of block `layers.<i>`, num_layers + 1 for everything after;
+    released: 0 for cls_token, pos_embed and patch_embed, num_layers + 1 for everything else (module docstring)."""
+    if scope == "released":
+        return 0 if _RELEASED_LAYER0_NAME.search(name) else num_layers + 1
+    if scope != "all_layers":
+        raise ValueError(f"layer decay scope {scope!r} is not one of {LAYER_DECAY_SCOPES}")
     if _EMBEDDING_NAME.search(name):
         return 0
     match = _BLOCK_INDEX.search(name)
@@ -56,7 +67,7 @@ def layer_id(name: str, num_layers: int) -> int:
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
-                 decay_ssm_a: bool = False) -> list[dict[str, Any]]:
+                 layer_decay_scope: str = "all_layers", decay_ssm_a: bool = False) -> list[dict[str, Any]]:
     """AdamW groups of the trainable parameters; each group carries `lr_scale` (1.0 without layer decay)."""
     exempt = no_weight_decay_names(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -67,7 +78,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     groups: dict[tuple[bool, int], dict[str, Any]] = {}
     for name, param in named:
         decay = wants_weight_decay(name, param, exempt, decay_ssm_a)
-        layer = layer_id(name, num_layers) if layer_decay is not None else num_layers + 1
+        layer = layer_id(name, num_layers, layer_decay_scope) if layer_decay is not None else num_layers + 1
         scale = layer_decay ** (num_layers + 1 - layer) if layer_decay is not None else 1.0
         group = groups.setdefault(
             (decay, layer),
@@ -94,7 +105,8 @@ def build_optimizer(
     A torch optimizer (not DeepSpeed's fused/CPU Adam) avoids a JIT compile on CPU; DeepSpeed needs
     `zero_allow_untested_optimizer` for it.
     """
-    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay, optim_cfg.decay_ssm_a)
+    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay, optim_cfg.layer_decay_scope,
+                          optim_cfg.decay_ssm_a)
     for group in groups:
         group["lr"] = peak_lr * group["lr_scale"]
         del group["names"]  # torch keeps unknown keys, but names are only for inspection

@@ -15,6 +15,9 @@ listing per directory (local folders and fsspec URLs alike; for s3 a LIST per pr
 http(s) URLs have no listing and are not checked).
 Storage this machine cannot read (no credentials here, access denied) is reported in the plan instead of failing:
 a dry run on a laptop may lack the cluster's credentials.
+
+Task files: a task config may define `preflight() -> list[str]` for files only its task reads (the classification
+task's `task.class_index`).
 """
 
 from __future__ import annotations
@@ -125,7 +128,11 @@ def check_shards(key: str, spec: str | list[str] | None) -> str:
 
 
 def preflight(cfg: Config) -> list[str]:
-    """Every check above; the plan's notes when all pass."""
+    """Every check above, then the task config's own `preflight()` when it has one (the files only that task reads,
+    e.g. the classification class-index file); the plan's notes when all pass."""
     notes = check_weights(cfg)
     notes += [check_shards(f"data.{split}_shards", getattr(cfg.data, f"{split}_shards")) for split in ("train", "eval")]
+    task_checks = getattr(cfg.task, "preflight", None)
+    if callable(task_checks):
+        notes += task_checks()
     return notes

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The end-to-end CPU demo behind `make demo`: synthetic video-text shards -> local Ray cluster ->
-# the demo_cpu recipe (masked alignment -> self-distillation -> video-text -> retrieval) submitted as a
-# Ray Job -> MLflow runs in a local sqlite store -> a retrieval table and a run comparison.
+# the demo_cpu recipe (masked alignment -> self-distillation -> video-text -> fine-tuning -> retrieval)
+# submitted as a Ray Job -> MLflow runs in a local sqlite store -> a retrieval table, the fine-tuned
+# classifier's multi-view test (jobs/eval_cls.py) and a run comparison.
 #
 # Everything lands under $OUT (default demo_out); the final zero-shot numbers in $OUT/retrieval.json
-# ({eval name: {t2v_r1, ..., v2t_meanr, num_videos, chance_r1, ...}}). Environment knobs:
+# ({eval name: {t2v_r1, ..., v2t_meanr, num_videos, chance_r1, ...}}), the classification test in
+# $OUT/classification.json (top-1/top-5, per class, confusion). Environment knobs:
 #   OUT=dir                 output folder (data, runs, checkpoints, mlflow.db, Ray's temp dir)
 #   DEMO_RECIPE=file        recipe to submit (default configs/recipes/demo_cpu.yaml)
 #   DEMO_OVERRIDES="k=v .." extra recipe overrides (e.g. settings.optim.max_steps=5 for a smoke run)
@@ -106,6 +108,16 @@ test -s "$OUT/retrieval.json" || { echo "the recipe wrote no $OUT/retrieval.json
 PARENT=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['parent_run_id'])" "$OUT/runs/recipe_state.json")
 EXPERIMENT=$(python -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1])).get('name'))" "$RECIPE")
 
+FINETUNED="$OUT/runs/finetune/export/model.pt"
+if [[ -f "$FINETUNED" ]]; then
+  step "classification test of the fine-tuned model on the held-out split (4 clips x 3 crops)"
+  python jobs/eval_cls.py --config configs/eval/synthetic_cls.yaml "model.checkpoint=$FINETUNED" \
+    "data.annotation=$OUT/data/videos/eval/list.jsonl" "data.class_index=$OUT/data/classes.txt" \
+    "output_dir=$OUT/runs/eval_cls" "tracking.experiment=$EXPERIMENT" "tracking.parent_run_id=$PARENT" \
+    | sed -n '/^## Classification/,$p'
+  cp "$OUT/runs/eval_cls/classification_synthetic.json" "$OUT/classification.json"
+fi
+
 step "comparison of the recipe's runs (parent $PARENT)"
 python jobs/compare_runs.py --experiment "$EXPERIMENT" --parent "$PARENT" --max-params 10 --plot "$OUT/compare.png"
 
@@ -116,6 +128,7 @@ Everything is under $OUT:
   runs/<step>/     each stage's resolved config and export (export/model.pt), eval reports
   runs/checkpoints Ray Train checkpoints (a rerun resumes from them)
   retrieval.json   the final zero-shot retrieval numbers (recalls, ranks, num_videos, chance_r1)
+  classification.json  the fine-tuned classifier's test: top-1/top-5, per-class accuracy, confusion
   mlflow.db        the MLflow store; compare.png the loss curves and retrieval bars
 Open the MLflow UI:
   $REPO/.venv/bin/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI

@@ -110,6 +110,11 @@ def test_round_trip_through_dict_and_yaml():
     ("model.num_frames=0", r"model\.num_frames: must be >= 1 or null, got 0"),
     ("eval.max_batches=0", r"eval\.max_batches: must be >= 1 or null, got 0"),
     ("max_skipped_steps=-1", r"max_skipped_steps: must be >= 0, got -1"),
+    ("data.augment.repeats=0", r"data\.augment\.repeats: must be >= 1, got 0"),
+    ("data.augment.random_erasing=1.5", r"data\.augment\.random_erasing: must be a probability in \[0, 1\], got 1\.5"),
+    ("data.augment.rand_augment=rand-m7-x3", r"data\.augment\.rand_augment: must be a RandAugment policy .*, got "
+                                             r"'rand-m7-x3'"),
+    ("data.augment.repeats=3", r"data\.batch_size: must be a multiple of data\.augment\.repeats=3 .*, got 8"),
 ])  # fmt: skip
 def test_values_that_would_fail_later_are_refused_naming_key_value_and_range(override, message):
     with pytest.raises(ConfigError, match=message):

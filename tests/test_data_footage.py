@@ -11,7 +11,16 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.data.decode import DecodeOptions, FrameTable, decode_clip, open_video, probe_video, sample_frame_indices
+from pipeline.data.decode import (
+    DecodeOptions,
+    FrameTable,
+    decode_at,
+    decode_clip,
+    open_video,
+    probe_video,
+    sample_frame_indices,
+    sparse_clip_indices,
+)
 from pipeline.data.encode import TranscodeOptions, transcode_h264
 from pipeline.data.footage import FOOTAGE, frame_times, small
 from tests._footage import full_decode
@@ -28,10 +37,21 @@ def picture_types(data: bytes) -> str:
 def test_sampled_frames_equal_a_full_decode(footage, name, options):
     reference = full_decode(footage[name])
     for seed in range(3):
-        for mode in ("rand", "middle", "stride"):
+        for mode in ("rand", "middle", "stride", "sparse_middle"):
             expected = sample_frame_indices(len(reference), 6, mode, random.Random(seed), frame_stride=2)
             clip = decode_clip(footage[name], 6, mode, random.Random(seed), frame_stride=2, options=options)
             np.testing.assert_array_equal(clip, np.stack([reference[i] for i in expected]), err_msg=f"{mode} {seed}")
+
+
+@pytest.mark.parametrize("name", list(FOOTAGE))
+def test_multi_view_clips_in_one_pass_equal_a_full_decode(footage, name):
+    """The classification test's clips come from one decode_at pass: clip-major, so out of order and overlapping."""
+    def views(num_video_frames: int) -> list[int]:
+        return [i for c in range(3) for i in sparse_clip_indices(num_video_frames, 5, 3, c)]
+
+    reference = full_decode(footage[name])
+    expected = np.stack([reference[i] for i in views(len(reference))])
+    np.testing.assert_array_equal(decode_at(footage[name], views), expected)
 
 
 def test_frame_table_numbers_variable_rate_frames_by_presentation_order(footage):

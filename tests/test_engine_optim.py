@@ -97,7 +97,8 @@ def test_batch_scaling_scales_the_final_lr_too():
 
 
 def test_scheduler_drives_group_lrs_with_layer_scale():
-    cfg = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=2, max_steps=10, weight_decay=0.1, layer_decay=0.5)
+    cfg = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=2, max_steps=10, weight_decay=0.1, layer_decay=0.5,
+                      layer_decay_scope="all_layers")
     optimizer, scheduler = build_optimizer(Wrapper(), cfg, peak_lr=1.0)
     for _ in range(2):  # end of warmup: every group at peak x its scale
         optimizer.step()
@@ -105,3 +106,9 @@ def test_scheduler_drives_group_lrs_with_layer_scale():
     assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([0.125, 0.25, 0.5, 1.0])
     state = scheduler.state_dict()
     assert state["lr_lambdas"] == [None] * len(optimizer.param_groups)  # the schedule follows the config on resume
+
+
+def test_released_layer_decay_scope_is_the_default():
+    """The released fine-tuning decays only cls_token / pos_embed / patch_embed; blocks keep the full LR."""
+    optimizer, _ = build_optimizer(Wrapper(), OptimConfig(lr=1.0, layer_decay=0.5), peak_lr=1.0)
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([0.125, 1.0])

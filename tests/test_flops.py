@@ -131,6 +131,13 @@ def test_stage_tasks_add_their_parts():
         + head_flops(vtc.uta.head.head, tokens) + clip_vision_flops(vtc.teacher, 4))
 
 
+def test_classification_counts_the_whole_clip_through_the_classifier():
+    task = stage_task("configs/stages/finetune_test.yaml", "task.class_index=null")
+    tokens = 1 + 4 * 4  # 4 frames of 2x2 patches, nothing masked
+    assert task.flops_per_sample() == videomamba_flops(task.model, tokens)
+    assert task.flops_per_sample() > videomamba_flops(task.model, tokens - 1) > 0  # the head and every block count
+
+
 def test_self_distillation_counts_both_teachers(tmp_path):
     teacher = tiny_backbone(num_frames=4, img_size=32)
     torch.save({"state_dict": teacher.state_dict(), "meta": {"model_name": "videomamba_test",

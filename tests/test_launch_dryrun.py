@@ -40,7 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("job", [
     ["jobs/train_toy.py", "--config", "configs/stages/toy.yaml"],
     ["jobs/eval_retrieval.py", "--config", "configs/eval/synthetic.yaml"],
-], ids=["stage job", "eval job"])  # fmt: skip
+    ["jobs/finetune_cls.py", "--config", "configs/stages/finetune_test.yaml"],
+    ["jobs/eval_cls.py", "--config", "configs/eval/synthetic_cls.yaml"],
+], ids=["stage job", "eval job", "fine-tuning job", "classification test job"])  # fmt: skip
 def test_config_error_is_one_line_on_stderr_not_a_traceback(job, tmp_path):
     argv = [sys.executable, *job, f"output_dir={tmp_path}", "tracking.uri=[http://u:pw-9x@mlflow:5000]"]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -2,7 +2,8 @@
 
 - configs/stages: load_config + the training job's plan, which builds the whole task on the meta device.
 - configs/model: load_config + the model built on the meta device.
-- configs/eval: load_eval_config (the checkpoint and videos they name come from a run or a download).
+- configs/eval: load_eval_config, or load_cls_eval_config for `*_cls.yaml` (the checkpoint and videos they name
+  come from a run or a download).
 - configs/recipes: load_recipe + run_recipe(dry_run=True), which validates every step's resolved config.
 """
 
@@ -60,6 +61,21 @@ def test_paper_scale_stages_default_to_the_released_behaviour(name):
         assert (cfg.optim.lr * scale, cfg.optim.min_lr * scale) == pytest.approx((1.2e-3, 8e-5))
 
 
+FINETUNE_PAPER_STAGES = [p for p in ALL_YAML if p.parent.name == "stages" and p.stem.startswith("finetune_")
+                         and p.stem != "finetune_test"]
+
+
+@pytest.mark.parametrize("path", FINETUNE_PAPER_STAGES, ids=_id)
+def test_paper_scale_finetuning_defaults_to_the_released_behaviour(path):
+    """The released fine-tuning: its optimizer decays the 2-D A_log / A_b_log, its layer-decay scope, and its
+    validation view (the classification test sampler's one clip, not the zero-shot `middle` rule)."""
+    from pipeline.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.optim.decay_ssm_a and cfg.optim.layer_decay_scope == "released"
+    assert (cfg.data.sampling, cfg.data.eval_sampling, cfg.data.eval_crop) == ("rand", "sparse_middle", "center")
+
+
 @pytest.mark.parametrize("path", [p for p in ALL_YAML if p.parent.name == "model"], ids=_id)
 def test_model_config_builds(path):
     from models import create_model
@@ -73,6 +89,12 @@ def test_model_config_builds(path):
 
 @pytest.mark.parametrize("path", [p for p in ALL_YAML if p.parent.name == "eval"], ids=_id)
 def test_eval_config_loads(path):
+    if path.stem.endswith("_cls"):  # classification tests (jobs/eval_cls.py)
+        from pipeline.evaluation.cls_config import load_cls_eval_config
+
+        cfg = load_cls_eval_config(path, ["model.checkpoint=/checkpoints/finetune/export/model.pt"])
+        assert cfg.data.annotation or cfg.data.shards, f"{path.name}: no labelled list or shards"
+        return
     from pipeline.evaluation.config import load_eval_config
 
     cfg = load_eval_config(path, ["model.checkpoint=/checkpoints/vtc/export/model.pt"])

@@ -49,10 +49,11 @@ def registry(monkeypatch):
 
 
 def test_the_stage_tasks_and_what_their_specs_declare():
-    assert task_names() == ["masked_alignment", "self_distill", "toy", "video_text"]
+    assert task_names() == ["classification", "masked_alignment", "self_distill", "toy", "video_text"]
     declared = {name: (task_spec(name).init_key, task_spec(name).cuda_graph, task_spec(name).evaluates,
                        task_spec(name).own_loader) for name in task_names()}  # fmt: skip
     assert declared == {
+        "classification": ("model.pretrained", False, True, False),
         "masked_alignment": ("model.pretrained", True, False, False),
         "self_distill": ("task.teacher_checkpoint", False, False, False),
         "toy": ("model.pretrained", False, True, True),
@@ -102,7 +103,8 @@ def test_registration_errors_name_what_is_wrong(registry):
     register_task(TaskSpec(name="probe", config=ProbeConfig, build=build_probe, init_key=None))
     with pytest.raises(ValueError, match="task 'probe' is registered twice"):
         register_task(TaskSpec(name="probe", config=ProbeConfig, build=lambda cfg: None, init_key=None))
-    with pytest.raises(ConfigError, match=r"task\.name: unknown task 'nope'; allowed: \['masked_alignment'"):
+    with pytest.raises(ConfigError, match=r"task\.name: unknown task 'nope'; allowed: \['classification', "
+                                          r"'masked_alignment'"):
         load_config(None, ["task.name=nope"])
     with pytest.raises(ValueError, match=r"task\.name: unknown task 'nope'"):
         build_task(Config(task=ProbeConfig(name="nope")))

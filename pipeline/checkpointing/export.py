@@ -108,6 +108,7 @@ def consolidate(directory: Path) -> dict[str, Any]:
     weights = {k: task_weights[prefix + k] for k in trainable.state_dict() if prefix + k in task_weights}
     weights.update(_frozen_weights(directory, trainable, weights))
     state = {k: weights[k].float() if weights[k].is_floating_point() else weights[k] for k in trainable.state_dict()}
+    state = task.export_state_dict(state, task_weights)  # e.g. the classification task's EMA, as the live export
     return stage_export(cfg, task, state, int(model_states["step"]))
 
 

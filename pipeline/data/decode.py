@@ -21,14 +21,14 @@ import contextlib
 import io
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-SAMPLING_MODES = ("rand", "middle", "stride")
+SAMPLING_MODES = ("rand", "middle", "stride", "sparse_middle")
 # The stream-info probe at open decodes frames only to guess parameters the decoder finds by itself.
 _OPEN_OPTIONS = {"skip_frame": "all"}
 
@@ -113,13 +113,16 @@ def sample_frame_indices(
     """Indices of the frames a clip uses; short videos repeat frames.
 
     rand: a random frame in each of `num_frames` equal segments (needs `rng`); middle: each segment's
-    middle frame, as the released evaluation picks it (`middle_frame_indices`); stride: `num_frames` frames
-    `frame_stride` apart, at a random start (with `rng`) or centred (without), the last frame repeated when
-    the video is too short.
+    middle frame, as the released zero-shot evaluation picks it (`middle_frame_indices`); stride: `num_frames`
+    frames `frame_stride` apart, at a random start (with `rng`) or centred (without), the last frame repeated when
+    the video is too short; sparse_middle: the released classification validation view (`sparse_clip_indices`
+    with one clip), which can sit a frame away from `middle`.
     """
     n, T = num_video_frames, num_frames
     if mode == "middle":
         return middle_frame_indices(n, T)
+    if mode == "sparse_middle":
+        return sparse_clip_indices(n, T)
     if mode == "rand":
         if rng is None:
             raise ValueError("sampling mode 'rand' needs a random generator")
@@ -142,6 +145,17 @@ def middle_frame_indices(num_video_frames: int, num_frames: int) -> list[int]:
     return indices + [indices[-1]] * (num_frames - segments)
 
 
+def sparse_clip_indices(num_video_frames: int, num_frames: int, num_clips: int = 1, clip: int = 0) -> list[int]:
+    """Temporal clip `clip` of `num_clips` as the released classification test and validation sample it
+    (VideoMamba `Kinetics_sparse`): T equal segments of s = (n - 1) / T frames; in segment i the clip takes frame
+    round(s i) + floor(s / (C + 1) (c + 1)) (round halves to even, as numpy's does), at most n - 1. So the C clips
+    sit at evenly spaced offsets inside the segments; one clip sits near the segment middles, but by another rule
+    than the zero-shot `middle_frame_indices`."""
+    segment = max(0.0, (num_video_frames - 1) / num_frames)
+    offset = int(segment / (num_clips + 1) * (clip + 1))
+    return [min(round(segment * i) + offset, num_video_frames - 1) for i in range(num_frames)]
+
+
 def decode_clip(
     source: str | bytes,
     num_frames: int,
@@ -156,10 +170,26 @@ def decode_clip(
     `trim_seconds` restricts sampling to the start of the video (DiDeMo's first 30 s).
     Raises VideoDecodeError for unreadable or empty videos.
     """
+    return decode_at(source, lambda usable: sample_frame_indices(usable, num_frames, mode, rng, frame_stride),
+                     trim_seconds, options)
+
+
+def decode_at(
+    source: str | bytes,
+    choose: Callable[[int], Sequence[int]],
+    trim_seconds: float | None = None,
+    options: DecodeOptions = DecodeOptions(),
+) -> np.ndarray:
+    """Decode the frames `choose(usable_frames)` names (indices in presentation order below the number of frames
+    that start within `trim_seconds`), in its order: uint8 RGB (N, H, W, 3), upright. Repeats are allowed and
+    each frame is decoded once, so several clips of one video (multi-view testing) cost one decoding pass.
+
+    Raises VideoDecodeError for unreadable or empty videos.
+    """
     with open_video(source, probe_decode=False) as (container, stream):
         try:
             table = FrameTable.read(container, stream)
-            indices = sample_frame_indices(table.usable(trim_seconds), num_frames, mode, rng, frame_stride)
+            indices = list(choose(table.usable(trim_seconds)))
             frames = _decode_indices(container, stream, table, sorted(set(indices)), options)
         except av.error.FFmpegError as err:
             raise VideoDecodeError(f"decoding failed: {err}") from err

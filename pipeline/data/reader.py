@@ -2,7 +2,8 @@
 
     loader = build_loader(cfg.data, "train")      # infinite; the engine counts steps
     for batch in loader: ...                       # video (B,3,T,S,S) float, text list[str],
-                                                   # index (B,) long, key list[str], [keep (B,T*P) bool]
+                                                   # index (B,) long, key list[str], [keep (B,T*P) bool],
+                                                   # [label (B,) long: labelled shards]
     loader.stats                                   # samples read / skipped, shard errors
 
 train: every (rank, loader worker) resamples shards with replacement from the whole list with its own
@@ -45,8 +46,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import distributed
 from pipeline.config import DataConfig
 from pipeline.data import loader_workers
+from pipeline.data.augment import ClipAugment
 from pipeline.data.decoders import clip_decoder
 from pipeline.data.keys import sample_id
+from pipeline.data.labels import sample_label
 from pipeline.data.manifest import listed_sample_counts, shard_sample_counts
 from pipeline.data.masks import DATA_MASK_TYPES, make_keep_mask
 from pipeline.data.transforms import eval_transform, train_transform
@@ -115,6 +118,8 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
         "key": [s["key"] for s in samples],
     }
+    if all("label" in s for s in samples):  # labelled shards (classification)
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
     return batch
 
 
@@ -166,6 +171,8 @@ class ClipStream(IterableDataset):
         self.train = split == "train"
         self.caption_mode = cfg.caption_mode if cfg.caption_mode != "auto" else ("random" if self.train else "first")
         self.sampling = cfg.sampling if self.train else cfg.eval_sampling
+        self.augment = ClipAugment.from_config(cfg.augment)
+        self.repeats = cfg.augment.repeats if self.train else 1
         self.decode = clip_decoder(cfg)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -222,13 +229,13 @@ class ClipStream(IterableDataset):
 
         rows: list[dict[str, Any]] = []
         for sample in samples:
-            clip = self._process(sample, rng, stats)
-            if clip is None:
+            clips = self._process(sample, rng, stats)
+            if clips is None:
                 # A stats-only message: the main process sees failures even from a worker that never
                 # fills a batch (otherwise an all-corrupt stream would hang silently).
                 yield with_stats({})
                 continue
-            rows.append(clip)
+            rows.extend(clips)  # data.batch_size is a multiple of the copies per video: batches stay full
             if len(rows) == self.cfg.batch_size:
                 yield with_stats(_collate(rows))
                 rows = []
@@ -261,12 +268,15 @@ class ClipStream(IterableDataset):
                     "check them with `python jobs/inspect_shards.py URL`"
                 )
 
-    def _process(self, sample: dict[str, Any], rng: random.Random, stats: dict) -> dict | None:
+    def _process(self, sample: dict[str, Any], rng: random.Random, stats: dict) -> list[dict] | None:
+        """The rows of one sample (`data.augment.repeats` augmented copies in training), None when it is bad."""
         cfg, key = self.cfg, sample.get("__key__", "?")
         try:
             meta = json.loads(sample["json"])
             frames = self.decode(sample["mp4"], mode=self.sampling, rng=rng)
-            text = choose_caption(meta["caption"], self.caption_mode, rng)
+            # Labelled shards may have no caption: their text is the class name.
+            text = choose_caption(meta["caption"], self.caption_mode, rng) if "caption" in meta else meta["label_name"]
+            label = {"label": sample_label(meta)} if "label" in meta else {}
         # VideoDecodeError and JSON errors are ValueErrors; JSON nested deeper than the interpreter's recursion
         # limit raises RecursionError.
         except (KeyError, ValueError, TypeError, RecursionError) as err:
@@ -277,10 +287,11 @@ class ClipStream(IterableDataset):
         stats["ok"] += 1
         stats["consecutive"] = 0
         if self.train:
-            video = train_transform(frames, cfg.img_size, tuple(cfg.scale), cfg.flip, cfg.mean, cfg.std, rng)
+            videos = [train_transform(frames, cfg.img_size, tuple(cfg.scale), cfg.flip, cfg.mean, cfg.std, rng,
+                                      self.augment) for _ in range(self.repeats)]  # fmt: skip
         else:
-            video = eval_transform(frames, cfg.img_size, cfg.mean, cfg.std)
-        return {"video": video, "text": text, "index": sample_id(key), "key": key}
+            videos = [eval_transform(frames, cfg.img_size, cfg.mean, cfg.std, cfg.eval_crop)]
+        return [{"video": video, "text": text, "index": sample_id(key), "key": key, **label} for video in videos]
 
 
 class VideoLoader:
@@ -498,7 +509,8 @@ def build_loader(
     if split == "train":
         samples_per_epoch = data_cfg.samples_per_epoch or manifest_sample_total(urls)
         if samples_per_epoch:
-            batches_per_epoch = math.ceil(samples_per_epoch / (world_size * data_cfg.batch_size))
+            videos_per_batch = data_cfg.batch_size // data_cfg.augment.repeats  # repeats: copies of one video
+            batches_per_epoch = math.ceil(samples_per_epoch / (world_size * videos_per_batch))
     if split == "eval":
         readers = world_size * max(1, data_cfg.num_workers)
         if len(urls) < readers:

@@ -1,7 +1,9 @@
-"""WebDataset shard writer: a CSV/JSONL list of (video, caption) -> `<name>-NNNNNN.tar` + manifest.json.
+"""WebDataset shard writer: a CSV/JSONL list of videos (with captions or labels) -> `<name>-NNNNNN.tar` + manifest.
 
 Each sample is `<key>.mp4` (H.264, optionally transcoded) and `<key>.json`
-(`{"caption", "video_id", "duration", "source", "width", "height", "fps", "num_frames"}`).
+(`{"caption", "video_id", "duration", "source", "width", "height", "fps", "num_frames"}`, plus `label` (class
+index) and `label_name` for a list with a `label` column; such a list may leave the caption out). Labelled shard
+sets carry their class-index file, `classes.txt` (`pipeline.data.labels`).
 
 Guarantees:
 - keys come from the video reference (`keys.make_key`), and shard k holds input rows
@@ -32,6 +34,7 @@ import fsspec
 import webdataset as wds
 from tqdm import tqdm
 
+from pipeline.data import labels
 from pipeline.data.decode import VideoDecodeError, probe_video
 from pipeline.data.encode import TranscodeOptions, transcode_h264
 from pipeline.data.keys import make_key
@@ -50,9 +53,13 @@ class InputRow:
     """The video reference as written in the list (the key is derived from it)."""
     path: str
     """Where to read it: the reference resolved against the list's folder."""
-    caption: str | list[str]
+    caption: str | list[str] | None
+    """None only in a labelled list without captions."""
     video_id: str
     key: str
+    label: int | None = None
+    """Class index (labelled lists only)."""
+    label_name: str | None = None
 
 
 @dataclass
@@ -73,8 +80,10 @@ def _parse_caption(value: Any, where: str) -> str | list[str]:
     raise ValueError(f"{where}: caption must be a non-empty string or list of strings, got {value!r}")
 
 
-def read_input_list(list_url: str) -> tuple[list[InputRow], str]:
-    """Rows of a CSV (header `video,caption[,video_id]`) or JSONL list, and the list's sha256.
+def read_input_list(list_url: str, class_names: list[str] | None = None
+                    ) -> tuple[list[InputRow], str, list[str] | None]:
+    """Rows of a CSV (header `video,caption[,video_id]` or `video,label[,caption,video_id]`) or JSONL list, the
+    list's sha256, and its classes (`class_names` if given, else derived; None for a list without labels).
 
     Relative video paths resolve against the list's folder. Raises ValueError naming the bad row.
     """
@@ -88,6 +97,11 @@ def read_input_list(list_url: str) -> tuple[list[InputRow], str]:
     else:
         raise ValueError(f"input list {list_url!r}: use a .csv/.tsv (header video,caption) or .jsonl file")
     base = posixpath.dirname(list_url)
+    labelled = any(isinstance(r, dict) and r.get("label") not in (None, "") for r in records)
+    if class_names is not None and not labelled:
+        raise ValueError(f"input list {list_url!r}: a class-index file was given but the list has no 'label' column")
+    if labelled and class_names is None:
+        class_names = labels.derive_class_names([r.get("label") for r in records if isinstance(r, dict)])
     rows = []
     for number, record in enumerate(records, start=1):
         where = f"{list_url} row {number}"
@@ -95,16 +109,24 @@ def read_input_list(list_url: str) -> tuple[list[InputRow], str]:
             raise ValueError(f"{where}: every row needs a 'video' field, got {record!r}")
         video = str(record["video"])
         path = video if ("://" in video or os.path.isabs(video)) else join_url(base, video)
+        label = label_name = None
+        if labelled:
+            if record.get("label") in (None, ""):
+                raise ValueError(f"{where}: the list has a 'label' column, but this row has no label")
+            label, label_name = labels.resolve_label(record["label"], class_names, where)
+        caption = record.get("caption")
         rows.append(
             InputRow(
                 video=video,
                 path=path,
-                caption=_parse_caption(record.get("caption"), where),
+                caption=None if labelled and caption in (None, "") else _parse_caption(caption, where),
                 video_id=str(record.get("video_id") or posixpath.basename(video)),
                 key=make_key(video),
+                label=label,
+                label_name=label_name,
             )
         )
-    return rows, hashlib.sha256(raw).hexdigest()
+    return rows, hashlib.sha256(raw).hexdigest(), class_names if labelled else None
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -120,7 +142,8 @@ def _encode_sample(row: InputRow, transcode: TranscodeOptions | None) -> dict[st
     if info.container != _MP4_FAMILY:
         raise VideoDecodeError(f"container is {info.container!r}, not mp4; rerun with --transcode")
     meta = {
-        "caption": row.caption,
+        **({"caption": row.caption} if row.caption is not None else {}),
+        **({"label": row.label, "label_name": row.label_name} if row.label is not None else {}),
         "video_id": row.video_id,
         "duration": round(info.duration_s, 4),
         "source": row.video,
@@ -221,25 +244,37 @@ def make_shards(
     workers: int = 1,
     prefix: str | None = None,
     progress: bool = True,
+    class_index: str | None = None,
 ) -> dict[str, Any]:
-    """Write (or resume writing) the shard set for `input_list` into `output`; returns the manifest."""
+    """Write (or resume writing) the shard set for `input_list` into `output`; returns the manifest.
+
+    A labelled list (a `label` column) gets its class-index file written as `<output>/classes.txt`: `class_index`
+    (a file, see `pipeline.data.labels`) when given, else the classes derived from the list.
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    rows, sha = read_input_list(input_list)
+    class_names = labels.read_class_index(class_index) if class_index is not None else None
+    rows, sha, class_names = read_input_list(input_list, class_names)
     if not rows:
         raise ValueError(f"input list {input_list!r} has no rows")
     prefix = prefix or posixpath.basename(output.rstrip("/")) or "shard"
     plan, duplicates = _plan(rows, shard_size)
+    options: dict[str, Any] = {"transcode": transcode.manifest_entry() if transcode else None, "prefix": prefix}
+    if class_names is not None:  # only labelled sets record it, so unlabelled shard sets resume as before
+        options["classes_sha256"] = hashlib.sha256("\n".join(class_names).encode("utf-8")).hexdigest()
     state = {
         "format": FORMAT,
         "shard_size": shard_size,
         "source": input_list,
         "source_sha256": sha,
-        "options": {"transcode": transcode.manifest_entry() if transcode else None, "prefix": prefix},
+        "options": options,
         "num_shards": len(plan),
         "duplicates": duplicates,
+        **({"num_classes": len(class_names)} if class_names is not None else {}),
     }
     fsspec.filesystem(split_protocol(output)[0]).makedirs(split_protocol(output)[1], exist_ok=True)
+    if class_names is not None:
+        labels.write_class_index(join_url(output, labels.CLASS_INDEX_FILE), class_names)
     _remove_stale_temps(output)
     results = _resume(output, state, plan, prefix)
     todo = [i for i in range(len(plan)) if i not in results]

@@ -2,13 +2,16 @@
 
 Every caption is fully determined by what is on screen (colour, shape, count, direction), so a
 video-text model can learn the task and zero-shot retrieval on a held-out split measures whether the
-whole pipeline works. Clips are rendered with numpy, encoded to H.264 with PyAV and written through
-the real shard writer (`shards.make_shards`):
+whole pipeline works. Each clip is also labelled with its motion direction (4 classes, chance 25%), the
+classification set that fine-tuning learns. Clips are rendered with numpy, encoded to H.264 with PyAV and
+written through the real shard writer (`shards.make_shards`):
 
     <out>/videos/{train,eval}/<name>.mp4     the clips
-    <out>/videos/{train,eval}/list.jsonl     writer input lists ({"video": "<name>.mp4", "caption": [...]}),
-                                             so shard keys = make_key("<name>.mp4") = the annotation's video
-    <out>/shards/{train,eval}/               WebDataset shards + manifest.json
+    <out>/videos/{train,eval}/list.jsonl     writer input lists ({"video": "<name>.mp4", "caption": [...],
+                                             "label": "<direction>"}), so shard keys = make_key("<name>.mp4")
+                                             = the annotation's video
+    <out>/classes.txt                        the class-index file: left, right, up, down (also beside the shards)
+    <out>/shards/{train,eval}/               WebDataset shards + manifest.json + classes.txt
     <out>/eval_annotations.json              UMT layout [{"video": "<name>.mp4", "caption": str}],
                                              video paths relative to <out>/videos/eval
 """
@@ -24,6 +27,7 @@ import fsspec
 import numpy as np
 
 from pipeline.data.encode import encode_h264
+from pipeline.data.labels import CLASS_INDEX_FILE, write_class_index
 from pipeline.data.shards import make_shards
 from pipeline.data.urls import join_url, split_protocol
 
@@ -130,6 +134,7 @@ def make_synthetic(
     with tempfile.TemporaryDirectory(prefix="synthetic-") as tmp:
         staging = tmp if remote else output
         lists = _render_split_lists(staging, num_videos, num_train, seed, num_frames, size, fps)
+        write_class_index(os.path.join(staging, CLASS_INDEX_FILE), list(DIRECTIONS))
         if remote:
             protocol, path = split_protocol(output)
             fsspec.filesystem(protocol).put(staging + "/", path, recursive=True)
@@ -142,12 +147,14 @@ def make_synthetic(
                 shard_size=sizes[split],
                 workers=workers,
                 progress=False,
+                class_index=join_url(output, CLASS_INDEX_FILE),
             )
     return {
         "train_shards": join_url(output, "shards", "train"),
         "eval_shards": join_url(output, "shards", "eval"),
         "eval_annotations": join_url(output, "eval_annotations.json"),
         "eval_video_root": join_url(output, "videos", "eval"),
+        "class_index": join_url(output, CLASS_INDEX_FILE),
     }
 
 
@@ -164,7 +171,7 @@ def _render_split_lists(
         name = f"clip{i:06d}.mp4"
         with open(os.path.join(root, "videos", split, name), "wb") as f:
             f.write(encode_h264(render_clip(spec, num_frames, size), fps))
-        lists[split].append({"video": name, "caption": captions(spec)})
+        lists[split].append({"video": name, "caption": captions(spec), "label": spec.direction})
     for split, rows in lists.items():
         with open(os.path.join(root, "videos", split, "list.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)

@@ -11,15 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import (
-    ConfigError,
-    ScalingConfig,
-    TrackingConfig,
-    _interpolate_env,
-    apply_overrides,
-    from_dict,
-    load_yaml_tree,
-)
+from pipeline.config import ConfigError, ScalingConfig, TrackingConfig, load_typed_config
 
 
 @dataclass
@@ -156,6 +148,4 @@ class EvalRetrievalConfig:
 
 def load_eval_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> EvalRetrievalConfig:
     """Load an eval YAML (with its `defaults`), apply `key.sub=value` overrides, validate."""
-    raw = load_yaml_tree(path) if path is not None else {}
-    apply_overrides(raw, overrides)
-    return from_dict(EvalRetrievalConfig, _interpolate_env(raw), "")
+    return load_typed_config(EvalRetrievalConfig, path, overrides)

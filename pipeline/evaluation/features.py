@@ -13,6 +13,7 @@ from __future__ import annotations
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -43,6 +44,12 @@ class ClipSpec:
         """Decode segment-middle frames, resize them (bicubic, no crop) and normalise: float (C, T, H, W)."""
         frames_THW3 = decode_clip(source, self.num_frames, "middle", trim_seconds=self.trim_seconds)
         return eval_transform(frames_THW3, self.img_size, list(self.mean), list(self.std))
+
+
+class ClipLoader(Protocol):
+    """What `map_clips` decodes a video with: ClipSpec (one clip), or the classification test's views."""
+
+    def load(self, source: str | bytes) -> Tensor: ...
 
 
 class FolderVideos:
@@ -112,7 +119,7 @@ VideoSource = FolderVideos | ShardVideos
 class _ClipStream(IterableDataset):
     """Yields (index, clip_CTHW) for the wanted videos, split across DataLoader workers."""
 
-    def __init__(self, source: VideoSource, wanted: dict[str, int], spec: ClipSpec) -> None:
+    def __init__(self, source: VideoSource, wanted: dict[str, int], spec: ClipLoader) -> None:
         self.source, self.wanted, self.spec = source, wanted, spec
 
     def __iter__(self) -> Iterator[tuple[int, Tensor]]:
@@ -141,7 +148,7 @@ def precision_autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def map_clips(
-    fn: Callable[[Tensor, Tensor], Tensor], videos: list[str], source: VideoSource, spec: ClipSpec,
+    fn: Callable[[Tensor, Tensor], Tensor], videos: list[str], source: VideoSource, spec: ClipLoader,
     device: torch.device, batch_size: int, num_workers: int, precision: str = "fp32", desc: str = "videos",
     timer: PhaseTimer | None = None,
 ) -> Tensor:

@@ -1,4 +1,5 @@
-"""Retrieval results on disk and in MLflow: a JSON file and a markdown table per data set, an MLflow child run.
+"""Evaluation results on disk and in MLflow: a JSON file and a markdown page per data set, an MLflow child run
+(retrieval here; the classification test renders its own page, `cls_run.markdown_report`, through the same writer).
 
 A result is a plain dict: `{"dataset", "checkpoint", "metrics": {t2v_r1, ..., [similarity/t2v_r1, ...]},
 "protocol": {...}, "counts": {"videos", "texts", "skipped_videos"}, "skipped_videos": [...], "cache": {...},
@@ -8,6 +9,7 @@ A result is a plain dict: `{"dataset", "checkpoint", "metrics": {t2v_r1, ..., [s
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,24 +65,26 @@ def timing_table(timing: dict[str, float], cache: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(result: dict[str, Any], output_dir: str | Path) -> tuple[Path, Path]:
-    """Write `<output_dir>/retrieval_<dataset>.json` and `.md`; returns both paths."""
+def write_report(result: dict[str, Any], output_dir: str | Path, kind: str = "retrieval",
+                 render: Callable[[dict[str, Any]], str] = markdown_table) -> tuple[Path, Path]:
+    """Write `<output_dir>/<kind>_<dataset>.json` and the `.md` page `render` makes of it; returns both paths."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_dir / f"retrieval_{result['dataset']}"
+    stem = output_dir / f"{kind}_{result['dataset']}"
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     json_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    md_path.write_text(markdown_table(result))
+    md_path.write_text(render(result))
     return json_path, md_path
 
 
-def log_to_mlflow(result: dict[str, Any], cfg, files: list[Path]) -> str:
+def log_to_mlflow(result: dict[str, Any], cfg, files: list[Path], stage: str = "eval_retrieval") -> str:
     """One MLflow run per data set (nested under `cfg.tracking.parent_run_id` when set): metrics, protocol
-    as params, the report files as artifacts. `cfg` is an EvalRetrievalConfig. Returns the run id."""
+    as params, the report files as artifacts, tagged `stage`. `cfg` is an evaluation config with `tracking` (the
+    retrieval one, or the classification test's). Returns the run id."""
     from pipeline.tracking import TrackingRun, metric_entries, tracking_uri
 
     tracking_cfg = cfg.tracking
-    tags = {"stage": "eval_retrieval", "dataset": result["dataset"], "checkpoint": result["checkpoint"]}
+    tags = {"stage": stage, "dataset": result["dataset"], "checkpoint": result["checkpoint"]}
     run_name = tracking_cfg.run_name or f"eval-{result['dataset']}"
     # tracking_uri: tracking.uri, $MLFLOW_TRACKING_URI, or <output_dir>/mlflow.db
     run = TrackingRun.create(tracking_uri(cfg), tracking_cfg.experiment, run_name, tags, tracking_cfg.parent_run_id)

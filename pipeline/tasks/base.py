@@ -3,7 +3,7 @@
 A task is an `nn.Module` owning the trainable model(s) and any frozen teacher; `forward(batch)` returns
 `{"loss": total, <part>: value, ...}` and `trainable_module()` is what the stage exports for the next stage.
 The optional hooks (`evaluate`, `build_loader`) are declared in the task's `TaskSpec` (pipeline/tasks/spec.py);
-the others have defaults here.
+the others have defaults here (`after_optimizer_step`, `export_state_dict`: the classification task's weight EMA).
 """
 
 from __future__ import annotations
@@ -33,6 +33,16 @@ class Task(nn.Module):
 
     def load_rng_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `rng_state_dict()` returned, when resuming."""
+
+    def after_optimizer_step(self) -> None:
+        """Called by the engine after every optimizer step (e.g. to fold the new weights into a moving average)."""
+
+    def export_state_dict(self, state: dict[str, Tensor],
+                          task_state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The weights a stage export holds, given `trainable_module()`'s (CPU, fp32): these, or others of the same
+        layout (e.g. their EMA). `task_state` is the whole task's state by name when an export is made offline from
+        a checkpoint (the task then built on the meta device); None: this live task's own tensors."""
+        return state
 
     def flops_per_sample(self) -> float | None:
         """Training FLOPs per sample (forward + backward; pipeline/flops.py), for TFLOP/s and MFU; None: unknown."""
