@@ -23,6 +23,7 @@ def test_s3_round_trip_and_resume(moto_s3, tiny_synthetic):
     listing = os.path.join(os.path.dirname(tiny_synthetic["train_shards"]), "..", "videos", "train", "list.jsonl")
     manifest = make_shards(listing, "s3://videos/webvid/train", shard_size=3, progress=False)
     assert sorted(fs.ls("videos/webvid/train")) == [
+        "videos/webvid/train/classes.txt",  # the synthetic listing is labelled (motion direction)
         "videos/webvid/train/manifest.json",
         "videos/webvid/train/train-000000.tar",
         "videos/webvid/train/train-000001.tar",
