@@ -265,6 +265,15 @@ class OptimConfig:
     """AdamW decoupled weight decay (not applied to biases, norms, embeddings, A_log and D)."""
     decay_ssm_a: bool = False
     """Also decay the 2-D SSM `A_log` / `A_b_log`, as the released optimizers do (the paper-scale configs set it)."""
+    no_decay: Literal["names", "dims"] = "names"
+    """Which parameters weight decay skips: `names` = 1-D parameters, biases, positional / class / temporal
+    embeddings, SSM A / D (but see decay_ssm_a) and every module's `no_weight_decay()` names; `dims` = only 1-D
+    parameters and biases, what the released video-text optimizer does (its DDP wrapper hides the model's
+    `no_weight_decay()`, so the embeddings and A_log are decayed too)."""
+    schedule: Literal["cosine", "cosine_floor"] = "cosine"
+    """`cosine`: warmup (step + 1) / warmup_steps, then min_lr + (lr - min_lr) x half cosine; `cosine_floor`: the
+    released video-text scheduler, warmup step / warmup_steps and a half cosine from lr to 0, both floored at
+    min_lr."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
     eps: float = 1e-8
