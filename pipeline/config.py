@@ -80,8 +80,8 @@ class ModelConfig:
     cuda_graph: Literal["auto", True, False] = "auto"
     """Replay the trainable VideoMamba's forward + backward from CUDA graphs, captured at the first step of each
     batch shape (pipeline/cuda_graph.py): a masked student is bound by the host without them. auto = wherever
-    they work: a task whose TaskSpec declares `cuda_graph` (masked_alignment, video_text) training on a GPU,
-    below ZeRO-3; true = demand them (an error where they cannot work); false = eager."""
+    they work: a task whose TaskSpec declares `cuda_graph` (masked_alignment, video_text, video_text_bert) training
+    on a GPU, below ZeRO-3; true = demand them (an error where they cannot work); false = eager."""
 
     def __post_init__(self) -> None:
         for key in ("num_frames", "img_size", "tubelet_size"):
@@ -464,7 +464,8 @@ class Config:
             return
         if not task_spec(self.task.name).cuda_graph:
             graphed = [name for name in task_names() if task_spec(name).cuda_graph]
-            raise ConfigError(f"model.cuda_graph: the {' and '.join(graphed)} tasks replay their VideoMamba from CUDA "
+            names = ", ".join(graphed[:-1]) + f" and {graphed[-1]}" if len(graphed) > 1 else graphed[0]
+            raise ConfigError(f"model.cuda_graph: the {names} tasks replay their VideoMamba from CUDA "
                               f"graphs; task {self.task.name!r} runs eagerly: set model.cuda_graph=false")
         if self.scaling.use_gpu is False:
             raise ConfigError("model.cuda_graph=true with scaling.use_gpu=false: CUDA graphs need a GPU; set "

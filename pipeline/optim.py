@@ -114,8 +114,9 @@ def cosine_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float
     if step < warmup_steps:
         return max(min_ratio, step / warmup_steps) if floor else (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return max(min_ratio, cosine) if floor else min_ratio + (1.0 - min_ratio) * cosine
+    if floor:
+        return max(min_ratio, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_optimizer(
