@@ -227,6 +227,35 @@ def test_bert_folder_that_does_not_fit_the_tower_is_refused(tmp_path):
     torch.testing.assert_close(task.model.text_encoder.bert.encoder.layer[0].output.dense.weight, reference)
 
 
+def test_preflight_checks_the_bert_files(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from pipeline.preflight import preflight
+
+    cfg = load_config(CONFIG, [f"task.text.model={TOKENIZER}", "task.teacher.pretrained=null",
+                               f"data.train_shards={REPO}/tests/data/stage_losses_shards"])
+    assert f"task.text.model: {TOKENIZER} (folder)" in preflight(cfg)  # the job's checks run the task's own
+    with pytest.raises(ConfigError, match=r"tiny_bert lacks \['model.safetensors or pytorch_model.bin'\]"):
+        load_config(CONFIG, [f"task.text.model={TOKENIZER}", "task.text.load_weights=true"]).task.preflight()
+    # A hub name offline: found only in the local Hugging Face cache, laid out as huggingface-cli leaves it.
+    root = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    hub = load_config(REPO / "configs/stages/pretrain_vtc_bert_m_5m.yaml")
+    with pytest.raises(ConfigError, match="'bert-base-uncased' is neither a folder nor in the local Hugging Face"):
+        hub.task.preflight()
+    snapshot = root / "models--bert-base-uncased" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (root / "models--bert-base-uncased" / "refs").mkdir()
+    (root / "models--bert-base-uncased" / "refs" / "main").write_text("0123abcd")
+    for name in ("vocab.txt", "config.json"):
+        (snapshot / name).write_text("{}")
+    with pytest.raises(ConfigError, match="neither a folder nor"):  # no weights file yet
+        hub.task.preflight()
+    (snapshot / "model.safetensors").write_bytes(b"placeholder")
+    assert hub.task.preflight() == ["task.text.model: bert-base-uncased (Hugging Face cache)"]
+
+
 # ---------------------------------------------------------------------------------------------- export layout
 
 

@@ -26,6 +26,7 @@ width, L text tokens, W text width.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -144,6 +145,41 @@ class BertVideoTextConfig(TaskConfig):
                 raise ConfigError(f"task.{name}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.mlm_prob <= 1.0:
             raise ConfigError(f"task.mlm_prob: must be in (0, 1], got {self.mlm_prob}")
+
+    def preflight(self) -> list[str]:
+        """The driver's check before any worker starts (`pipeline.preflight`): the BERT files the build reads."""
+        return [check_bert_source(self.text)]
+
+
+_BERT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def check_bert_source(text_cfg: BertTextConfig) -> str:
+    """ConfigError unless `task.text.model` holds what the build reads: vocab.txt, and config.json + weights when
+    `load_weights`. A folder is looked into; a hub name must be in the local Hugging Face cache when
+    HF_HUB_OFFLINE is set (looked up without downloading), and is left to transformers online."""
+    needed = ["vocab.txt", "config.json"] if text_cfg.load_weights else ["vocab.txt"]
+    source, key = text_cfg.model, "task.text.model"
+    if os.path.isdir(source):
+        missing = [name for name in needed if not os.path.isfile(os.path.join(source, name))]
+        if text_cfg.load_weights and not any(os.path.isfile(os.path.join(source, w)) for w in _BERT_WEIGHTS):
+            missing.append(" or ".join(_BERT_WEIGHTS))
+        if missing:
+            raise ConfigError(f"{key}: the folder {source} lacks {missing} (a BERT in the bert-base-uncased layout)")
+        return f"{key}: {source} (folder)"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("", "0", "false", "no"):
+        return f"{key}: {source} (from the Hugging Face hub or its cache)"
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(source, name), str)  # None or a "known missing" marker otherwise
+
+    weights = any(cached(w) for w in _BERT_WEIGHTS) if text_cfg.load_weights else True
+    if not (all(cached(name) for name in needed) and weights):
+        raise ConfigError(f"{key}: {source!r} is neither a folder nor in the local Hugging Face cache, and "
+                          f"HF_HUB_OFFLINE is set; download it where there is internet (`huggingface-cli download "
+                          f"{source}`) and copy ~/.cache/huggingface to every node, or give a local folder")
+    return f"{key}: {source} (Hugging Face cache)"
 
 
 class BertVideoTextTask(Task):
