@@ -1,4 +1,5 @@
-"""Stage 3: video-text contrastive pretraining of VideoMamba with a CLIP text tower (UMT-style, videomamba.md §6).
+"""Stage 3 with a CLIP text tower: our opt-in variant of UMT-style video-text pretraining (the released model, BERT
+with fusion layers and MLM, is pipeline/tasks/video_text_bert.py).
 
 Losses (each weighted in the config, each returned for logging):
 - `vtc`: symmetric InfoNCE over the batch of every rank (features gathered with gradient), equal `index`
