@@ -330,6 +330,23 @@ def test_trainer_export_loads_three_ways_and_evaluates_with_the_job(tiny_synthet
     offline_state = torch.load(offline, weights_only=True)["model"]
     assert list(offline_state) == list(state) and all(torch.equal(offline_state[k], state[k]) for k in state)
 
+    # The unmasked phase through the Trainer from that export: no mask, no teacher; the UTA decoder is frozen, so
+    # its weights leave the phase as they came in, and the offline export (frozen_student.pt) agrees.
+    unmasked_out = tmp_path / "unmasked"
+    unmasked_cfg = load_config(CONFIG, [
+        "scaling.use_ray=false", f"output_dir={unmasked_out}", f"checkpoint.path={unmasked_out}/ckpt",
+        f"tracking.uri=sqlite:///{unmasked_out}/m.db", f"data.train_shards={tiny_synthetic['train_shards']}",
+        f"task.text.model={TOKENIZER}", "model.scan_backend=ref", "optim.max_steps=2", "optim.warmup_steps=0",
+        "data.batch_size=4", "checkpoint.interval_steps=2", "tracking.system_metrics_interval_s=0",
+        f"task.init_checkpoint={result.export_path}"])
+    tuned = torch.load(train(unmasked_cfg).export_path, weights_only=True)["model"]
+    decoder = "vision_encoder.clip_decoder.0.head.weight"
+    assert torch.equal(tuned[decoder], state[decoder]) and not torch.equal(tuned["itm_head.weight"],
+                                                                             state["itm_head.weight"])
+    export_checkpoint(run_storage(unmasked_cfg), str(tmp_path / "unmasked_offline.pt"))
+    offline_tuned = torch.load(tmp_path / "unmasked_offline.pt", weights_only=True)["model"]
+    assert all(torch.equal(offline_tuned[k], tuned[k]) for k in tuned)
+
     # Zero-shot retrieval of the export with the job, on the synthetic set's real mp4s.
     report_dir = tmp_path / "eval"
     cmd = [sys.executable, "jobs/eval_retrieval.py", "--config", "configs/eval/synthetic.yaml",
