@@ -1,9 +1,11 @@
-"""Stage 3: video-text contrastive pretraining (VTC + optional VTM / UTA; docs/stages.md, "Stage 3").
+"""Stage 3: video-text pretraining (docs/stages.md, "Stage 3"): the released model with the BERT tower (task
+`video_text_bert`: VTC + VTM + MLM + UTA) or the open_clip-text variant (task `video_text`), as the config says.
 
-    python jobs/pretrain_vtc.py --config configs/stages/pretrain_vtc_test.yaml
-    python jobs/pretrain_vtc.py --config configs/stages/pretrain_vtc_m_5m.yaml --dry-run
+    python jobs/pretrain_vtc.py --config configs/stages/pretrain_vtc_bert_test.yaml
+    python jobs/pretrain_vtc.py --config configs/stages/pretrain_vtc_bert_m_5m.yaml --dry-run
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/pretrain_vtc.py \
-        --config configs/stages/pretrain_vtc_m_5m.yaml model.pretrained=/ckpt/videomamba_m16_k400_mask_pt_f8_res224.pth
+        --config configs/stages/pretrain_vtc_bert_m_5m.yaml \
+        model.pretrained=/ckpt/videomamba_m16_k400_mask_pt_f8_res224.pth
 
 The export (`<output_dir>/export/model.pt`) is what jobs/eval_retrieval.py evaluates.
 """

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.bert import BertSpec, BertTextEncoder, tokenize
-from models.videomamba import VideoMamba
+from models.videomamba import VideoMamba, as_static_clip
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
 
@@ -82,6 +82,10 @@ class UMTVideoText(nn.Module):
         self.config = dict(config or {})
 
     # ------------------------------------------------------------------ vision side
+
+    def as_clip(self, video_BCTHW: Tensor) -> Tensor:
+        """An image batch (T = 1) as static clips of the vision encoder's frame count (a view, no copy)."""
+        return as_static_clip(video_BCTHW, self.vision_encoder.num_frames)
 
     def encode_vision(self, video_BCTHW: Tensor, keep_BL: Tensor | None = None,
                       per_frame: bool | None = None) -> tuple[Tensor, Tensor]:
@@ -178,12 +182,13 @@ def build_umt_model(model_name: str | None, model_kwargs: dict[str, Any], bert: 
                     clip_output_dim: int = 512, num_clip_decoders: int = 1) -> UMTVideoText:
     """`create_model(model_name, num_classes=0, **model_kwargs)` (or `VideoMamba(**model_kwargs)` when
     `model_name` is None: explicit dimensions, as read off a checkpoint) + a BERT tower of `bert`'s shape,
-    random weights (`models.bert.load_pretrained_bert` loads bert-base-uncased into `model.text_encoder`)."""
+    random weights (`models.bert.load_pretrained_bert` loads bert-base-uncased into `model.text_encoder`). A
+    `bert` dict without `encoder_width` gets the vision encoder's width (the release sets it so)."""
     from models.registry import create_model
 
-    spec = bert if isinstance(bert, BertSpec) else BertSpec(**bert)
     kwargs = {**model_kwargs, "num_classes": 0}
     vision = VideoMamba(**kwargs) if model_name is None else create_model(model_name, **kwargs)
+    spec = bert if isinstance(bert, BertSpec) else BertSpec(**{"encoder_width": vision.embed_dim, **bert})
     config = {"model_name": model_name, "model_kwargs": {**model_kwargs, "num_classes": 0}, "bert": spec.to_dict(),
               "embed_dim": embed_dim, "clip_output_dim": clip_output_dim, "num_clip_decoders": num_clip_decoders}
     model = UMTVideoText(vision, BertTextEncoder(spec), embed_dim=embed_dim, temp_init=temp_init,

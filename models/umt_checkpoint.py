@@ -105,16 +105,24 @@ def released_layout(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             for key, value in state.items()}
 
 
-def released_state_dict(model: UMTVideoText, dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Tensor]:
-    """`model`'s weights in the released layout and order, on CPU (floating tensors cast to `dtype`; None
-    keeps them)."""
+def to_released_file_layout(state: Mapping[str, Tensor], dtype: torch.dtype | None = torch.bfloat16
+                            ) -> dict[str, Tensor]:
+    """A model-layout state dict as the released file holds it: released names and shapes, same order, on CPU,
+    floating tensors cast to `dtype` (None keeps them), the tied LM decoder one tensor with its source."""
     out = {}
-    for key, value in released_layout(model.state_dict()).items():
+    for key, value in released_layout(state).items():
         value = value.detach().cpu()
         out[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value.clone()
     for tied, source in _DECODER_TIES.items():  # one tensor in the released file, as in a tied model
-        out[tied] = out[source]
+        if tied in out and source in out:
+            out[tied] = out[source]
     return out
+
+
+def released_state_dict(model: UMTVideoText, dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Tensor]:
+    """`model`'s weights in the released layout and order, on CPU (floating tensors cast to `dtype`; None
+    keeps them)."""
+    return to_released_file_layout(model.state_dict(), dtype)
 
 
 def save_released_checkpoint(model: UMTVideoText, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -122,20 +130,33 @@ def save_released_checkpoint(model: UMTVideoText, path: str | os.PathLike, dtype
     torch.save({"model": released_state_dict(model, dtype)}, path)
 
 
+def _read(path_or_state_dict: str | os.PathLike | Mapping) -> tuple[dict[str, Tensor], dict[str, Any], LoadReport]:
+    """(released-layout state dict, the stage export's meta or {}, report) of a file or mapping."""
+    blob = path_or_state_dict
+    if not isinstance(blob, Mapping):
+        blob = torch.load(blob, map_location="cpu", weights_only=True)
+    meta = blob.get("meta") if isinstance(blob, Mapping) else None
+    state, report = unwrap_state_dict(blob)
+    if not is_umt_state_dict(state):
+        raise ValueError(f"{path_or_state_dict}: no text_encoder.bert.* tensors; not a BERT video-text checkpoint")
+    return state, dict(meta) if isinstance(meta, Mapping) else {}, report
+
+
 def load_umt_model(path_or_state_dict: str | os.PathLike | Mapping, text_model: str | os.PathLike | None = None,
                    map_location: str | torch.device = "cpu", **bert_overrides: Any) -> tuple[UMTVideoText, LoadReport]:
     """Build and load a released-layout checkpoint; every model tensor must be in the file and vice versa.
 
-    `text_model`: a folder or cached hub name (`bert-base-uncased`) with the tokenizer (and config.json, for the
-    head count, LayerNorm eps and activation the shapes cannot tell). None builds without a tokenizer and takes
-    BERT's defaults (64-wide heads) unless `bert_overrides` say otherwise (tests).
+    `text_model`: a folder or cached hub name (`bert-base-uncased`) with the tokenizer. The BERT fields the shapes
+    cannot tell (head count, LayerNorm eps, activation) come from the file's meta when it is a stage export of
+    `video_text_bert` (`meta["bert"]`), else from `text_model`'s config.json; without either, BERT's defaults
+    (64-wide heads) unless `bert_overrides` say otherwise (tests).
     """
-    state, report = unwrap_state_dict(path_or_state_dict)
-    if not is_umt_state_dict(state):
-        raise ValueError(f"{path_or_state_dict}: no text_encoder.bert.* tensors; not a BERT video-text checkpoint")
+    state, meta, report = _read(path_or_state_dict)
     config = infer_umt_config(state)
     shape_fields = config.pop("bert")
-    if text_model is not None:
+    if isinstance(meta.get("bert"), Mapping):
+        spec = BertSpec(**{**meta["bert"], **shape_fields, **bert_overrides})
+    elif text_model is not None:
         spec = bert_spec_from_pretrained(text_model, **shape_fields, **bert_overrides)
     else:
         heads = bert_overrides.pop("num_attention_heads", max(1, shape_fields["hidden_size"] // 64))
@@ -150,3 +171,29 @@ def load_umt_model(path_or_state_dict: str | os.PathLike | Mapping, text_model: 
         raise ValueError(f"{path_or_state_dict}: the checkpoint does not match the model built from its shapes: "
                          f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
     return model.to(map_location), report
+
+
+def load_umt_weights(model: UMTVideoText, path_or_state_dict: str | os.PathLike | Mapping) -> LoadReport:
+    """Load every weight of a released-layout file (a released multimodal checkpoint or a `video_text_bert` stage
+    export) into `model`, e.g. to continue training from the masked phase. The release's masked-phase files also
+    hold its frozen CLIP teacher (`clip_teacher.*`): those are left out and reported as dropped; anything else
+    missing, left over or of another shape raises, naming the keys."""
+    state, _, report = _read(path_or_state_dict)
+    fitted, layout = to_model_layout(state)
+    report.renamed.update(layout.renamed)
+    teacher = [k for k in fitted if k.startswith("clip_teacher.")]
+    if teacher:
+        report.dropped["clip_teacher.*"] = f"the release's frozen CLIP teacher ({len(teacher)} tensors)"
+    fitted = {k: v for k, v in fitted.items() if not k.startswith("clip_teacher.")}
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in fitted.items() if k in own
+             and v.shape != own[k].shape]  # fmt: skip
+    if wrong:
+        raise ValueError(f"{path_or_state_dict}: tensors of another shape than this config's model: {wrong[:4]}; "
+                         "make the model and task.text settings match the checkpoint")
+    result = model.load_state_dict(fitted, strict=False)
+    report.missing, report.unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if report.missing or report.unexpected:
+        raise ValueError(f"{path_or_state_dict}: the checkpoint does not match this config's model: missing "
+                         f"{report.missing[:8]}, unexpected {report.unexpected[:8]}")
+    return report

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from models.checkpoints import load_pretrained
 from models.registry import create_model
 from models.text import TextEncoder, create_text_encoder
+from models.videomamba import as_static_clip
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
 
@@ -78,9 +79,7 @@ class VideoTextModel(nn.Module):
 
     def as_clip(self, video_BCTHW: Tensor) -> Tensor:
         """An image batch (T = 1) as static clips of the backbone's frame count (a view, no copy)."""
-        if video_BCTHW.dim() == 5 and video_BCTHW.shape[2] == 1 and self.vision_encoder.num_frames > 1:
-            return video_BCTHW.expand(-1, -1, self.vision_encoder.num_frames, -1, -1)
-        return video_BCTHW
+        return as_static_clip(video_BCTHW, self.vision_encoder.num_frames)
 
     def video_tokens(self, video_BCTHW: Tensor, keep_BL: Tensor | None = None,
                      return_residuals: tuple[int, ...] = ()) -> tuple[Tensor, dict[int, Tensor]]:

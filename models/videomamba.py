@@ -52,6 +52,13 @@ def gather_tokens(x_BLD: Tensor, index_BK: Tensor) -> Tensor:
     return torch.cat([x_BLD[..., :1, :], x_BLD[..., 1:, :].gather(-2, index_BKD)], dim=-2)
 
 
+def as_static_clip(video_BCTHW: Tensor, num_frames: int) -> Tensor:
+    """An image batch (T = 1) as static clips of `num_frames` frames (an expanded view, no copy); others as given."""
+    if video_BCTHW.dim() == 5 and video_BCTHW.shape[2] == 1 and num_frames > 1:
+        return video_BCTHW.expand(-1, -1, num_frames, -1, -1)
+    return video_BCTHW
+
+
 class DropPath(nn.Module):
     """Stochastic depth: zero a whole sample's branch with probability p, scale survivors by 1/(1-p)."""
 

@@ -80,8 +80,8 @@ class ModelConfig:
     cuda_graph: Literal["auto", True, False] = "auto"
     """Replay the trainable VideoMamba's forward + backward from CUDA graphs, captured at the first step of each
     batch shape (pipeline/cuda_graph.py): a masked student is bound by the host without them. auto = wherever
-    they work: a task whose TaskSpec declares `cuda_graph` (masked_alignment, video_text) training on a GPU,
-    below ZeRO-3; true = demand them (an error where they cannot work); false = eager."""
+    they work: a task whose TaskSpec declares `cuda_graph` (masked_alignment, video_text, video_text_bert) training
+    on a GPU, below ZeRO-3; true = demand them (an error where they cannot work); false = eager."""
 
     def __post_init__(self) -> None:
         for key in ("num_frames", "img_size", "tubelet_size"):
@@ -265,6 +265,15 @@ class OptimConfig:
     """AdamW decoupled weight decay (not applied to biases, norms, embeddings, A_log and D)."""
     decay_ssm_a: bool = False
     """Also decay the 2-D SSM `A_log` / `A_b_log`, as the released optimizers do (the paper-scale configs set it)."""
+    no_decay: Literal["names", "dims"] = "names"
+    """Which parameters weight decay skips: `names` = 1-D parameters, biases, positional / class / temporal
+    embeddings, SSM A / D (but see decay_ssm_a) and every module's `no_weight_decay()` names; `dims` = only 1-D
+    parameters and biases, what the released video-text optimizer does (its DDP wrapper hides the model's
+    `no_weight_decay()`, so the embeddings and A_log are decayed too)."""
+    schedule: Literal["cosine", "cosine_floor"] = "cosine"
+    """`cosine`: warmup (step + 1) / warmup_steps, then min_lr + (lr - min_lr) x half cosine; `cosine_floor`: the
+    released video-text scheduler, warmup step / warmup_steps and a half cosine from lr to 0, both floored at
+    min_lr."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
     eps: float = 1e-8
@@ -455,7 +464,8 @@ class Config:
             return
         if not task_spec(self.task.name).cuda_graph:
             graphed = [name for name in task_names() if task_spec(name).cuda_graph]
-            raise ConfigError(f"model.cuda_graph: the {' and '.join(graphed)} tasks replay their VideoMamba from CUDA "
+            names = ", ".join(graphed[:-1]) + f" and {graphed[-1]}" if len(graphed) > 1 else graphed[0]
+            raise ConfigError(f"model.cuda_graph: the {names} tasks replay their VideoMamba from CUDA "
                               f"graphs; task {self.task.name!r} runs eagerly: set model.cuda_graph=false")
         if self.scaling.use_gpu is False:
             raise ConfigError("model.cuda_graph=true with scaling.use_gpu=false: CUDA graphs need a GPU; set "

@@ -80,36 +80,39 @@ def barrier() -> None:
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for each slice and returns the local one."""
+    """all_gather whose backward returns this rank's slice of the gradient: summed over every rank's loss first
+    (`sum_gradients`), or this rank's own loss's alone (the released UMT `AllGather`)."""
 
     @staticmethod
-    def forward(ctx, x_BD: Tensor) -> Tensor:
+    def forward(ctx, x_BD: Tensor, sum_gradients: bool) -> Tensor:
         gathered = [torch.empty_like(x_BD) for _ in range(get_world_size())]
         dist.all_gather(gathered, x_BD.contiguous())
-        ctx.batch = x_BD.shape[0]
+        ctx.batch, ctx.sum_gradients = x_BD.shape[0], sum_gradients
         return torch.cat(gathered, dim=0)
 
     @staticmethod
-    def backward(ctx, grad_WBD: Tensor) -> Tensor:
-        # Every rank's loss touches every rank's features (as negatives), so the gradient of a slice is
-        # the sum over ranks: one all-reduce, then keep our own rows.
-        grad_WBD = grad_WBD.contiguous()
-        dist.all_reduce(grad_WBD, op=dist.ReduceOp.SUM)
+    def backward(ctx, grad_WBD: Tensor) -> tuple[Tensor, None]:
+        if ctx.sum_gradients:
+            # Every rank's loss touches every rank's features (as negatives), so the gradient of a slice is
+            # the sum over ranks: one all-reduce, then keep our own rows.
+            grad_WBD = grad_WBD.contiguous()
+            dist.all_reduce(grad_WBD, op=dist.ReduceOp.SUM)
         start = get_rank() * ctx.batch
-        return grad_WBD[start : start + ctx.batch]
+        return grad_WBD[start : start + ctx.batch], None
 
 
-def all_gather_with_grad(x_BD: Tensor) -> Tensor:
-    """Concatenate `x_BD` from every rank along dim 0, differentiably.
+def all_gather_with_grad(x_BD: Tensor, sum_gradients: bool = True) -> Tensor:
+    """Concatenate `x_BD` from every rank along dim 0, differentiably. All ranks must pass the same shape.
 
-    Gradients are exact: the backward sums the contributions of all ranks' losses to each rank's slice,
-    so a loss computed on the gathered batch gives the same gradients as one process holding the whole
-    batch (with the usual 1/world averaging of data-parallel gradient reduction in mind). All ranks must
-    pass the same shape.
+    `sum_gradients` (exact): the backward sums the contributions of all ranks' losses to each rank's slice, so a
+    loss computed on the gathered batch gives the same gradients as one process holding the whole batch (with
+    the usual 1/world averaging of data-parallel gradient reduction in mind). False: each slice gets only this
+    rank's own loss's gradient, as the released UMT / VideoMamba video-text code gathers; after data-parallel
+    averaging the gradient reaching the features is then 1/world of the whole-batch one.
     """
     if get_world_size() == 1:
         return x_BD
-    return _AllGatherWithGrad.apply(x_BD)
+    return _AllGatherWithGrad.apply(x_BD, sum_gradients)
 
 
 def all_reduce_mean(value: Tensor) -> Tensor:

@@ -15,8 +15,9 @@ The patch embedding runs over every patch, masked or not; the blocks over CLS + 
 GFLOPs count less: fvcore cannot see inside the fused mixer, so they hold only the patch embedding, in_proj,
 out_proj and the head (docs/model.md, "FLOPs").
 
-Transformers (the CLIP teacher, the text tower, the matching head): qkv, attention (QK^T and AV: 4·L·L'·W),
-the output projection and the MLP.
+Transformers (the CLIP teacher, the text towers, the matching heads): qkv, attention (QK^T and AV: 4·L·L'·W),
+the output projection and the MLP; BERT's fusion layers add a cross-attention whose keys and values are
+projected from the vision tokens, and its LM head a transform and the vocabulary projection per position.
 """
 
 from __future__ import annotations
@@ -119,3 +120,38 @@ def matching_head_flops(head: nn.Module, text_tokens: int, video_tokens: int) ->
     """The video-text matching head (`models.video_text.MatchingHead`) on one (video, text) pair."""
     blocks = sum(factor(layer) * _decoder_layer_forward(layer, text_tokens, video_tokens) for layer in head.blocks)
     return head_flops(head.video_in, video_tokens) + blocks + head_flops(head.classifier, 1)
+
+
+# ----------------------------------------------------------------------------- BERT tower (models/bert.py)
+
+
+def _bert_layer_forward(layer: nn.Module, text_tokens: int, vision_tokens: int) -> float:
+    """Forward FLOPs of a `models.bert.BertLayer`: self-attention, the fusion layers' cross-attention to the
+    vision tokens (keys and values projected from the vision width), the feed-forward block."""
+    width, hidden = layer.attention.self.query.in_features, layer.intermediate.dense.out_features
+    flops = (linear_flops(text_tokens, width, 3 * width) + attention_flops(text_tokens, text_tokens, width)
+             + linear_flops(text_tokens, width, width) + 2 * linear_flops(text_tokens, width, hidden))
+    if layer.is_fusion:
+        kv_width = layer.crossattention.self.key.in_features
+        flops += (linear_flops(text_tokens, width, width) + linear_flops(vision_tokens, kv_width, 2 * width)
+                  + attention_flops(text_tokens, vision_tokens, width) + linear_flops(text_tokens, width, width))
+    return flops
+
+
+def bert_text_flops(encoder: nn.Module, text_tokens: int) -> float:
+    """The text layers (`BertTextEncoder.encode_text`, layers before `fusion_layer`) over `text_tokens`."""
+    layers = list(encoder.bert.encoder.layer)[:encoder.spec.fusion_layer]
+    return sum(factor(layer) * _bert_layer_forward(layer, text_tokens, 0) for layer in layers)
+
+
+def bert_fusion_flops(encoder: nn.Module, text_tokens: int, vision_tokens: int) -> float:
+    """The fusion layers (`BertTextEncoder.fuse`) on one (text, video) pair."""
+    layers = list(encoder.bert.encoder.layer)[encoder.spec.fusion_layer:]
+    return sum(factor(layer) * _bert_layer_forward(layer, text_tokens, vision_tokens) for layer in layers)
+
+
+def mlm_head_flops(encoder: nn.Module, text_tokens: int) -> float:
+    """BERT's LM head over `text_tokens` positions: the transform (W -> W) and the tied decoder (W -> vocabulary)."""
+    transform, decoder = encoder.cls.predictions.transform.dense, encoder.cls.predictions.decoder
+    return factor(encoder.cls) * (linear_flops(text_tokens, transform.in_features, transform.out_features)
+                                  + linear_flops(text_tokens, decoder.in_features, decoder.out_features))

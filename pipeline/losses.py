@@ -1,7 +1,8 @@
 """Losses of the stages: symmetric InfoNCE over all ranks, video-text matching, feature alignment, and the
 classifier's cross-entropy against soft (label-smoothed, mixed) targets.
 
-Legend: B local batch, N global batch (B * world size), E joint embedding width, K classes.
+Legend: B local batch, N global batch (B * world size), F slots per video (frames), E joint embedding width,
+K classes.
 """
 
 from __future__ import annotations
@@ -19,15 +20,27 @@ def positive_targets(index_N: Tensor, index_M: Tensor) -> Tensor:
     return pos_NM / pos_NM.sum(dim=1, keepdim=True)
 
 
-def contrastive_loss(video_BE: Tensor, text_BE: Tensor, index_B: Tensor, temp: Tensor) -> Tensor:
+def unit_video_embedding(video_BE: Tensor) -> Tensor:
+    """(B, E) unit video embeddings in fp32, or for (B, F, E) per-slot (per-frame) ones the mean of the F unit slot
+    vectors (not renormalised): its dot product with a unit text is the mean over slots of the per-slot cosine,
+    the released similarity of a video with several slots."""
+    unit = F.normalize(video_BE.float(), dim=-1)
+    return unit.mean(dim=1) if unit.dim() == 3 else unit
+
+
+def contrastive_loss(video_BE: Tensor, text_BE: Tensor, index_B: Tensor, temp: Tensor,
+                     sum_gradients: bool = True) -> Tensor:
     """Symmetric InfoNCE over the batch of every rank (UMT's VTC loss).
 
     Features are L2-normalised here in fp32 and gathered with gradient, so every rank computes the loss of
-    the whole global batch; after the 1/world averaging of data-parallel gradients the parameter gradients
-    equal those of one process holding the whole batch. Samples with equal `index` are all positives.
+    the whole global batch. `video_BE` may be (B, F, E): F slots per video (frames), the similarity then being
+    the mean of the per-slot cosines (`unit_video_embedding`). Samples with equal `index` are all positives.
+    `sum_gradients` (pipeline.distributed.all_gather_with_grad): True gives the parameter gradients of one process
+    holding the whole batch after data-parallel averaging; False, the released gather's 1/world of them for the
+    features (the temperature's gradient is the whole-batch one either way).
     """
-    video_NE = all_gather_with_grad(F.normalize(video_BE.float(), dim=-1))
-    text_NE = all_gather_with_grad(F.normalize(text_BE.float(), dim=-1))
+    video_NE = all_gather_with_grad(unit_video_embedding(video_BE), sum_gradients)
+    text_NE = all_gather_with_grad(F.normalize(text_BE.float(), dim=-1), sum_gradients)
     index_N = all_gather_with_grad(index_B)
     sim_v2t_NN = video_NE @ text_NE.t() / temp.float()
     targets_NN = positive_targets(index_N, index_N)  # symmetric: the same targets serve both directions
@@ -36,9 +49,14 @@ def contrastive_loss(video_BE: Tensor, text_BE: Tensor, index_B: Tensor, temp: T
     return (loss_v2t + loss_t2v) / 2
 
 
-def sample_hard_negatives(sim_v2t_BB: Tensor, index_B: Tensor, generator: torch.Generator | None = None
-                          ) -> tuple[Tensor, Tensor]:
+def sample_hard_negatives(sim_v2t_BB: Tensor, index_B: Tensor, generator: torch.Generator | None = None,
+                          floor: float = 1e-4) -> tuple[Tensor, Tensor]:
     """One hard negative per sample, drawn ∝ softmax(similarity) among non-positives (UMT's `vtm_hard_neg`).
+
+    `floor` is added to every softmax probability before the positives are excluded (every negative keeps a
+    chance). 0 draws from the softmax over the negatives alone, which is the released distribution (its
+    `softmax(sim + 1e-4)` shifts the logits, which changes nothing) without its failure when every negative's
+    probability underflows to 0.
 
     Returns (text_for_video_B, video_for_text_B): the index of the negative text for each video and of the
     negative video for each text, within the local batch.
@@ -52,8 +70,12 @@ def sample_hard_negatives(sim_v2t_BB: Tensor, index_B: Tensor, generator: torch.
                 "task.vtm_weight to 0"
             )
         sim = sim_v2t_BB.float()
-        weights_v2t = (F.softmax(sim, dim=1) + 1e-4).masked_fill(positive_BB, 0)
-        weights_t2v = (F.softmax(sim.t(), dim=1) + 1e-4).masked_fill(positive_BB, 0)
+        if floor > 0:
+            weights_v2t = (F.softmax(sim, dim=1) + floor).masked_fill(positive_BB, 0)
+            weights_t2v = (F.softmax(sim.t(), dim=1) + floor).masked_fill(positive_BB, 0)
+        else:
+            weights_v2t = F.softmax(sim.masked_fill(positive_BB, float("-inf")), dim=1)
+            weights_t2v = F.softmax(sim.t().masked_fill(positive_BB, float("-inf")), dim=1)
         text_for_video_B = torch.multinomial(weights_v2t, 1, generator=generator).squeeze(1)
         video_for_text_B = torch.multinomial(weights_t2v, 1, generator=generator).squeeze(1)
     return text_for_video_B, video_for_text_B

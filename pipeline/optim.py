@@ -4,7 +4,12 @@ Weight decay is not applied to 1-D parameters (norm weights, biases, `D`), to po
 embeddings, to the SSM's `A_log` (and the backward branch's `A_b_log`, `D_b`), to parameters that carry
 mamba-ssm's `_no_weight_decay` attribute, or to names a module lists in its `no_weight_decay()`. With
 `decay_ssm_a` the 2-D `A_log` / `A_b_log` are decayed like any other matrix, as the released optimizers do
-(they exempt only 1-D parameters, biases and the model's `no_weight_decay()` names).
+(they exempt only 1-D parameters, biases and the model's `no_weight_decay()` names). `no_decay="dims"` keeps only
+the first rule (1-D parameters and biases), as the released video-text optimizer does: its model is wrapped in DDP
+when the optimizer is built, so the model's `no_weight_decay()` is never consulted.
+
+The schedule is a linear warmup then a half cosine (`cosine`), or the released video-text scheduler's variant
+(`cosine_floor`, see `cosine_factor`).
 
 Layer-wise LR decay scales each group's LR by `layer_decay ** (num_layers + 1 - layer_id)`. Which parameters get
 which layer depends on `optim.layer_decay_scope`:
@@ -29,6 +34,8 @@ _SSM_A_NAME = re.compile(r"(^|\.)(A_log|A_b_log)$")
 _EMBEDDING_NAME = re.compile(r"(^|\.)(patch_embed|pos_embed|cls_token|temporal_pos_embedding)(\.|$)")
 _RELEASED_LAYER0_NAME = re.compile(r"(^|\.)(patch_embed|pos_embed|cls_token)(\.|$)")
 LAYER_DECAY_SCOPES = ("released", "all_layers")
+NO_DECAY_RULES = ("names", "dims")
+SCHEDULES = ("cosine", "cosine_floor")
 _BLOCK_INDEX = re.compile(r"(^|\.)layers\.(\d+)\.")
 
 
@@ -42,9 +49,16 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def wants_weight_decay(name: str, param: nn.Parameter, exempt: set[str], decay_ssm_a: bool = False) -> bool:
-    """Whether AdamW's decoupled weight decay applies to this parameter."""
-    if param.ndim <= 1 or name.endswith(".bias") or name in exempt:
+def wants_weight_decay(name: str, param: nn.Parameter, exempt: set[str], decay_ssm_a: bool = False,
+                       no_decay: str = "names") -> bool:
+    """Whether AdamW's decoupled weight decay applies to this parameter (`no_decay`: see the module docstring)."""
+    if param.ndim <= 1 or name.endswith(".bias"):
+        return False
+    if no_decay == "dims":
+        return True
+    if no_decay != "names":
+        raise ValueError(f"no_decay rule {no_decay!r} is not one of {NO_DECAY_RULES}")
+    if name in exempt:
         return False
     if decay_ssm_a and _SSM_A_NAME.search(name):
         return True
@@ -67,7 +81,8 @@ def layer_id(name: str, num_layers: int, scope: str = "all_layers") -> int:
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
-                 layer_decay_scope: str = "all_layers", decay_ssm_a: bool = False) -> list[dict[str, Any]]:
+                 layer_decay_scope: str = "all_layers", decay_ssm_a: bool = False,
+                 no_decay: str = "names") -> list[dict[str, Any]]:
     """AdamW groups of the trainable parameters; each group carries `lr_scale` (1.0 without layer decay)."""
     exempt = no_weight_decay_names(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -77,7 +92,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     num_layers = max(blocks) + 1 if blocks else 0
     groups: dict[tuple[bool, int], dict[str, Any]] = {}
     for name, param in named:
-        decay = wants_weight_decay(name, param, exempt, decay_ssm_a)
+        decay = wants_weight_decay(name, param, exempt, decay_ssm_a, no_decay)
         layer = layer_id(name, num_layers, layer_decay_scope) if layer_decay is not None else num_layers + 1
         scale = layer_decay ** (num_layers + 1 - layer) if layer_decay is not None else 1.0
         group = groups.setdefault(
@@ -89,11 +104,18 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     return list(groups.values())
 
 
-def cosine_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """LR multiplier at `step`: linear warmup 0 -> 1 over `warmup_steps`, then cosine 1 -> `min_ratio`."""
+def cosine_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float, schedule: str = "cosine") -> float:
+    """LR multiplier at `step` (0 for the first optimizer step). `cosine`: linear warmup to 1 reached at the
+    last warmup step, then cosine 1 -> `min_ratio`. `cosine_floor` (the released video-text scheduler): warmup
+    step / warmup_steps, then a cosine 1 -> 0, both floored at `min_ratio`."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not one of {SCHEDULES}")
+    floor = schedule == "cosine_floor"
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return max(min_ratio, step / warmup_steps) if floor else (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    if floor:
+        return max(min_ratio, 0.5 * (1.0 + math.cos(math.pi * progress)))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -106,18 +128,18 @@ def build_optimizer(
     `zero_allow_untested_optimizer` for it.
     """
     groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.layer_decay, optim_cfg.layer_decay_scope,
-                          optim_cfg.decay_ssm_a)
+                          optim_cfg.decay_ssm_a, optim_cfg.no_decay)
     for group in groups:
         group["lr"] = peak_lr * group["lr_scale"]
         del group["names"]  # torch keeps unknown keys, but names are only for inspection
     optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
     min_ratio = optim_cfg.min_lr / optim_cfg.lr  # batch scaling scales both ends alike
-    warmup, total = optim_cfg.warmup_steps, optim_cfg.max_steps
+    warmup, total, shape = optim_cfg.warmup_steps, optim_cfg.max_steps, optim_cfg.schedule
 
     # A plain function, not a callable object: LambdaLR then saves only its step counter, so a resumed run
     # follows the schedule of its current config.
     def schedule(step: int) -> float:
-        return cosine_factor(step, warmup, total, min_ratio)
+        return cosine_factor(step, warmup, total, min_ratio, shape)
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 

@@ -40,6 +40,8 @@ ABOUT = {
     "masked": "`benchmarks/bench_masked.py`: the Stage 1 step with the frozen CLIP teacher, eager and with the "
               "student replayed from CUDA graphs.",
     "video_text": "`benchmarks/bench_video_text.py`: the Stage 3 step, eager and CUDA-graphed.",
+    "video_text_bert": "`benchmarks/bench_video_text.py --text bert`: the released BERT-tower Stage 3 step, eager "
+                       "and CUDA-graphed.",
     "scaling": "`benchmarks/bench_scaling.py` (`scripts/gpu_scaling.sh`): real `ray job submit` runs of the stage "
                "jobs with shards on a local S3 server; the fault run kills a rank.",
     "data": "`benchmarks/bench_data.py`: decoding throughput of the shard reader (CPU).",

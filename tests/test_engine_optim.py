@@ -68,6 +68,18 @@ def test_released_optimizers_decay_the_ssm_a_matrices():
     assert named["student.layers.0.D"]["weight_decay"] == 0.0 and named["student.extra"]["weight_decay"] == 0.0
 
 
+def test_released_video_text_rule_decays_all_but_1d_parameters_and_biases():
+    """`no_decay: dims`: the released video-text optimizer, whose DDP wrapper hides `no_weight_decay()`."""
+    named = groups_by_name(param_groups(Wrapper(), weight_decay=0.05, no_decay="dims"))
+    decayed = sorted(n for n, g in named.items() if g["weight_decay"] > 0)
+    assert decayed == [
+        "student.extra", "student.head.weight", "student.layers.0.A_log", "student.layers.0.proj.weight",
+        "student.layers.1.A_log", "student.layers.1.proj.weight", "student.patch_embed.weight", "student.pos_embed",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="no_decay rule 'all'"):
+        param_groups(Wrapper(), weight_decay=0.05, no_decay="all")
+
+
 def test_layer_decay_scales():
     named = groups_by_name(param_groups(Wrapper(), weight_decay=0.0, layer_decay=0.5))
     # 2 blocks: embeddings layer 0 -> 0.5**3, block i -> 0.5**(2 - i), head -> 1
@@ -84,6 +96,25 @@ def test_cosine_schedule_shape():
     mid = 4 + (20 - 4) // 2
     assert cosine_factor(mid, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert cosine_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_released_video_text_schedule_floors_warmup_and_cosine_at_min_lr():
+    """The released `get_cosine_schedule_with_warmup(min_lr_multi)`: max(min, step / warmup) in warmup, then
+    max(min, half cosine to 0)."""
+    ratio = 0.01
+    assert cosine_factor(0, 4, 20, ratio, "cosine_floor") == ratio  # the first step runs at min_lr, not 0
+    assert cosine_factor(2, 4, 20, ratio, "cosine_floor") == pytest.approx(0.5)
+    assert cosine_factor(4, 4, 20, ratio, "cosine_floor") == pytest.approx(1.0)
+    mid = 4 + (20 - 4) // 2
+    assert cosine_factor(mid, 4, 20, ratio, "cosine_floor") == pytest.approx(0.5)  # not 0.01 + 0.99 * 0.5
+    assert cosine_factor(18, 4, 20, ratio, "cosine_floor") == pytest.approx(0.5 * (1 + math.cos(math.pi * 14 / 16)))
+    assert cosine_factor(19, 4, 20, ratio, "cosine_floor") == ratio  # 0.0096 by the cosine: floored
+    assert cosine_factor(20, 4, 20, ratio, "cosine_floor") == ratio
+    cfg = OptimConfig(lr=1.0, min_lr=0.01, warmup_steps=4, max_steps=20, schedule="cosine_floor")
+    optimizer, scheduler = build_optimizer(nn.Linear(2, 2), cfg, peak_lr=1.0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="schedule 'linear'"):
+        cosine_factor(0, 4, 20, ratio, "linear")
 
 
 def test_batch_scaling_scales_the_final_lr_too():

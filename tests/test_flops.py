@@ -15,9 +15,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from models import create_model
 from pipeline.config import load_config
 from pipeline.flops import (
+    bert_fusion_flops,
+    bert_text_flops,
     clip_vision_flops,
     head_flops,
     matching_head_flops,
+    mlm_head_flops,
     text_tower_flops,
     videomamba_flops,
 )
@@ -129,6 +132,38 @@ def test_stage_tasks_add_their_parts():
         + head_flops(model.vision_proj, 1) + head_flops(model.text_proj, 1)
         + 3 * matching_head_flops(model.vtm_head, 16, tokens)  # the positive pair and two hard negatives
         + head_flops(vtc.uta.head.head, tokens) + clip_vision_flops(vtc.teacher, 4))
+
+
+def test_bert_text_fusion_and_lm_head_match_torch_flop_counter():
+    from models.bert import BertSpec, BertTextEncoder
+
+    encoder = BertTextEncoder(BertSpec(vocab_size=80, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                       intermediate_size=64, max_position_embeddings=32, fusion_layer=2,
+                                       encoder_width=48)).eval().requires_grad_(False)
+    ids_1L, mask_1L = torch.randint(5, 80, (1, 16)), torch.ones(1, 16, dtype=torch.long)
+    vision_1SK = torch.randn(1, 9, 48)
+    text_1LW = encoder.encode_text(ids_1L, mask_1L)
+    assert counted(lambda: encoder.encode_text(ids_1L, mask_1L)) == bert_text_flops(encoder, 16)
+    assert counted(lambda: encoder.fuse(text_1LW, mask_1L, vision_1SK)) == bert_fusion_flops(encoder, 16, 9)
+    assert counted(lambda: encoder.mlm_logits(text_1LW)) == mlm_head_flops(encoder, 16)
+    # Self-attention + MLP over 16 tokens per text layer, by hand: qkv, QK^T and AV, output, two MLP matmuls.
+    layer = 2 * 16 * 32 * 96 + 4 * 16 * 16 * 32 + 2 * 16 * 32 * 32 + 2 * 2 * 16 * 32 * 64
+    assert bert_text_flops(encoder, 16) == 2 * layer
+    assert bert_text_flops(encoder.requires_grad_(True), 16) == 3 * 2 * layer  # trained: forward + backward
+
+
+def test_bert_video_text_task_adds_its_parts():
+    task = stage_task("configs/stages/pretrain_vtc_bert_test.yaml", "data.mask.type=attention", "data.mask.ratio=0.5",
+                      "task.uta_weight=1.0", "task.teacher.pretrained=null",
+                      f"task.teacher.vision_overrides={TINY_CLIP}")
+    model, text, patches = task.model, task.model.text_encoder, 4 * 2  # 2 of 4 patches a frame
+    assert task.flops_per_sample() == (
+        videomamba_flops(model.vision_encoder, 1 + patches)
+        + 2 * bert_text_flops(text, 16)  # the caption, then its MLM-masked copy
+        + 4 * bert_fusion_flops(text, 16, patches)  # 3 VTM pairs and the MLM pair over the visible patch tokens
+        + head_flops(model.vision_proj, 1) + head_flops(model.text_proj, 1) + 3 * head_flops(model.itm_head, 1)
+        + mlm_head_flops(text, 16) + head_flops(model.vision_encoder.clip_decoder[0].head, 1 + patches)
+        + clip_vision_flops(task.teacher, 4))
 
 
 def test_classification_counts_the_whole_clip_through_the_classifier():

@@ -59,7 +59,8 @@ def _global_problem(world: int):
     return x_video, x_text, w_video, w_text, index
 
 
-def _rank_worker(rank: int, world: int, backend: str, init_file: str, out_dir: str) -> None:
+def _rank_worker(rank: int, world: int, backend: str, init_file: str, out_dir: str, sum_gradients: bool = True
+                 ) -> None:
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     try:
@@ -67,11 +68,11 @@ def _rank_worker(rank: int, world: int, backend: str, init_file: str, out_dir: s
         w_video.requires_grad_(True)
         w_text.requires_grad_(True)
         rows = slice(ROWS * rank, ROWS * (rank + 1))
-        temp = torch.tensor(0.05, device=device)
-        loss = contrastive_loss(x_video[rows] @ w_video, x_text[rows] @ w_text, index[rows], temp)
+        temp = torch.tensor(0.05, device=device, requires_grad=True)
+        loss = contrastive_loss(x_video[rows] @ w_video, x_text[rows] @ w_text, index[rows], temp, sum_gradients)
         loss.backward()
         # Data-parallel training averages parameter gradients over ranks (DDP / DeepSpeed do this).
-        grads = [w_video.grad.clone(), w_text.grad.clone()]
+        grads = [w_video.grad.clone(), w_text.grad.clone(), temp.grad.clone()]
         for g in grads:
             dist.all_reduce(g)
             g /= world
@@ -80,24 +81,48 @@ def _rank_worker(rank: int, world: int, backend: str, init_file: str, out_dir: s
         dist.destroy_process_group()
 
 
-def _check_gathered_loss(tmp_path, world: int, backend: str) -> None:
-    mp.spawn(_rank_worker, args=(world, backend, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world,
-             join=True)  # fmt: skip
+def _check_gathered_loss(tmp_path, world: int, backend: str, sum_gradients: bool = True) -> None:
+    mp.spawn(_rank_worker, args=(world, backend, str(tmp_path / "rendezvous"), str(tmp_path), sum_gradients),
+             nprocs=world, join=True)  # fmt: skip
     x_video, x_text, w_video, w_text, index = _global_problem(world)
     w_video.requires_grad_(True)
     w_text.requires_grad_(True)
-    single = contrastive_loss(x_video @ w_video, x_text @ w_text, index, torch.tensor(0.05))
+    temp = torch.tensor(0.05, requires_grad=True)
+    single = contrastive_loss(x_video @ w_video, x_text @ w_text, index, temp)
     single.backward()
+    # The released gather gives the features 1/world of the whole-batch gradient; the temperature, used directly
+    # in every rank's (identical) loss, gets the whole-batch one either way.
+    scale = 1.0 if sum_gradients else 1.0 / world
     for rank in range(world):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(result["loss"], single.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(result["grads"][0], w_video.grad, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(result["grads"][1], w_text.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(result["grads"][0], scale * w_video.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(result["grads"][1], scale * w_text.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(result["grads"][2], temp.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.timeout(120)
 def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
     _check_gathered_loss(tmp_path, WORLD, "gloo")
+
+
+@pytest.mark.timeout(120)
+def test_released_gather_gives_the_features_one_world_of_the_gradient(tmp_path):
+    """The released UMT `AllGather` backward keeps only the local loss's gradient (`task.vtc_gather_gradient:
+    local`, the BERT task's default)."""
+    _check_gathered_loss(tmp_path, WORLD, "gloo", sum_gradients=False)
+
+
+def test_per_frame_video_slots_give_the_mean_of_the_slot_cosines():
+    gen = torch.Generator().manual_seed(2)
+    video_BFE, text_BE = torch.randn(5, 3, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    index, temp = torch.tensor([0, 1, 2, 2, 3]), torch.tensor(0.1)
+    cosines_BBF = torch.einsum("vfe,te->vtf", F.normalize(video_BFE, dim=-1), F.normalize(text_BE, dim=-1))
+    sim_v2t = cosines_BBF.mean(dim=2) / temp  # the released get_sim: per-slot similarity, averaged over slots
+    targets = positive_targets(index, index)
+    expected = (-(targets * F.log_softmax(sim_v2t, 1)).sum(1).mean() - (targets * F.log_softmax(sim_v2t.t(), 1))
+                .sum(1).mean()) / 2
+    torch.testing.assert_close(contrastive_loss(video_BFE, text_BE, index, temp), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -42,8 +42,8 @@ def test_stage_config_builds(path, tmp_path, monkeypatch):
     assert f"task {cfg.task.name}" in plan and " parameters (" in plan
 
 
-PAPER_STAGES = ("pretrain_mask_ti", "pretrain_mask_s", "pretrain_mask_m", "self_distill_s_to_m", "pretrain_vtc_m_5m",
-                "pretrain_vtc_m_17m", "pretrain_vtc_m_25m")
+PAPER_STAGES = ("pretrain_mask_ti", "pretrain_mask_s", "pretrain_mask_m", "self_distill_s_to_m",
+                "pretrain_vtc_bert_m_5m", "pretrain_vtc_bert_m_17m", "pretrain_vtc_bert_m_25m")
 
 
 @pytest.mark.parametrize("name", PAPER_STAGES)
@@ -59,6 +59,50 @@ def test_paper_scale_stages_default_to_the_released_behaviour(name):
         assert (global_batch, cfg.optim.warmup_steps) == (2048, 4688)
         scale = global_batch / cfg.optim.base_batch_size  # the released script scales lr and min_lr alike
         assert (cfg.optim.lr * scale, cfg.optim.min_lr * scale) == pytest.approx((1.2e-3, 8e-5))
+
+
+@pytest.mark.parametrize(("name", "gpus", "steps"), [("5m", 16, 26200), ("17m", 32, 42600), ("25m", 32, 62700)])
+def test_bert_video_text_stages_are_the_released_recipe(name, gpus, steps):
+    """exp_pt/videomamba_middle_{5m,17m,25m}/config.py and run.sh of the release (docs/stages.md)."""
+    from pipeline.config import load_config
+
+    cfg = load_config(CONFIGS / "stages" / f"pretrain_vtc_bert_m_{name}.yaml")
+    task, optim = cfg.task, cfg.optim
+    assert task.name == "video_text_bert"
+    assert (task.vtc_weight, task.vtm_weight, task.mlm_weight, task.uta_weight, task.mlm_prob) == (1, 1, 1, 1, 0.5)
+    assert (task.vtc_gather_gradient, task.embed_dim, task.temp_init, task.export_dtype) == ("local", 512, 0.07,
+                                                                                            "bfloat16")
+    text = task.text
+    assert (text.model, text.load_weights, text.fusion_layer, text.max_tokens, text.clean_captions, text.overrides) \
+        == ("bert-base-uncased", True, 9, 32, True, {})
+    assert (task.teacher.model_name, task.teacher.pretrained, task.teacher.apply_ln_post) == ("ViT-B-16", "openai",
+                                                                                             False)
+    assert (cfg.data.mask.type, cfg.data.mask.ratio, cfg.data.num_frames, cfg.data.img_size) == ("attention", 0.8, 8,
+                                                                                                  224)
+    assert (cfg.data.sampling, cfg.data.scale, cfg.data.flip, cfg.data.batch_size) == ("rand", [0.5, 1.0], True, 128)
+    assert (cfg.model.name, cfg.model.drop_path_rate, cfg.scaling.num_workers) == ("videomamba_middle", 0.25, gpus)
+    assert (optim.lr, optim.min_lr, optim.base_batch_size, optim.weight_decay, optim.betas) == (4e-4, 4e-6, None, 0.05,
+                                                                                             [0.9, 0.999])
+    assert (optim.no_decay, optim.schedule, optim.max_steps, optim.warmup_steps) == ("dims", "cosine_floor", steps,
+                                                                                   steps // 10)
+    assert cfg.deepspeed.grad_clip == 0.0
+
+
+@pytest.mark.parametrize(("name", "gpus", "media"), [("5m", 16, 5.37e6), ("17m", 32, 17.44e6), ("25m", 32, 25.68e6)])
+def test_video_text_recipes_train_the_released_model_in_both_phases(name, gpus, media, tmp_path):
+    """The recipes' video-text steps are the BERT task; the unmasked tuning is exp_pt/*_unmasked/config.py: no
+    mask, no teacher, 64 clips a GPU, lr 8e-5 floored at 0.01 of it, 1 epoch with a 0.2-epoch warmup."""
+    from pipeline.recipe import load_recipe, resolve_step_config
+
+    recipe = load_recipe(CONFIGS / "recipes" / f"m_{name}_vtc.yaml", [f"out_dir={tmp_path}"])
+    steps = {step.name: step for step in recipe.stages}
+    masked, unmasked = (resolve_step_config(recipe, steps[n], "sqlite:///x.db", "e") for n in ("vtc", "vtc_unmasked"))
+    assert masked.task.name == unmasked.task.name == "video_text_bert"
+    assert str(unmasked.task.init_checkpoint).endswith("vtc/export/model.pt") and unmasked.model.pretrained is None
+    assert (unmasked.data.mask.type, unmasked.task.uta_weight, unmasked.data.batch_size) == ("none", 0.0, 64)
+    assert (unmasked.optim.lr, unmasked.optim.min_lr, unmasked.optim.schedule) == (8e-5, 8e-7, "cosine_floor")
+    epoch = round(media / (gpus * 64))
+    assert unmasked.optim.max_steps == epoch and unmasked.optim.warmup_steps == pytest.approx(0.2 * epoch, abs=1)
 
 
 FINETUNE_PAPER_STAGES = [p for p in ALL_YAML if p.parent.name == "stages" and p.stem.startswith("finetune_")

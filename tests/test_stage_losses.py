@@ -5,7 +5,7 @@ seeds. `run_stages` trains each stage of the shipped `*_test.yaml` configs (plus
 the local path (`scaling.use_ray=false`, one thread, fixed seeds), with a checkpoint on the way, and reads every
 step's deterministic `train/*` metrics back from MLflow. The variants cover the code the stages share: attention
 masks (stage 1 and video-text), data-side masks with CLIP alignment (self-distillation, whose teacher is stage 1's
-export, as in a recipe) and masked-token alignment (video-text).
+export, as in a recipe) and masked-token alignment (both video-text tasks; the BERT one with MLM too).
 
 The shards are committed (`data/stage_losses_shards`: the 8 training clips of `pipeline.data.synthetic.
 make_synthetic(num_videos=12, split_ratio=8/12, seed=3, num_frames=8, size=32, shard_size=8)`) rather than written
@@ -49,6 +49,9 @@ RUNS: list[tuple[str, str, list[str]]] = [
         "task.clip_weight=0.5", "task.clip_teacher.pretrained=null",
         f"task.clip_teacher.vision_overrides={TINY_CLIP}"]),
     ("video_text", "configs/stages/pretrain_vtc_test.yaml", [
+        "data.batch_size=4", "data.mask.type=attention", "data.mask.ratio=0.5", "task.uta_weight=1.0",
+        "task.teacher.pretrained=null", f"task.teacher.vision_overrides={TINY_CLIP}"]),
+    ("video_text_bert", "configs/stages/pretrain_vtc_bert_test.yaml", [
         "data.batch_size=4", "data.mask.type=attention", "data.mask.ratio=0.5", "task.uta_weight=1.0",
         "task.teacher.pretrained=null", f"task.teacher.vision_overrides={TINY_CLIP}"]),
     ("toy", "configs/stages/toy.yaml", ["scaling.num_workers=1"]),

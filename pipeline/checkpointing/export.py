@@ -40,9 +40,10 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 
 def stage_export(cfg: Config, task: torch.nn.Module, state_dict: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
-    """The stage-export payload `{"state_dict", "meta"}` (docs/architecture.md, "Stage exports")."""
+    """The stage-export payload `{"state_dict", "meta"}` (docs/architecture.md, "Stage exports"); the weights' key is
+    the task's `export_weights_key`."""
     meta = {"task": cfg.task.name, "stage": cfg.stage, "step": step, **task.export_metadata()}
-    return {"state_dict": state_dict, "meta": meta}
+    return {task.export_weights_key: state_dict, "meta": meta}
 
 
 def find_checkpoint(run_or_path: str) -> str:

@@ -16,6 +16,10 @@ from torch import Tensor, nn
 class Task(nn.Module):
     """Base class of stage tasks (see the module docstring for the contract)."""
 
+    export_weights_key = "state_dict"
+    """The key of the weights in the stage export (`{key: weights, "meta": ...}`); the BERT video-text task uses
+    "model", the key of the released multimodal files, so that the released code loads its exports too."""
+
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -65,6 +65,13 @@ class ClipTokenAlignment(nn.Module):
         self.register_buffer("pos_LD", sinusoid_table(length, backbone.embed_dim), persistent=False)
 
     def forward(self, tokens_BVD: Tensor, targets_BLC: Tensor, keep_BL: Tensor | None) -> Tensor:
-        pos_BVD = visible_tokens(self.pos_LD.expand(len(tokens_BVD), -1, -1), keep_BL)
-        pred_BVC = self.head((tokens_BVD + pos_BVD).to(self.head.head.weight.dtype))
-        return cosine_alignment_loss(pred_BVC, visible_tokens(targets_BLC, keep_BL))
+        return alignment_loss(self.head, tokens_BVD, self.pos_LD, targets_BLC, keep_BL)
+
+
+def alignment_loss(head: nn.Module, tokens_BVD: Tensor, pos_LD: Tensor, targets_BLC: Tensor,
+                   keep_BL: Tensor | None) -> Tensor:
+    """mean(2 - 2 cos) of head(visible tokens + their rows of the position table) against the teacher's tokens at
+    the same positions; `pos_LD` is `sinusoid_table(1 + T*P, D)`, `head` maps D to the teacher's width C."""
+    pos_BVD = visible_tokens(pos_LD.expand(len(tokens_BVD), -1, -1), keep_BL)
+    pred_BVC = head((tokens_BVD + pos_BVD).to(next(head.parameters()).dtype))
+    return cosine_alignment_loss(pred_BVC, visible_tokens(targets_BLC, keep_BL))

@@ -1,4 +1,5 @@
-"""Stage 3: video-text contrastive pretraining of VideoMamba with a CLIP text tower (UMT-style, videomamba.md §6).
+"""Stage 3 with a CLIP text tower: our opt-in variant of UMT-style video-text pretraining (the released model, BERT
+with fusion layers and MLM, is pipeline/tasks/video_text_bert.py).
 
 Losses (each weighted in the config, each returned for logging):
 - `vtc`: symmetric InfoNCE over the batch of every rank (features gathered with gradient), equal `index`
@@ -167,11 +168,7 @@ class VideoTextTask(Task):
             text.append(self.model.encode_text(batch["text"]).cpu()[valid_B])
         if not video:
             return {}
-        video_NE, text_NE = torch.cat(video), torch.cat(text)
-        # The same metric (percent, pessimistic ties) as the zero-shot evaluator, among this rank's clips.
-        clips = range(len(video_NE))
-        metrics = retrieval_metrics(text_NE @ video_NE.t(), list(clips), [[j] for j in clips])
-        return {name: metrics[name] for name in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5")}
+        return paired_retrieval_metrics(torch.cat(text) @ torch.cat(video).t())
 
     def trainable_module(self) -> nn.Module:
         return self.model
@@ -199,6 +196,14 @@ class VideoTextTask(Task):
 
     def load_rng_state_dict(self, state: dict[str, Any]) -> None:
         self.masks.load_state_dict(state["attention_masks"])
+
+
+def paired_retrieval_metrics(sim_TV: Tensor) -> dict[str, float]:
+    """R@1/R@5 (%) both ways of a (texts, clips) similarity in which text i describes clip i: the zero-shot
+    evaluator's metric (pessimistic ties), among one rank's eval clips."""
+    clips = range(sim_TV.shape[1])
+    metrics = retrieval_metrics(sim_TV, list(clips), [[j] for j in clips])
+    return {name: metrics[name] for name in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5")}
 
 
 def build(cfg) -> VideoTextTask:
