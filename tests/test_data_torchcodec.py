@@ -130,4 +130,21 @@ def test_torchcodec_decodes_with_pyav_ffmpeg():
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     decoding_tests = len(FOOTAGE) + 2  # the exact-seeking cases, rotation/trim, the loader
-    assert f"{decoding_tests + 1} passed" in result.stdout, result.stdout[-2000:]  # + the config check
+    assert f"{decoding_tests + 2} passed" in result.stdout, result.stdout[-2000:]  # + the config and link checks
+
+
+def test_ffmpeg_link_folder_replaces_a_stale_one_and_is_reused(tmp_path):
+    """A folder left by another PyAV install (links into a removed venv) must not break the next run: CI once
+    failed with `Directory not empty` because the cached folder pointed into an old checkout's venv."""
+    from pipeline.data.ffmpeg_libs import pyav_ffmpeg_dir, pyav_library_files
+
+    first = pyav_ffmpeg_dir(tmp_path)
+    files = pyav_library_files()
+    for name in files:  # make every link point somewhere that no longer exists, as after a venv was deleted
+        (first / name).unlink()
+        (first / name).symlink_to(tmp_path / "gone" / name)
+    again = pyav_ffmpeg_dir(tmp_path)
+    assert again == first
+    assert {name: (again / name).resolve() for name in files} == files
+    assert pyav_ffmpeg_dir(tmp_path) == again
+    assert sorted(p.name for p in (tmp_path / "videomamba-pipeline").iterdir()) == [again.name]  # nothing left over

@@ -12,8 +12,10 @@ Both libraries then use the very same FFmpeg files in one process (the loader se
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -40,11 +42,16 @@ def pyav_library_files() -> dict[str, Path]:
 
 
 def pyav_ffmpeg_dir(cache_dir: str | Path | None = None) -> Path:
-    """The folder of links to PyAV's FFmpeg (made once per PyAV version; safe when several processes race)."""
+    """The folder of links to PyAV's FFmpeg (made once per PyAV install; safe when several processes race).
+
+    The folder's name carries a hash of PyAV's library folder, so two virtual environments (or a moved one) never
+    share a folder whose links point into the other; a folder left wrong by a crash is replaced.
+    """
     root = Path(cache_dir or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "videomamba-pipeline"
-    target = root / f"ffmpeg-from-pyav-{av.__version__}"
     files = pyav_library_files()
-    if all((target / name).resolve() == path for name, path in files.items()):
+    install = hashlib.sha256(str(next(iter(files.values())).parent).encode()).hexdigest()[:10]
+    target = root / f"ffmpeg-from-pyav-{av.__version__}-{install}"
+    if _links_right(target, files):
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".ffmpeg-"))
@@ -52,13 +59,19 @@ def pyav_ffmpeg_dir(cache_dir: str | Path | None = None) -> Path:
         (staging / name).symlink_to(path)
     try:
         staging.replace(target)
-    except OSError:  # another process made it first (or a stale one is there): keep that one if it is right
-        for link in staging.iterdir():
-            link.unlink()
-        staging.rmdir()
-        if not all((target / name).resolve() == path for name, path in files.items()):
-            raise
+    except OSError:  # a folder is there already: another process made it first, or a crash left it wrong
+        if _links_right(target, files):
+            shutil.rmtree(staging)
+        else:
+            stale = Path(tempfile.mkdtemp(dir=root, prefix=".stale-"))
+            target.replace(stale / "old")
+            shutil.rmtree(stale)
+            staging.replace(target)
     return target
+
+
+def _links_right(folder: Path, files: dict[str, Path]) -> bool:
+    return all((folder / name).resolve() == path for name, path in files.items())
 
 
 if __name__ == "__main__":
