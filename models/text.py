@@ -52,7 +52,12 @@ class TextEncoder(nn.Module):
             raise TypeError(f"tokenize expects a list of strings, got {type(texts).__name__}")
         length = self.context_length if max_tokens is None else min(max_tokens, self.context_length)
         tokens_BL = self.tokenizer(list(texts), context_length=length)
-        return torch.nn.functional.pad(tokens_BL, (0, self.context_length - length)).to(device)
+        tokens_BL = torch.nn.functional.pad(tokens_BL, (0, self.context_length - length))
+        if torch.device(device).type == "cuda":
+            # A blocking copy waits for the GPU (a host sync), and so may one from pageable memory; from pinned
+            # memory (torch's caching host allocator) it is a queued DMA.
+            tokens_BL = tokens_BL.pin_memory()
+        return tokens_BL.to(device, non_blocking=True)
 
     def forward(self, tokens_BL: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Pooled text feature (the EOT token after ln_final), all token features, and the non-pad mask."""

@@ -34,15 +34,25 @@ class Features:
         return self.tokens_BLD[:, 0]
 
 
-def visible_index(keep_BL: Tensor) -> Tensor:
+def visible_index(keep_BL: Tensor, num_kept: int | None = None) -> Tensor:
     """(B, K) positions of the kept tokens, in order, from a (B, P) bool keep mask that keeps the same K in
-    every row. Checking that costs one host sync: a ragged batch cannot be packed into (B, K, D)."""
-    counts = keep_BL.sum(dim=1).tolist()  # the one sync
-    if len(set(counts)) > 1:
-        raise ValueError(f"every clip must keep the same number of tokens; got counts {counts}")
+    every row (a ragged batch cannot be packed into (B, K, D)).
+
+    Without `num_kept`, K is read from the mask: one host sync on a GPU. A caller that knows K (every mask of one
+    type keeps the same count, pipeline/tasks/token_masks.py) passes it and costs none: the rows are then checked
+    on the host only where that is free (a CPU mask), and on a GPU by an asynchronous device-side assert.
+    """
+    if num_kept is None or keep_BL.device.type == "cpu":
+        counts = keep_BL.sum(dim=1).tolist()  # the one sync (none for a CPU mask)
+        if len(set(counts)) > 1 or (num_kept is not None and counts and counts[0] != num_kept):
+            raise ValueError(f"every clip must keep the same number of tokens ({num_kept or 'any'}); got {counts}")
+        num_kept = counts[0] if counts else 0
+    else:
+        torch._assert_async((keep_BL.sum(dim=1) == num_kept).all(),
+                            f"visible_index: a keep mask row does not keep {num_kept} tokens")
     # A stable sort puts the kept positions first, in their original order.
     order_BP = torch.sort(keep_BL.to(torch.uint8), dim=1, descending=True, stable=True).indices
-    return order_BP[:, :counts[0] if counts else 0]
+    return order_BP[:, :num_kept]
 
 
 def gather_tokens(x_BLD: Tensor, index_BK: Tensor) -> Tensor:
@@ -188,13 +198,13 @@ class VideoMamba(nn.Module):
         index_BK = None if keep_BL is None else self.visible_index(keep_BL)
         return self.forward_visible(video_BCTHW, index_BK, return_residuals)
 
-    def visible_index(self, keep_BL: Tensor) -> Tensor:
+    def visible_index(self, keep_BL: Tensor, num_kept: int | None = None) -> Tensor:
         """`visible_index` of a (B, T'*P) keep mask, checked against this model's token grid."""
         patches = self.grid[0] * self.num_patches
         if keep_BL.dtype != torch.bool or keep_BL.dim() != 2 or keep_BL.shape[1] != patches:
             raise ValueError(f"keep_BL must be a bool tensor of shape (B, T'*P) = (B, {patches}); "
                              f"got {keep_BL.dtype} {tuple(keep_BL.shape)}")
-        return visible_index(keep_BL)
+        return visible_index(keep_BL, num_kept)
 
     def forward_visible(self, video_BCTHW: Tensor, index_BK: Tensor | None,
                         return_residuals: Iterable[int] = ()) -> Features:

@@ -79,9 +79,11 @@ class ModelConfig:
     """Initial weights: a file (official VideoMamba layout or a stage export), or None for random init."""
     cuda_graph: Literal["auto", True, False] = "auto"
     """Replay the trainable VideoMamba's forward + backward from CUDA graphs, captured at the first step of each
-    batch shape (pipeline/cuda_graph.py): a masked student is bound by the host without them. auto = wherever
-    they work: a task whose TaskSpec declares `cuda_graph` (masked_alignment, video_text, video_text_bert) training
-    on a GPU, below ZeRO-3; true = demand them (an error where they cannot work); false = eager."""
+    batch shape (pipeline/cuda_graph.py), and Stage 2's frozen teacher's forward: a masked student is bound by the
+    host without them. auto = wherever they work and have been checked on a GPU: a task whose TaskSpec declares
+    `cuda_graph` and `cuda_graph_auto` (masked_alignment, video_text) training on a GPU, below ZeRO-3; true =
+    demand them (an error where they cannot work; the opt-in for self_distill, classification and video_text_bert,
+    whose graphed steps have not yet run on a GPU); false = eager."""
 
     def __post_init__(self) -> None:
         for key in ("num_frames", "img_size", "tubelet_size"):
@@ -478,7 +480,8 @@ class Config:
     def cuda_graph_wanted(self) -> bool:
         """Whether the task should replay its student from CUDA graphs when it trains on a GPU."""
         if self.model.cuda_graph == "auto":
-            return task_spec(self.task.name).cuda_graph and self.deepspeed.zero_stage != 3
+            spec = task_spec(self.task.name)
+            return spec.cuda_graph and spec.cuda_graph_auto and self.deepspeed.zero_stage != 3
         return self.model.cuda_graph
 
     @property

@@ -5,11 +5,22 @@ Ray Train workers with a Ray checkpoint store. A step is `gradient_accumulation_
 start at 1 and count optimizer updates. Precision: bf16/fp16 from config on GPU, fp32 on CPU (DeepSpeed's CPU
 accelerator with gloo).
 
-Non-finite policy (`cfg.nonfinite`): every micro-batch's loss is checked on all ranks before backward. "stop"
-raises `NonFiniteError` naming the step and the loss parts (the last good checkpoint stays the latest one);
+Non-finite policy (`cfg.nonfinite`): every micro-batch's loss is checked on all ranks before the optimizer update.
+"stop" raises `NonFiniteError` naming the step and the loss parts (the last good checkpoint stays the latest one);
 "skip" drops the micro-batch, counts it (`train/skipped_batches`) and fails after `max_skipped_steps`. A finite
 loss with a non-finite gradient: without ZeRO the engine checks the gradients before the update; ZeRO 1-3 skip
 such an update themselves (DeepSpeed's overflow check). Either way the same policy applies.
+
+Host syncs (reads of GPU values, which stall the host until the GPU has caught up; docs/operations.md, "Failure
+policy", and benchmarks/bench_syncs.py count them): the step keeps its losses, flags and gradient norm on the
+device and reads them where the semantics need them. Loss parts are summed on the device and read once per log
+interval, with the last gradient norm. Under "stop" the micro-batches' finite flags are read once per step, in one
+all-reduce and one read, just before the update (after the last micro-batch's backward): that read cannot move
+later, or a non-finite step would update the weights. Under "skip" a micro-batch must be known good before its
+backward adds its gradients to the accumulated ones, so the flag is read once per micro-batch (once per step at one
+micro-batch a step). The check without ZeRO is fused into the same read as the loss flags (stop) or is one read at
+the update (skip). Under ZeRO 1-3 DeepSpeed reports a skipped update as a host-side inf gradient norm, which costs
+the engine no read.
 """
 
 from __future__ import annotations
@@ -22,7 +33,6 @@ import random
 import resource
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,10 +138,18 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def dense_grad_norm(module: torch.nn.Module) -> float:
-    """L2 norm of all `p.grad` of `module` (meaningful when gradients are not ZeRO-partitioned)."""
+def dense_grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of all `p.grad` of `module`, a 0-dim fp32 tensor on their device (read it where it is needed: a host
+    sync); meaningful when gradients are not ZeRO-partitioned."""
     norms = [torch.linalg.vector_norm(p.grad.float()) for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    if not norms:
+        return torch.zeros((), device=next(module.parameters()).device)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def nonfinite_flag(value: torch.Tensor) -> torch.Tensor:
+    """1.0 where `value` holds a NaN or inf anywhere, else 0.0: a 0-dim fp32 tensor on its device (no host sync)."""
+    return (~torch.isfinite(value.detach())).any().float()
 
 
 def _format_eta(seconds: float) -> str:
@@ -179,7 +197,10 @@ class Trainer:
         self.eval_metrics: dict[str, float] = {}
         self.evaluated_at: int | None = None
         self.loader_state: dict[str, Any] | None = None
-        self.dense_grad_norm: float | None = None
+        self.dense_grad_norm: torch.Tensor | None = None
+        # This step's micro-batches under nonfinite=stop: (finite flag, loss parts), both on the device, read once
+        # before the update (check_before_update).
+        self.unchecked: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         self.collective_timeout_set = False
         run_id = self.restore() if cfg.checkpoint.resume else None
         self.train_loader = self.build_loader("train")
@@ -288,6 +309,11 @@ class Trainer:
         out = {}
         for key, value in batch.items():
             if isinstance(value, torch.Tensor):
+                if self.device.type == "cuda" and value.device.type == "cpu" and not value.is_pinned():
+                    # From pageable memory the driver stages the copy and may wait for the stream to get there (a
+                    # hidden host sync that torch's sync debug mode does not report); from pinned memory it is a
+                    # queued DMA. Pinning goes through torch's caching host allocator.
+                    value = value.pin_memory()
                 value = value.to(self.device, non_blocking=True)
                 if value.is_floating_point():
                     value = value.to(self.dtype)
@@ -303,32 +329,59 @@ class Trainer:
         self.window["data_wait_s"] += time.perf_counter() - start
         return self.to_device(batch)
 
-    def all_ranks_finite(self, value: torch.Tensor) -> bool:
-        """True when `value` is finite on every rank (one tiny all-reduce keeps ranks in agreement)."""
-        bad = torch.tensor(0.0 if torch.isfinite(value.detach()).all() else 1.0, device=self.device)
+    def any_rank_flags(self, flags: list[torch.Tensor]) -> list[bool]:
+        """Which of these device flags (1.0 = bad) is set on any rank: one all-reduce, one host read."""
+        flags_N = torch.stack(flags).float()
         if self.world > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        return bool(bad.item() == 0.0)
+            torch.distributed.all_reduce(flags_N, op=torch.distributed.ReduceOp.MAX)
+        return [bad != 0.0 for bad in flags_N.tolist()]  # the read: a host sync on a GPU
 
-    def forward_backward(self, batch: dict[str, Any]) -> dict[str, float] | None:
-        """Forward and backward of one micro-batch; None when it was dropped under `nonfinite: skip`."""
+    @staticmethod
+    def describe(parts: dict[str, torch.Tensor]) -> str:
+        """`{loss: nan, <part>: ...}` of one micro-batch (host reads: only on the way to an error or a skip)."""
+        return "{" + ", ".join(f"{k}: {float(v):.4g}" for k, v in parts.items()) + "}"
+
+    def forward_backward(self, batch: dict[str, Any]) -> bool:
+        """Forward and backward of one micro-batch, then DeepSpeed's step (an update at the accumulation boundary);
+        False when the micro-batch was dropped under `nonfinite: skip`. See the module docstring for which values
+        it reads back from the device, and when."""
         out = self.engine(batch)
         loss = out["loss"]
-        if not self.all_ranks_finite(loss):
-            parts = ", ".join(f"{k}: {float(v.detach()):.4g}" for k, v in out.items())
-            self.on_nonfinite(f"loss parts {{{parts}}}")
-            return None
+        parts = {k: v.detach() for k, v in out.items()}
+        if self.cfg.nonfinite == "skip":
+            if self.any_rank_flags([nonfinite_flag(loss)])[0]:
+                self.on_nonfinite(f"loss parts {self.describe(parts)}")
+                return False
+        else:
+            self.unchecked.append((nonfinite_flag(loss), parts))
         self.engine.backward(loss)
-        if self.cfg.deepspeed.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+        if self.engine.is_gradient_accumulation_boundary() and not self.check_before_update(loss):
+            return False
+        self.engine.step()  # DeepSpeed only updates at the accumulation boundary
+        self.add_to_window(parts)
+        return True
+
+    def check_before_update(self, loss: torch.Tensor) -> bool:
+        """At the accumulation boundary, before the update: apply the policy to this step's unread loss flags
+        (nonfinite=stop) and, without ZeRO, to the gradient norm, in one read. False: the update is dropped."""
+        flags = [flag for flag, _ in self.unchecked]
+        if self.cfg.deepspeed.zero_stage == 0:
             # Without ZeRO, DeepSpeed neither reports a gradient norm nor skips a non-finite update. The
             # gradients are all-reduced in p.grad at this point, so check them here, before the update.
             self.dense_grad_norm = dense_grad_norm(self.engine.module)
-            if not math.isfinite(self.dense_grad_norm):
-                self.engine.zero_grad()
-                self.on_nonfinite(f"gradient norm {self.dense_grad_norm} (loss {float(loss.detach()):.4g})")
-                return None
-        self.engine.step()  # DeepSpeed only updates at the accumulation boundary
-        return {k: float(v.detach()) for k, v in out.items()}
+            flags.append(nonfinite_flag(self.dense_grad_norm))
+        if not flags:
+            return True
+        bad = self.any_rank_flags(flags)
+        unchecked, self.unchecked = self.unchecked, []
+        for (_, parts), is_bad in zip(unchecked, bad, strict=False):
+            if is_bad:
+                self.on_nonfinite(f"loss parts {self.describe(parts)}")  # nonfinite=stop: raises
+        if self.cfg.deepspeed.zero_stage == 0 and bad[-1]:
+            self.engine.zero_grad()
+            self.on_nonfinite(f"gradient norm {float(self.dense_grad_norm)} (loss {float(loss.detach()):.4g})")
+            return False
+        return True
 
     def on_nonfinite(self, what: str) -> None:
         step = self.step + 1
@@ -346,28 +399,37 @@ class Trainer:
                 f"max_skipped_steps={self.cfg.max_skipped_steps}; last: {what}"
             )
 
+    def add_to_window(self, parts: dict[str, torch.Tensor]) -> None:
+        """Sum a kept micro-batch's loss parts into the log window, on the device (read at the next log)."""
+        sums = self.window["sums"]
+        for key, value in parts.items():
+            value = value.double()  # fp64 sums: the same arithmetic as Python floats
+            sums[key] = sums[key] + value if key in sums else value
+        self.window["micro_batches"] += 1
+
     def train_step(self) -> None:
         """One optimizer update: `grad_accum_steps` finite micro-batches (dropped ones are replaced)."""
         start = time.perf_counter()
         done = 0
         while done < self.cfg.deepspeed.grad_accum_steps:
-            parts = self.forward_backward(self.next_batch())
-            if parts is None:
-                continue
-            done += 1
-            for key, value in parts.items():
-                self.window["sums"][key] += value
-            self.window["micro_batches"] += 1
-        grad_norm = self.engine.get_global_grad_norm()  # ZeRO 1-3; None without ZeRO (checked pre-step above)
+            if self.forward_backward(self.next_batch()):
+                done += 1
+        # ZeRO 1-3: a device tensor, or a host-side inf where DeepSpeed's overflow check skipped the update; without
+        # ZeRO: None (the engine's own norm, checked before the update) or DeepSpeed's bf16 optimizer's.
+        grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self.dense_grad_norm
-        elif not math.isfinite(float(grad_norm)):
+        elif not isinstance(grad_norm, torch.Tensor) and not math.isfinite(grad_norm):
             # ZeRO skipped this update itself (its overflow check); apply the policy on top.
-            self.on_nonfinite(f"gradient norm {float(grad_norm)}")
+            self.on_nonfinite(f"gradient norm {grad_norm}")
         self.task.after_optimizer_step()  # e.g. the classification task's weight EMA
         self.step += 1
         self.window["steps"] += 1
-        self.window["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        self.window["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
+        if self.device.type == "cuda" and self.log_due():
+            # Host time is GPU time only once the GPU has caught up: at log steps, so that step_s (and clips/s)
+            # covers the work the earlier steps of the window queued.
+            torch.cuda.synchronize(self.device)
         self.window["step_s"] += time.perf_counter() - start
         if not self.collective_timeout_set:
             self.shorten_collective_timeout()
@@ -388,21 +450,32 @@ class Trainer:
     # ------------------------------------------------------------------ metrics
 
     def _reset_window(self) -> None:
-        self.window: dict[str, Any] = {"sums": defaultdict(float), "micro_batches": 0, "steps": 0,
+        # sums: {loss part: fp64 device tensor}; grad_norm: the last step's (a device tensor or a float)
+        self.window: dict[str, Any] = {"sums": {}, "micro_batches": 0, "steps": 0,
                                        "data_wait_s": 0.0, "step_s": 0.0, "grad_norm": float("nan")}  # fmt: skip
 
+    def log_due(self, force: bool = False) -> bool:
+        """Whether `log_metrics` logs after the step just counted."""
+        return bool(self.window["steps"]) and (force or self.step % self.cfg.tracking.log_interval == 0)
+
     def window_metrics(self) -> dict[str, float]:
-        """Averages over the steps since the last log (loss parts averaged over ranks too)."""
+        """Averages over the steps since the last log (loss parts averaged over ranks too); the window's one read
+        of device values."""
         w = self.window
         keys = sorted(w["sums"])
-        means = torch.tensor([w["sums"][k] / max(1, w["micro_batches"]) for k in keys], dtype=torch.float64)
-        means = all_reduce_mean(means.to(self.device)).cpu().tolist() if keys else []
+        means = [w["sums"][k] / max(1, w["micro_batches"]) for k in keys]
+        grad_norm = torch.as_tensor(w["grad_norm"], dtype=torch.float64, device=self.device).reshape(1)
+        if keys:
+            values = torch.cat([all_reduce_mean(torch.stack(means).to(self.device)), grad_norm])
+        else:
+            values = grad_norm
+        *means, grad_norm = values.tolist()  # the one read (one device-to-host copy)
         metrics = {f"train/{k}": v for k, v in zip(keys, means, strict=True)}
         samples = w["steps"] * self.global_batch
         clips_per_s = samples / w["step_s"] if w["step_s"] > 0 else 0.0
         metrics.update({
             "train/lr": max(group["lr"] for group in self.optimizer.param_groups),
-            "train/grad_norm": w["grad_norm"],
+            "train/grad_norm": grad_norm,
             "train/clips_per_s": clips_per_s,
             "train/data_wait_fraction": w["data_wait_s"] / w["step_s"] if w["step_s"] > 0 else 0.0,
             "train/skipped_batches": float(self.skipped_batches),
@@ -433,7 +506,7 @@ class Trainer:
 
     def log_metrics(self, force: bool = False) -> None:
         """Every `log_interval` steps: reduce the window's metrics, log them from rank 0, print progress."""
-        if not self.window["steps"] or (not force and self.step % self.cfg.tracking.log_interval):
+        if not self.log_due(force):
             return
         metrics = self.window_metrics()
         step_s = self.window["step_s"] / self.window["steps"]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.distributed import all_gather_with_grad
+from pipeline.sampling import multinomial
 
 
 def positive_targets(index_N: Tensor, index_M: Tensor) -> Tensor:
@@ -76,8 +77,10 @@ def sample_hard_negatives(sim_v2t_BB: Tensor, index_B: Tensor, generator: torch.
         else:
             weights_v2t = F.softmax(sim.masked_fill(positive_BB, float("-inf")), dim=1)
             weights_t2v = F.softmax(sim.t().masked_fill(positive_BB, float("-inf")), dim=1)
-        text_for_video_B = torch.multinomial(weights_v2t, 1, generator=generator).squeeze(1)
-        video_for_text_B = torch.multinomial(weights_t2v, 1, generator=generator).squeeze(1)
+        # torch.multinomial's draws without its host-side input checks (pipeline/sampling.py): either way the
+        # weights are positive somewhere off the positives, which the check above guarantees every row has.
+        text_for_video_B = multinomial(weights_v2t, 1, replacement=True, generator=generator).squeeze(1)
+        video_for_text_B = multinomial(weights_t2v, 1, replacement=True, generator=generator).squeeze(1)
     return text_for_video_B, video_for_text_B
 
 

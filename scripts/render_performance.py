@@ -42,6 +42,11 @@ ABOUT = {
     "video_text": "`benchmarks/bench_video_text.py`: the Stage 3 step, eager and CUDA-graphed.",
     "video_text_bert": "`benchmarks/bench_video_text.py --text bert`: the released BERT-tower Stage 3 step, eager "
                        "and CUDA-graphed.",
+    "distill": "`benchmarks/bench_distill.py`: the Stage 2 (S teacher -> M student) and Stage 4 (S classifier) "
+               "steps, eager and CUDA-graphed, with each step's host syncs. GPU command: `scripts/gpu_graphs.sh`.",
+    "syncs": "`benchmarks/bench_syncs.py`: host syncs per training step of every stage through the Trainer "
+             "(DeepSpeed included), the code before the step's syncs were removed against after, each sync charged "
+             "to its site. GPU command: `scripts/gpu_graphs.sh`.",
     "scaling": "`benchmarks/bench_scaling.py` (`scripts/gpu_scaling.sh`): real `ray job submit` runs of the stage "
                "jobs with shards on a local S3 server; the fault run kills a rank.",
     "data": "`benchmarks/bench_data.py`: decoding throughput of the shard reader (CPU).",

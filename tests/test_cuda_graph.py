@@ -12,15 +12,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read by huggingface_hub at impor
 import pytest
 import torch
 from test_masked_alignment import clip, tiny_cfg
+from test_self_distill import write_teacher_export
 
 from pipeline import cuda_graph
 from pipeline.config import ConfigError, load_config
-from pipeline.cuda_graph import GraphedTrainingStep
+from pipeline.cuda_graph import GraphedInference, GraphedTrainingStep
 from pipeline.tasks import build_task
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 VTC_CONFIG = "configs/stages/pretrain_vtc_test.yaml"
 VTC_TEACHER = "task.teacher.vision_overrides={layers: 1, width: 64, head_width: 32}"
+DISTILL_CONFIG = "configs/stages/self_distill_test.yaml"
+FINETUNE_CONFIG = "configs/stages/finetune_test.yaml"
+
+
+def distill_cfg(teacher_path, *overrides: str):
+    """The tiny Stage 2 task: videomamba_test (width 32) teaches videomamba_test_wide (48)."""
+    return load_config(DISTILL_CONFIG, [f"task.teacher_checkpoint={teacher_path}", "task.teacher_model=null",
+                                        *overrides])
+
+
+def finetune_cfg(*overrides: str):
+    """The tiny Stage 4 task: videomamba_test, 4 classes, Mixup / CutMix, drop path 0.1."""
+    return load_config(FINETUNE_CONFIG, ["task.class_index=null", *overrides])
+
+
+def tube_keep(batch: int, seed: int) -> torch.Tensor:
+    """A data-side tube mask of the tiny model's 4 frames x 4 patches at ratio 0.5: the same 2 patches per frame."""
+    frame = torch.zeros(4, dtype=torch.bool)
+    frame[torch.randperm(4, generator=torch.Generator().manual_seed(seed))[:2]] = True
+    return frame.repeat(4).expand(batch, -1).clone()
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -40,6 +61,9 @@ def test_auto_uses_graphs_only_where_they_work():
     assert not tiny_cfg("deepspeed.zero_stage=3").cuda_graph_wanted()
     assert not load_config(None, ["task.name=toy"]).cuda_graph_wanted()
     assert load_config(VTC_CONFIG).cuda_graph_wanted()
+    # Stage 2 and 4's graphed steps have not run on a GPU yet: auto keeps them eager, true opts in.
+    assert not finetune_cfg().cuda_graph_wanted() and not distill_cfg("teacher.pt").cuda_graph_wanted()
+    assert finetune_cfg("model.cuda_graph=true").cuda_graph_wanted()
 
 
 def test_graphed_task_runs_eagerly_on_cpu_unless_graphs_are_demanded():
@@ -60,6 +84,37 @@ def test_graphed_task_runs_eagerly_on_cpu_unless_graphs_are_demanded():
         else:
             with pytest.raises(RuntimeError, match="graphs need a GPU; set model.cuda_graph=auto or false"):
                 task(batch)
+
+
+@pytest.mark.parametrize("stage", ["self_distill", "classification"])
+def test_stage_2_and_4_run_eagerly_on_cpu_unless_graphs_are_demanded(tmp_path, stage):
+    write_teacher_export(tmp_path / "teacher.pt")
+    batch = {"video": clip(), "label": torch.tensor([0, 3]), "keep": tube_keep(2, seed=0)}
+
+    def task_for(graphs: str):
+        torch.manual_seed(0)  # the same init, and the same drop-path draws below
+        if stage == "self_distill":
+            return build_task(distill_cfg(tmp_path / "teacher.pt", "model.scan_backend=ref", "data.mask.type=tube",
+                                          "data.mask.ratio=0.5", f"model.cuda_graph={graphs}"))
+        return build_task(finetune_cfg(f"model.cuda_graph={graphs}"))
+
+    eager = task_for("false").train()
+    runners = ("_student_runner", "_teacher_runner") if stage == "self_distill" else ("_model_runner",)
+    assert not any(getattr(eager, runner).enabled for runner in runners)
+    torch.manual_seed(1)
+    expected = eager(batch)["loss"]
+    for setting in ("auto", "true"):
+        task = task_for(setting).train()
+        assert all(getattr(task, runner).enabled for runner in runners)
+        torch.manual_seed(1)
+        if setting == "auto":  # a CPU run: the same eager step, bit for bit
+            torch.testing.assert_close(task(batch)["loss"], expected, rtol=0, atol=0)
+        else:
+            with pytest.raises(RuntimeError, match="graphs need a GPU; set model.cuda_graph=auto or false"):
+                task(batch)
+        with torch.no_grad():  # evaluation runs eagerly either way
+            task.eval()
+            task(batch)
 
 
 # ----------------------------------------------------------------------------- on a GPU
@@ -138,6 +193,111 @@ def test_replay_draws_fresh_random_numbers():
 
 @pytest.mark.gpu
 @needs_cuda
+def test_inference_replay_matches_eager_and_returns_copies():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).cuda().eval()
+    graphed = GraphedInference(model, "a frozen model", enabled=True)
+    x, y = torch.randn(4, 16, device="cuda"), torch.randn(4, 16, device="cuda")
+    first = graphed(x, training=True)
+    second = graphed(y, training=True)  # the same capture, another input: must not change `first`
+    assert graphed.num_captures == 1
+    with torch.no_grad():
+        torch.testing.assert_close(first, model(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(second, model(y), rtol=1e-5, atol=1e-6)
+        model[0].weight.mul_(0.5)  # weights read in place on replay
+        torch.testing.assert_close(graphed(x, training=True), model(x), rtol=1e-5, atol=1e-6)
+    assert not first.requires_grad and graphed(x, training=False).data_ptr() != first.data_ptr()
+    graphed(torch.randn(2, 16, device="cuda"), training=True)
+    assert graphed.num_captures == 2
+
+
+def _assert_graphed_matches_eager(run) -> None:
+    """`run(graph) -> (losses, tensors)` graphed and eager: the same losses and final tensors (the replay runs the
+    same kernels on the same weights)."""
+    eager_losses, eager_tensors = run(graph=False)
+    graphed_losses, graphed_tensors = run(graph=True)
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-4)
+    for name, value in eager_tensors.items():
+        torch.testing.assert_close(graphed_tensors[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _prime(runner_calls) -> None:
+    """Trigger the captures before the compared steps: their warm-up passes draw random numbers that an eager run
+    does not, so both runs then start each step from the same seeded generator state."""
+    for call in runner_calls:
+        outputs = call()
+        if outputs.requires_grad:
+            outputs.float().square().mean().backward()
+
+
+def _adamw_steps(task, batches, prime=None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Three AdamW steps, each from a seeded CUDA generator (drop path draws from it, graphed or not)."""
+    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-3)
+    if prime is not None:
+        _prime(prime)
+    losses = []
+    for i, batch in enumerate(batches):
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.manual_seed(100 + i)
+        loss = task(batch)["loss"]
+        loss.backward()
+        optimizer.step()
+        task.after_optimizer_step()
+        losses.append(float(loss.detach()))
+    return losses, {n: t.detach().clone() for n, t in task.state_dict().items()}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("mask,drop_path", [("tube", 0.0), ("none", 0.0), ("tube", 0.2)])
+def test_graphed_self_distill_steps_match_eager(tmp_path, mask, drop_path):
+    """Three AdamW steps of the tiny Stage 2 task on the Triton kernels: the student's forward and backward and the
+    teacher's forward graphed, against eager, from the same init; with drop path, from the same generator state."""
+    write_teacher_export(tmp_path / "teacher.pt")
+    batches = [{"video": clip(seed=i, batch=4).cuda(), "keep": tube_keep(4, seed=i).cuda()} for i in range(3)]
+
+    def run(graph: bool):
+        torch.manual_seed(0)
+        cfg = distill_cfg(tmp_path / "teacher.pt", "model.scan_backend=triton", f"data.mask.type={mask}",
+                          "data.mask.ratio=0.5", f"model.drop_path_rate={drop_path}",
+                          "task.teacher_model_kwargs={scan_backend: triton}", f"model.cuda_graph={str(graph).lower()}")
+        task = build_task(cfg).cuda().train()
+        video, keep = batches[0]["video"], batches[0]["keep"]
+        index = task.masks.visible_index(keep if mask == "tube" else None, task.student)
+        prime = [lambda: task._student_runner(video, index, True).tokens_BLD,
+                 lambda: task._teacher_runner(video, training=True)] if graph else None
+        result = _adamw_steps(task, batches, prime)
+        assert (task._student_runner.num_captures, task._teacher_runner.num_captures) == ((1, 1) if graph else (0, 0))
+        return result
+
+    _assert_graphed_matches_eager(run)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("drop_path,ema", [(0.0, "null"), (0.1, "0.9")])
+def test_graphed_classification_steps_match_eager(drop_path, ema):
+    """Three AdamW steps of the tiny Stage 4 task (Mixup / CutMix on the input, label smoothing, the weight EMA): the
+    classifier's forward and backward graphed on the mixed clip, against eager; drop path from the same seeded
+    generator state in both."""
+    batches = [{"video": clip(seed=i, batch=4).cuda(), "label": torch.tensor([0, 1, 2, 3]).roll(i).cuda()}
+               for i in range(3)]
+
+    def run(graph: bool):
+        torch.manual_seed(0)
+        cfg = finetune_cfg("model.scan_backend=triton", f"model.drop_path_rate={drop_path}", f"task.ema_decay={ema}",
+                           f"model.cuda_graph={str(graph).lower()}")
+        task = build_task(cfg).cuda().train()
+        prime = [lambda: task._model_runner(batches[0]["video"], training=True)[0]] if graph else None
+        result = _adamw_steps(task, batches, prime)
+        assert task._model_runner.num_captures == int(graph)
+        return result
+
+    _assert_graphed_matches_eager(run)  # the weights and, with the EMA, its averages
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("mask,checkpointing", [("attention", False), ("none", False), ("attention", True)])
 def test_graphed_stage1_steps_match_eager(mask, checkpointing):
     """Three AdamW steps of the tiny Stage 1 task on the Triton kernels, graphed and eager, from the same init; also
@@ -158,11 +318,7 @@ def test_graphed_stage1_steps_match_eager(mask, checkpointing):
             losses.append(float(loss.detach()))
         return losses, {n: p.detach().clone() for n, p in task.named_parameters()}
 
-    eager_losses, eager_params = run(graph=False)
-    graphed_losses, graphed_params = run(graph=True)
-    assert graphed_losses == pytest.approx(eager_losses, rel=1e-4)
-    for name, value in eager_params.items():
-        torch.testing.assert_close(graphed_params[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    _assert_graphed_matches_eager(run)
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.videomamba import visible_index
 from pipeline.config import ConfigError, load_config
 from pipeline.losses import cosine_alignment_loss
 from pipeline.tasks import build_task
@@ -104,7 +105,7 @@ def test_loss_is_zero_for_identical_and_four_for_opposite():
 def test_visible_tokens_keep_cls_and_order():
     x = torch.arange(2 * 2 * 5 * 1.0).reshape(2, 2, 5, 1)  # K=2, B=2, L=1+4
     keep = torch.tensor([[True, False, False, True], [False, True, True, False]])
-    got = visible_tokens(x, keep)
+    got = visible_tokens(x, visible_index(keep))
     want = torch.stack([torch.stack([x[k, b, [0] + [1 + i for i in range(4) if keep[b, i]]] for b in range(2)])
                         for k in range(2)])
     assert torch.equal(got, want)

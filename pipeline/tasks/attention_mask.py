@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from pipeline.distributed import get_rank
+from pipeline.sampling import multinomial
 
 # The attention of a bf16 teacher can underflow to exactly 0 for some patches; torch.multinomial without
 # replacement fails if fewer than N_vis entries are positive, so every weight gets this floor.
@@ -33,7 +34,9 @@ def attention_keep_mask(attn_BTP: Tensor, ratio: float, generator: torch.Generat
     """
     B, T, P = attn_BTP.shape
     weights_NP = attn_BTP.detach().float().reshape(B * T, P).clamp_min(_MIN_WEIGHT)
-    visible_NV = torch.multinomial(weights_NP, num_visible(P, ratio), replacement=False, generator=generator)
+    # torch.multinomial's draw without its two host-side input checks (pipeline/sampling.py): the floor above
+    # keeps the weights valid, and the training step does not wait for the GPU here.
+    visible_NV = multinomial(weights_NP, num_visible(P, ratio), generator=generator)
     keep_NP = torch.zeros(B * T, P, dtype=torch.bool, device=attn_BTP.device)
     keep_NP.scatter_(1, visible_NV, True)
     return keep_NP.reshape(B, T * P)

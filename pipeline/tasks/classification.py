@@ -7,7 +7,10 @@ interpolated to the model's frame count and resolution, a head of another class 
 (`models.load_pretrained`).
 
 A training step mixes the batch (Mixup / CutMix, `pipeline/tasks/mixup.py`) and takes the cross-entropy against
-the mixed, label-smoothed targets; drop path is the model's. RandAugment, random erasing and repeated
+the mixed, label-smoothed targets; drop path is the model's. With `model.cuda_graph` on a GPU the classifier's
+forward and backward on the mixed clip replay from CUDA graphs (pipeline/cuda_graph.py; its drop-path draws come
+from the CUDA generator on every replay); the mixing (host-side draws, device-side blending) and the loss run
+eagerly. RandAugment, random erasing and repeated
 augmentation are data-side (`data.augment`); AdamW, warmup + cosine and layer-wise LR decay are `optim.*`.
 With `task.ema_decay` an fp32 moving average of the weights is kept (`pipeline/tasks/ema.py`), validated beside the
 trained weights and exported in their place. Periodic validation (`eval.interval_steps` on `data.eval_shards`)
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 
 from models import create_model, load_pretrained
 from pipeline.config import ConfigError, TaskConfig, require
+from pipeline.cuda_graph import ClassifierLogits, GraphedModule
 from pipeline.distributed import all_reduce_sum, get_rank
 from pipeline.flops import videomamba_flops
 from pipeline.losses import soft_target_cross_entropy
@@ -101,13 +105,16 @@ class ClassificationTask(Task):
 
     def __init__(self, model: nn.Module, num_classes: int, label_smoothing: float = 0.1,
                  mixup: MixupCutmix | None = None, ema_decay: float | None = None,
-                 export_meta: dict[str, Any] | None = None) -> None:
+                 export_meta: dict[str, Any] | None = None, cuda_graph: bool = False,
+                 cuda_graph_required: bool = False) -> None:
         super().__init__()
         self.model = model
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
         self.mixup = mixup
         self.ema = ParameterEMA(model, ema_decay) if ema_decay is not None else None
         self._export_meta = dict(export_meta or {})
+        self._model_runner = GraphedModule(ClassifierLogits(model), "the classifier", enabled=cuda_graph,
+                                           required=cuda_graph_required)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         video_BCTHW, label_B = batch["video"], self._labels(batch)
@@ -115,7 +122,7 @@ class ClassificationTask(Task):
             video_BCTHW, target_BK = self.mixup(video_BCTHW, label_B)
         else:
             target_BK = smoothed_targets(label_B, self.num_classes, self.label_smoothing)
-        logits_BK = self.model(video_BCTHW)
+        (logits_BK,) = self._model_runner(video_BCTHW, training=self.training)
         loss = soft_target_cross_entropy(logits_BK, target_BK)
         # Against the mixed target's larger part: the label of most of the clip.
         acc = (logits_BK.argmax(-1) == target_BK.argmax(-1)).float().mean()
@@ -244,8 +251,10 @@ def build(cfg) -> ClassificationTask:
             "class_names": class_names(task_cfg), "mean": list(cfg.data.mean), "std": list(cfg.data.std),
             "ema": task_cfg.ema_decay is not None}
     return ClassificationTask(model, task_cfg.num_classes, task_cfg.label_smoothing, mixup, task_cfg.ema_decay,
-                              export_meta=meta)
+                              export_meta=meta, cuda_graph=cfg.cuda_graph_wanted(),
+                              cuda_graph_required=cfg.model.cuda_graph is True)
 
 
+# Graphed steps are opt-in (`model.cuda_graph=true`) until they have run on a GPU.
 register_task(TaskSpec(name="classification", config=ClassificationConfig, build=build, init_key="model.pretrained",
-                       evaluates=True))
+                       cuda_graph=True, cuda_graph_auto=False, evaluates=True))

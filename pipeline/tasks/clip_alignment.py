@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.teachers import CLIPTeacher
-from models.videomamba import gather_tokens, visible_index
+from models.videomamba import gather_tokens
 from pipeline.losses import cosine_alignment_loss
 from pipeline.tasks.clip_teacher import check_teacher_grid
 
@@ -43,18 +43,20 @@ def sinusoid_table(length: int, width: int) -> Tensor:
     return torch.where(channel % 2 == 0, torch.sin(angle_LD), torch.cos(angle_LD)).float()
 
 
-def visible_tokens(x_BLC: Tensor, keep_BL: Tensor | None) -> Tensor:
-    """CLS + the kept patch tokens of every clip, in order: (..., B, 1 + V, C); all tokens if keep_BL is None.
+def visible_tokens(x_BLC: Tensor, index_BV: Tensor | None) -> Tensor:
+    """CLS + the patch tokens at `index_BV` of every clip, in order: (..., B, 1 + V, C); all tokens if it is None.
 
-    x may carry leading dims (e.g. K layers); keep_BL is (B, L - 1) over the patches.
+    x may carry leading dims (e.g. K layers); index_BV holds positions among the patches, as
+    `models.videomamba.visible_index` (or `TokenMasks.visible_index`) gives them.
     """
-    if keep_BL is None:
+    if index_BV is None:
         return x_BLC
-    return gather_tokens(x_BLC, visible_index(keep_BL))
+    return gather_tokens(x_BLC, index_BV)
 
 
 class ClipTokenAlignment(nn.Module):
-    """`forward(tokens_BVD, targets_BLC, keep_BL) -> loss`: head + position table + 2 - 2 cos at visible tokens."""
+    """`forward(tokens_BVD, targets_BLC, index_BV) -> loss`: head + position table + 2 - 2 cos at the visible tokens
+    (index_BV: their positions among the patches; None: every token)."""
 
     def __init__(self, backbone: nn.Module, teacher: CLIPTeacher) -> None:
         super().__init__()
@@ -64,14 +66,15 @@ class ClipTokenAlignment(nn.Module):
         # Not persistent: a fixed function of the shape, so checkpoints need not carry it.
         self.register_buffer("pos_LD", sinusoid_table(length, backbone.embed_dim), persistent=False)
 
-    def forward(self, tokens_BVD: Tensor, targets_BLC: Tensor, keep_BL: Tensor | None) -> Tensor:
-        return alignment_loss(self.head, tokens_BVD, self.pos_LD, targets_BLC, keep_BL)
+    def forward(self, tokens_BVD: Tensor, targets_BLC: Tensor, index_BV: Tensor | None) -> Tensor:
+        return alignment_loss(self.head, tokens_BVD, self.pos_LD, targets_BLC, index_BV)
 
 
 def alignment_loss(head: nn.Module, tokens_BVD: Tensor, pos_LD: Tensor, targets_BLC: Tensor,
-                   keep_BL: Tensor | None) -> Tensor:
+                   index_BV: Tensor | None) -> Tensor:
     """mean(2 - 2 cos) of head(visible tokens + their rows of the position table) against the teacher's tokens at
-    the same positions; `pos_LD` is `sinusoid_table(1 + T*P, D)`, `head` maps D to the teacher's width C."""
-    pos_BVD = visible_tokens(pos_LD.expand(len(tokens_BVD), -1, -1), keep_BL)
+    the same positions; `pos_LD` is `sinusoid_table(1 + T*P, D)`, `head` maps D to the teacher's width C, `index_BV`
+    the visible patches' positions (None: every token)."""
+    pos_BVD = visible_tokens(pos_LD.expand(len(tokens_BVD), -1, -1), index_BV)
     pred_BVC = head((tokens_BVD + pos_BVD).to(next(head.parameters()).dtype))
-    return cosine_alignment_loss(pred_BVC, visible_tokens(targets_BLC, keep_BL))
+    return cosine_alignment_loss(pred_BVC, visible_tokens(targets_BLC, index_BV))

@@ -105,7 +105,7 @@ class MaskedAlignmentTask(Task):
         video_BCTHW = batch["video"]
         teacher_out = self.teacher(video_BCTHW)
         keep_BL = self.masks(batch, teacher_out.cls_attn_BTP, video_BCTHW.device)
-        index_BK = None if keep_BL is None else self.student.visible_index(keep_BL).to(video_BCTHW.device)
+        index_BK = self.masks.visible_index(keep_BL, self.student)
         features = self._student_runner(video_BCTHW, index_BK, self.training)
         targets_KBVC = teacher_out.targets_KBLC
         pos_BVD = None if self.head_pos_LD is None else self.head_pos_LD.expand(len(video_BCTHW), -1, -1)

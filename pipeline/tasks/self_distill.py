@@ -9,6 +9,10 @@ optionally plus stage 1's alignment to a frozen CLIP teacher (`clip_weight`, log
 With a data-side mask (`data.mask`) the student sees the visible tokens only, while the teacher sees the
 whole clip and its targets are taken at the student's positions (cheaper student, full-context targets).
 
+With `model.cuda_graph` on a GPU the student's forward and backward replay from CUDA graphs and the frozen
+teacher's forward from a forward-only graph (pipeline/cuda_graph.py; docs/stages.md); the heads and losses run
+eagerly. The step reads nothing back from the GPU: the visible-token count comes from the mask type.
+
 Legend: B batch, L tokens (CLS first), D student width, Dt teacher width.
 """
 
@@ -24,6 +28,7 @@ from torch import Tensor, nn
 from models import create_model, load_pretrained
 from models.teachers import CLIPTeacher
 from pipeline.config import ConfigError, TaskConfig
+from pipeline.cuda_graph import GraphedBackbone, GraphedInference
 from pipeline.flops import clip_vision_flops, head_flops, videomamba_flops
 from pipeline.losses import cosine_alignment_loss
 from pipeline.tasks.backbone import backbone_export_meta, build_student, shapes_only
@@ -106,7 +111,8 @@ class SelfDistillTask(Task):
 
     def __init__(self, student: nn.Module, teacher: FrozenBackbone, distill_weight: float = 1.0,
                  clip_teacher: CLIPTeacher | None = None, clip_weight: float = 0.0, mask_type: str = "none",
-                 mask_ratio: float = 0.8, export_meta: dict[str, Any] | None = None) -> None:
+                 mask_ratio: float = 0.8, export_meta: dict[str, Any] | None = None, cuda_graph: bool = False,
+                 cuda_graph_required: bool = False) -> None:
         super().__init__()
         if (clip_weight > 0) != (clip_teacher is not None):
             raise ValueError("a CLIP teacher goes with clip_weight > 0, and only then")
@@ -122,17 +128,22 @@ class SelfDistillTask(Task):
         self.distill_weight = distill_weight
         self.masks = TokenMasks(mask_type, mask_ratio, seed=0)  # data-side or none (`build` refuses attention)
         self._export_meta = dict(export_meta or {})
+        self._student_runner = GraphedBackbone(student, (), "the student", enabled=cuda_graph,
+                                               required=cuda_graph_required)
+        self._teacher_runner = GraphedInference(teacher, "the teacher", enabled=cuda_graph,
+                                                required=cuda_graph_required)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         video_BCTHW = batch["video"]
         keep_BL = self.masks(batch, None, video_BCTHW.device)
-        target_BLD = visible_tokens(self.teacher(video_BCTHW), keep_BL)
-        tokens_BLD = self.student.forward_features(video_BCTHW, keep_BL=keep_BL).tokens_BLD
+        index_BK = self.masks.visible_index(keep_BL, self.student)
+        target_BLD = visible_tokens(self._teacher_runner(video_BCTHW, training=self.training), index_BK)
+        tokens_BLD = self._student_runner(video_BCTHW, index_BK, self.training).tokens_BLD
         distill = cosine_alignment_loss(self.distill_head(tokens_BLD), target_BLD)
         out = {"loss": self.distill_weight * distill, "distill": distill.detach()}
         if self.clip_alignment is not None:
             clip_targets_BLC = self.clip_teacher(video_BCTHW).targets_KBLC[0]
-            clip = self.clip_alignment(tokens_BLD, clip_targets_BLC, keep_BL)
+            clip = self.clip_alignment(tokens_BLD, clip_targets_BLC, index_BK)
             out.update(loss=out["loss"] + self.clip_weight * clip, clip=clip.detach())
         return out
 
@@ -165,8 +176,11 @@ def build(cfg) -> SelfDistillTask:
     clip_teacher = clip_teacher_for(task_cfg.clip_teacher, student, num_layers=1) if task_cfg.clip_weight > 0 else None
     return SelfDistillTask(student, teacher, task_cfg.distill_weight, clip_teacher, task_cfg.clip_weight,
                            mask_type=cfg.data.mask.type, mask_ratio=cfg.data.mask.ratio,
-                           export_meta=backbone_export_meta(cfg))
+                           export_meta=backbone_export_meta(cfg), cuda_graph=cfg.cuda_graph_wanted(),
+                           cuda_graph_required=cfg.model.cuda_graph is True)
 
 
 # The student is larger than its teacher and starts from scratch (as in the paper): `from:` names the teacher.
-register_task(TaskSpec(name="self_distill", config=SelfDistillConfig, build=build, init_key="task.teacher_checkpoint"))
+# Graphed steps are opt-in (`model.cuda_graph=true`) until they have run on a GPU.
+register_task(TaskSpec(name="self_distill", config=SelfDistillConfig, build=build, init_key="task.teacher_checkpoint",
+                       cuda_graph=True, cuda_graph_auto=False))

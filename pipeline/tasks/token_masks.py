@@ -27,6 +27,7 @@ class TokenMasks:
     def __init__(self, mask_type: str, ratio: float, seed: int) -> None:
         self.mask_type, self.ratio = mask_type, ratio
         self.attention = AttentionMasker(ratio, seed)
+        self._visible: dict[tuple[int, int, int], int] = {}  # visible_patches per token grid
 
     @property
     def needs_attention(self) -> bool:
@@ -44,6 +45,16 @@ class TokenMasks:
             raise ValueError(f"data.mask.type={self.mask_type!r} is a data-side mask, but the batch has no 'keep' "
                              "entry; build the loader from the same data config (pipeline.data.build_loader)")
         return keep_BL.to(device)
+
+    def visible_index(self, keep_BL: Tensor | None, backbone: Any) -> Tensor | None:
+        """(B, K) positions of the visible patches of a `backbone` (a VideoMamba) for `keep_BL`, None for None.
+        K is this mask type's count, so no host sync reads it from the mask (models.videomamba.visible_index)."""
+        if keep_BL is None:
+            return None
+        grid = tuple(backbone.grid)
+        if grid not in self._visible:
+            self._visible[grid] = self.visible_patches(*grid)
+        return backbone.visible_index(keep_BL, self._visible[grid])
 
     def visible_patches(self, frames: int, grid_h: int, grid_w: int) -> int:
         """Patch tokens the student sees per clip (every mask of one type keeps the same count)."""

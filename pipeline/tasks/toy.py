@@ -66,7 +66,9 @@ class SyntheticRegressionBatches:
         gen = torch.Generator().manual_seed((self.seed * 1_000_000_007 + self.stream * 1_000_003 + position) % 2**62)
         x = torch.randn(self.batch_size, self.cfg.in_dim, generator=gen)
         noise = self.cfg.noise_std * torch.randn(self.batch_size, self.cfg.out_dim, generator=gen)
-        return {"x": x, "y": x @ self.true_weight + noise, "position": torch.tensor(position)}
+        # The position stays a Python int: the engine moves tensors to the device, and reading one back each step
+        # would be a host sync that no real task has.
+        return {"x": x, "y": x @ self.true_weight + noise, "position": position}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while self.length is None or self.position < self.length:

@@ -126,7 +126,7 @@ class VideoTextTask(Task):
         teacher_out = self.teacher(video_BCTHW) if self.teacher is not None else None
         keep_BL = self.masks(batch, teacher_out.cls_attn_BTP if teacher_out is not None else None, model.temp.device)
         tokens_BL = model.tokenize(batch["text"])
-        index_BK = None if keep_BL is None else model.vision_encoder.visible_index(keep_BL)
+        index_BK = self.masks.visible_index(keep_BL, model.vision_encoder)
         video_BVD = self._video_runner(video_BCTHW, index_BK, self.training).tokens_BLD
         video_BE = model.pool_video(video_BVD)
         text_BE, text_BLW, valid_BL = model.text_tokens(tokens_BL)
@@ -138,7 +138,7 @@ class VideoTextTask(Task):
             parts["vtm"] = self._matching_loss(video_BVD, text_BLW, valid_BL, tokens_BL, sim_v2t_BB / model.temp,
                                                index_B)
         if self.uta is not None:
-            parts["uta"] = self.uta(video_BVD, teacher_out.targets_KBLC[0], keep_BL)
+            parts["uta"] = self.uta(video_BVD, teacher_out.targets_KBLC[0], index_BK)
         weights = {"vtc": self.vtc_weight, "vtm": self.vtm_weight, "uta": self.uta_weight}
         loss = sum(weights[name] * value for name, value in parts.items())
         out = {"loss": loss, **{name: value.detach() for name, value in parts.items()}}

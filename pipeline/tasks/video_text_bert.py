@@ -233,7 +233,7 @@ class BertVideoTextTask(Task):
         index_B = batch["index"].to(device)
         teacher_out = self.teacher(video_BCTHW) if self.teacher is not None else None
         keep_BL = self.masks(batch, teacher_out.cls_attn_BTP if teacher_out is not None else None, device)
-        index_BK = None if keep_BL is None else model.vision_encoder.visible_index(keep_BL)
+        index_BK = self.masks.visible_index(keep_BL, model.vision_encoder)
         features = self._vision_runner(video_BCTHW, index_BK, self.training)
         tokens_BVD = features.tokens_BLD
         patches_BND = tokens_BVD[:, 1:]
@@ -251,7 +251,7 @@ class BertVideoTextTask(Task):
             parts["mlm"] = masked_lm_loss(model.mlm_logits(masked_BL, mask_BL, patches_BND), labels_BL)
         if self.weights["uta"] > 0:
             parts["uta"] = alignment_loss(model.vision_encoder.clip_decoder[0], features.residuals[self.uta_layer],
-                                          self.uta_pos_LD, teacher_out.targets_KBLC[0], keep_BL)
+                                          self.uta_pos_LD, teacher_out.targets_KBLC[0], index_BK)
         loss = sum(self.weights[name] * value for name, value in parts.items())
         out = {"loss": loss, **{name: value.detach() for name, value in parts.items()}}
         out["temp"] = model.temp.detach().clone().squeeze()
@@ -397,5 +397,6 @@ def build(cfg) -> BertVideoTextTask:
 
 
 # `from:` loads a backbone into the vision encoder (`task.init_checkpoint` takes a whole released-layout file).
+# Graphed steps are opt-in (`model.cuda_graph=true`) until they have run on a GPU.
 register_task(TaskSpec(name="video_text_bert", config=BertVideoTextConfig, build=build, init_key="model.pretrained",
-                       cuda_graph=True, evaluates=True))
+                       cuda_graph=True, cuda_graph_auto=False, evaluates=True))
