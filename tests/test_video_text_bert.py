@@ -165,9 +165,11 @@ def test_uta_aligns_the_residual_entering_the_last_block_at_visible_tokens():
         vision = task.model.vision_encoder
         features = vision.forward_features(batch["video"], keep_BL=keep, return_residuals=(vision.depth - 1,))
         residual = features.residuals[vision.depth - 1]  # embeddings + blocks 0..depth-2, no final norm
-        pos = visible_tokens(sinusoid_table(17, 32).expand(4, -1, -1), keep)
+        index = task.masks.visible_index(keep, vision)  # the kept patches' positions: [0, 2, 4, 6, ...] per clip
+        assert index.tolist() == [[0, 2, 4, 6, 8, 10, 12, 14]] * 4
+        pos = visible_tokens(sinusoid_table(17, 32).expand(4, -1, -1), index)
         student = F.normalize(vision.clip_decoder[0](residual + pos), dim=-1)
-        target = F.normalize(visible_tokens(task.teacher(batch["video"]).targets_KBLC[0], keep), dim=-1)
+        target = F.normalize(visible_tokens(task.teacher(batch["video"]).targets_KBLC[0], index), dim=-1)
         pooled = task.model.pool(features.tokens_BLD, per_frame=True)  # tube masks keep per-frame pooling
     assert residual.shape == (4, 1 + 8, 32) and pooled.shape == (4, 4, 32)
     assert out["uta"].item() == pytest.approx((2 - 2 * (student * target).sum(-1)).mean().item(), rel=1e-5)
