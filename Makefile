@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 OUT ?= demo_out
 
 # mamba-ssm / causal-conv1d: never try GitHub wheels (no network) and never compile CUDA here;
-# all four variables are needed (reference: docs/install.md).
+# all four variables are needed (docs/install.md says what each one stops).
 export MAMBA_SKIP_CUDA_BUILD := TRUE
 export MAMBA_FORCE_BUILD := TRUE
 export CAUSAL_CONV1D_SKIP_CUDA_BUILD := TRUE

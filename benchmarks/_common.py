@@ -1,4 +1,4 @@
-"""Shared pieces of the GPU benchmarks: the gpu-baseline shapes, realistic inputs, timing, mamba-ssm loading.
+"""Shared pieces of the GPU benchmarks: the scan shapes, realistic inputs, timing, mamba-ssm loading.
 
 Run the benchmarks from the repository root with PYTHONPATH=. (scripts/gpu_bench.sh does).
 """

@@ -3,7 +3,7 @@
 Every kernel change is judged this way (docs/kernels.md, benchmarks/results/history/): both versions time the same
 inputs alternately, `--reps` times, and the least time of each is kept, so the ratio is free of the drift between
 calls. One direction of the scan and both directions in one call (each with time-major and with (B, E, L)
-inputs), and the bidirectional mixer core, forward and forward + backward, on the gpu-baseline shapes; plus the
+inputs), and the bidirectional mixer core, forward and forward + backward, on `_common.SHAPES`; plus the
 bf16 error of every output and gradient against the fp32 reference at the first shape.
 
     PYTHONPATH=.:benchmarks python benchmarks/ab_scan.py --base HEAD [--reps 3] [--shapes "S 8f b16" ...]

@@ -1,4 +1,4 @@
-"""Selective scan on the gpu-baseline shapes: our Triton kernel vs mamba-ssm's CUDA `selective_scan_fn`.
+"""Selective scan on `_common.SHAPES`: our Triton kernel vs mamba-ssm's CUDA `selective_scan_fn`.
 
 bf16 u/delta/B/C/z, fp32 A/D/delta_bias, d_state 16, delta_softplus, with z (as VideoMamba calls it).
 Reports fwd and fwd+bwd milliseconds (median device time, from CUDA-graph replay: `_common.gpu_ms`), effective

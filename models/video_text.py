@@ -1,4 +1,4 @@
-"""The video-text dual encoder of stage 3 (UMT-style, videomamba.md §6.1) and its small matching head.
+"""The video-text dual encoder of stage 3 (UMT-style; docs/stages.md) and its small matching head.
 
 `VideoTextModel` = VideoMamba `vision_encoder` (official keys under `vision_encoder.`, as the released
 multimodal checkpoints) -> `pool_norm`(CLS + mean of patch tokens) -> `vision_proj`, and an open_clip text

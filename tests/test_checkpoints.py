@@ -15,7 +15,7 @@ E, R, N = 2 * D, math.ceil(D / 16), 16
 
 
 def official_state(seed=0, image=False, classes=CLASSES, frames=FRAMES, head=True):
-    """A state dict in the released key names and shapes (reference videomamba.md §2.3), random values."""
+    """A state dict in the released key names and shapes (docs/model.md, "Checkpoints"), random values."""
     g = torch.Generator().manual_seed(seed)
     shapes = {"cls_token": (1, 1, D), "pos_embed": (1, PATCHES + 1, D)}
     if not image:

@@ -1,4 +1,4 @@
-"""Data-side keep masks: the visible counts of videomamba.md §4.2, their structure, and determinism."""
+"""Data-side keep masks: the released visible counts (docs/data.md, "Masks"), their structure, and determinism."""
 
 from __future__ import annotations
 

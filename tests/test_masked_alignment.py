@@ -240,7 +240,7 @@ def test_job_dry_run_prints_the_plan(tmp_path, monkeypatch, capsys, offline_clip
     assert done.value.code == 0
     out = capsys.readouterr().out
     # Trainable: M backbone without head (73,645,056) + one head 576 -> 512 with LayerNorm (296,448), less the
-    # frozen last block (2,283,840 per layer, videomamba.md §1.1) and norm_f (576); ViT-B/16's visual is frozen.
+    # frozen last block (2,283,840 per layer, docs/model.md) and norm_f (576); ViT-B/16's visual is frozen.
     assert 73_645_056 + 296_448 - 2_283_840 - 576 == 71_657_088
     assert "videomamba_middle: 160,134,144 parameters (71,657,088 trainable)" in out
     assert "global batch 2048; 93750 steps" in out

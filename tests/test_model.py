@@ -9,7 +9,7 @@ import torch
 from models import create_model, list_models
 from models.ops import rms_norm
 
-# Paper / released-code counts (reference videomamba.md §1.1): 400-class head, 8 frames, 224 px.
+# The released code's counts (docs/model.md, "Sizes"): 400-class head, 8 frames, 224 px.
 K400_COUNTS = {"videomamba_tiny": 7_033_744, "videomamba_small": 25_568_656, "videomamba_middle": 73_875_856}
 IN1K_COUNTS = {"videomamba_tiny": 7_148_008, "videomamba_small": 25_796_584, "videomamba_middle": 74_217_448,
                "videomamba_base": 97_598_440}
@@ -55,7 +55,7 @@ def test_parameter_counts(name):
 
 
 def test_tiny_state_dict_matches_official_layout():
-    """The 416 keys of the released VideoMamba-Ti K400 checkpoint, in order, with their shapes (§2.3)."""
+    """The 416 keys of the released VideoMamba-Ti K400 checkpoint, in order, with their shapes (docs/model.md)."""
     state = create_model("videomamba_tiny").state_dict()
     top = [("cls_token", (1, 1, 192)), ("pos_embed", (1, 197, 192)), ("temporal_pos_embedding", (1, 8, 192)),
            ("patch_embed.proj.weight", (192, 3, 1, 16, 16)), ("patch_embed.proj.bias", (192,)),

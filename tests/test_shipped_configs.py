@@ -1,4 +1,4 @@
-"""Every YAML under configs/ loads, validates and dry-runs (STYLE.md rule 6).
+"""Every YAML under configs/ loads, validates and dry-runs, so no shipped config breaks unnoticed.
 
 - configs/stages: load_config + the training job's plan, which builds the whole task on the meta device.
 - configs/model: load_config + the model built on the meta device.

@@ -1,6 +1,6 @@
 """mamba-ssm's compiled kernels behind the seam ("cuda" backend), imported lazily and only when usable.
 
-mamba-ssm imports its CUDA extension unguarded at package import (see docs/model.md), so nothing here
+mamba-ssm imports its CUDA extension unguarded at package import (docs/install.md), so nothing here
 touches `mamba_ssm` / `causal_conv1d` until a CUDA tensor actually asks for this backend; CPU machines
 never import them. A cluster image builds the extensions (infra/), then this backend becomes available.
 """

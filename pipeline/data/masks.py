@@ -1,4 +1,4 @@
-"""Data-side token masks for masked pretraining (videomamba.md §4.2).
+"""Data-side token masks for masked pretraining (the released mask types; docs/data.md, "Masks").
 
 Masks are boolean *keep* masks over the T*h*w patch grid in frame-major raster order, True = visible
 (the CLS token is not included: the model always keeps it). Counts at 8x14x14, ratio 0.8:

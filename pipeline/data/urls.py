@@ -1,7 +1,7 @@
 """Shard URL expansion and fsspec-backed opening for WebDataset.
 
 webdataset 1.0.2 cannot open s3:// (or use fsspec at all), so `register_fsspec_openers` puts an fsspec
-opener into `webdataset.gopen_schemes` for the object-store schemes (reference: stack.md §5, recipe A).
+opener into `webdataset.gopen_schemes` for the object-store schemes (docs/data.md, "S3 and other object stores").
 s3fs reads `AWS_ENDPOINT_URL` and the usual AWS credential variables by itself.
 """
 

@@ -1,4 +1,4 @@
-"""Attention-guided token masks for masked pretraining (videomamba.md §4.2, `attention`, the default).
+"""Attention-guided token masks for masked pretraining (`attention`, the released default; docs/stages.md).
 
 Per frame, N_vis = P - int(P * ratio) patches stay visible. They are *sampled* without replacement with
 probability proportional to the teacher's CLS -> patch attention (not the top-k), so salient tokens are

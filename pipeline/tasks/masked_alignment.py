@@ -1,4 +1,4 @@
-"""Stage 1: masked video pretraining against a frozen CLIP teacher (UMT-style; videomamba.md §4).
+"""Stage 1: masked video pretraining against a frozen CLIP teacher (UMT-style, as released; docs/stages.md).
 
 The CLIP teacher sees every frame whole. The VideoMamba student sees only the visible tokens (CLS + about
 20% of the patches). At each aligned layer, a head (`clip_decoder.{k}`: Linear -> LayerNorm -> L2 norm)
@@ -11,8 +11,8 @@ come from the data loader as `batch["keep"]`; `none` shows the student everythin
 
 Which student feature is aligned at the last layer (`task.student_feature`, docs/stages.md):
 - `final_norm` (default): the true final output, norm_f(residual + last mixer output).
-- `residual_before_last_block`: the released code's quirk (videomamba.md §4.3): the raw residual stream
-  entering the last block. The last block and norm_f then get no gradient, so they are frozen.
+- `residual_before_last_block`: the released code's quirk (its `(idx - 1) in return_index` test): the raw
+  residual stream entering the last block. The last block and norm_f then get no gradient, so they are frozen.
 Earlier aligned layers j always use norm_f(output of block j), as released.
 
 Legend: B batch, T frames, P patches per frame, L = 1 + T*P tokens (V: visible ones), D student width,

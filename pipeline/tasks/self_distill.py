@@ -1,4 +1,4 @@
-"""Stage 2: self-distillation: a trained smaller VideoMamba teaches a larger student (videomamba.md §5).
+"""Stage 2: self-distillation: a trained smaller VideoMamba teaches a larger student (paper §3.3; docs/stages.md).
 
 The student's final tokens (all of them, after norm_f) go through `distill_head` (RMSNorm + Linear to the
 teacher's width; identity when the widths agree) and are pulled towards the frozen teacher's final tokens:

@@ -12,7 +12,7 @@ plus `temp` (the clamped temperature) and `vtc_acc` (local in-batch video->text 
 
 Masking (`data.mask`): `attention` samples visible tokens from the CLIP teacher's CLS attention (the teacher
 is built for it even when `uta_weight` is 0); data-side types arrive as the loader's `keep`. UMT trains its
-first video-text phase with 80% of the tokens masked, then tunes unmasked for an epoch (§6.3). Pooling runs
+first video-text phase with 80% of the tokens masked, then tunes unmasked for an epoch (docs/stages.md). Pooling runs
 over the visible tokens. Image-text pairs are one-frame videos (T = 1), encoded as static clips.
 
 Legend: B batch, V video tokens (1 + kept), D video width, L text tokens, W text width, E joint width.

@@ -1,4 +1,4 @@
-"""Stage 3 as the release trains it: VideoMamba + a BERT tower with fusion layers (UMT, videomamba.md §6).
+"""Stage 3 as the release trains it: VideoMamba + a BERT tower with fusion layers (UMT-style; docs/stages.md).
 
 The model is `models.umt.UMTVideoText`, the layout of the released multimodal checkpoints. Losses, in the released
 order and each weighted in the config (released weights: all 1.0 in the masked phase, `uta` 0 when unmasked):
@@ -10,7 +10,7 @@ order and each weighted in the config (released weights: all 1.0 in the masked p
   fusion [CLS] -> cross-entropy (labels 1, 0, 0);
 - `mlm`: captions masked as released (pipeline/tasks/mlm.py), re-encoded by the text layers, fused with the video
   tokens, BERT's LM head -> cross-entropy at the masked positions;
-- `uta`: the residual stream entering the last block (the release's student feature, videomamba.md §4.3) at the
+- `uta`: the residual stream entering the last block (the release's student feature, as in Stage 1) at the
   visible tokens + the sinusoid position table -> `vision_encoder.clip_decoder[0]` -> mean(2 - 2 cos) against the
   frozen CLIP teacher's last-layer tokens.
 The fusion memory of VTM and MLM is the video's patch tokens after the final norm (the visible ones when masked).
