@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import types
@@ -588,8 +589,7 @@ def from_dict(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     if cls is TaskConfig and data:
         cls = _task_config_class(data.get("name", ""), f"{where}.name")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    fields, hints = _schema(cls)
     for key in data:
         if key not in fields:
             hint = difflib.get_close_matches(key, fields, n=1)
@@ -599,6 +599,13 @@ def from_dict(cls: type, data: Any, prefix: str) -> Any:
             )
     kwargs = {key: _coerce(value, hints[key], _join(prefix, key)) for key, value in data.items()}
     return cls(**kwargs)
+
+
+@functools.cache
+def _schema(cls: type) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
+    """The fields and resolved type hints of config dataclass `cls`: resolving the string annotations on every call
+    was three quarters of the validation time (benchmarks/results/config.md)."""
+    return {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
 
 
 def _task_config_class(name: str, key: str) -> type[TaskConfig]:
@@ -628,8 +635,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # `X | None`: the error is X's own
+            return _coerce(value, options[0], key)
         errors = []
-        for option in (a for a in args if a is not type(None)):
+        for option in options:
             try:
                 return _coerce(value, option, key)
             except ConfigError as err:

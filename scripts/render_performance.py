@@ -52,6 +52,10 @@ ABOUT = {
     "data": "`benchmarks/bench_data.py`: decoding throughput of the shard reader (CPU).",
     "eval": "`benchmarks/bench_eval.py`: the time split of a 1k-video zero-shot retrieval evaluation.",
     "engine": "`benchmarks/bench_engine.py`: the DeepSpeed engine's per-step overhead against a bare loop (CPU).",
+    "config": "`benchmarks/bench_config.py`: load + validate time of the shipped configs, code lines and the "
+              "messages for a fixed list of bad inputs, for the config dataclasses and a pydantic v2 prototype "
+              "(`benchmarks/config_pydantic_prototype.py`); every message as printed is in "
+              "`benchmarks/results/config.md`. The decision: docs/architecture.md, \"Configs\".",
     "vtc_gather": "`benchmarks/bench_vtc_gather.py`: the VTC loss with features gathered over 2 gloo ranks (CPU).",
 }
 

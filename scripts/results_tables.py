@@ -49,6 +49,8 @@ TABLES = {
     "scaling_fault": ("Worker loss: one of 2 H100 ranks SIGKILLed after a committed checkpoint, Ray restarts the group",
                       ["workers", "zero", "killed at s", "resumed after kill s", "resumed from", "final step",
                        "steps unique", "recovered", "wall s"]),
+    "config": ("Configs: today's dataclasses + coercion vs a pydantic v2 prototype of the same sections (CPU)",
+               ["measure", "dataclasses (today)", "pydantic v2", "pydantic v2 + message adapter"]),
 }
 TITLES = {"model": "Whole model: ours vs the released VideoMamba code and a joint-attention TimeSformer, 224², bf16",
           "norm": "Fused add + RMSNorm: Triton vs the PyTorch reference",
