@@ -159,3 +159,12 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's picklable `obj`, in rank order, on every rank (`[obj]` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[object] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
