@@ -10,6 +10,7 @@ import fsspec
 import pytest
 
 from pipeline.checkpointing import LocalCheckpointStore, layout
+from pipeline.checkpointing.stores import NoCompleteCheckpointError
 from pipeline.config import load_config
 from pipeline.engine import train
 
@@ -123,3 +124,13 @@ def test_a_real_checkpoint_is_complete_and_holds_what_the_layout_says(tmp_path, 
     assert (path / layout.LATEST).read_text() == layout.DEEPSPEED_TAG
     assert {layout.CONFIG, layout.METRICS, "rank0_state.pt"} <= {p.name for p in path.iterdir()}
     assert layout.stage_export_path(cfg.output_dir).is_file()
+
+
+def test_a_run_whose_every_checkpoint_is_incomplete_is_not_silently_restarted(tmp_path):
+    (fake_checkpoint(tmp_path, 10) / "rank0_state.pt").unlink()
+    with pytest.raises(NoCompleteCheckpointError, match=r"no complete checkpoint in .*checkpoint_00000010: "
+                       r"rank0_state.pt missing.*another tracking.run_name"):  # fmt: skip
+        with LocalCheckpointStore(tmp_path, keep=2).restore():
+            pass
+    with LocalCheckpointStore(tmp_path / "fresh", keep=2).restore() as found:
+        assert found is None  # no checkpoint at all: a fresh start
