@@ -373,12 +373,19 @@ class CheckpointConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec/s3fs options for `path` (e.g. `{key: ${S3_KEY}, secret: ${S3_SECRET}, endpoint_url: ...}`); empty =
     the standard AWS variables. Redacted from logs and MLflow."""
+    lock_stale_s: float = 300.0
+    """A launch holds `<path>/<run name>/run.lock` and renews it every lock_stale_s / 5 s; another launch of the run
+    takes over a lock whose renewal is older than this (or whose holder process on this host is gone)."""
+    break_lock: bool = False
+    """Take over the run's lock even when it looks held (its holder is known to be gone)."""
 
     def __post_init__(self) -> None:
         if self.interval_steps < 1 or self.keep < 1:
             raise ConfigError(
                 f"checkpoint.interval_steps and checkpoint.keep: must be >= 1, got {self.interval_steps}, {self.keep}"
             )
+        if not self.lock_stale_s > 0:
+            raise ConfigError(f"checkpoint.lock_stale_s: must be > 0 seconds, got {self.lock_stale_s}")
 
 
 @dataclass

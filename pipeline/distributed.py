@@ -30,6 +30,12 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def launcher_rank() -> int:
+    """This process's rank as its launcher assigned it, before any process group exists (torchrun's RANK; 0 for a
+    plain process and for a Ray driver): which process of a launch takes run-level resources such as the run lock."""
+    return get_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
+
+
 def ensure_process_group(backend: str) -> None:
     """Join the launcher's process group, or make a one-process group when started without one.
 
@@ -159,3 +165,12 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's picklable `obj`, in rank order, on every rank (`[obj]` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[object] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -3,8 +3,10 @@
 `launch(cfg)` resolves every path the workers need to absolute ones (Ray workers do not share the driver's
 working directory), then either calls `pipeline.engine.train` directly (`scaling.use_ray: false`; no Ray import)
 or runs Ray Train workers that each build the same `Trainer` with a Ray checkpoint store. Rerunning the same run
-name with the same `checkpoint.path` continues from the latest checkpoint there. `run_ray_workers` is the one place
-a `TorchTrainer` is built, for training and for the retrieval evaluation (pipeline/evaluation/run.py).
+name with the same `checkpoint.path` continues from the latest checkpoint there; while a launch runs, it holds the
+run's lock (`run.lock` in that folder), so a second launch of the same run stops instead of joining it.
+`run_ray_workers` is the one place a `TorchTrainer` is built, for training and for the retrieval evaluation
+(pipeline/evaluation/run.py).
 
 Ray connection: inside `ray job submit` (RAY_ADDRESS set) or with a running `ray start` cluster the driver
 attaches to it; otherwise it starts a private local Ray. Ray 2.60 clusters use token auth by default: clients
@@ -13,6 +15,7 @@ need `RAY_AUTH_MODE=token` (and the token) unless the cluster was started with `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import uuid
@@ -21,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checkpointing import latest_checkpoint, pop_run_record, run_storage, write_run_record
+from pipeline.checkpointing.run_lock import run_lock
 from pipeline.checkpointing.storage import RESULT_RECORD
 from pipeline.config import Config, ScalingConfig, from_dict, to_dict
+from pipeline.distributed import launcher_rank
 from pipeline.engine import NonFiniteError, TrainResult
 from pipeline.redaction import redact_text
 
@@ -138,8 +143,17 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 
 
 def launch(cfg: Config) -> TrainResult:
-    """Train the stage `cfg` describes, on Ray Train or locally; returns the export path, metrics and run id."""
+    """Train the stage `cfg` describes, on Ray Train or locally; returns the export path, metrics and run id.
+
+    The launch holds the run's lock throughout (`pipeline.checkpointing.run_lock`; under torchrun rank 0 holds it):
+    a second launch of the same run stops with `RunLockedError` instead of sharing its checkpoints and MLflow run.
+    """
     cfg = resolve_paths(cfg)
+    with run_lock(cfg) if launcher_rank() == 0 else contextlib.nullcontext():
+        return _launch(cfg)
+
+
+def _launch(cfg: Config) -> TrainResult:
     if not cfg.scaling.use_ray:
         from pipeline.engine import train
 

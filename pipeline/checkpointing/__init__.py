@@ -4,6 +4,8 @@
 - storage.py: a run's storage folder (local or s3://), its newest complete checkpoint, the run's result record;
 - stores.py: where a worker's checkpoint directory lives: Ray Train's storage or a local folder;
 - state.py: what a worker saves into a checkpoint and restores from it;
+- safe_load.py: every checkpoint file read weights-only, with an allow-list of what the files hold;
+- run_lock.py: one launch per run, a lock object in the run's storage folder;
 - export.py: the stage export, from a live run or offline from a checkpoint.
 """
 

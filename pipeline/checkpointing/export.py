@@ -11,6 +11,8 @@ DeepSpeed's part of a checkpoint leaves every frozen parameter out. Frozen param
 itself (stage 1's last block under `student_feature=residual_before_last_block`) come from `frozen_student.pt`
 beside it, as the run held them; they are not re-created from the seed, whose result depends on the model code
 and torch version at export time.
+
+Every file is read weights-only (`safe_load`): a checkpoint that asks to unpickle anything else is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ from pipeline.checkpointing.layout import (
     STAGE_EXPORT,
     newest_complete,
     problems,
+)
+from pipeline.checkpointing.safe_load import (
+    DEEPSPEED_GLOBALS,
+    TENSORS_ONLY,
+    check_files,
+    load_file,
+    weights_only_loads,
 )
 from pipeline.config import Config, from_dict
 from pipeline.redaction import redact_text
@@ -87,7 +96,9 @@ def _task_weights(directory: Path, zero_stage: int, model_states: dict[str, Any]
         return dict(model_states["module"])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(directory))
+    check_files(sorted((directory / DEEPSPEED_TAG).glob("*.pt")), DEEPSPEED_GLOBALS)  # names a bad file first
+    with weights_only_loads(DEEPSPEED_GLOBALS):  # zero_to_fp32 passes weights_only=False itself
+        return get_fp32_state_dict_from_zero_checkpoint(str(directory))
 
 
 def consolidate(directory: Path) -> dict[str, Any]:
@@ -104,7 +115,7 @@ def consolidate(directory: Path) -> dict[str, Any]:
     prefix = f"{prefix}." if prefix else ""
     tag_dir = directory / DEEPSPEED_TAG
     states_file = next(tag_dir / name for name in MODEL_STATES if (tag_dir / name).is_file())
-    model_states = torch.load(states_file, map_location="cpu", weights_only=False)  # DeepSpeed pickles objects
+    model_states = load_file(states_file, DEEPSPEED_GLOBALS)
     task_weights = _task_weights(directory, cfg.deepspeed.zero_stage, model_states)
     weights = {k: task_weights[prefix + k] for k in trainable.state_dict() if prefix + k in task_weights}
     weights.update(_frozen_weights(directory, trainable, weights))
@@ -129,7 +140,7 @@ def _frozen_weights(directory: Path, trainable: torch.nn.Module, found: dict[str
             f"(e.g. {not_frozen[:3]}); was it written by a run of this task with this config?"
         )
     path = directory / FROZEN_STUDENT
-    saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+    saved = load_file(path, TENSORS_ONLY) if path.is_file() else {}
     absent = [k for k in missing if k not in saved]
     if absent:
         where = f"its {FROZEN_STUDENT} lacks them" if saved else f"it has no {FROZEN_STUDENT}"

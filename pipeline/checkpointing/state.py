@@ -2,7 +2,10 @@
 
 Every rank: DeepSpeed's part (its ZeRO shard; rank 0 the module states with our client state) and its own
 `rank<r>_state.pt` (global RNG states, the task's RNG, the loader position). Rank 0 also: `config.yaml`,
-`frozen_student.pt` when the exported module has frozen parameters, and `checkpoint.json` last.
+`frozen_student.pt` when the exported module has frozen parameters, and `checkpoint.json` last, listing every
+rank's files with their sizes (gathered from the ranks: under Ray each writes into its own folder).
+
+Every file is read back weights-only (`safe_load`): DeepSpeed's through its checkpoint engine, ours directly.
 
 Frozen parameters are left out of DeepSpeed's files (`exclude_frozen_parameters`): teachers never change and are
 rebuilt from the config on resume (`load_trainable_state` accepts their absence, nothing else). The exported
@@ -25,9 +28,17 @@ from pipeline.checkpointing.layout import (
     DEEPSPEED_TAG,
     FROZEN_STUDENT,
     MANIFEST,
+    file_sizes,
     manifest,
     rank_state_name,
 )
+from pipeline.checkpointing.safe_load import (
+    NUMPY_ARRAY_GLOBALS,
+    TENSORS_ONLY,
+    load_file,
+    weights_only_checkpoint_engine,
+)
+from pipeline.distributed import all_gather_object, barrier
 
 
 @dataclass
@@ -71,6 +82,14 @@ def load_trainable_state(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> 
     same seed or weight files. Any other missing or unexpected key means the checkpoint belongs to another task or
     config, which is an error.
     """
+    own = dst.state_dict()
+    reshaped = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in src.items()
+                if k in own and v.shape != own[k].shape]  # fmt: skip
+    if reshaped:
+        raise RuntimeError(
+            f"the checkpoint does not fit this task: {len(reshaped)} tensor(s) of another shape (checkpoint != "
+            f"this config), e.g. {reshaped[:4]}; resume with the config the run was started with"
+        )
     result = dst.load_state_dict(src, strict=False)
     frozen = {name for name, param in dst.named_parameters() if not param.requires_grad}
     missing = sorted(set(result.missing_keys) - frozen)
@@ -88,19 +107,31 @@ def save_worker_state(directory: Path, engine: Any, state: WorkerState, rank: in
     with this process's global RNG states as they are now.
 
     `config_yaml` is the run's config with credentials masked; rank 0 writes it, `state.frozen_student` and, last,
-    the manifest.
+    the manifest with every rank's files and sizes.
     """
     client = {"step": state.step, "skipped_batches": state.skipped_batches, "mlflow_run_id": state.mlflow_run_id}
     engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state=client, exclude_frozen_parameters=True)
     torch.save({"rng": rng_state(), "task_rng": state.task_rng, "loader": state.loader},
                directory / rank_state_name(rank))
-    if rank != 0:
-        return
-    (directory / CONFIG).write_text(config_yaml)
-    if state.frozen_student:
-        torch.save(state.frozen_student, directory / FROZEN_STUDENT)
-    written = manifest(state.step, world_size, zero_stage, frozen_student=bool(state.frozen_student))
-    (directory / MANIFEST).write_text(json.dumps(written))
+    if rank == 0:
+        (directory / CONFIG).write_text(config_yaml)
+        if state.frozen_student:
+            torch.save(state.frozen_student, directory / FROZEN_STUDENT)
+    barrier()  # in a folder the ranks share (the local store) each rank then lists every rank's files
+    files = _merged(all_gather_object(file_sizes(directory)))
+    if rank == 0:
+        written = manifest(state.step, world_size, zero_stage, bool(state.frozen_student), files)
+        (directory / MANIFEST).write_text(json.dumps(written))
+
+
+def _merged(listings: list[dict[str, int]]) -> dict[str, int]:
+    """One {file: size} from every rank's listing (disjoint in private folders, equal in a shared one)."""
+    merged: dict[str, int] = {}
+    for listing in listings:
+        for name, size in listing.items():
+            if merged.setdefault(name, size) != size:
+                raise RuntimeError(f"two ranks wrote checkpoint file {name} with different sizes")
+    return merged
 
 
 def restore_worker_state(directory: Path, engine: Any, rank: int, world_size: int) -> WorkerState:
@@ -112,10 +143,12 @@ def restore_worker_state(directory: Path, engine: Any, rank: int, world_size: in
             f"checkpoint {directory} was written by {saved['world_size']} worker(s) but this run has {world_size}; "
             "resuming needs the same number of workers (ZeRO shards are per rank)"
         )
-    _, client = engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, custom_load_fn=load_trainable_state)
-    frozen = (torch.load(directory / FROZEN_STUDENT, map_location="cpu", weights_only=True)
-              if saved["frozen_student"] else {})
-    own = torch.load(directory / rank_state_name(rank), weights_only=False)
+    weights_only_checkpoint_engine(engine)
+    loaded, client = engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, custom_load_fn=load_trainable_state)
+    if loaded is None:  # DeepSpeed only logs a warning when its files are absent
+        raise RuntimeError(f"checkpoint {directory}: DeepSpeed found no {DEEPSPEED_TAG}/ module states to load")
+    frozen = load_file(directory / FROZEN_STUDENT, TENSORS_ONLY) if saved["frozen_student"] else {}
+    own = load_file(directory / rank_state_name(rank), NUMPY_ARRAY_GLOBALS)
     set_rng_state(own["rng"])
     return WorkerState(step=client["step"], skipped_batches=client["skipped_batches"],
                        mlflow_run_id=client["mlflow_run_id"], task_rng=own["task_rng"], loader=own["loader"],

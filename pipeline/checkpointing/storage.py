@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from pipeline.checkpointing.layout import newest_complete
+from pipeline.checkpointing.stores import warn_skipped
 
 RESULT_RECORD = "result.json"
 
@@ -23,10 +24,12 @@ def storage_filesystem(cfg) -> tuple[Any, str]:
 
 
 def latest_checkpoint(cfg) -> str | None:
-    """The newest complete checkpoint of this run in storage (`layout.problems`), or None."""
+    """The newest complete checkpoint of this run in storage (`layout.problems`), or None; newer incomplete ones
+    are logged with what is wrong."""
     fs, root = storage_filesystem(cfg)
     fs.invalidate_cache()  # s3fs caches listings; Ray's workers add checkpoints behind its back
-    path, _ = newest_complete(fs, root)
+    path, skipped = newest_complete(fs, root)
+    warn_skipped(skipped, path)
     if path is None:
         return None
     return fs.unstrip_protocol(path) if "://" in run_storage(cfg) else path

@@ -6,15 +6,19 @@ files) and resumes from the latest one; these two stores decide where that direc
 - `RayCheckpointStore`: every rank writes into a private temp dir and calls `ray.train.report`; Ray merges the
   ranks' files into one checkpoint under `<storage_path>/<run name>/checkpoint_<step>` and keeps `checkpoint.keep`
   of them. `ray.train.get_checkpoint()` returns the latest after a worker restart, and after a resubmission of the
-  same run (Ray Train V2 reloads its checkpoint manager's snapshot from the run's storage folder). Each rank
+  same run (Ray Train V2 reloads its checkpoint manager's snapshot from the run's storage folder). Ray's pick is
+  checked first (`layout.problems`: a file missing or of another size than written); an incomplete one is skipped
+  with a warning for the newest complete checkpoint beside it, chosen by rank 0 for every rank. Each rank
   restores from its own download of a remote checkpoint (`private_checkpoint_dir`).
 - `LocalCheckpointStore`: the no-Ray path (one process or torchrun on one node): `<path>/<run name>/checkpoint_<step>`,
   written into a temp folder and renamed when every rank is done, so a crash never leaves a half checkpoint.
+  The restore takes the newest complete one and warns about newer ones it passes over.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,12 +26,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.checkpointing.layout import METRICS, checkpoint_dir_name, checkpoint_dirs, problems
-from pipeline.distributed import barrier, is_main_process
+from pipeline.checkpointing.layout import METRICS, checkpoint_dir_name, checkpoint_dirs, newest_complete, problems
+from pipeline.distributed import barrier, broadcast_object, is_main_process
 from pipeline.redaction import redact_text
 from pipeline.writes import disk_full_named
 
 WriteFn = Callable[[Path], None]
+log = logging.getLogger(__name__)
+
+
+class NoCompleteCheckpointError(RuntimeError):
+    """The run has checkpoints but none is complete: resuming would silently start over."""
+
+
+def warn_skipped(skipped: list[str], chosen: str | None) -> None:
+    """Log (rank 0) the checkpoints passed over, each with what is wrong, and the one resumed from instead."""
+    if skipped and is_main_process():
+        instead = f"resuming from {redact_text(chosen)}" if chosen else "no complete checkpoint left"
+        log.warning("skipping incomplete checkpoint(s): %s; %s", " | ".join(skipped), instead)
 
 
 class CheckpointStore(Protocol):
@@ -58,7 +74,9 @@ class RayCheckpointStore:
         if checkpoint is None:
             yield None
             return
-        with private_checkpoint_dir(checkpoint) as local_dir:
+        # rank 0 checks and picks; every rank loads the same checkpoint
+        path = broadcast_object(complete_or_previous(checkpoint) if is_main_process() else None)
+        with private_checkpoint_dir(ray.train.Checkpoint(path, filesystem=checkpoint.filesystem)) as local_dir:
             yield local_dir
 
     def save(self, step: int, write: WriteFn, metrics: dict[str, Any]) -> None:
@@ -72,6 +90,32 @@ class RayCheckpointStore:
         # Block until the controller has registered it: otherwise a worker lost soon after this point can make
         # Ray restart the group from an older checkpoint (it may not have processed this report yet).
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def complete_or_previous(checkpoint) -> str:
+    """The path of Ray's `checkpoint` if it is complete, else of the newest complete checkpoint in its run folder
+    (the ones passed over are logged with what is wrong); `NoCompleteCheckpointError` when there is none."""
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    fs = ArrowFSWrapper(checkpoint.filesystem)
+    path = checkpoint.path.rstrip("/")
+    found = problems(fs, path)
+    if not found:
+        return path
+    root = path.rsplit("/", 1)[0]
+    newest, skipped = newest_complete(fs, root)
+    return checked_choice(root, newest, skipped)
+
+
+def checked_choice(root: str, newest: str | None, skipped: list[str]) -> str:
+    """`newest`, after logging the checkpoints `skipped` for it; `NoCompleteCheckpointError` when it is None."""
+    warn_skipped(skipped, newest)
+    if newest is None:
+        raise NoCompleteCheckpointError(
+            f"no complete checkpoint in {redact_text(root)} ({' | '.join(skipped)}); restore the missing files, or "
+            "start over with another tracking.run_name"
+        )
+    return newest
 
 
 @contextmanager
@@ -112,8 +156,13 @@ class LocalCheckpointStore:
 
     @contextmanager
     def restore(self) -> Iterator[Path | None]:
-        found = self.checkpoints()
-        yield found[-1] if found else None
+        import fsspec
+
+        newest, skipped = newest_complete(fsspec.filesystem("file"), str(self.root))
+        if not skipped:
+            yield Path(newest) if newest else None
+            return
+        yield Path(checked_choice(str(self.root), newest, skipped))
 
     def save(self, step: int, write: WriteFn, metrics: dict[str, Any]) -> None:
         final = self.root / checkpoint_dir_name(step)
