@@ -47,6 +47,21 @@ def require(key: str, value: Any, ok: bool, allowed: str) -> None:
         raise ConfigError(f"{key}: must be {allowed}, got {value!r}")
 
 
+def require_local_folder(key: str, value: str) -> str:
+    """`value`, unless it is a URL: every output folder is written with local file calls (the stage export that the
+    next stage and the evaluations read with torch.load, reports, the resolved config, the default sqlite store),
+    so `output_dir=s3://bucket/x` became a folder `./s3:/bucket/x` on rank 0's disk, lost with the node."""
+    if "://" in value:
+        from pipeline.redaction import redact_text
+
+        raise ConfigError(
+            f"{key}: {redact_text(value)!r} is a URL, but {key} must be a local folder (a shared mount such as "
+            "/shared/runs/<name> on a cluster). Checkpoints go to object storage with checkpoint.path=s3://...; "
+            "`python jobs/export_checkpoint.py <checkpoint.path>/<run name> s3://.../model.pt` writes an export there"
+        )
+    return value
+
+
 def _at_least(key: str, value: float | None, low: float, optional: bool = False) -> None:
     """`value >= low` (or None when `optional`), named by `key` otherwise."""
     if value is None and optional:
@@ -396,6 +411,11 @@ class TrackingConfig:
     """MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db."""
     experiment: str = "videomamba"
     """MLflow experiment name."""
+    artifact_location: str | None = None
+    """Where a new experiment keeps its runs' artifacts: `<artifact_location>/<experiment>`, a folder every node sees
+    or `s3://bucket/prefix`; None = beside a sqlite store (`<its folder>/mlartifacts/<experiment>`), inside a file
+    store, or where an MLflow server puts them. Needed for other database stores (postgresql, ...). An existing
+    experiment keeps the location it was created with."""
     run_name: str | None = None
     """Run name (also the checkpoint folder, so rerunning the same name resumes); None = the stage name."""
     parent_run_id: str | None = None
@@ -443,7 +463,7 @@ class Config:
     seed: int = 0
     """Seed for model init, masks and data order (offset by rank)."""
     output_dir: str = "outputs"
-    """Local directory for the resolved config, exports and reports."""
+    """Local (or shared, mounted) folder for the resolved config, the stage export and reports; not a URL."""
     nonfinite: Literal["stop", "skip"] = "stop"
     """On a non-finite loss or gradient: stop with an error (keeping the last good checkpoint) or skip the step."""
     max_skipped_steps: int = 10
@@ -459,6 +479,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        require_local_folder("output_dir", self.output_dir)
         _at_least("max_skipped_steps", self.max_skipped_steps, 0)
         self._check_cuda_graph()
         last_profiled = self.tracking.profile_start + self.tracking.profile_steps - 1

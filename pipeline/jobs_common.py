@@ -1,9 +1,9 @@
 """The shared command line of the jobs: `--config FILE [key=value ...] [--dry-run]`.
 
 Every stage entry point calls `run_training_job`: it loads and validates the config (errors name the bad key
-before any worker starts), checks that the weight files and shards it names exist (`pipeline.preflight`), prints
-the resolved config and saves it to `<output_dir>/config.yaml`, prints the plan (model and parameter count, data,
-workers, storage, tracking, what the checks found) and, unless `--dry-run`, launches training.
+before any worker starts), checks that the weight files, shards and buckets it names exist (`pipeline.preflight`),
+prints the resolved config and saves it to `<output_dir>/config.yaml`, prints the plan (model and parameter count,
+data, workers, storage, tracking, what the checks found) and, unless `--dry-run`, launches training.
 Printed and saved configs have their credentials masked (`pipeline.redaction`).
 The evaluation jobs call `run_evaluation_job` (their config loader, plan and evaluation passed in). Every job
 runs them through `pipeline.cli.exit_status`, which ends a ConfigError with one line.

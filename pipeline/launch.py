@@ -29,19 +29,24 @@ from pipeline.checkpointing.storage import RESULT_RECORD
 from pipeline.config import Config, ScalingConfig, from_dict, to_dict
 from pipeline.distributed import launcher_rank
 from pipeline.engine import NonFiniteError, TrainResult
+from pipeline.preflight import check_storage
 from pipeline.redaction import redact_text
 
 
 def resolve_paths(cfg: Config) -> Config:
-    """A copy whose output dir, local checkpoint path and tracking URI are absolute (same for every worker)."""
+    """A copy whose output dir, local checkpoint path, tracking URI and local artifact location are absolute (the
+    same for every worker)."""
     from pipeline.tracking import tracking_uri
+    from pipeline.tracking_artifacts import absolute_artifact_root
 
     output_dir = str(Path(cfg.output_dir).resolve())
     checkpoint_path = cfg.checkpoint.path if "://" in cfg.checkpoint.path else str(Path(cfg.checkpoint.path).resolve())
     cfg = dataclasses.replace(
         cfg, output_dir=output_dir, checkpoint=dataclasses.replace(cfg.checkpoint, path=checkpoint_path)
     )
-    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg)))
+    tracking = dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg),
+                                   artifact_location=absolute_artifact_root(cfg.tracking.artifact_location))
+    return dataclasses.replace(cfg, tracking=tracking)
 
 
 def ray_storage(cfg: Config) -> dict[str, Any]:
@@ -134,7 +139,8 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = from_dict(Config, loop_config["config"], "")
     try:
-        Trainer(cfg, RayCheckpointStore(fallback=loop_config["resume_from"]), loop_config["launch_id"]).fit()
+        store = RayCheckpointStore(loop_config["resume_from"], run_storage(cfg), cfg.checkpoint.storage_options)
+        Trainer(cfg, store, loop_config["launch_id"]).fit()
     except NonFiniteError as err:
         # Every rank raises at the same step (the check is all-reduced). Returning instead of raising keeps Ray
         # from restarting the workers: a deterministic NaN would only recur from the same checkpoint.
@@ -149,6 +155,7 @@ def launch(cfg: Config) -> TrainResult:
     a second launch of the same run stops with `RunLockedError` instead of sharing its checkpoints and MLflow run.
     """
     cfg = resolve_paths(cfg)
+    check_storage(cfg)  # the jobs' dry run checks this too; a recipe's stages come straight here
     with run_lock(cfg) if launcher_rank() == 0 else contextlib.nullcontext():
         return _launch(cfg)
 

@@ -16,6 +16,12 @@ http(s) URLs have no listing and are not checked).
 Storage this machine cannot read (no credentials here, access denied) is reported in the plan instead of failing:
 a dry run on a laptop may lack the cluster's credentials.
 
+Buckets: the bucket of an s3:// `checkpoint.path` and `tracking.artifact_location` must exist (one HEAD request
+each). s3fs creates a missing bucket on its first directory write and Ray's fsspec storage does too, so a typo in
+the bucket name made a new bucket with the credentials' default region and no policy. The pipeline never creates
+buckets; `check_storage` also runs at every launch (recipe stages included). Storage not readable from here is
+noted, as for shards.
+
 Task files: a task config may define `preflight() -> list[str]` for files only its task reads (the classification
 task's `task.class_index`).
 """
@@ -33,6 +39,7 @@ from pipeline.redaction import redact_text
 
 _OPEN_CLIP_NAME_FIELDS = ("model_name", "name")
 _UNLISTABLE = ("http", "https")
+_BUCKET_SCHEMES = ("s3", "s3a")
 
 
 def weight_references(cfg: Config) -> list[tuple[str, str, str | None]]:
@@ -127,10 +134,47 @@ def check_shards(key: str, spec: str | list[str] | None) -> str:
     return f"{key}: {len(urls)} shards found"
 
 
+def check_bucket(key: str, url: str | None, storage_options: dict[str, Any] | None = None) -> str | None:
+    """Raise ConfigError when the bucket of the s3:// URL `url` does not exist; a plan note otherwise (None when
+    `url` is not on s3)."""
+    if not url or split_protocol(url)[0] not in _BUCKET_SCHEMES:
+        return None
+    import fsspec
+
+    bucket = split_protocol(url)[1].split("/", 1)[0].rsplit("@", 1)[-1]  # s3://key:secret@bucket/... is allowed
+    try:
+        fsspec.core.url_to_fs(url, **(storage_options or {}))[0].call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{key}: the bucket {bucket!r} of {redact_text(url)} does not exist; fix the name or create the bucket "
+            "(with the region and policies it needs): the pipeline never creates buckets"
+        ) from None
+    except Exception as err:  # no credentials here, access denied, endpoint unreachable: as for shards, plan on
+        return f"{key}: bucket {bucket} not checked, not readable from here ({type(err).__name__}: " \
+               f"{redact_text(str(err))})"
+    return f"{key}: bucket {bucket} exists"
+
+
+def check_storage(cfg: Config) -> list[str]:
+    """`check_bucket` for the checkpoint path and the MLflow artifact location, and where a new experiment's
+    artifacts go (ConfigError for a database store without `tracking.artifact_location`); their plan notes."""
+    from pipeline.tracking import tracking_uri
+    from pipeline.tracking_artifacts import experiment_artifact_location
+
+    notes = [check_bucket("checkpoint.path", cfg.checkpoint.path, cfg.checkpoint.storage_options)]
+    if cfg.tracking.enabled:
+        tracking = cfg.tracking
+        location = experiment_artifact_location(tracking_uri(cfg), tracking.artifact_location, tracking.experiment)
+        notes += [check_bucket("tracking.artifact_location", tracking.artifact_location),
+                  f"tracking: a new experiment {tracking.experiment!r} keeps artifacts in "
+                  f"{redact_text(location) if location else 'the place its file store or server chooses'}"]
+    return [note for note in notes if note is not None]
+
+
 def preflight(cfg: Config) -> list[str]:
     """Every check above, then the task config's own `preflight()` when it has one (the files only that task reads,
     e.g. the classification class-index file); the plan's notes when all pass."""
-    notes = check_weights(cfg)
+    notes = check_weights(cfg) + check_storage(cfg)
     notes += [check_shards(f"data.{split}_shards", getattr(cfg.data, f"{split}_shards")) for split in ("train", "eval")]
     task_checks = getattr(cfg.task, "preflight", None)
     if callable(task_checks):

@@ -11,7 +11,9 @@ the flattened config as params, the resolved config as an artifact (both with cr
 same MLflow run: steps that were already logged before the crash are not logged a second time (the run's
 history keeps one value per step). While the run is open, MLflow's system metrics monitor samples the node
 (`tracking.system_metrics_interval_s`) into system/* metrics, whose steps count samples, not training steps.
-The default store is a sqlite file under the output directory, so nothing needs a server.
+The default store is a sqlite file under the output directory, so nothing needs a server. Every experiment is created
+with an explicit artifact location (pipeline/tracking_artifacts.py): beside a sqlite store, or under
+`tracking.artifact_location`, never in ./mlruns of whichever process happened to create it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, flatten, public_dict, to_yaml
+from pipeline.tracking_artifacts import absolute_tracking_uri, experiment_artifact_location, warn_if_elsewhere
 
 # MLflow limits: 100 params / 1000 metrics per log_batch call and 6000 characters per param value.
 _PARAMS_PER_BATCH = 100
@@ -34,11 +37,9 @@ _NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"  # MlflowException.error_code of an unkno
 
 
 def tracking_uri(cfg: Config) -> str:
-    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else sqlite:///<abs output_dir>/mlflow.db."""
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else sqlite:///<abs output_dir>/mlflow.db; local paths absolute."""
+    if configured := cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return absolute_tracking_uri(configured)
     db = Path(cfg.output_dir).resolve() / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
@@ -78,10 +79,14 @@ class RunNotFoundError(LookupError):
     """A run id the tracking store does not have."""
 
 
-def experiment_id(client: Any, name: str) -> str:
-    """The id of experiment `name`, created on first use."""
+def experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
+    """The id of experiment `name`, created on first use with `artifact_location` (None: the store's choice); an
+    existing experiment whose artifacts live elsewhere is warned about (`warn_if_elsewhere`)."""
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    warn_if_elsewhere(name, client.tracking_uri, experiment.artifact_location, artifact_location)
+    return experiment.experiment_id
 
 
 def metric_entries(metrics: dict[str, float], step: int) -> list[Any]:
@@ -100,17 +105,19 @@ class TrackingRun:
 
     @classmethod
     def create(cls, uri: str, experiment: str, run_name: str, tags: dict[str, str],
-               parent_run_id: str | None = None) -> TrackingRun:
-        """A new run in `experiment` (created on first use), nested under `parent_run_id`, tagged with the git sha."""
+               parent_run_id: str | None = None, artifact_root: str | None = None) -> TrackingRun:
+        """A new run in `experiment` (created on first use, its artifacts beside a sqlite store or under
+        `artifact_root`: `experiment_artifact_location`), nested under `parent_run_id`, tagged with the git sha."""
         from mlflow.tracking import MlflowClient
 
+        location = experiment_artifact_location(uri, artifact_root, experiment)
         client = MlflowClient(uri)
         tags = dict(tags)
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         if sha := git_sha(Path(__file__).parent):
             tags["git_sha"] = sha
-        run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
+        run = client.create_run(experiment_id(client, experiment, location), run_name=run_name, tags=tags)
         return cls(client, run.info.run_id, uri)
 
     @classmethod
@@ -131,11 +138,14 @@ class TrackingRun:
 
     @classmethod
     def find(cls, uri: str, experiment: str, tag: str, value: str) -> str | None:
-        """The id of a run of `experiment` tagged `tag=value`, or None."""
+        """The id of a run of `experiment` tagged `tag=value`, or None (also when there is no such experiment)."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
-        found = client.search_runs([experiment_id(client, experiment)], filter_string=f"tags.{tag} = '{value}'",
+        found_experiment = client.get_experiment_by_name(experiment)
+        if found_experiment is None:
+            return None
+        found = client.search_runs([found_experiment.experiment_id], filter_string=f"tags.{tag} = '{value}'",
                                    max_results=1)
         return found[0].info.run_id if found else None
 
@@ -209,7 +219,8 @@ class RunTracker:
             tags["launch_id"] = launch_id
         if digest := manifest_hash(self.cfg.data):
             tags["data_manifest_sha256"] = digest
-        self.run = TrackingRun.create(self.uri, tracking.experiment, self.cfg.run_name, tags, tracking.parent_run_id)
+        self.run = TrackingRun.create(self.uri, tracking.experiment, self.cfg.run_name, tags, tracking.parent_run_id,
+                                      tracking.artifact_location)
         self.run.log_params(flatten(public_dict(self.cfg)))  # credentials masked
         self.run.log_text(to_yaml(self.cfg), "config.yaml")
         self._start_system_metrics(resumed=False)

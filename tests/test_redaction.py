@@ -111,8 +111,11 @@ def test_mlflow_params_and_config_artifact_are_redacted(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(120)
 def test_printed_config_plan_and_saved_config_are_redacted(tmp_path, monkeypatch, capsys, moto_s3):
+    import s3fs
+
     from pipeline.jobs_common import run_training_job
 
+    s3fs.S3FileSystem().mkdir("bucket")  # the checkpoint bucket must exist for the dry run to plan
     secret_config(tmp_path, monkeypatch)  # sets the environment
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRETS[4])
     argv = ["--config", str(tmp_path / "run.yaml"), f"tracking.uri=http://admin:{SECRETS[4]}@mlflow:5000",

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pipeline.access import access_named
 from pipeline.checkpointing.layout import (
     CONFIG,
     DEEPSPEED_TAG,
@@ -59,7 +60,11 @@ def find_checkpoint(run_or_path: str) -> str:
     """The checkpoint folder `run_or_path` names, or the newest complete `checkpoint_*` of a run folder."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(run_or_path)
+    with access_named(run_or_path, "list"):
+        return _find_checkpoint(run_or_path, *fsspec.core.url_to_fs(run_or_path))
+
+
+def _find_checkpoint(run_or_path: str, fs, path: str) -> str:
     fs.invalidate_cache()
     shown = redact_text(run_or_path)
     if not fs.isdir(path):
@@ -86,7 +91,8 @@ def _local_copy(url: str, tmp: str) -> Path:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(url)
-    fs.get(path.rstrip("/") + "/", f"{tmp}/checkpoint/", recursive=True)
+    with access_named(url, "read"):
+        fs.get(path.rstrip("/") + "/", f"{tmp}/checkpoint/", recursive=True)
     return Path(tmp) / "checkpoint"
 
 
@@ -165,6 +171,7 @@ def export_checkpoint(run_or_path: str, out: str) -> tuple[str, dict[str, Any]]:
     source = find_checkpoint(run_or_path)
     with tempfile.TemporaryDirectory(prefix="export_") as tmp:
         payload = consolidate(_local_copy(source, tmp))
-    with fsspec.open(out, "wb", auto_mkdir=True) as f:
+    # auto_mkdir only for local files: on s3 it would create a missing bucket
+    with access_named(out, "write"), fsspec.open(out, "wb", auto_mkdir="://" not in out) as f:
         torch.save(payload, f)
     return source, payload["meta"]

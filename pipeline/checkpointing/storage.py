@@ -1,10 +1,14 @@
-"""A run's storage folder `<checkpoint.path>/<run name>` (local or s3://): its checkpoints and its result record."""
+"""A run's storage folder `<checkpoint.path>/<run name>` (local or s3://): its checkpoints and its result record.
+
+A refused request raises `AccessDenied` naming the folder or object and the credential source (pipeline/access.py).
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from pipeline.access import access_named
 from pipeline.checkpointing.layout import newest_complete
 from pipeline.checkpointing.stores import warn_skipped
 
@@ -28,7 +32,8 @@ def latest_checkpoint(cfg) -> str | None:
     are logged with what is wrong."""
     fs, root = storage_filesystem(cfg)
     fs.invalidate_cache()  # s3fs caches listings; Ray's workers add checkpoints behind its back
-    path, skipped = newest_complete(fs, root)
+    with access_named(run_storage(cfg), "list", cfg.checkpoint.storage_options):
+        path, skipped = newest_complete(fs, root)
     warn_skipped(skipped, path)
     if path is None:
         return None
@@ -41,8 +46,10 @@ def write_run_record(cfg, record: dict[str, Any]) -> None:
     Ray's `Result.metrics` only carries metrics attached to checkpoints, so the driver reads this instead.
     """
     fs, root = storage_filesystem(cfg)
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(f"{root}/{RESULT_RECORD}", "w") as f:
+    if "://" not in run_storage(cfg):  # object stores have no folders, and s3fs's makedirs creates missing buckets
+        fs.makedirs(root, exist_ok=True)
+    with (access_named(f"{run_storage(cfg)}/{RESULT_RECORD}", "write", cfg.checkpoint.storage_options),
+          fs.open(f"{root}/{RESULT_RECORD}", "w") as f):
         json.dump(record, f, default=str)
 
 
@@ -51,9 +58,10 @@ def pop_run_record(cfg) -> dict[str, Any] | None:
     fs, root = storage_filesystem(cfg)
     path = f"{root}/{RESULT_RECORD}"
     fs.invalidate_cache()  # s3fs caches listings; the workers wrote this file behind its back
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        record = json.load(f)
-    fs.rm(path)
+    with access_named(f"{run_storage(cfg)}/{RESULT_RECORD}", "read and delete", cfg.checkpoint.storage_options):
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "r") as f:
+            record = json.load(f)
+        fs.rm(path)
     return record

@@ -22,10 +22,11 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipeline.access import access_named
 from pipeline.checkpointing.layout import METRICS, checkpoint_dir_name, checkpoint_dirs, newest_complete, problems
 from pipeline.distributed import barrier, broadcast_object, is_main_process
 from pipeline.redaction import redact_text
@@ -58,11 +59,13 @@ class RayCheckpointStore:
     """Checkpoints through `ray.train.report`; only usable inside a Ray Train worker.
 
     `fallback` is a checkpoint the driver found by scanning storage; it is used only when Ray itself has none
-    for this run (Ray Train V2 dropped `resume_from_checkpoint` in favour of this pattern).
+    for this run (Ray Train V2 dropped `resume_from_checkpoint` in favour of this pattern). `storage` (the run's
+    storage folder) and its `storage_options` name the checkpoint in an access-denied error.
     """
 
-    def __init__(self, fallback: str | None = None) -> None:
-        self.fallback = fallback
+    def __init__(self, fallback: str | None = None, storage: str = "the run's storage",
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.fallback, self.storage, self.storage_options = fallback, storage, storage_options
 
     @contextmanager
     def restore(self) -> Iterator[Path | None]:
@@ -76,8 +79,12 @@ class RayCheckpointStore:
             return
         # rank 0 checks and picks; every rank loads the same checkpoint
         path = broadcast_object(complete_or_previous(checkpoint) if is_main_process() else None)
-        with private_checkpoint_dir(ray.train.Checkpoint(path, filesystem=checkpoint.filesystem)) as local_dir:
+        chosen = ray.train.Checkpoint(path, filesystem=checkpoint.filesystem)
+        with private_checkpoint_dir(chosen, self._access(Path(path).name, "read")) as local_dir:
             yield local_dir
+
+    def _access(self, name: str, verb: str):
+        return access_named(f"{self.storage}/{name}", verb, self.storage_options)
 
     def save(self, step: int, write: WriteFn, metrics: dict[str, Any]) -> None:
         import ray.train
@@ -86,7 +93,8 @@ class RayCheckpointStore:
             with disk_full_named(tmp, "checkpoint staging folder", "TMPDIR (Ray stages checkpoints there)"):
                 write(Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step))
+            with self._access(checkpoint_dir_name(step), "write"):  # rank r uploads its files here
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step))
         # Block until the controller has registered it: otherwise a worker lost soon after this point can make
         # Ray restart the group from an older checkpoint (it may not have processed this report yet).
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
@@ -119,13 +127,14 @@ def checked_choice(root: str, newest: str | None, skipped: list[str]) -> str:
 
 
 @contextmanager
-def private_checkpoint_dir(checkpoint) -> Iterator[Path]:
+def private_checkpoint_dir(checkpoint, download_errors: Any = None) -> Iterator[Path]:
     """A Ray checkpoint as a local directory that no other process writes to while this one reads it.
 
     Local storage is read in place. Remote storage is downloaded into this process's own temp dir:
     `Checkpoint.as_directory()` shares one download dir among a node's processes, and a rank that arrives after
     another rank's download has finished downloads again into it, rewriting the files that rank is still loading
     (seen on 4 GPUs: torch.load's "EOFError: Ran out of input" on ZeRO shards after a restart).
+    `download_errors`: a context manager around the download only (e.g. `access_named`).
     """
     import pyarrow.fs
 
@@ -133,7 +142,9 @@ def private_checkpoint_dir(checkpoint) -> Iterator[Path]:
         yield Path(checkpoint.path)
         return
     with tempfile.TemporaryDirectory(prefix="restore_") as tmp:
-        yield Path(checkpoint.to_directory(tmp))
+        with download_errors or nullcontext():
+            local = Path(checkpoint.to_directory(tmp))
+        yield local
 
 
 class LocalCheckpointStore:

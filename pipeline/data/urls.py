@@ -8,35 +8,18 @@ s3fs reads `AWS_ENDPOINT_URL` and the usual AWS credential variables by itself.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import braceexpand
 import fsspec
 import webdataset as wds
 
-from pipeline.redaction import redact_text
+from pipeline.access import AccessDenied, access_named
+
+__all__ = ["AccessDenied", "access_named", "expand_shard_urls", "filesystem", "join_url", "register_fsspec_openers",
+           "split_protocol"]
 
 FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory")
-
-
-class AccessDenied(PermissionError):
-    """Reading an object was refused; the message names the object and where the credentials come from."""
-
-
-@contextmanager
-def access_named(url: str) -> Iterator[None]:
-    """Re-raise a PermissionError as AccessDenied naming `url`: s3fs says only "Access Denied"."""
-    try:
-        yield
-    except AccessDenied:
-        raise
-    except PermissionError as err:
-        detail = err.strerror or (err.args[0] if err.args else "")
-        raise AccessDenied(
-            f"access denied to {redact_text(url)} ({detail}): the credentials this process uses (for s3: "
-            "AWS_ACCESS_KEY_ID / AWS_PROFILE / the node's IAM role, or storage_options) may not read it"
-        ) from err
 
 
 def _fsspec_open(url: str, mode: str = "rb", bufsize: int = 8192, **_: object):

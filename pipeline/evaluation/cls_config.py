@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import ConfigError, ScalingConfig, TrackingConfig, load_typed_config, require
+from pipeline.config import (
+    ConfigError,
+    ScalingConfig,
+    TrackingConfig,
+    load_typed_config,
+    require,
+    require_local_folder,
+)
 
 
 @dataclass
@@ -88,7 +95,7 @@ class ViewsConfig:
 @dataclass
 class EvalClassificationConfig:
     output_dir: str = "outputs/eval_cls"
-    """Folder for the JSON and markdown reports."""
+    """Local folder for the JSON and markdown reports; not a URL."""
     model: ClsModelConfig = field(default_factory=ClsModelConfig)
     data: ClsDataConfig = field(default_factory=ClsDataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
@@ -99,6 +106,7 @@ class EvalClassificationConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        require_local_folder("output_dir", self.output_dir)
         require("most_confused", self.most_confused, self.most_confused >= 0, ">= 0 class pairs")
         if self.scaling.use_ray:
             raise ConfigError("scaling.use_ray: the classification test runs in this process or under torchrun "

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipeline.config import ConfigError, ScalingConfig, TrackingConfig, load_typed_config
+from pipeline.config import ConfigError, ScalingConfig, TrackingConfig, load_typed_config, require_local_folder
 
 
 @dataclass
@@ -125,7 +125,7 @@ class CacheConfig:
 @dataclass
 class EvalRetrievalConfig:
     output_dir: str = "outputs/eval"
-    """Folder for the JSON and markdown reports."""
+    """Local folder for the JSON and markdown reports (and score matrices); not a URL."""
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
@@ -133,6 +133,9 @@ class EvalRetrievalConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scaling: ScalingConfig = field(default_factory=lambda: ScalingConfig(use_ray=False))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        require_local_folder("output_dir", self.output_dir)
 
     def check_runnable(self) -> None:
         """Raise ConfigError for settings that are optional in YAML but needed to evaluate."""

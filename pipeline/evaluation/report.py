@@ -87,7 +87,8 @@ def log_to_mlflow(result: dict[str, Any], cfg, files: list[Path], stage: str = "
     tags = {"stage": stage, "dataset": result["dataset"], "checkpoint": result["checkpoint"]}
     run_name = tracking_cfg.run_name or f"eval-{result['dataset']}"
     # tracking_uri: tracking.uri, $MLFLOW_TRACKING_URI, or <output_dir>/mlflow.db
-    run = TrackingRun.create(tracking_uri(cfg), tracking_cfg.experiment, run_name, tags, tracking_cfg.parent_run_id)
+    run = TrackingRun.create(tracking_uri(cfg), tracking_cfg.experiment, run_name, tags, tracking_cfg.parent_run_id,
+                             tracking_cfg.artifact_location)
     params = {**flatten(result["protocol"]), **{f"counts.{k}": v for k, v in result["counts"].items()}}
     metrics = {**result["metrics"], **{f"timing/{k}": v for k, v in result.get("timing", {}).items()}}
     run.log_params(params)

@@ -197,6 +197,7 @@ def evaluate_retrieval(cfg: EvalRetrievalConfig, model_loader: ModelLoader | Non
 def _absolute_paths(cfg: EvalRetrievalConfig) -> EvalRetrievalConfig:
     """Ray workers do not share the driver's working directory: make every local path absolute."""
     from pipeline.tracking import tracking_uri
+    from pipeline.tracking_artifacts import absolute_artifact_root
 
     def local(path: str | None) -> str | None:
         return path if path is None or "://" in path else str(Path(path).resolve())
@@ -209,7 +210,8 @@ def _absolute_paths(cfg: EvalRetrievalConfig) -> EvalRetrievalConfig:
         cfg, output_dir=local(cfg.output_dir), data=data,
         model=dataclasses.replace(cfg.model, checkpoint=local(cfg.model.checkpoint)),
         cache=dataclasses.replace(cfg.cache, dir=local(cfg.cache.dir)),
-        tracking=dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg) if cfg.tracking.enabled else None),
+        tracking=dataclasses.replace(cfg.tracking, uri=tracking_uri(cfg) if cfg.tracking.enabled else None,
+                                     artifact_location=absolute_artifact_root(cfg.tracking.artifact_location)),
     )
 
 

@@ -34,6 +34,8 @@ def step_overrides(recipe: Recipe, step: StepSpec, tracking_uri: str, experiment
     if step.init_from is not None and init_key is not None:
         source = step.init_from
         merged[init_key] = str(recipe.export_path(source)) if looks_like_name(source) else source
+    if artifact_root := default_artifact_root(recipe):  # evaluations too: the parent's experiment is theirs
+        merged["tracking.artifact_location"] = artifact_root
     merged.update({
         "output_dir": str(recipe.out_dir / step.name),
         "tracking.uri": tracking_uri,
@@ -93,6 +95,14 @@ def default_tracking(recipe: Recipe) -> tuple[str, str]:
     uri = uri or f"sqlite:///{recipe.out_dir / 'mlflow.db'}"
     experiment = recipe.experiment or recipe.settings.get("tracking", {}).get("experiment") or recipe.name
     return uri, experiment
+
+
+def default_artifact_root(recipe: Recipe) -> str | None:
+    """`settings.tracking.artifact_location` (a local folder made absolute), shared by the parent run and every step;
+    None = beside the tracking store (pipeline/tracking_artifacts.py)."""
+    from pipeline.tracking_artifacts import absolute_artifact_root
+
+    return absolute_artifact_root(recipe.settings.get("tracking", {}).get("artifact_location"))
 
 
 def fingerprint(cfg: Any) -> str:

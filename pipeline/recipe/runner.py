@@ -10,7 +10,7 @@ from typing import Any
 from pipeline.checkpointing.layout import stage_export_path
 from pipeline.config import Config
 from pipeline.recipe.report import plan_lines, write_retrieval_results
-from pipeline.recipe.resolve import default_tracking, fingerprint, resolve_step_config
+from pipeline.recipe.resolve import default_artifact_root, default_tracking, fingerprint, resolve_step_config
 from pipeline.recipe.spec import Recipe, RecipeError, StepSpec, looks_like_name, recipe_yaml
 from pipeline.recipe.state import STATE_FILE, RecipeResult, RecipeState, step_is_complete
 from pipeline.tracking import RunNotFoundError, TrackingRun, metric_entries
@@ -27,7 +27,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False, log: Callable[[str], None]
         log(f"dry run: {len(configs)} step config(s) validated; nothing was trained")
         return RecipeResult(state.parent_run_id, uri, experiment, {})
 
-    parent = _ParentRun(uri, experiment)
+    parent = _ParentRun(uri, experiment, default_artifact_root(recipe))
     state.parent_run_id = parent.start(recipe, state.parent_run_id)
     state.save()
     log(f"MLflow parent run {state.parent_run_id} in experiment {experiment!r} ({uri})")
@@ -96,8 +96,8 @@ def _check_init_exists(recipe: Recipe, step: StepSpec) -> None:
 class _ParentRun:
     """The recipe execution's MLflow run: created once, reopened by every rerun of the same out_dir."""
 
-    def __init__(self, uri: str, experiment: str) -> None:
-        self.uri, self.experiment = uri, experiment
+    def __init__(self, uri: str, experiment: str, artifact_root: str | None) -> None:
+        self.uri, self.experiment, self.artifact_root = uri, experiment, artifact_root
         self.run: TrackingRun | None = None
 
     def start(self, recipe: Recipe, run_id: str | None) -> str:
@@ -111,7 +111,7 @@ class _ParentRun:
                 ) from err
             return run_id
         tags = {"recipe": recipe.name, "out_dir": str(recipe.out_dir)}
-        self.run = TrackingRun.create(self.uri, self.experiment, recipe.name, tags)
+        self.run = TrackingRun.create(self.uri, self.experiment, recipe.name, tags, artifact_root=self.artifact_root)
         self.run.log_params({"steps": ",".join(s.name for s in recipe.steps)})
         self.run.log_text(recipe_yaml(recipe), "recipe.yaml")
         return self.run.run_id

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from pipeline.checkpointing.layout import stage_export_path
-from pipeline.config import ConfigError, flatten, load_yaml_tree
+from pipeline.config import ConfigError, flatten, load_yaml_tree, require_local_folder
 from pipeline.redaction import redact
 
 RESULTS_FILE = "retrieval.json"
@@ -96,7 +96,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(f"{path}: a recipe needs at least one entry under `stages:` or `evals:`")
     recipe = Recipe(
         name=str(name),
-        out_dir=Path(raw.get("out_dir") or f"outputs/{name}"),
+        out_dir=Path(require_local_folder("out_dir", str(raw.get("out_dir") or f"outputs/{name}"))),
         stages=stages,
         evals=evals,
         settings=_nested(raw.get("settings") or {}, f"{path}: settings"),
@@ -168,7 +168,7 @@ def _apply_recipe_override(recipe: Recipe, item: str) -> None:
     value = yaml.safe_load(text) if text.strip() else None
     head, _, rest = key.partition(".")
     if key == "out_dir":
-        recipe.out_dir = Path(str(value))
+        recipe.out_dir = Path(require_local_folder("out_dir", str(value)))
     elif key == "data_root":
         recipe.data_root = str(value) if value is not None else None
     elif key == "experiment":
