@@ -10,8 +10,8 @@
 #      (selective_scan_ref, causal_conv1d_ref, rms_norm_ref); ours runs its CPU path (models/ops/ref.py). So this
 #      checks our evaluation, model and CPU kernels against the released evaluation and model; the CUDA kernels
 #      are scripts/gpu_check_released_eval.sh's part.
-# Defaults, for a 2-core machine: 8 frames of 64 px (a 4 x 4 patch grid; 224 px takes ~6 CPU minutes a video on
-# our side's reference scan), 4 videos, 8 captions, re-rank depth 5. Extra arguments go to check_released_eval.py
+# Defaults, for a 2-core machine: 8 frames of 64 px (a 4 x 4 patch grid; at 224 px our side's reference scan
+# took 942 s for 2 videos on one core), 4 videos, 8 captions, re-rank depth 5. Extra arguments go to check_released_eval.py
 # and win (e.g. --img-size 224 --videos 2).
 # Needs $VIDEOMAMBA (default .cache/VideoMamba): a checkout of OpenGVLab/VideoMamba, or its mamba/,
 # causal-conv1d/, videomamba/video_sm/models/videomamba.py and videomamba/video_mm/; its commit is read from
