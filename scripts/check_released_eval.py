@@ -4,14 +4,15 @@
         (--released-ext DIR | --build-kernels SDIST_DIR) [--size full|tiny] [--results DIR]
     python scripts/check_released_eval.py --videomamba-repo CHECKOUT --released-site DIR --dry-run   # no GPU
     python scripts/check_released_eval.py --videomamba-repo CHECKOUT --released-site DIR \
-        --reference-kernels --size tiny                                                           # no GPU
+        --reference-kernels [--size tiny | --img-size 64 --videos 4 --k-test 5]                   # no GPU
 
 scripts/gpu_check_released_eval.sh runs it on a bare GPU machine (packages from carried wheels, kernels built
-there). One command, on a CUDA machine:
+there), scripts/check_released_eval_cpu.sh on a CPU (`--reference-kernels`). One command, on a CUDA machine:
 1. writes a work folder: a few synthetic mp4s and a UMT-layout annotation (captions with capitals and
    punctuation), a tokenizer folder (generated vocab.txt of the tower's size + BERT config.json), and a
    random-weight checkpoint in the released layout (`{"model": ...}`, bf16; `--size full` = VideoMamba-M +
-   bert-base, the 798 keys of tests/data/umt_videomamba_m16_released_keys.json, checked; `tiny` for a quick run);
+   bert-base, the 798 keys of tests/data/umt_videomamba_m16_released_keys.json, checked; `--img-size` other
+   than 224 changes only `vision_encoder.pos_embed`'s patch grid, on both sides; `tiny` for a quick run);
 2. with `--build-kernels`, starts building the released kernel fork's compiled modules for fp32 activations
    (scripts/build_released_kernels.py --dtype fp32) in the background: the released model run in fp32 calls
    the selective-scan and causal-conv1d kernels with fp32 inputs, which the benchmarks' bf16 build refuses;
@@ -27,8 +28,12 @@ there). One command, on a CUDA machine:
    and R@1/5/10 both directions, re-ranked and similarity-only (equal), prints PASS or FAIL and exits 1 on
    any mismatch.
 
+The re-rank depth must keep R@1/5/10 comparable: the released matrices tie at -100 past it, so each R@k needs
+k <= --k-test or k >= the direction's candidates (10 for the default 16 videos; 5 for 4 videos and 8 texts).
+
 `--results` (default `<work>/results`) receives check_released_eval.json (every number compared, the
-tolerances, the verdict, the package versions and kernel builds of each side), scores_ours.npz,
+tolerances, the verdict, the package versions and kernel builds of each side, date and machine), the same as
+tables in check_released_eval.md, scores_ours.npz,
 released_scores.npz, released.json, retrieval_msrvtt.json (our report) and check_released_eval.log.
 
 `--dry-run` needs no GPU: step 1; the released side imported with the `--released-site` packages (its kernel
@@ -37,8 +42,10 @@ the queries tokenised and their text embeddings computed; our model loaded by th
 queries read by its annotation loader; then the queries, the load report and the text embeddings are
 compared. No video is encoded on either side. `--reference-kernels` needs no GPU either: every step above runs
 on the CPU, the released side with its kernel fork's own reference functions (selective_scan_ref,
-causal_conv1d_ref, rms_norm_ref) in place of the CUDA and Triton kernels, ours with its reference scan; slow
-(the reference scans loop over the tokens in Python): for `--size tiny`.
+causal_conv1d_ref, rms_norm_ref) in place of the CUDA and Triton kernels, ours with its reference scan
+(models/ops/ref.py), both sides at once with half the cores each (OMP_NUM_THREADS, unless set). Slow, the
+reference scans loop over the tokens in Python: `--size tiny`, or `--size full` at a small `--img-size` with
+few videos (VideoMamba-M at 224 px takes minutes a video on 2 cores).
 
 TF32 is off on both sides (NVIDIA_TF32_OVERRIDE=0): the comparison is fp32. The released side needs a
 checkout of OpenGVLab/VideoMamba (the files benchmarks/_released.py and released_eval_driver.py name), the
@@ -88,12 +95,31 @@ SIZES = {
                       intermediate_size=64, max_position_embeddings=40, fusion_layer=2, encoder_width=32),
              16, 24, 4, 32),
 }
+PATCH = 16  # VideoMamba-M's patch size
 RERANK_FILL = -100.0  # the released re-ranked matrices' value outside each direction's top-k
 # (name in the report, our scores_msrvtt.npz key, transpose ours, the driver's released_scores.npz key)
 MATRICES = (("similarity t2v", "similarity_t2v_TV", False, "t2i_emb"),
             ("similarity v2t", "similarity_v2t_TV", True, "i2t_emb"),
             ("re-ranked t2v", "rerank_t2v_TV", False, "t2i_x"),
             ("re-ranked v2t", "rerank_v2t_TV", True, "i2t_x"))
+
+
+def size_spec(args: argparse.Namespace) -> tuple:
+    """SIZES[args.size], at `--img-size` pixels when given (the model's patch grid and the frames both)."""
+    vision, spec, embed_dim, clip_dim, frames, pixels = SIZES[args.size]
+    if args.img_size is not None:
+        vision, pixels = {**vision, "img_size": args.img_size}, args.img_size
+    return vision, spec, embed_dim, clip_dim, frames, pixels
+
+
+def expected_released_layout(img_size: int) -> list[list]:
+    """The 798 released keys and shapes; at another resolution only the spatial position embedding differs."""
+    expected = json.loads((REPO / "tests/data/umt_videomamba_m16_released_keys.json").read_text())["keys"]
+    layout = [[k, s] for k, s, _ in expected]
+    for entry in layout:
+        if entry[0] == "vision_encoder.pos_embed":
+            entry[1] = [1, (img_size // PATCH) ** 2 + 1, entry[1][2]]
+    return layout
 
 
 def log(message: str) -> None:
@@ -134,10 +160,11 @@ def write_tokenizer(work: Path, spec: BertSpec) -> Path:
     return folder
 
 
-def write_checkpoint(work: Path, size: str, seed: int) -> Path:
+def write_checkpoint(work: Path, args: argparse.Namespace) -> Path:
     """A random model in the released layout, every weight moved off its init (no identity LayerNorm, no zero
     bias), so that any misplaced tensor changes the scores."""
-    vision, spec, embed_dim, clip_dim, _, _ = SIZES[size]
+    size, seed = args.size, args.seed
+    vision, spec, embed_dim, clip_dim, _, pixels = size_spec(args)
     torch.manual_seed(seed)
     model = build_umt_model("videomamba_middle", vision, spec, embed_dim=embed_dim, clip_output_dim=clip_dim)
     with torch.no_grad():
@@ -145,19 +172,18 @@ def write_checkpoint(work: Path, size: str, seed: int) -> Path:
             if name != "temp":
                 param.add_((0.2 if param.dim() == 1 else 0.02) * torch.randn_like(param))
     if size == "full":
-        expected = json.loads((REPO / "tests/data/umt_videomamba_m16_released_keys.json").read_text())["keys"]
         ours = [[k, list(v.shape)] for k, v in released_layout(model.state_dict()).items()]
-        if ours != [[k, s] for k, s, _ in expected]:
+        if ours != expected_released_layout(pixels):
             raise SystemExit("the model's released layout differs from tests/data/"
-                             "umt_videomamba_m16_released_keys.json")
-    path = work / f"umt_random_{size}.pth"
+                             f"umt_videomamba_m16_released_keys.json (pos_embed for {pixels} px)")
+    path = work / f"umt_random_{size}_{pixels}px.pth"
     save_released_checkpoint(model, path)
     return path
 
 
 def eval_overrides(args, work: Path, checkpoint: Path, tokenizer: Path) -> list[str]:
     """The job's config overrides: this work folder's data, fp32, the re-rank depth, scores saved, no tracking."""
-    _, _, _, _, frames, pixels = SIZES[args.size]
+    _, _, _, _, frames, pixels = size_spec(args)
     return [f"model.checkpoint={checkpoint}", f"model.text_model={tokenizer}", "model.precision=fp32",
             f"data.annotation={work / 'anno.json'}", f"data.root={work / 'videos'}", f"data.num_frames={frames}",
             f"data.img_size={pixels}", "data.num_workers=2", "data.batch_size=4",
@@ -165,13 +191,22 @@ def eval_overrides(args, work: Path, checkpoint: Path, tokenizer: Path) -> list[
             "cache.dir=null", "tracking.enabled=false"]
 
 
-def run_logged(cmd: list[str], log_path: Path, **kwargs) -> None:
-    """Run `cmd` with its output in `log_path`; on failure, show the end of it and stop."""
+def start_logged(cmd: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
+    """Start `cmd` with its output in `log_path`."""
     with log_path.open("w") as out:
-        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, **kwargs)
-    if done.returncode != 0:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **kwargs)
+
+
+def finish_logged(process: subprocess.Popen, log_path: Path) -> None:
+    """Wait for a start_logged process; on failure, show the end of its log and stop."""
+    if process.wait() != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-40:])
-        raise SystemExit(f"FAIL: {Path(cmd[1]).name} exited {done.returncode}; the end of {log_path}:\n{tail}")
+        raise SystemExit(f"FAIL: {Path(process.args[1]).name} exited {process.returncode}; the end of "
+                         f"{log_path}:\n{tail}")
+
+
+def run_logged(cmd: list[str], log_path: Path, **kwargs) -> None:
+    finish_logged(start_logged(cmd, log_path, **kwargs), log_path)
 
 
 def run_ours(args, work: Path, overrides: list[str], env: dict) -> dict:
@@ -192,9 +227,9 @@ def ours_text_side(overrides: list[str]) -> dict:
     return {"texts": anno.texts, "text_emb": text_TE.float().numpy()}
 
 
-def save_frames(work: Path, entries: list[dict], size: str) -> Path:
+def save_frames(work: Path, entries: list[dict], args: argparse.Namespace) -> Path:
     """The frames our pipeline feeds the model (the job decodes the same files with the same function)."""
-    _, _, _, _, frames, pixels = SIZES[size]
+    _, _, _, _, frames, pixels = size_spec(args)
     spec = ClipSpec(frames, pixels, *IMAGENET, None)
     clips = torch.stack([spec.load(str(work / "videos" / e["video"])) for e in entries])
     torch.save(clips, work / "frames.pt")
@@ -227,13 +262,21 @@ def released_env(args) -> dict:
     """The released side's environment: its packages first, then the checkout's video_mm, and nothing else."""
     video_mm = Path(args.videomamba_repo).resolve() / "videomamba" / "video_mm"
     path = [str(Path(args.released_site).resolve())] if args.released_site else []
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in side_env(args, os.environ).items() if k != "PYTHONPATH"}
     return {**env, "PYTHONPATH": os.pathsep.join([*path, str(video_mm)]), "NVIDIA_TF32_OVERRIDE": "0",
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def run_released(args, work: Path, checkpoint: Path, tokenizer: Path, frames: Path | None,
-                 ext_dir: Path | None) -> dict:
+def side_env(args, env) -> dict:
+    """With --reference-kernels both sides run at once on the CPU: each gets half the cores (OMP_NUM_THREADS,
+    unless set), as two processes of 2 threads on 2 cores wait on each other's threads."""
+    if args.reference_kernels and "OMP_NUM_THREADS" not in env:
+        return {**env, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+    return dict(env)
+
+
+def start_released(args, work: Path, checkpoint: Path, tokenizer: Path, frames: Path | None,
+                   ext_dir: Path | None) -> subprocess.Popen:
     video_mm = Path(args.videomamba_repo).resolve() / "videomamba" / "video_mm"
     if not (video_mm / "tasks" / "retrieval_utils.py").is_file():
         raise SystemExit(f"{video_mm}: not a VideoMamba checkout (no videomamba/video_mm/tasks/retrieval_utils.py)")
@@ -243,11 +286,17 @@ def run_released(args, work: Path, checkpoint: Path, tokenizer: Path, frames: Pa
     cmd = [args.released_python, str(REPO / "scripts/released_eval_driver.py"),
            "--videomamba-repo", str(Path(args.videomamba_repo).resolve()), "--checkpoint", str(checkpoint),
            "--tokenizer", str(tokenizer), "--annotation", str(work / "anno.json"), "--root", str(work / "videos"),
-           "--out", str(out), "--size", args.size, "--k-test", str(args.k_test),
+           "--out", str(out), "--size", args.size, "--img-size", str(size_spec(args)[5]),
+           "--k-test", str(args.k_test),
            "--bert-config", str(work / "bert_config.json"),
            *(["--frames", str(frames)] if frames else []), *(["--released-ext", str(ext_dir)] if ext_dir else []),
            *modes]
-    run_logged(cmd, work / "released.log", cwd=video_mm, env=released_env(args))
+    return start_logged(cmd, work / "released.log", cwd=video_mm, env=released_env(args))
+
+
+def finish_released(process: subprocess.Popen, work: Path) -> dict:
+    finish_logged(process, work / "released.log")
+    out = work / "released"
     return {"scores": dict(np.load(out / "released_scores.npz")),
             "record": json.loads((out / "released.json").read_text())}
 
@@ -308,9 +357,43 @@ def print_checks(checks: dict) -> bool:
     return all(c["ok"] for c in checks.values())
 
 
+def markdown_report(summary: dict) -> str:
+    """check_released_eval.json as tables: the matrix checks, then R@k of both sides."""
+    lines = [f"# Zero-shot evaluation against the released code: {summary['verdict']}", "",
+             f"{summary.get('date', '?')}, {summary.get('machine', '?')}; {summary['mode']}.",
+             f"Size {summary['size']}, {summary.get('num_frames')} frames of {summary.get('img_size')} px, "
+             f"{summary['videos']} videos, {summary.get('texts')} texts, re-rank depth {summary['k_test']}, "
+             f"{summary.get('seconds', '?')} s.", "",
+             "| check | max abs diff | allowed | largest abs released score | ok |", "|---|---:|---:|---:|---|"]
+    for name, check in summary.get("checks", {}).items():
+        if "max_abs_diff" in check:
+            lines.append(f"| {name} | {check['max_abs_diff']:.2e} | {check['allowed']:.1e} | "
+                         f"{check['max_abs_released']:.3f} | {'yes' if check['ok'] else 'NO'} |")
+        else:
+            lines.append(f"| {name} | | | | {'yes' if check['ok'] else 'NO'} |")
+    ours, released = summary.get("ours", {}).get("metrics"), summary.get("released", {})
+    if ours and "metrics" in released:
+        lines += ["", "| R@k (%) | ours | released |", "|---|---:|---:|"]
+        for prefix, theirs, label in (("", released["metrics"], "re-ranked"),
+                                      ("similarity/", released["metrics_emb"], "similarity")):
+            for direction, name in (("t2v", "img"), ("v2t", "txt")):
+                for k in (1, 5, 10):
+                    lines.append(f"| {label} {direction} R@{k} | {ours[f'{prefix}{direction}_r{k}']:.2f} | "
+                                 f"{theirs[f'{name}_r{k}']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "?") if Path("/proc/cpuinfo").is_file() else "?"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({os.cpu_count()} cores){gpu}"
+
+
 def write_results(results: Path, work: Path, summary: dict) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "check_released_eval.json").write_text(json.dumps(summary, indent=1))
+    (results / "check_released_eval.md").write_text(markdown_report(summary))
     copies = {"ours/scores_msrvtt.npz": "scores_ours.npz", "ours/retrieval_msrvtt.json": "retrieval_msrvtt.json",
               "released/released_scores.npz": "released_scores.npz", "released/released.json": "released.json"}
     for src, dst in copies.items():
@@ -339,7 +422,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", choices=tuple(SIZES), default="full",
                         help="full: VideoMamba-M + bert-base (the released 798-key layout); tiny: a quick run")
     parser.add_argument("--videos", type=int, default=16, help="synthetic videos (2 captions each)")
-    parser.add_argument("--k-test", type=int, default=10, help="re-rank depth (>= 10 so R@1/5/10 are comparable)")
+    parser.add_argument("--k-test", type=int, default=10,
+                        help="re-rank depth (>= 10, or >= 5 for under 6 videos, so R@1/5/10 are comparable)")
+    parser.add_argument("--img-size", type=int,
+                        help="--size full at this many pixels (a multiple of 16; default 224): VideoMamba-M + "
+                        "bert-base, only vision_encoder.pos_embed changes shape; a smaller one for the CPU")
     parser.add_argument("--atol", type=float, default=1e-5, help="allowed |score difference|, absolute part")
     parser.add_argument("--rtol", type=float, default=1e-5,
                         help="allowed |score difference|, part relative to the matrix's largest |released score|")
@@ -354,10 +441,14 @@ def parse_args() -> argparse.Namespace:
                        help="no GPU: import and load both sides, compare queries, load report, text embeddings")
     modes.add_argument("--reference-kernels", action="store_true",
                        help="no GPU: the whole comparison on the CPU, the released kernels replaced by the fork's "
-                       "reference functions (slow: --size tiny)")
+                       "reference functions, both sides at once (slow: --size tiny, or full with few videos)")
     args = parser.parse_args()
-    if args.k_test < 10:
-        parser.error("--k-test must be >= 10: ranks past the re-rank depth tie at -100 in the released matrices")
+    incomparable = incomparable_recalls(args.k_test, args.videos)
+    if incomparable:
+        parser.error(f"--k-test {args.k_test} leaves {', '.join(incomparable)} incomparable with {args.videos} "
+                     "videos: ranks past the re-rank depth tie at -100 in the released matrices")
+    if args.img_size is not None and (args.size != "full" or args.img_size % PATCH or args.img_size <= 0):
+        parser.error(f"--img-size takes a positive multiple of {PATCH}, with --size full; got {args.img_size}")
     if not args.ours_only and args.videomamba_repo is None:
         parser.error("--videomamba-repo is required (or --ours-only)")
     if args.dry_run and (args.build_kernels or args.released_ext or args.decode):
@@ -365,6 +456,14 @@ def parse_args() -> argparse.Namespace:
     if args.reference_kernels and (args.build_kernels or args.released_ext):
         parser.error("--reference-kernels uses no built kernels: drop --build-kernels / --released-ext")
     return args
+
+
+def incomparable_recalls(k_test: int, videos: int) -> list[str]:
+    """The R@k that a re-rank depth of k_test leaves incomparable: k_test < k < the direction's candidates. Past
+    the depth the released matrices tie at -100 (where its argsort breaks the tie) and ours keep the similarity
+    order; at k >= the candidates every R@k is 100 on both sides."""
+    candidates = {"t2v": videos, "v2t": 2 * videos}  # write_videos gives each video 2 captions
+    return [f"{d}_r{k}" for d, n in candidates.items() for k in (1, 5, 10) if k_test < k < n]
 
 
 def mode_name(args: argparse.Namespace) -> str:
@@ -387,29 +486,40 @@ def main() -> int:
     build, ext_dir = (None, None) if no_kernels else start_kernel_build(args, work)
     entries = write_videos(work, args.videos, args.seed)
     tokenizer = write_tokenizer(work, SIZES[args.size][1])
-    checkpoint = write_checkpoint(work, args.size, args.seed)
+    checkpoint = write_checkpoint(work, args)
     overrides = eval_overrides(args, work, checkpoint, tokenizer)
-    log(f"work folder ready: {len(entries)} videos, size {args.size} ({time.perf_counter() - started:.0f} s)")
-    summary = {"size": args.size, "videos": args.videos, "k_test": args.k_test, "atol": args.atol,
-               "rtol": args.rtol, "mode": mode_name(args),
+    _, _, _, _, num_frames, pixels = size_spec(args)
+    log(f"work folder ready: {len(entries)} videos, size {args.size}, {num_frames} frames of {pixels} px "
+        f"({time.perf_counter() - started:.0f} s)")
+    summary = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "size": args.size, "num_frames": num_frames,
+               "img_size": pixels, "videos": args.videos,
+               "texts": 2 * args.videos, "k_test": args.k_test, "atol": args.atol, "rtol": args.rtol,
+               "mode": mode_name(args), "threads_per_side": side_env(args, os.environ).get("OMP_NUM_THREADS"),
                "ours": {"torch": torch.__version__, "device": (torch.cuda.get_device_name()
                                                                if torch.cuda.is_available() else "cpu")}}
+    released_run = None
     try:
         if args.dry_run:
             ours = ours_text_side(overrides)
-            released = run_released(args, work, checkpoint, tokenizer, None, None)
+            released = finish_released(start_released(args, work, checkpoint, tokenizer, None, None), work)
             checks = compare_dry_run(ours, released, args.atol, args.rtol)
         else:
-            ours = run_ours(args, work, overrides, env)
+            if args.reference_kernels:  # no kernel build to wait for: the released side runs beside ours
+                frames = save_frames(work, entries, args)
+                released_run = start_released(args, work, checkpoint, tokenizer, frames, None)
+            ours = run_ours(args, work, overrides, side_env(args, env))
             summary["ours"]["metrics"] = ours["result"]["metrics"]
             log(f"ours done ({time.perf_counter() - started:.0f} s): "
                 f"{json.dumps({k: round(v, 2) for k, v in ours['result']['metrics'].items() if k.endswith('_r1')})}")
             if args.ours_only:
                 write_results(Path(args.results or work / "results"), work, summary)
                 return 0
-            frames = save_frames(work, entries, args.size)
-            wait_kernel_build(build, work, started)
-            released = run_released(args, work, checkpoint, tokenizer, frames, ext_dir)
+            if released_run is None:
+                frames = save_frames(work, entries, args)
+                wait_kernel_build(build, work, started)
+                released_run = start_released(args, work, checkpoint, tokenizer, frames, ext_dir)
+            released = finish_released(released_run, work)
+            log(f"released done ({time.perf_counter() - started:.0f} s)")
             checks = compare_scores(ours, released, args.atol, args.rtol)
     except SystemExit:
         write_results(Path(args.results or work / "results"), work, {**summary, "verdict": "FAIL"})
@@ -417,6 +527,9 @@ def main() -> int:
     finally:
         if build is not None and build.poll() is None:
             os.killpg(build.pid, signal.SIGTERM)
+        if released_run is not None and released_run.poll() is None:  # our side failed first
+            released_run.terminate()
+            released_run.wait()
     record = released["record"]
     summary["released"] = {k: record.get(k) for k in ("packages", "placeholders", "released", "device", "metrics",
                                                       "metrics_emb", "frames_max_abs_diff") if k in record}

@@ -136,6 +136,8 @@ def _config(args: argparse.Namespace):
         text.update(config=args.bert_config, d_model=32, fusion_layer=2)
         cfg.model.embed_dim = 16
         cfg.num_frames = cfg.num_frames_test = 4
+    else:  # VideoMamba-M, at another resolution only its position embedding's patch grid changes
+        vision.img_size = cfg.inputs.image_res = args.img_size
     cfg.inputs.max_txt_l = {"image": args.max_text_tokens, "video": args.max_text_tokens}
     cfg.evaluation.k_test = args.k_test
     cfg.fp16 = False
@@ -212,6 +214,7 @@ def main() -> None:
     parser.add_argument("--released-ext", help="folder of the compiled selective_scan_cuda / causal_conv1d_cuda")
     parser.add_argument("--bert-config", help="BERT config json (tiny size)")
     parser.add_argument("--size", choices=("full", "tiny"), default="full")
+    parser.add_argument("--img-size", type=int, default=224, help="pixels of the full size's frames")
     parser.add_argument("--k-test", type=int, required=True)
     parser.add_argument("--max-text-tokens", type=int, default=32)
     parser.add_argument("--decode", action="store_true", help="also decode with the released reader and compare")
@@ -262,7 +265,7 @@ def main() -> None:
         record["metrics_emb"] = itm_eval(i2t_emb, t2i_emb, released.txt2img, released.img2txt)
         record["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         if args.decode:
-            theirs = _released_frames(released, cfg.inputs.image_res if args.size == "full" else 32)
+            theirs = _released_frames(released, args.img_size if args.size == "full" else 32)
             record["frames_max_abs_diff"] = float((theirs - frames).abs().max())
     (out / "released.json").write_text(json.dumps(record, indent=1))
 

@@ -95,3 +95,31 @@ def test_placeholders_only_for_missing_modules_and_refuse_calls(monkeypatch):
             VideoReader("clip.mp4")
     finally:
         sys.modules.pop("not_installed_reader_x", None)
+
+
+def test_rerank_depth_must_keep_every_recall_comparable():
+    # 16 videos, 32 texts: R@10 needs the depth of 10 in both directions.
+    assert check.incomparable_recalls(10, 16) == []
+    assert check.incomparable_recalls(5, 16) == ["t2v_r10", "v2t_r10"]
+    # 4 videos, 8 texts: R@10 is 100 on both sides whatever the depth; R@5 of the 8 texts needs 5.
+    assert check.incomparable_recalls(5, 4) == []
+    assert check.incomparable_recalls(4, 4) == ["v2t_r5"]
+
+
+def test_released_layout_at_another_resolution_changes_only_the_position_embedding():
+    full = check.expected_released_layout(224)
+    small = check.expected_released_layout(64)
+    assert len(full) == len(small) == 798
+    differ = [(a, b) for a, b in zip(full, small, strict=True) if a != b]
+    assert differ == [(["vision_encoder.pos_embed", [1, 197, 576]], ["vision_encoder.pos_embed", [1, 17, 576]])]
+
+
+def test_markdown_report_gives_every_check_and_both_sides_recalls():
+    ours, released = _pair()
+    checks = check.compare_scores(ours, released, 1e-5, 1e-5)
+    summary = {"verdict": "PASS", "mode": "fp32 on the CPU", "size": "full", "num_frames": 8, "img_size": 64,
+               "videos": 3, "texts": 6, "k_test": 5, "checks": checks, "ours": {"metrics": ours["result"]["metrics"]},
+               "released": {k: released["record"][k] for k in ("metrics", "metrics_emb")}}
+    report = check.markdown_report(summary)
+    assert report.count("| yes |") == len(checks) and "| re-ranked t2v | 0.00e+00 |" in report
+    assert "| similarity v2t R@10 | 50.00 | 50.00 |" in report
