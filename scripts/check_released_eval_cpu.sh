@@ -16,13 +16,14 @@
 # Needs $VIDEOMAMBA (default .cache/VideoMamba): a checkout of OpenGVLab/VideoMamba, or its mamba/,
 # causal-conv1d/, videomamba/video_sm/models/videomamba.py and videomamba/video_mm/; its commit is read from
 # its .git or from $VIDEOMAMBA.commit. Writes $RESULTS/$NAME.{json,md} (default
-# benchmarks/results/released_eval_cpu) and the whole comparison under $WORK/results.
+# benchmarks/results/checks/released_eval_cpu: a correctness check, not a timing) and the whole comparison
+# under $WORK/results.
 #   bash scripts/check_released_eval_cpu.sh [--img-size 112]
 set -uo pipefail
 PY=${PYTHON:-python}
 VIDEOMAMBA=${VIDEOMAMBA:-.cache/VideoMamba}
 SITE=${SITE:-.cache/released_site}
-RESULTS=${RESULTS:-benchmarks/results}
+RESULTS=${RESULTS:-benchmarks/results/checks}
 NAME=${NAME:-released_eval_cpu}
 WORK=${WORK:-outputs/check_released_eval_cpu}
 RELEASED_PACKAGES=(transformers==4.36.1 tokenizers==0.15.2 huggingface_hub==0.20.3 timm==0.4.12)
