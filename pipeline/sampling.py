@@ -4,10 +4,10 @@ For draws without replacement (or a single draw), `torch.multinomial` uses the e
 per entry, the indices of the largest p / q are a draw proportional to p (argmax for one draw, topk for several).
 Before that it checks its input on the host (`(max < inf) & (min >= 0)` and no all-zero row: two `.item()` calls),
 which stalls the training step until the GPU has caught up. `multinomial` here runs the same three operations on
-the same generator, so it returns exactly what `torch.multinomial` returns for valid weights (tests/test_sampling.py
-compares them), and leaves the checks to the caller: the stages' weights are softmax or attention outputs with a
-positive floor, so they are valid unless they are NaN, and a NaN there makes the loss NaN, which the engine's
-non-finite policy handles.
+the same generator, so it returns exactly what `torch.multinomial` returns for valid weights
+(tests/unit/test_sampling.py compares them), and leaves the checks to the caller: the stages' weights are softmax or
+attention outputs with a positive floor, so they are valid unless they are NaN, and a NaN there makes the loss NaN,
+which the engine's non-finite policy handles.
 """
 
 from __future__ import annotations

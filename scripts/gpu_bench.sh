@@ -2,7 +2,7 @@
 # GPU check of the Triton scan in one go (the device machine starts bare and keeps nothing):
 #   1. build mamba-ssm's and causal-conv1d's kernels from their sdists for sm_90 (bf16) in the background
 #      (scripts/build_released_kernels.py);
-#   2. run tests/test_triton_scan.py (GPU kernels vs the float64 reference);
+#   2. run tests/gpu/test_triton_scan.py (GPU kernels vs the float64 reference);
 #   3. time our scan (inputs (B, E, L), then time-major) against mamba-ssm's selective_scan_fn, and the mixer core
 #      against the released VideoMamba's fused path (bench_block.py), once the kernels are built.
 # Results land in benchmarks/results/ and in $OUT/results.tgz (unpack it at the repository root), beside the logs.
@@ -32,7 +32,7 @@ build_pid=$!
 LOG="$OUT/bench.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/tests.log"
 if [ "${TESTS:-1}" != 0 ]; then  # TESTS=0: benchmarks only (the tests already ran on this code)
-    "$PY" -m pytest -q -n 8 -p no:cacheprovider tests/test_triton_scan.py 2>&1 | tail -25 | tee -a "$OUT/tests.log"
+    "$PY" -m pytest -q -n 8 -p no:cacheprovider tests/gpu/test_triton_scan.py 2>&1 | tail -25 | tee -a "$OUT/tests.log"
 fi
 
 if [ -n "${SWEEP:-}" ]; then

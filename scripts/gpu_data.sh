@@ -34,8 +34,8 @@ python3 -c "import torch, av, torchcodec; print('torch', torch.__version__, 'av'
 torchcodec.__version__, 'FFmpeg', torchcodec.ffmpeg_major_version)" 2>&1 | tee -a "$OUT/gpu.txt"
 
 status=0
-step "NVDEC test (tests/test_data_torchcodec.py -m gpu)"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_data_torchcodec.py 2>&1 | tail -15 | tee "$OUT/tests.log"
+step "NVDEC test (tests/unit/test_data_torchcodec.py -m gpu)"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_data_torchcodec.py 2>&1 | tail -15 | tee "$OUT/tests.log"
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 step "benchmarks/bench_data.py --gpu"
 python3 benchmarks/bench_data.py --gpu --work-dir "$WORK" --workers 1 4 "$(( $(nproc) - 1 ))" --batch-size 32 \

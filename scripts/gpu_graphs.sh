@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CUDA graphs for every stage and the training step's host syncs, checked and measured on one GPU in one command
 # (at most 6 minutes: every part is bounded by a timeout, 140 + 90 + 120 s):
-#   1. the GPU tests: tests/test_cuda_graph.py (replay against eager, every stage, DeepSpeed ZeRO-1/2),
-#      tests/test_host_syncs.py (syncs per step of real stage steps), tests/test_sampling.py (the GPU draws);
+#   1. the GPU tests: tests/gpu/test_cuda_graph.py (replay against eager, every stage, DeepSpeed ZeRO-1/2),
+#      tests/unit/test_host_syncs.py (syncs per step of real stage steps), tests/unit/test_sampling.py (the GPU draws);
 #   2. benchmarks/bench_distill.py: Stage 2 (VideoMamba-S -> M) and Stage 4 (VideoMamba-S, 8 frames) steps, eager
 #      against CUDA-graphed, side by side;
 #   3. benchmarks/bench_syncs.py: host syncs per step of every stage through the Trainer, the code before the
@@ -61,7 +61,7 @@ triton.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1 | tee -a
   # the carried pytest with its timeout plugin only: the image's own plugins need not suit this pytest
   PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 140 python3 -m pytest -p pytest_timeout -v --tb=short -m gpu \
     -p no:cacheprovider -o addopts="-rs" -o timeout=100 \
-    tests/test_cuda_graph.py tests/test_host_syncs.py tests/test_sampling.py > "$OUT/tests.log" 2>&1 || status=1
+    tests/gpu/test_cuda_graph.py tests/unit/test_host_syncs.py tests/unit/test_sampling.py > "$OUT/tests.log" 2>&1 || status=1
   grep -E " (PASSED|FAILED|ERROR|SKIPPED)" "$OUT/tests.log" | sed 's/ *\[ *[0-9]*%\]//' | tail -45
   grep -E "^(FAILED|ERROR) |^E  |passed|failed" "$OUT/tests.log" | tail -30
   echo "tests: $((SECONDS - start)) s"

@@ -12,7 +12,7 @@
 #   zero       the same at N GPUs for ZeRO stages 2 and 3
 #   fault      SIGKILL one worker of an N-GPU run after its first checkpoint; Ray must restart it and resume
 #   vtc        the video-text stage (pretrain_vtc_m_5m.yaml) at 1 and N GPUs
-#   losstest   the gathered video-text loss on N NCCL ranks against one process (tests/test_losses.py, gpu)
+#   losstest   the gathered video-text loss on N NCCL ranks against one process (tests/unit/test_losses.py, gpu)
 # Results and logs collect under $WORK (results/, logs/), which outlives this script like the services; each call
 # packs them into $OUT/results.tgz (unpack at the repository root: benchmarks/results/scaling*.{json,md}).
 set -uo pipefail
@@ -107,7 +107,7 @@ vtc() {
 
 losstest() {
   step "gathered contrastive loss on $GPUS NCCL ranks"
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_losses.py
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_losses.py
 }
 
 status=0

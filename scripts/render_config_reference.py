@@ -1,7 +1,7 @@
 """Regenerate docs/config.md, the reference of every config key, from the config dataclasses; never by hand.
 
     .venv/bin/python scripts/render_config_reference.py           # rewrite docs/config.md
-    .venv/bin/python scripts/render_config_reference.py --check   # exit 1 when stale (tests/test_config_docs.py)
+    .venv/bin/python scripts/render_config_reference.py --check   # exit 1 when stale (tests/unit/test_config_docs.py)
 
 Every key of a training stage (`pipeline.config.Config`, one section per registered task) and of the two evaluation
 jobs, with its type as the code writes it, its default and its docstring. Defaults are read off a default instance,

@@ -1,7 +1,7 @@
 """Regenerate docs/performance.md, the current benchmark numbers, from benchmarks/results/*.json; never by hand.
 
     .venv/bin/python scripts/render_performance.py           # rewrite docs/performance.md
-    .venv/bin/python scripts/render_performance.py --check   # exit 1 if it is out of date (tests/test_readme.py)
+    .venv/bin/python scripts/render_performance.py --check   # exit 1 if it is out of date (tests/unit/test_readme.py)
 
 The page holds issue 28's targets evaluated on the whole-model results, then one section per result file (what
 the benchmark measures, how to rerun it, its provenance line and table). The kernels' design and limits are in

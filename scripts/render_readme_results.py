@@ -8,7 +8,7 @@ Two sections, each between a pair of markers in README.md:
                                                     (400-class 8-frame classifier and the headless backbone)
   <!-- results:start --> ... <!-- results:end -->  one table per benchmarks/results/*.json (scripts/results_tables.py,
                                                     which docs/performance.md's renderer shares).
-                                                    tests/test_readme.py keeps them in sync.
+                                                    tests/unit/test_readme.py keeps them in sync.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ gate's sigmoid; the backward also softplus' derivative. Triton's generic lowerin
   where e^x is small and the hardware's lg2 (one MUFU.LG2) where it is not. 1 + e^x >= 1.125 there, so
   lg2's absolute error (2^-22) is < 1.5e-6 relative; the series' cut-off error is < 6e-7 relative. Over
   x in [-30, 30] softplus, its slope and sigmoid are within 1.7e-6 relative of float64 on an H100 (the
-  largest near -30, from ex2.approx; tests/test_triton_scan.py::test_fast_math_matches_torch).
+  largest near -30, from ex2.approx; tests/gpu/test_triton_scan.py::test_fast_math_matches_torch).
 
 The hardware lg2 and rcp (and `upcast`'s cvt) are inline PTX, so they are only emitted on NVIDIA GPUs; Triton's
 CPU interpreter (the CPU tests) and ROCm use the plain operations.

@@ -48,7 +48,7 @@ class TaskSpec:
     true` is allowed, and `auto` turns them on for it on a GPU when `cuda_graph_auto` is set too."""
     cuda_graph_auto: bool = True
     """With `cuda_graph`: `auto` uses the graphs. False while the task's graphed step has not yet been compared with
-    its eager step on a GPU (tests/test_cuda_graph.py): it then trains eagerly unless `model.cuda_graph: true`."""
+    its eager step on a GPU (tests/gpu/test_cuda_graph.py): it then trains eagerly unless `model.cuda_graph: true`."""
     evaluates: bool = False
     """The task implements `Task.evaluate` (periodic `eval/<name>` metrics)."""
     own_loader: bool = False
