@@ -5,13 +5,15 @@
 
 The run is `python jobs/train_toy.py --config configs/stages/toy.yaml ...` as a user starts it: a driver that
 starts a private local Ray, one Ray Train worker (DeepSpeed ZeRO-2, gloo, 1 CPU), a sqlite MLflow store and
-local checkpoints under `--work`, every checkpoint kept, `tracking.log_interval=1` (one MLflow value per step
-expected) and `nonfinite=skip`. A short calibration run measures steps/s first; `optim.max_steps` is what fits the
-requested minutes less the expected restarts. Every `--fault-every-s` seconds the next fault of the rotation:
+local checkpoints under `--work`, every checkpoint kept, `tracking.log_interval` from `--log-interval` (5: one
+MLflow value every 5 steps expected) and `nonfinite=skip`. A short calibration run measures steps/s first;
+`optim.max_steps` is what fits the requested minutes less the expected restarts. Every `--fault-every-s` seconds'
+worth of steps (at the calibrated rate: faults come by progress, so each happens however fast the shared machine
+runs) the next fault of the rotation:
 
 - `worker_kill`: SIGKILL of the Ray Train worker process (`ray::RayTrainWorker`, found among the driver's
   descendants); Ray restarts the group from the latest committed checkpoint (`scaling.max_failures=-1`);
-- `nan_loss`: a NaN loss at the batch position the run reaches about then (`task.nan_at_batches`, planned at
+- `nan_loss`: a NaN loss at the batch position of that step (`task.nan_at_batches`, planned at
   launch; the toy task is the one that can inject it); `nonfinite=skip` drops the batch and counts it;
 - `driver_stop`: SIGKILL of the driver's process group (the job and its Ray), then, `--resubmit-delay-s` later,
   the same command again, which resumes from storage.
@@ -205,6 +207,10 @@ class Plan:
     max_steps: int
     checkpoint_interval: int
     fault_times_s: list[float]
+    """When each fault would come at the calibrated rate (for the record)."""
+    fault_steps: list[int]
+    """The step at which each fault comes: by progress, not by the clock, so that every planned fault happens
+    however fast the shared machine runs (its load changed 5-fold within one soak)."""
     fault_kinds: list[str]
     nan_positions: list[int]
 
@@ -212,19 +218,20 @@ class Plan:
 def make_plan(minutes: float, fault_every_s: float, rate: dict[str, float], checkpoint_every_s: float,
               log_interval: int) -> Plan:  # fmt: skip
     """Fault times every `fault_every_s` (the last one at least a minute before the end), kinds in rotation; the
-    steps that fit the minutes less one start-up per driver or worker restart; NaN positions where the run is
-    expected to be at their fault times."""
+    steps that fit the minutes less the restarts (each about 0.6 start-ups: Ray stays up after a worker kill); the
+    fault steps and NaN positions where the run is expected to be at the fault times."""
     total_s = minutes * 60
     times = [fault_every_s * k for k in range(1, int(total_s // fault_every_s) + 1)
              if fault_every_s * k <= total_s - 60]  # fmt: skip
     kinds = [ROTATION[i % len(ROTATION)] for i in range(len(times))]
     restarts = sum(kind != "nan_loss" for kind in kinds)
-    training_s = max(total_s - rate["startup_s"] * (1 + restarts), total_s / 4)
+    training_s = max(total_s - rate["startup_s"] * (1 + 0.6 * restarts), total_s / 4)
     # a multiple of the log interval: a resumed run then logs the steps it logged before, once each
     interval = max(2, round(rate["steps_per_s"] * checkpoint_every_s / log_interval)) * log_interval
     max_steps = max(interval, round(rate["steps_per_s"] * training_s / interval) * interval)
-    nan_positions = [round(max_steps * t / total_s) for t, kind in zip(times, kinds, strict=True) if kind == "nan_loss"]
-    return Plan(max_steps, interval, times, kinds, nan_positions)
+    steps = [round(max_steps * t / total_s) for t in times]
+    nan_positions = [step for step, kind in zip(steps, kinds, strict=True) if kind == "nan_loss"]
+    return Plan(max_steps, interval, times, steps, kinds, nan_positions)
 
 
 # ---------------------------------------------------------------------------------------------------- the soak
@@ -320,7 +327,7 @@ class Soak:
 
     def run(self) -> None:
         deadline_s = self.args.minutes * 60 * self.args.deadline_factor
-        pending = [(t, k) for t, k in zip(self.plan.fault_times_s, self.plan.fault_kinds, strict=True)
+        pending = [(step, k) for step, k in zip(self.plan.fault_steps, self.plan.fault_kinds, strict=True)
                    if k != "nan_loss"]  # fmt: skip
         driver = self.submit()
         try:
@@ -341,7 +348,8 @@ class Soak:
                     print(f"[soak] past the deadline ({deadline_s:.0f} s): stopping", flush=True)
                     driver.stop_group()
                     break
-                if pending and self.now() >= pending[0][0] and self.healthy():
+                last = self.events.last_step()
+                if pending and last and last.step >= pending[0][0] and self.healthy():
                     injected = self.inject(pending[0][1], driver)
                     if injected is not None:
                         driver = injected

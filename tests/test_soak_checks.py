@@ -20,6 +20,8 @@ def test_plan_rotates_faults_and_keeps_checkpoints_on_log_steps():
     assert plan.checkpoint_interval % 5 == 0 and plan.max_steps % plan.checkpoint_interval == 0
     assert len(plan.nan_positions) == plan.fault_kinds.count("nan_loss")
     assert all(0 < p < plan.max_steps for p in plan.nan_positions)
+    assert plan.fault_steps == sorted(plan.fault_steps) and plan.fault_steps[-1] < plan.max_steps
+    assert plan.nan_positions == [s for s, k in zip(plan.fault_steps, plan.fault_kinds, strict=True) if k == "nan_loss"]
 
 
 def test_events_name_the_worker_that_printed_them():
