@@ -49,6 +49,9 @@ TABLES = {
     "scaling_fault": ("Worker loss: one of 2 H100 ranks SIGKILLed after a committed checkpoint, Ray restarts the group",
                       ["workers", "zero", "killed at s", "resumed after kill s", "resumed from", "final step",
                        "steps unique", "recovered", "wall s"]),
+    "soak": ("Soak (CPU): toy training through Ray + DeepSpeed + MLflow with worker kills, NaN batches, driver stops",
+             ["kind", "driver", "at s", "step", "resumed from", "steps redone", "recovery s", "seen", "orphans",
+              "own group"]),
 }
 TITLES = {"model": "Whole model: ours vs the released VideoMamba code and a joint-attention TimeSformer, 224², bf16",
           "norm": "Fused add + RMSNorm: Triton vs the PyTorch reference",
