@@ -149,6 +149,21 @@ class TrackingRun:
                                    max_results=1)
         return found[0].info.run_id if found else None
 
+    @classmethod
+    def find_running(cls, uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> str | None:
+        """The id of the newest run of `experiment` named `run_name`, still RUNNING, with these tags; or None."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        found_experiment = client.get_experiment_by_name(experiment)  # a lookup: never creates the experiment
+        if found_experiment is None:
+            return None
+        filters = [f"attributes.run_name = '{run_name}'", "attributes.status = 'RUNNING'",
+                   *(f"tags.`{key}` = '{value}'" for key, value in tags.items())]  # fmt: skip
+        found = client.search_runs([found_experiment.experiment_id], filter_string=" and ".join(filters),
+                                   max_results=1, order_by=["attributes.start_time DESC"])  # fmt: skip
+        return found[0].info.run_id if found else None
+
     def log_params(self, params: dict[str, Any]) -> None:
         """Params in batches (MLflow takes 100 a request); lists and dicts as JSON, values cut to 6000 characters."""
         from mlflow.entities import Param
@@ -204,10 +219,18 @@ class RunTracker:
     def start(self, resume_run_id: str | None = None, launch_id: str | None = None) -> str:
         """Create the run, or continue one: `resume_run_id` (a checkpoint's run), else the run an earlier attempt
         of the same launch created (`launch_id`, tagged on the run: Ray restarted the workers before any
-        checkpoint was committed, so there is no checkpoint to name it). Returns the run id."""
+        checkpoint was committed, so there is no checkpoint to name it), else a run of this name and stage left
+        RUNNING (a lost driver's, resubmitted before any checkpoint). Returns the run id."""
         tracking = self.cfg.tracking
         if resume_run_id is None and launch_id is not None:
             resume_run_id = TrackingRun.find(self.uri, tracking.experiment, "launch_id", launch_id)
+        if resume_run_id is None:
+            # A driver lost before the first checkpoint leaves its run RUNNING, and its resubmission is a new
+            # launch with nothing to resume: it continues that run (as a Ray restart does, each step logged once)
+            # rather than open a second run of the same name beside an open one that never ends.
+            tags = {"stage": self.cfg.stage, **({"mlflow.parentRunId": tracking.parent_run_id}
+                                                if tracking.parent_run_id else {})}  # fmt: skip
+            resume_run_id = TrackingRun.find_running(self.uri, tracking.experiment, self.cfg.run_name, tags)
         if resume_run_id is not None:
             self.run = TrackingRun.reopen(self.uri, resume_run_id)
             self._last_logged_step = self._max_logged_step()

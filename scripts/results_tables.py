@@ -51,6 +51,9 @@ TABLES = {
                        "steps unique", "recovered", "wall s"]),
     "config": ("Configs: today's dataclasses + coercion vs a pydantic v2 prototype of the same sections (CPU)",
                ["measure", "dataclasses (today)", "pydantic v2", "pydantic v2 + message adapter"]),
+    "soak": ("Soak (CPU): toy training through Ray + DeepSpeed + MLflow with worker kills, NaN batches, driver stops",
+             ["kind", "driver", "at s", "step", "resumed from", "steps redone", "recovery s", "seen", "orphans",
+              "own group"]),
 }
 TITLES = {"model": "Whole model: ours vs the released VideoMamba code and a joint-attention TimeSformer, 224², bf16",
           "norm": "Fused add + RMSNorm: Triton vs the PyTorch reference",

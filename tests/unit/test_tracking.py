@@ -74,6 +74,38 @@ def test_attempts_of_one_launch_share_a_run(tmp_path, monkeypatch):
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+@pytest.mark.timeout(120)
+def test_a_resubmission_after_a_driver_lost_before_any_checkpoint_continues_its_run(tmp_path, monkeypatch):
+    """benchmarks/soak.py found it: a driver SIGKILLed before the run's first checkpoint left its MLflow run
+    RUNNING, and the resubmitted launch (a new launch_id, nothing to resume) opened a second run of the same name."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, ["task.name=toy", f"output_dir={tmp_path}", "stage=unit",
+                             "tracking.system_metrics_interval_s=0"])  # trackers left open, as above
+    lost = RunTracker(cfg)
+    run_id = lost.start(launch_id="launch-a")
+    lost.log_metrics({"train/loss": 1.0}, 5)
+    lost.flush()  # then the driver and its workers are killed: the run stays RUNNING, no checkpoint
+
+    other_stage = load_config(None, ["task.name=toy", f"output_dir={tmp_path}", "stage=other",
+                                     "tracking.run_name=unit", "tracking.system_metrics_interval_s=0"])
+    assert RunTracker(other_stage).start(launch_id="launch-x") != run_id  # another stage's run of the name: not it
+    resubmitted = RunTracker(cfg)
+    assert resubmitted.start(launch_id="launch-b") == run_id
+    for step in (5, 10):  # from scratch: step 5 again, logged once
+        resubmitted.log_metrics({"train/loss": 2.0}, step)
+    resubmitted.end("FINISHED")
+
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name("videomamba").experiment_id
+    runs = client.search_runs([experiment], filter_string="attributes.run_name = 'unit' and tags.stage = 'unit'")
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(5, 1.0), (10, 2.0)]
+    assert RunTracker(cfg).start(launch_id="launch-c") != run_id  # a finished run is not continued
+
+
 def test_manifest_hash_tag(tmp_path, monkeypatch):
     from pipeline.tracking import manifest_hash
 
