@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from pipeline.checkpointing import layout
+from pipeline.checkpointing.run_lock import LOCK
 from pipeline.config import load_config
 from pipeline.engine import train
+from pipeline.launch import launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOY_YAML = os.path.join(REPO, "configs", "stages", "toy.yaml")
@@ -71,10 +73,11 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_pat
                          timeout=240)  # fmt: skip
     assert job.returncode == -9, job.stderr[-3000:]
     run = tmp_path / "ckpt" / "killed"
-    assert sorted(p.name for p in run.iterdir()) == [STAGING, layout.checkpoint_dir_name(10)]
+    # SIGKILL cannot release the run lock: it stays, and the rerun takes it over (its holder is dead on this host)
+    assert sorted(p.name for p in run.iterdir()) == sorted([STAGING, layout.checkpoint_dir_name(10), LOCK])
     assert {p.name for p in (run / STAGING).iterdir()} >= written  # the kill came mid-write, where intended
 
-    resumed = train(load_config(TOY_YAML, args))  # the same command again
+    resumed = launch(load_config(TOY_YAML, args))  # the same command again
     assert (resumed.resumed_from_step, resumed.step) == (10, 30)
     weights = torch.load(resumed.export_path)["state_dict"]
     for key, value in straight_weights.items():
