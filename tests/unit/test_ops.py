@@ -238,7 +238,7 @@ def test_matches_mamba_ssm_selective_scan_ref():
         sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
         from mamba_ssm.ops.selective_scan_interface import selective_scan_ref as theirs
         from models.ops.ref import selective_scan_ref as ours
-        sys.path.insert(0, "tests")
+        sys.path.insert(0, "tests/unit")
         from test_ops import variant_inputs
         for variant in ("plain", "full", "grouped"):
             args, softplus = variant_inputs(variant, L=70)
