@@ -21,7 +21,9 @@ def encode_h264(
 ) -> bytes:
     """Encode uint8 RGB frames (T, H, W, 3) as an H.264 mp4 (yuv420p; H and W must be even).
 
-    `gop` is the keyframe interval in frames (None: libx264's default, 250).
+    `gop` is the keyframe interval in frames (None: libx264's default, 250). One encoder thread: libx264 otherwise
+    sizes its thread pool from the machine's cores and frame height, and the thread count changes the bitstream (and
+    is written into its SEI), so the same frames would give other bytes on another machine.
     """
     T, H, W, _ = frames_THW3.shape
     if H % 2 or W % 2:
@@ -30,7 +32,7 @@ def encode_h264(
     with av.open(buffer, "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": preset, **({"g": str(gop)} if gop else {})}
+        stream.options = {"crf": str(crf), "preset": preset, "threads": "1", **({"g": str(gop)} if gop else {})}
         for frame_HW3 in frames_THW3:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_HW3), format="rgb24")
             container.mux(stream.encode(frame))

@@ -59,8 +59,9 @@ def test_demo_script_end_to_end(tmp_path):
     classification = json.loads((out / "classification.json").read_text())
     assert classification["counts"] == {"videos": 40, "classes": 4, "views_per_video": 12, "skipped_videos": 0}
     assert sum(row["videos"] for row in classification["per_class"]) == 40
-    # 200 steps from the shipped demo's video-text export reached 47.5% (300 steps: 50%); the test's backbone is weaker
-    assert classification["metrics"]["top1"] >= 35.0, classification["metrics"]
+    # Measured on the 2-core box: these sizes (200 fine-tuning steps from a 4/4/200-step backbone) 55.0% (32.5% with
+    # the released augmentation); the shipped demo's 300 steps 67.5% and 65.0% (seeds 0, 1). Chance is 25%.
+    assert classification["metrics"]["top1"] >= 45.0, classification["metrics"]
     assert state["steps"]["finetune"]["metrics"]["eval/top5"] == 100.0
     assert "## Classification: synthetic" in log
 

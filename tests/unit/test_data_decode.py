@@ -27,6 +27,14 @@ def decoded_indices(clip_THW3: np.ndarray, period: int = 32) -> list[int]:
     return [int(round(float(frame.mean()) / LEVEL)) % period for frame in clip_THW3]
 
 
+def test_encodes_are_single_threaded_and_byte_identical():
+    # 256 px: libx264's own choice here is 2+ threads (more on larger machines), which changes the bytes.
+    frames = np.random.default_rng(0).integers(0, 256, (6, 256, 256, 3), dtype=np.uint8)
+    first, second = encode_h264(frames, 8.0), encode_h264(frames, 8.0)
+    assert first == second
+    assert b" threads=1 " in first  # the encoder's options string in the stream's SEI
+
+
 def test_probe_reports_the_encoded_stream():
     info = probe_video(indexed_video(30, fps=10.0))
     assert (info.num_frames, info.fps, info.width, info.height) == (30, 10.0, 48, 32)
