@@ -10,7 +10,6 @@ so a section that an evaluation builds differently (`scaling.use_ray` is false t
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import inspect
@@ -18,9 +17,12 @@ import sys
 import textwrap
 from functools import cache
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from typing import Any
 
 import yaml
+from generated_page import page_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -153,18 +155,7 @@ def render_page() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the page is stale")
-    args = parser.parse_args(argv)
-    fresh = render_page()
-    if args.check:
-        if not PAGE.is_file() or PAGE.read_text() != fresh:
-            print(f"docs/config.md is stale; run `{COMMAND}`", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(fresh)
-    print(f"{PAGE.relative_to(REPO)} rewritten")
-    return 0
+    return page_main(__doc__, PAGE, render_page, COMMAND, REPO, argv)
 
 
 if __name__ == "__main__":

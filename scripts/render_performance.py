@@ -10,11 +10,11 @@ docs/kernels.md; how the numbers got here in docs/history/ and benchmarks/result
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generated_page import page_main  # noqa: E402
 from results_tables import REPO, RESULTS, render_section, result_files, table, target_rows  # noqa: E402
 
 PAGE = REPO / "docs" / "performance.md"
@@ -88,18 +88,7 @@ def render_page(results_dir: Path = RESULTS) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the page is stale")
-    args = parser.parse_args(argv)
-    fresh = render_page()
-    if args.check:
-        if not PAGE.is_file() or PAGE.read_text() != fresh:
-            print(f"docs/performance.md is stale; run `{COMMAND}`", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(fresh)
-    print(f"{PAGE.relative_to(REPO)} rewritten")
-    return 0
+    return page_main(__doc__, PAGE, render_page, COMMAND, REPO, argv)
 
 
 if __name__ == "__main__":
